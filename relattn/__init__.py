@@ -1,0 +1,27 @@
+"""relattn: multi-head attention with 2-D decomposed relative position embeddings.
+
+The attention of SAM's ViT image encoder (also ViTDet, DeepSeek-OCR's encoder,
+MViTv2), without PyTorch: numpy on the CPU (numba kernels), CuPy on the GPU
+(a fused CUDA kernel), other frameworks through DLPack.
+"""
+
+from relattn import backends
+from relattn.functional import BackendError, explain, rel_pos_attention
+from relattn.module import Attention
+from relattn.relpos import decomposed_rel_pos, get_rel_pos, resize_rel_pos
+from relattn.window import window_partition, window_unpartition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "BackendError",
+    "backends",
+    "decomposed_rel_pos",
+    "explain",
+    "get_rel_pos",
+    "rel_pos_attention",
+    "resize_rel_pos",
+    "window_partition",
+    "window_unpartition",
+]

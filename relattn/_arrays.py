@@ -1,0 +1,160 @@
+"""Array-type plumbing and argument checks shared by the public functions.
+
+Nothing here knows about attention: it answers "which array library is this",
+"what dtype do we compute in" and "is this argument what we asked for", with
+error messages that name the argument, the expectation and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+try:  # bfloat16 on numpy is an optional extra
+    import ml_dtypes as _ml_dtypes
+
+    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except Exception:  # pragma: no cover - depends on the environment
+    BFLOAT16 = None
+
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def array_module(x):
+    """Return the array library (``numpy`` or ``cupy``) that owns ``x``."""
+    mod = type(x).__module__
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def is_array(x) -> bool:
+    return isinstance(x, np.ndarray) or type(x).__module__.startswith("cupy")
+
+
+def as_array(name: str, x):
+    """``x`` as a numpy or CuPy array, converting array-likes and DLPack objects.
+
+    numpy and CuPy arrays pass through untouched (never copied). Other objects
+    exposing ``__dlpack__`` go to numpy (CPU) or CuPy (CUDA) without a copy when
+    the producer allows it; plain sequences go through ``numpy.asarray``.
+    """
+    if is_array(x):
+        return x
+    if x is None:
+        raise TypeError(f"{name}: expected an array, got None")
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        from relattn._interop import from_dlpack
+
+        return from_dlpack(name, x)
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument name
+        raise TypeError(
+            f"{name}: expected an array (numpy, CuPy or a DLPack tensor), "
+            f"got {type(x).__name__} ({exc})"
+        ) from None
+    if arr.dtype == object:
+        raise TypeError(f"{name}: expected a numeric array, got an object array")
+    return arr
+
+
+def dtype_name(dtype) -> str:
+    dt = np.dtype(dtype)
+    if BFLOAT16 is not None and dt == BFLOAT16:
+        return "bfloat16"
+    return dt.name
+
+
+def is_float_dtype(dtype) -> bool:
+    try:
+        return dtype_name(dtype) in FLOAT_DTYPE_NAMES
+    except TypeError:
+        return False
+
+
+def resolve_dtype(name: str, dtype) -> np.dtype:
+    """Turn a user's dtype spec (``"float32"``, ``np.float16``, ...) into a dtype."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        if BFLOAT16 is None:
+            raise TypeError(f"{name}: bfloat16 needs the ml_dtypes package (pip install relattn[bf16])")
+        return BFLOAT16
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: expected one of {FLOAT_DTYPE_NAMES}, got {dtype!r}") from None
+    if not is_float_dtype(dt):
+        raise TypeError(f"{name}: expected one of {FLOAT_DTYPE_NAMES}, got {dtype_name(dt)}")
+    return dt
+
+
+def compute_dtype(*dtypes) -> np.dtype:
+    """float64 when any input is float64, float32 otherwise (halves compute in float32)."""
+    for dt in dtypes:
+        if dt is not None and np.dtype(dt) == np.float64:
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def check_float_array(name: str, x, ndim=None, min_ndim=None):
+    """Convert ``x`` to an array and check it is floating point with the given rank."""
+    x = as_array(name, x)
+    if not is_float_dtype(x.dtype):
+        raise TypeError(
+            f"{name}: expected a floating dtype ({', '.join(FLOAT_DTYPE_NAMES)}), "
+            f"got {dtype_name(x.dtype)}"
+        )
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(x.shape)} ({x.ndim}-D)")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(
+            f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(x.shape)} ({x.ndim}-D)"
+        )
+    return x
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            if math.isfinite(value) and float(value).is_integer():
+                value = int(value)
+            else:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        else:
+            raise TypeError(f"{name}: expected a positive integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value}")
+    return value
+
+
+def check_size2(name: str, value) -> tuple[int, int]:
+    """Check a ``(rows, cols)`` grid size."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected a pair of positive integers (h, w), got {value!r}") from None
+    if len(items) != 2:
+        raise ValueError(f"{name}: expected a pair of positive integers (h, w), got {value!r}")
+    return (check_positive_int(f"{name}[0]", items[0]), check_positive_int(f"{name}[1]", items[1]))
+
+
+def same_array_type(arrays: dict) -> None:
+    """Raise if numpy and CuPy arrays are mixed in one call."""
+    kinds = {n: array_module(a).__name__ for n, a in arrays.items() if a is not None}
+    if len(set(kinds.values())) > 1:
+        detail = ", ".join(f"{n}={k}" for n, k in kinds.items())
+        raise TypeError(f"arrays must all be numpy or all be CuPy, got {detail}")
+
+
+def to_module(x, xp):
+    """Move ``x`` to the array library ``xp`` (host <-> device copy when they differ)."""
+    if x is None or array_module(x) is xp:
+        return x
+    if xp is np:
+        return x.get()
+    return xp.asarray(x)

@@ -1,0 +1,242 @@
+"""Numba kernels for the numba CPU backend (see ``numba_cpu.py``).
+
+Only compiled code lives here: functions taking plain C-contiguous arrays and
+scalars.  Importing this module needs numba; the backend module imports it
+lazily.
+
+The attention kernel is flash-style: the work is split over
+(batch*head, query tile) pairs in a ``prange``; each pair walks the key tiles,
+computes the transposed logit tile ``S^T = K_t Q_t^T`` with BLAS, adds
+``scale`` and the decomposed relative-position terms, runs an online softmax
+(running max and sum per query) and accumulates ``P V`` with BLAS.  Neither
+the ``Sq x Sk`` bias nor the logits ever exist; the extra memory is a few small
+per-tile buffers per work item.
+
+The logit tile is kept transposed (keys x queries) so that every per-query
+quantity (running max, running sum, rescale factor) is updated by plain
+element-wise loops over the contiguous query axis: these vectorise without
+``reassoc`` fast-math, so the exp range reduction below keeps its accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+# fast-math: contraction into FMAs only.  No ``reassoc``: it would fold the
+# Cody-Waite split ``(x - n*C1) - n*C2`` into ``x - n*(C1 + C2)``.
+_FASTMATH = {"contract"}
+
+# ---------------------------------------------------------------------------
+# exp: Cody-Waite range reduction + polynomial, branch-free so it vectorises.
+# ---------------------------------------------------------------------------
+
+
+@intrinsic
+def _pow2i_f32(typingctx, n):
+    """2.0**n for an integer-valued float32 n in [-126, 127] (exponent bits)."""
+    if n != types.float32:
+        return None
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        ni = builder.fptosi(args[0], i32)
+        e = builder.shl(builder.add(ni, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(e, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _pow2i_f64(typingctx, n):
+    """2.0**n for an integer-valued float64 n in [-1022, 1023] (exponent bits)."""
+    if n != types.float64:
+        return None
+    sig = types.float64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        ni = builder.fptosi(args[0], i64)
+        e = builder.shl(builder.add(ni, ir.Constant(i64, 1023)), ir.Constant(i64, 52))
+        return builder.bitcast(e, ir.DoubleType())
+
+    return sig, codegen
+
+
+_F32_LOG2E = np.float32(1.4426950408889634)
+_F32_HALF = np.float32(0.5)
+_F32_ONE = np.float32(1.0)
+_F32_ZERO = np.float32(0.0)
+_F32_LO = np.float32(-87.0)  # below this, exp < 1.7e-38: flushed to exactly 0
+_F32_C1 = np.float32(0.693359375)  # ln2 split (Cephes expf)
+_F32_C2 = np.float32(-2.12194440e-4)
+_F32_P0 = np.float32(1.9875691500e-4)
+_F32_P1 = np.float32(1.3981999507e-3)
+_F32_P2 = np.float32(8.3334519073e-3)
+_F32_P3 = np.float32(4.1665795894e-2)
+_F32_P4 = np.float32(1.6666665459e-1)
+_F32_P5 = np.float32(5.0000001201e-1)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _exp_f32(x):
+    """exp(x) for float32 x <= ~88, ~1 ulp; exactly 0 for x < -87."""
+    xc = x if x > _F32_LO else _F32_LO
+    n = np.floor(xc * _F32_LOG2E + _F32_HALF)
+    r = xc - n * _F32_C1
+    r = r - n * _F32_C2
+    z = r * r
+    p = ((((_F32_P0 * r + _F32_P1) * r + _F32_P2) * r + _F32_P3) * r + _F32_P4) * r + _F32_P5
+    p = p * z + r + _F32_ONE
+    y = p * _pow2i_f32(n)
+    return y if x >= _F32_LO else _F32_ZERO
+
+
+_F64_LOG2E = 1.4426950408889634
+_F64_LO = -708.0
+_F64_C1 = 6.93145751953125e-1  # ln2 split (Cephes exp)
+_F64_C2 = 1.42860682030941723212e-6
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _exp_f64(x):
+    """exp(x) for float64 x <= ~709, a few ulp; exactly 0 for x < -708."""
+    xc = x if x > _F64_LO else _F64_LO
+    n = np.floor(xc * _F64_LOG2E + 0.5)
+    r = xc - n * _F64_C1
+    r = r - n * _F64_C2
+    # Taylor to degree 13 on |r| <= 0.347: truncation < 1e-17 relative.
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * (r * r) + r + 1.0
+    y = p * _pow2i_f64(n)
+    return y if x >= _F64_LO else 0.0
+
+
+def _fexp(x):  # pragma: no cover - typing stub, replaced by the overload
+    raise NotImplementedError
+
+
+@overload(_fexp, inline="always", fastmath=_FASTMATH)
+def _fexp_ov(x):
+    if x == types.float32:
+        return lambda x: _exp_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_f64(x)
+    return None
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def exp_array(x, out):
+    """out[:] = exp(x[:]) with the kernel's exp (for tests)."""
+    for i in range(x.shape[0]):
+        out[i] = _fexp(x[i])
+
+
+# ---------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
+    """Flash-style attention with decomposed relative-position bias.
+
+    q: (BH, Sq, d); k, v: (BH, Sk, d); out: (BH, Sq, d), all C-contiguous and
+    of one float dtype.  rel_h: (BH, Sq, k_h), rel_w: (BH, Sq, k_w) when
+    ``has_rel`` (else ignored, any shape).  Key j = ky * k_w + kx.  tq / tk:
+    query / key tile sizes.  ``scale`` is a scalar of the array dtype.
+    """
+    BH, Sq, d = q.shape
+    Sk = k.shape[1]
+    dt = q.dtype
+    sc = scale  # typed as the array dtype by the caller
+    nqt = (Sq + tq - 1) // tq
+    n_items = BH * nqt
+    k_h = Sk // k_w if k_w > 0 else 0
+    for it in prange(n_items):
+        bh = it // nqt
+        qt = it - bh * nqt
+        i0 = qt * tq
+        nq = min(tq, Sq - i0)
+        qtile = q[bh, i0:i0 + nq, :]
+        qT = qtile.T  # F-contiguous view (d, nq)
+        m = np.full(nq, -np.inf, dtype=dt)
+        msave = np.empty(nq, dtype=dt)
+        lsum = np.zeros(nq, dtype=dt)
+        acc = np.zeros((nq, d), dtype=dt)
+        sbuf = np.empty(tk * nq, dtype=dt)
+        tbuf = np.empty(nq * d, dtype=dt)
+        tmp = tbuf.reshape((nq, d))
+        if has_rel:
+            rhT = np.empty((k_h, nq), dtype=dt)
+            rwT = np.empty((k_w, nq), dtype=dt)
+            for i in range(nq):
+                for a in range(k_h):
+                    rhT[a, i] = rel_h[bh, i0 + i, a]
+                for a in range(k_w):
+                    rwT[a, i] = rel_w[bh, i0 + i, a]
+        else:
+            rhT = np.zeros((1, nq), dtype=dt)
+            rwT = np.zeros((1, nq), dtype=dt)
+        for j0 in range(0, Sk, tk):
+            nk = min(tk, Sk - j0)
+            sT = sbuf[:nk * nq].reshape((nk, nq))
+            np.dot(k[bh, j0:j0 + nk, :], qT, sT)
+            for i in range(nq):
+                msave[i] = m[i]
+            # scale + bias, running max
+            for j in range(nk):
+                jj = j0 + j
+                if has_rel:
+                    ky = jj // k_w
+                    kx = jj - ky * k_w
+                else:
+                    ky = 0
+                    kx = 0
+                srow = sT[j]
+                hrow = rhT[ky]
+                wrow = rwT[kx]
+                for i in range(nq):
+                    s = srow[i] * sc + hrow[i] + wrow[i]
+                    srow[i] = s
+                    if s > m[i]:
+                        m[i] = s
+            # exp, running sum
+            for j in range(nk):
+                srow = sT[j]
+                for i in range(nq):
+                    p = _fexp(srow[i] - m[i])
+                    srow[i] = p
+            for i in range(nq):
+                alpha = _fexp(msave[i] - m[i])
+                msave[i] = alpha
+                lsum[i] *= alpha
+            for j in range(nk):
+                srow = sT[j]
+                for i in range(nq):
+                    lsum[i] += srow[i]
+            np.dot(sT.T, v[bh, j0:j0 + nk, :], tmp)
+            for i in range(nq):
+                alpha = msave[i]
+                for c in range(d):
+                    acc[i, c] = acc[i, c] * alpha + tmp[i, c]
+        for i in range(nq):
+            li = lsum[i]
+            for c in range(d):
+                out[bh, i0 + i, c] = acc[i, c] / li

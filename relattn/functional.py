@@ -1,0 +1,242 @@
+"""``rel_pos_attention``: validation, the rel_h / rel_w terms, and backend dispatch."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from relattn import backends
+from relattn._interop import accepts_dlpack
+from relattn._arrays import (
+    array_module,
+    check_float_array,
+    check_size2,
+    dtype_name,
+    same_array_type,
+    to_module,
+)
+from relattn.relpos import decomposed_rel_pos
+
+__all__ = ["rel_pos_attention", "explain", "BackendError"]
+
+
+class BackendError(ValueError):
+    """No backend (or not the requested one) can take these inputs."""
+
+
+def _check_qkv(q, k, v):
+    q = check_float_array("q", q, ndim=4)
+    k = check_float_array("k", k, ndim=4)
+    v = check_float_array("v", v, ndim=4)
+    same_array_type({"q": q, "k": k, "v": v})
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            "q, k, v: expected one dtype, got "
+            f"q={dtype_name(q.dtype)}, k={dtype_name(k.dtype)}, v={dtype_name(v.dtype)}"
+        )
+    batch, heads, _, head_dim = q.shape
+    if k.shape[:2] != (batch, heads) or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k: expected shape ({batch}, {heads}, Sk, {head_dim}) to match q {tuple(q.shape)}, "
+            f"got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[2] < 1 or k.shape[2] < 1:
+        raise ValueError(
+            f"q, k: expected at least one query and one key, got Sq={q.shape[2]}, Sk={k.shape[2]}"
+        )
+    if head_dim < 1:
+        raise ValueError(f"q: expected head_dim >= 1, got shape {tuple(q.shape)}")
+    return q, k, v
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return scale
+
+
+def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
+    """Validate everything; return arrays, sizes and the (un-computed) table info."""
+    q, k, v = _check_qkv(q, k, v)
+    scale = _check_scale(scale, q.shape[3])
+    if (rel_pos_h is None) != (rel_pos_w is None):
+        missing = "rel_pos_w" if rel_pos_w is None else "rel_pos_h"
+        raise ValueError(f"{missing}: expected both tables or neither, got only one")
+    use_rel_pos = rel_pos_h is not None
+    if q_size is not None or use_rel_pos:
+        if q_size is None:
+            raise ValueError("q_size: required with relative-position tables, got None")
+        q_size = check_size2("q_size", q_size)
+        if q_size[0] * q_size[1] != q.shape[2]:
+            raise ValueError(
+                f"q_size: expected q_h * q_w == Sq = {q.shape[2]}, got {q_size} with product "
+                f"{q_size[0] * q_size[1]}"
+            )
+    if k_size is None and q_size is not None and k.shape[2] == q.shape[2]:
+        k_size = q_size
+    if k_size is not None:
+        k_size = check_size2("k_size", k_size)
+        if k_size[0] * k_size[1] != k.shape[2]:
+            raise ValueError(
+                f"k_size: expected k_h * k_w == Sk = {k.shape[2]}, got {k_size} with product "
+                f"{k_size[0] * k_size[1]}"
+            )
+    elif use_rel_pos:
+        raise ValueError(f"k_size: required when Sk={k.shape[2]} differs from Sq={q.shape[2]}, got None")
+    if use_rel_pos:
+        same_array_type({"q": q, "rel_pos_h": rel_pos_h, "rel_pos_w": rel_pos_w})
+    return q, k, v, scale, q_size, k_size
+
+
+def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    if rel_pos_h is None:
+        return None, None
+    return decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size)
+
+
+def _candidates(backend: str, xp_name: str):
+    if backend == "auto":
+        names = backends.names()
+        # Backends of the caller's array type first, then the rest (with a copy).
+        return [n for n in names if backends.get(n).ARRAY_MODULE == xp_name] + [
+            n for n in names if backends.get(n).ARRAY_MODULE != xp_name
+        ]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    backends.get(backend)  # raises ValueError naming the known backends
+    return [backend]
+
+
+def _reasons(name, q, k, v, rel_h, rel_w, k_size):
+    mod = backends.get(name)
+    why = mod.unavailable_reason()
+    if why is not None:
+        return [why]
+    return list(mod.not_supported_reasons(q, k, v, rel_h, rel_w, k_size))
+
+
+def _select(backend, q, k, v, rel_h, rel_w, k_size):
+    xp_name = array_module(q).__name__
+    refused = {}
+    for name in _candidates(backend, xp_name):
+        reasons = _reasons(name, q, k, v, rel_h, rel_w, k_size)
+        if not reasons:
+            return name, refused
+        refused[name] = reasons
+    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refused.items())
+    wanted = "no backend" if backend == "auto" else f"backend {backend!r}"
+    raise BackendError(f"backend: {wanted} can take these inputs:\n{lines}")
+
+
+@accepts_dlpack("q")
+def rel_pos_attention(
+    q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"
+):
+    """Multi-head attention with SAM's 2-D decomposed relative-position bias.
+
+    ``out_i = sum_j softmax_j(scale * q_i.k_j + q_i.Rh[y, ky] + q_i.Rw[x, kx]) v_j``
+    for query ``i = (y, x)`` on the ``q_size`` grid and key ``j = (ky, kx)`` on the
+    ``k_size`` grid, with ``Rh``/``Rw`` from :func:`relattn.get_rel_pos` (tables
+    resized when the grid differs from the one they were trained for). The
+    relative-position terms use the unscaled ``q``. Without tables this is plain
+    scaled dot-product attention.
+
+    Parameters
+    ----------
+    q : array, shape (B, heads, Sq, d)
+    k, v : array, shape (B, heads, Sk, d)
+        numpy or CuPy arrays (or DLPack tensors), one dtype among float16,
+        bfloat16, float32 and float64. Non-contiguous views are fine.
+    rel_pos_h, rel_pos_w : array, shape (L_h, d) and (L_w, d), optional
+        One table pair shared by all heads; both or neither.
+    q_size : (int, int), optional
+        Query grid ``(q_h, q_w)`` with ``q_h * q_w == Sq``; required with tables.
+    k_size : (int, int), optional
+        Key grid; defaults to ``q_size`` when ``Sk == Sq``.
+    scale : float, optional
+        Logit scale, default ``d ** -0.5``.
+    backend : {"auto", "numpy", "numba", "cupy"}
+        ``"auto"`` takes the fastest backend that accepts the inputs for their
+        array type (see :func:`explain`); naming one forces it, copying between
+        host and device if it works on the other array type.
+
+    Returns
+    -------
+    array, shape (B, heads, Sq, d)
+        Same array type and dtype as ``q``. Half-precision inputs are computed
+        in float32 and rounded once.
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 12, 8), dtype=np.float32) for _ in range(3))
+    >>> table_h = rng.standard_normal((5, 8), dtype=np.float32)  # 2*3-1 rows
+    >>> table_w = rng.standard_normal((7, 8), dtype=np.float32)  # 2*4-1 rows
+    >>> out = relattn.rel_pos_attention(q, k, v, table_h, table_w, q_size=(3, 4))
+    >>> out.shape, out.dtype
+    ((1, 2, 12, 8), dtype('float32'))
+    """
+    q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    name, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
+    mod = backends.get(name)
+    caller_xp = array_module(q)
+    if mod.ARRAY_MODULE != caller_xp.__name__:
+        import importlib
+
+        target = importlib.import_module(mod.ARRAY_MODULE)
+        q, k, v, rel_h, rel_w = (to_module(a, target) for a in (q, k, v, rel_h, rel_w))
+        return to_module(mod.attention(q, k, v, rel_h, rel_w, k_size, scale), caller_xp)
+    return mod.attention(q, k, v, rel_h, rel_w, k_size, scale)
+
+
+def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"):
+    """Say which backend :func:`rel_pos_attention` would run for these inputs, and why.
+
+    Takes the same arguments as :func:`rel_pos_attention` and computes nothing
+    but the cheap relative-position terms.
+
+    Returns
+    -------
+    str
+        One line naming the chosen backend, then one line per backend that was
+        passed over with the reasons (unavailable on this machine, wrong array
+        type, unsupported dtype or size, ...).
+
+    Raises
+    ------
+    BackendError
+        If no backend can take the inputs (the message lists every reason).
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> q = np.zeros((1, 1, 4, 8), np.float32)
+    >>> print(relattn.explain(q, q, q, backend="numpy"))
+    backend 'numpy' runs these inputs
+    """
+    q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    name, refused = _select(backend, q, k, v, rel_h, rel_w, k_size)
+    lines = [f"backend {name!r} runs these inputs"]
+    if backend == "auto":
+        xp_name = array_module(q).__name__
+        for other in backends.names():
+            if other == name:
+                continue
+            reasons = refused.get(other) or _reasons(other, q, k, v, rel_h, rel_w, k_size)
+            if reasons:
+                lines.append(f"  passed over {other!r}: {'; '.join(reasons)}")
+            elif backends.get(other).ARRAY_MODULE != xp_name:
+                lines.append(f"  {other!r} could run them after a host/device copy (lower priority)")
+            else:
+                lines.append(f"  {other!r} could also run them (lower priority)")
+    return "\n".join(lines)

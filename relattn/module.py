@@ -1,0 +1,362 @@
+"""``Attention``: SAM's image-encoder attention layer, with parameters as arrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from relattn._arrays import (
+    BFLOAT16,
+    array_module,
+    check_float_array,
+    check_positive_int,
+    check_size2,
+    compute_dtype,
+    dtype_name,
+    resolve_dtype,
+)
+from relattn.functional import rel_pos_attention
+from relattn.window import window_partition, window_unpartition
+
+__all__ = ["Attention"]
+
+_PARAM_KEYS = {
+    "qkv.weight": "qkv_weight",
+    "qkv.bias": "qkv_bias",
+    "proj.weight": "proj_weight",
+    "proj.bias": "proj_bias",
+    "rel_pos_h": "rel_pos_h",
+    "rel_pos_w": "rel_pos_w",
+}
+
+
+def _host_array(key: str, value) -> np.ndarray:
+    """A state-dict value as a numpy array: numpy, CuPy, torch (duck-typed) or array-like."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            value = value.float()
+    if type(value).__module__.startswith("cupy"):
+        value = value.get()
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(f"{key}: expected an array, got {type(value).__name__} ({exc})") from None
+    if arr.dtype.kind not in "fiu" and not (BFLOAT16 is not None and arr.dtype == BFLOAT16):
+        raise TypeError(f"{key}: expected a numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+class Attention:
+    """Multi-head attention with 2-D decomposed relative position, as in SAM's ViT.
+
+    A framework-free drop-in for ``segment_anything.modeling.image_encoder.Attention``
+    (and the DeepSeek-OCR SDPA form of it): the same constructor arguments, the
+    same parameter layout (PyTorch ``nn.Linear``: ``y = x @ W.T + b``) and the same
+    state-dict keys, so weights load straight from a SAM checkpoint.
+
+    Parameters
+    ----------
+    dim : int
+        Channels ``C``; must be divisible by ``num_heads``.
+    num_heads : int
+        Number of heads; ``head_dim = dim // num_heads``.
+    qkv_bias : bool
+        Whether the qkv projection has a bias.
+    use_rel_pos : bool
+        Whether to add the decomposed relative-position bias.
+    rel_pos_zero_init : bool
+        Zero tables (SAM's default) rather than ``N(0, 0.02)`` ones.
+    input_size : (int, int), optional
+        Grid the tables are sized for (``2 * size - 1`` rows); required with
+        ``use_rel_pos``. Other grids interpolate the tables on the fly.
+    dtype : str or dtype
+        Parameter dtype: ``"float32"`` (default), ``"float64"``, ``"float16"``
+        or ``"bfloat16"``.
+    backend : str
+        Attention-core backend, as for :func:`relattn.rel_pos_attention`.
+    window_size : int
+        ``0`` for global attention; ``> 0`` runs windowed as SAM's ``Block``
+        does (pad, partition, attend, unpartition, crop).
+    rng : numpy.random.Generator or int, optional
+        Source of the initial weights (PyTorch's default ``nn.Linear`` init:
+        ``U(-1/sqrt(dim), 1/sqrt(dim))`` for weights and biases).
+
+    Attributes
+    ----------
+    qkv_weight : ndarray, shape (3 * dim, dim)
+    qkv_bias : ndarray, shape (3 * dim,) or None
+    proj_weight : ndarray, shape (dim, dim)
+    proj_bias : ndarray, shape (dim,)
+    rel_pos_h : ndarray, shape (2 * input_size[0] - 1, head_dim) or None
+    rel_pos_w : ndarray, shape (2 * input_size[1] - 1, head_dim) or None
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> attn = relattn.Attention(64, num_heads=4, use_rel_pos=True, input_size=(8, 8),
+    ...                          rel_pos_zero_init=False, rng=np.random.default_rng(0))
+    >>> x = np.random.default_rng(1).standard_normal((2, 8, 8, 64), dtype=np.float32)
+    >>> attn(x).shape
+    (2, 8, 8, 64)
+    >>> attn(x[:, :6, :5]).shape                   # another grid: tables interpolate
+    (2, 6, 5, 64)
+    >>> attn(x, window_size=3).shape               # SAM's windowed block
+    (2, 8, 8, 64)
+    """
+
+    def __init__(
+        self,
+        dim,
+        num_heads=8,
+        qkv_bias=True,
+        use_rel_pos=False,
+        rel_pos_zero_init=True,
+        input_size=None,
+        *,
+        dtype="float32",
+        backend="auto",
+        window_size=0,
+        rng=None,
+    ):
+        dim = check_positive_int("dim", dim)
+        num_heads = check_positive_int("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.use_rel_pos = bool(use_rel_pos)
+        self.dtype = resolve_dtype("dtype", dtype)
+        self.backend = backend
+        self.window_size = self._check_window("window_size", window_size)
+        if self.use_rel_pos:
+            if input_size is None:
+                raise ValueError("input_size: required when use_rel_pos=True, got None")
+            self.input_size = check_size2("input_size", input_size)
+        else:
+            self.input_size = None if input_size is None else check_size2("input_size", input_size)
+        rng = np.random.default_rng(rng)
+        bound = 1.0 / math.sqrt(dim)
+
+        def uniform(*shape):
+            return rng.uniform(-bound, bound, size=shape).astype(self.dtype)
+
+        self._params = {
+            "qkv_weight": uniform(3 * dim, dim),
+            "qkv_bias": uniform(3 * dim) if qkv_bias else None,
+            "proj_weight": uniform(dim, dim),
+            "proj_bias": uniform(dim),
+            "rel_pos_h": None,
+            "rel_pos_w": None,
+        }
+        if self.use_rel_pos:
+            for key, size in (("rel_pos_h", self.input_size[0]), ("rel_pos_w", self.input_size[1])):
+                shape = (2 * size - 1, self.head_dim)
+                if rel_pos_zero_init:
+                    table = np.zeros(shape)
+                else:  # SAM: trunc_normal_(std=0.02), truncated at +-2 (never reached)
+                    table = np.clip(rng.standard_normal(shape) * 0.02, -2.0, 2.0)
+                self._params[key] = table.astype(self.dtype)
+        self._cache = {}
+
+    # -- parameters ---------------------------------------------------------------
+
+    def _expected_shapes(self):
+        shapes = {
+            "qkv_weight": (3 * self.dim, self.dim),
+            "qkv_bias": (3 * self.dim,),
+            "proj_weight": (self.dim, self.dim),
+            "proj_bias": (self.dim,),
+        }
+        if self.use_rel_pos:
+            shapes["rel_pos_h"] = (2 * self.input_size[0] - 1, self.head_dim)
+            shapes["rel_pos_w"] = (2 * self.input_size[1] - 1, self.head_dim)
+        return shapes
+
+    def _validated(self, attr, value, key):
+        """``value`` checked against the parameter's shape, as a private copy."""
+        expected = self._expected_shapes().get(attr)
+        if expected is None:
+            raise ValueError(f"{key}: this layer has no such parameter (use_rel_pos={self.use_rel_pos})")
+        arr = _host_array(key, value)
+        if arr.shape != expected:
+            raise ValueError(f"{key}: expected shape {expected}, got {arr.shape}")
+        return np.array(arr, dtype=self.dtype)
+
+    def _set_param(self, attr, value):
+        if attr == "qkv_bias" and value is None:
+            self._params[attr] = None
+        else:
+            self._params[attr] = self._validated(attr, value, attr)
+        self._cache.clear()
+
+    def _get(attr):  # noqa: N805 - property factory
+        def getter(self):
+            return self._params[attr]
+
+        def setter(self, value):
+            self._set_param(attr, value)
+
+        return property(getter, setter, doc=f"The ``{attr}`` parameter (numpy array).")
+
+    qkv_weight = _get("qkv_weight")
+    qkv_bias = _get("qkv_bias")
+    proj_weight = _get("proj_weight")
+    proj_bias = _get("proj_bias")
+    rel_pos_h = _get("rel_pos_h")
+    rel_pos_w = _get("rel_pos_w")
+    del _get
+
+    def state_dict(self):
+        """Parameters under SAM's key names, as a dict of numpy arrays (copies).
+
+        Examples
+        --------
+        >>> import relattn
+        >>> sorted(relattn.Attention(32, 4).state_dict())
+        ['proj.bias', 'proj.weight', 'qkv.bias', 'qkv.weight']
+        """
+        return {
+            key: self._params[attr].copy()
+            for key, attr in _PARAM_KEYS.items()
+            if self._params[attr] is not None
+        }
+
+    def load_state_dict(self, mapping, strict=True):
+        """Load parameters saved under SAM's key names.
+
+        Parameters
+        ----------
+        mapping : Mapping[str, array-like]
+            ``qkv.weight``, ``qkv.bias`` (when ``qkv_bias``), ``proj.weight``,
+            ``proj.bias``, ``rel_pos_h``, ``rel_pos_w`` (when ``use_rel_pos``).
+            Values may be numpy or CuPy arrays, torch tensors, or anything
+            ``numpy.asarray`` takes; they are copied and cast to the layer's dtype.
+        strict : bool
+            Raise on missing or unexpected keys (shapes are always checked).
+
+        Returns
+        -------
+        (missing, unexpected) : (list[str], list[str])
+
+        Examples
+        --------
+        >>> import relattn
+        >>> a, b = relattn.Attention(32, 4, rng=0), relattn.Attention(32, 4, rng=1)
+        >>> b.load_state_dict(a.state_dict())
+        ([], [])
+        """
+        if not hasattr(mapping, "keys"):
+            raise TypeError(f"mapping: expected a mapping of names to arrays, got {type(mapping).__name__}")
+        wanted = [k for k, a in _PARAM_KEYS.items() if a in self._expected_shapes()]
+        if self._params["qkv_bias"] is None:
+            wanted.remove("qkv.bias")
+        missing = [k for k in wanted if k not in mapping]
+        unexpected = [k for k in mapping.keys() if k not in wanted]
+        if strict and (missing or unexpected):
+            raise ValueError(f"mapping: missing keys {missing}, unexpected keys {unexpected}")
+        # Check every value before changing anything: a bad key leaves the layer as it was.
+        staged = {
+            _PARAM_KEYS[key]: self._validated(_PARAM_KEYS[key], mapping[key], key)
+            for key in wanted
+            if key in mapping
+        }
+        self._params.update(staged)
+        self._cache.clear()
+        return missing, unexpected
+
+    # -- forward ------------------------------------------------------------------
+
+    @staticmethod
+    def _check_window(name, window_size):
+        if window_size is None or window_size == 0:
+            return 0
+        return check_positive_int(name, window_size)
+
+    def _device_params(self, xp, work):
+        """Parameters in array library ``xp`` and dtype ``work``, cached until changed."""
+        device = None
+        if xp is not np:
+            device = xp.cuda.Device().id
+        key = (xp.__name__, device, work.str)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = {
+                attr: None if value is None else xp.asarray(value.astype(work, copy=False))
+                for attr, value in self._params.items()
+            }
+            self._cache[key] = cached
+        return cached
+
+    def __call__(self, x, window_size=None):
+        """Run the layer on ``x`` of shape ``(B, H, W, dim)``; see :meth:`forward`."""
+        return self.forward(x, window_size=window_size)
+
+    def forward(self, x, window_size=None):
+        """Attention over the tokens of a channels-last feature map.
+
+        Parameters
+        ----------
+        x : array, shape (B, H, W, dim)
+            numpy or CuPy array (or a DLPack tensor, returned as the same kind).
+            Any ``H, W``: the tables are interpolated when the grid differs from
+            ``input_size``.
+        window_size : int, optional
+            Overrides the layer's ``window_size`` for this call (0 = global).
+
+        Returns
+        -------
+        array, shape (B, H, W, dim)
+            Same array type and dtype as ``x``; computed in float32 (float64 for
+            float64 input) and rounded once.
+        """
+        from relattn._interop import wrap_result
+
+        x, restore = wrap_result("x", x)
+        x = check_float_array("x", x, ndim=4)
+        if x.shape[3] != self.dim:
+            raise ValueError(f"x: expected shape (B, H, W, {self.dim}), got {tuple(x.shape)}")
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
+        ws = self.window_size if window_size is None else self._check_window("window_size", window_size)
+        if ws:
+            height, width = x.shape[1:3]
+            windows, pad_hw = window_partition(x, ws)
+            out = window_unpartition(self._forward(windows), ws, pad_hw, (height, width))
+        else:
+            out = self._forward(x)
+        return restore(out)
+
+    def _forward(self, x):
+        xp = array_module(x)
+        batch, height, width, dim = x.shape
+        tokens = height * width
+        work = compute_dtype(x.dtype, self.dtype)
+        p = self._device_params(xp, work)
+        qkv = x.reshape(batch * tokens, dim).astype(work, copy=False) @ p["qkv_weight"].T
+        if p["qkv_bias"] is not None:
+            qkv += p["qkv_bias"]
+        # (B, S, 3, heads, hd) -> three strided (B, heads, S, hd) views, no copy.
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        if self.use_rel_pos:
+            out = rel_pos_attention(
+                q, k, v, p["rel_pos_h"], p["rel_pos_w"], (height, width), (height, width),
+                scale=self.scale, backend=self.backend,
+            )
+        else:
+            out = rel_pos_attention(q, k, v, scale=self.scale, backend=self.backend)
+        out = out.transpose(0, 2, 1, 3).reshape(batch * tokens, dim) @ p["proj_weight"].T
+        out += p["proj_bias"]
+        return out.reshape(batch, height, width, dim).astype(x.dtype, copy=False)
+
+    def __repr__(self):
+        extra = f", input_size={self.input_size}" if self.use_rel_pos else ""
+        window = f", window_size={self.window_size}" if self.window_size else ""
+        return (
+            f"Attention(dim={self.dim}, num_heads={self.num_heads}, qkv_bias={self._params['qkv_bias'] is not None}, "
+            f"use_rel_pos={self.use_rel_pos}{extra}{window}, dtype={dtype_name(self.dtype)}, backend={self.backend!r})"
+        )

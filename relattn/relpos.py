@@ -1,0 +1,206 @@
+"""Relative-position tables: resize, gather, and the decomposed rel_h / rel_w terms.
+
+This is the one place the index and interpolation maths of
+``spec/REFERENCE.md`` is written; every backend uses it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from relattn._interop import accepts_dlpack
+from relattn._arrays import (
+    array_module,
+    check_float_array,
+    check_positive_int,
+    check_size2,
+    compute_dtype,
+)
+
+__all__ = ["resize_rel_pos", "get_rel_pos", "decomposed_rel_pos"]
+
+
+@accepts_dlpack("rel_pos")
+def resize_rel_pos(rel_pos, length):
+    """Linearly resize a relative-position table along its first axis.
+
+    Reproduces ``torch.nn.functional.interpolate(rel_pos.T[None], size=length,
+    mode="linear", align_corners=False)`` as SAM's ``get_rel_pos`` calls it. The
+    arithmetic is float32 with the two fused multiply-adds of PyTorch's x86-64
+    CPU build, so float32 tables come out bit-identical to PyTorch's CPU result.
+    Endpoints are not preserved (that is PyTorch's behaviour too).
+
+    Parameters
+    ----------
+    rel_pos : array, shape (L, C)
+        The stored table (numpy or CuPy; float16, bfloat16, float32 or float64).
+        Half-precision tables are resized in float32 and cast back, as
+        DeepSeek-OCR does; float64 tables are resized with the same float32
+        arithmetic and returned as float64.
+    length : int
+        Number of rows wanted, ``>= 1``.
+
+    Returns
+    -------
+    array, shape (length, C)
+        Same array type and dtype as ``rel_pos``. When ``length == L`` a copy of
+        the input is returned (bit-identical).
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> table = np.arange(6, dtype=np.float32).reshape(3, 2)
+    >>> relattn.resize_rel_pos(table, 5)[:, 0].round(4).tolist()
+    [0.0, 0.8, 2.0, 3.2, 4.0]
+    """
+    rel_pos = check_float_array("rel_pos", rel_pos, ndim=2)
+    length = check_positive_int("length", length)
+    in_rows = rel_pos.shape[0]
+    if in_rows < 1:
+        raise ValueError(f"rel_pos: expected at least one row, got shape {tuple(rel_pos.shape)}")
+    if length == in_rows:
+        return rel_pos.copy()
+    xp = array_module(rel_pos)
+    table = rel_pos.astype(np.float32)
+    # PyTorch: scale = float(L) / M in float32, src = fma(scale, i + 0.5, -0.5).
+    # A float32 fma is emulated by an exact float64 product and one rounding.
+    scale = np.float32(in_rows) / np.float32(length)
+    dst = xp.arange(length, dtype=np.float64) + 0.5
+    src = (np.float64(scale) * dst - 0.5).astype(np.float32)
+    src = xp.maximum(src, np.float32(0.0))
+    i0 = xp.minimum(xp.floor(src).astype(np.int64), in_rows - 1)
+    i1 = xp.where(i0 < in_rows - 1, i0 + 1, i0)
+    lambda1 = (src - i0.astype(np.float32))[:, None]
+    lambda0 = np.float32(1.0) - lambda1
+    # out = fma(x[i0], lambda0, x[i1] * lambda1), again one rounding to float32.
+    upper = table[i1] * lambda1
+    out = (table[i0].astype(np.float64) * lambda0.astype(np.float64) + upper).astype(np.float32)
+    return out.astype(rel_pos.dtype, copy=False)
+
+
+def _relative_index(q_size: int, k_size: int):
+    """Row of the (2*max-1)-row table for each (query, key) coordinate pair.
+
+    float32 coordinates and truncation toward zero, as SAM computes them with
+    PyTorch's default dtype; for ``q_size == k_size`` this is ``q - k + k_size - 1``.
+    """
+    q_ratio = np.float32(max(k_size / q_size, 1.0))
+    k_ratio = np.float32(max(q_size / k_size, 1.0))
+    q_coords = np.arange(q_size, dtype=np.float32)[:, None] * q_ratio
+    k_coords = np.arange(k_size, dtype=np.float32)[None, :] * k_ratio
+    offset = np.float32((k_size - 1) * max(q_size / k_size, 1.0))
+    return ((q_coords - k_coords) + offset).astype(np.int64)
+
+
+@accepts_dlpack("rel_pos")
+def get_rel_pos(q_size, k_size, rel_pos):
+    """Relative-position embeddings for every (query, key) coordinate pair.
+
+    SAM's ``get_rel_pos``: the table is linearly resized (see
+    :func:`resize_rel_pos`) only when its row count differs from
+    ``2 * max(q_size, k_size) - 1``; when ``q_size != k_size`` the shorter side's
+    coordinates are stretched (MViTv2 pooled attention).
+
+    Parameters
+    ----------
+    q_size, k_size : int
+        Query and key extent along one axis (``>= 1``).
+    rel_pos : array, shape (L, C)
+        Relative-position table (numpy or CuPy, floating point).
+
+    Returns
+    -------
+    array, shape (q_size, k_size, C)
+        Same array type and dtype as ``rel_pos``.
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> table = np.arange(5, dtype=np.float32)[:, None]        # 2*3-1 rows
+    >>> relattn.get_rel_pos(3, 3, table)[..., 0]
+    array([[2., 1., 0.],
+           [3., 2., 1.],
+           [4., 3., 2.]], dtype=float32)
+    """
+    q_size = check_positive_int("q_size", q_size)
+    k_size = check_positive_int("k_size", k_size)
+    rel_pos = check_float_array("rel_pos", rel_pos, ndim=2)
+    rows = 2 * max(q_size, k_size) - 1
+    table = rel_pos if rel_pos.shape[0] == rows else resize_rel_pos(rel_pos, rows)
+    index = _relative_index(q_size, k_size)
+    xp = array_module(table)
+    return table[xp.asarray(index)]
+
+
+def _check_table(name: str, table, head_dim: int):
+    table = check_float_array(name, table, ndim=2)
+    if table.shape[1] != head_dim:
+        raise ValueError(
+            f"{name}: expected shape (L, {head_dim}) to match q's head_dim {head_dim}, "
+            f"got {tuple(table.shape)}"
+        )
+    if table.shape[0] < 1:
+        raise ValueError(f"{name}: expected at least one row, got shape {tuple(table.shape)}")
+    return table
+
+
+@accepts_dlpack("q")
+def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    """The decomposed relative-position terms ``rel_h`` and ``rel_w``.
+
+    ``rel_h[..., i, ky] = q_i . Rh[y, ky]`` and ``rel_w[..., i, kx] = q_i . Rw[x, kx]``
+    for query ``i = y * q_w + x``, where ``Rh = get_rel_pos(q_h, k_h, rel_pos_h)``
+    and ``Rw = get_rel_pos(q_w, k_w, rel_pos_w)``. ``q`` is used UNSCALED, as in
+    SAM. The attention bias is ``rel_h[..., i, ky] + rel_w[..., i, kx]`` for key
+    ``j = ky * k_w + kx``; it is never formed here.
+
+    Parameters
+    ----------
+    q : array, shape (..., q_h * q_w, C)
+        Queries (numpy or CuPy; float16, bfloat16, float32 or float64).
+    rel_pos_h : array, shape (L_h, C)
+        Height table; resized when ``L_h != 2 * max(q_h, k_h) - 1``.
+    rel_pos_w : array, shape (L_w, C)
+        Width table; resized when ``L_w != 2 * max(q_w, k_w) - 1``.
+    q_size, k_size : (int, int)
+        Query grid ``(q_h, q_w)`` and key grid ``(k_h, k_w)``.
+
+    Returns
+    -------
+    rel_h : array, shape (..., q_h * q_w, k_h)
+    rel_w : array, shape (..., q_h * q_w, k_w)
+        Computed and returned in float64 if any input is float64, otherwise in
+        float32 (half-precision inputs are widened, never rounded midway).
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> q = np.ones((2, 6, 4), np.float32)                    # (batch*heads, 2*3, C)
+    >>> table_h, table_w = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32)
+    >>> rel_h, rel_w = relattn.decomposed_rel_pos(q, table_h, table_w, (2, 3), (2, 3))
+    >>> rel_h.shape, rel_w.shape, float(rel_h[0, 0, 0])
+    ((2, 6, 2), (2, 6, 3), 4.0)
+    """
+    q = check_float_array("q", q, min_ndim=2)
+    q_h, q_w = check_size2("q_size", q_size)
+    k_h, k_w = check_size2("k_size", k_size)
+    head_dim = q.shape[-1]
+    if q.shape[-2] != q_h * q_w:
+        raise ValueError(
+            f"q_size: expected q_h * q_w == q.shape[-2] = {q.shape[-2]}, "
+            f"got q_size=({q_h}, {q_w}) with product {q_h * q_w}"
+        )
+    rel_pos_h = _check_table("rel_pos_h", rel_pos_h, head_dim)
+    rel_pos_w = _check_table("rel_pos_w", rel_pos_w, head_dim)
+    work = compute_dtype(q.dtype, rel_pos_h.dtype, rel_pos_w.dtype)
+    table_h = get_rel_pos(q_h, k_h, rel_pos_h).astype(work, copy=False)   # (q_h, k_h, C)
+    table_w = get_rel_pos(q_w, k_w, rel_pos_w).astype(work, copy=False)   # (q_w, k_w, C)
+    xp = array_module(q)
+    lead = q.shape[:-2]
+    grid_q = q.astype(work, copy=False).reshape(*lead, q_h, q_w, head_dim)
+    # Batched over the query row y: (..., q_h, q_w, C) @ (q_h, C, k_h).
+    rel_h = xp.matmul(grid_q, xp.swapaxes(table_h, -1, -2))
+    # Batched over the query column x: (..., q_w, q_h, C) @ (q_w, C, k_w).
+    rel_w = xp.swapaxes(xp.matmul(xp.swapaxes(grid_q, -3, -2), xp.swapaxes(table_w, -1, -2)), -3, -2)
+    return rel_h.reshape(*lead, q_h * q_w, k_h), rel_w.reshape(*lead, q_h * q_w, k_w)
+
