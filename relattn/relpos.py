@@ -50,7 +50,7 @@ def resize_rel_pos(rel_pos, length):
     --------
     >>> import numpy as np, relattn
     >>> table = np.arange(6, dtype=np.float32).reshape(3, 2)
-    >>> relattn.resize_rel_pos(table, 5)[:, 0].round(4).tolist()
+    >>> [round(float(r), 4) for r in relattn.resize_rel_pos(table, 5)[:, 0]]
     [0.0, 0.8, 2.0, 3.2, 4.0]
     """
     rel_pos = check_float_array("rel_pos", rel_pos, ndim=2)

@@ -83,7 +83,7 @@ _F32_P4 = np.float32(1.6666665459e-1)
 _F32_P5 = np.float32(5.0000001201e-1)
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH)
 def _exp_f32(x):
     """exp(x) for float32 x <= ~88, ~1 ulp; exactly 0 for x < -87."""
     xc = x if x > _F32_LO else _F32_LO
@@ -103,7 +103,7 @@ _F64_C1 = 6.93145751953125e-1  # ln2 split (Cephes exp)
 _F64_C2 = 1.42860682030941723212e-6
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH)
 def _exp_f64(x):
     """exp(x) for float64 x <= ~709, a few ulp; exactly 0 for x < -708."""
     xc = x if x > _F64_LO else _F64_LO
@@ -132,7 +132,7 @@ def _fexp(x):  # pragma: no cover - typing stub, replaced by the overload
     raise NotImplementedError
 
 
-@overload(_fexp, inline="always", fastmath=_FASTMATH)
+@overload(_fexp, fastmath=_FASTMATH)
 def _fexp_ov(x):
     if x == types.float32:
         return lambda x: _exp_f32(x)
@@ -174,7 +174,7 @@ def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
         qt = it - bh * nqt
         i0 = qt * tq
         nq = min(tq, Sq - i0)
-        qtile = q[bh, i0:i0 + nq, :]
+        qtile = q[bh, i0:i0 + nq]
         qT = qtile.T  # F-contiguous view (d, nq)
         m = np.full(nq, -np.inf, dtype=dt)
         msave = np.empty(nq, dtype=dt)
@@ -197,7 +197,7 @@ def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
         for j0 in range(0, Sk, tk):
             nk = min(tk, Sk - j0)
             sT = sbuf[:nk * nq].reshape((nk, nq))
-            np.dot(k[bh, j0:j0 + nk, :], qT, sT)
+            np.dot(k[bh, j0:j0 + nk], qT, sT)
             for i in range(nq):
                 msave[i] = m[i]
             # scale + bias, running max
@@ -231,7 +231,7 @@ def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
                 srow = sT[j]
                 for i in range(nq):
                     lsum[i] += srow[i]
-            np.dot(sT.T, v[bh, j0:j0 + nk, :], tmp)
+            np.dot(sT.T, v[bh, j0:j0 + nk], tmp)
             for i in range(nq):
                 alpha = msave[i]
                 for c in range(d):

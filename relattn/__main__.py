@@ -1,0 +1,5 @@
+import sys
+
+from relattn.cli import main
+
+sys.exit(main())

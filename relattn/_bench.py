@@ -1,0 +1,271 @@
+"""Benchmark cases and runners, shared by ``bench/bench.py`` and ``relattn bench``.
+
+Each case times the attention core (``rel_pos_attention`` including the rel_h /
+rel_w terms) on every available backend and, when PyTorch is importable, the
+PyTorch seed form (einsum terms + materialized S x S mask + SDPA) as the anchor
+measured in the same run, plus PyTorch SDPA with no bias as the plain-kernel
+ceiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+
+from relattn import backends
+from relattn._arrays import resolve_dtype
+from relattn.functional import rel_pos_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    grid: tuple
+    heads: int
+    head_dim: int
+    table_rows: tuple  # rows of the stored tables (resized when != 2*grid-1)
+    note: str
+
+    @property
+    def tokens(self):
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def flops(self):
+        return 4 * self.batch * self.heads * self.tokens**2 * self.head_dim
+
+
+CASES = {
+    c.name: c
+    for c in [
+        Case("sam-b-global", 1, (64, 64), 12, 64, (127, 127), "SAM-B global block, 1024 px"),
+        Case("sam-b-window", 25, (14, 14), 12, 64, (27, 27), "SAM-B windowed block, 25 windows of 14x14"),
+        Case("sam-h-global", 1, (64, 64), 16, 80, (127, 127), "SAM-H global block, head_dim 80"),
+        Case("sam-b-global-1280px", 1, (80, 80), 12, 64, (127, 127), "SAM-B global at 1280 px: tables 127 -> 159"),
+        Case("tiny", 2, (8, 8), 2, 16, (15, 15), "smoke test"),
+    ]
+}
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """float32 numpy q, k, v (B, heads, S, d) and the two tables."""
+    rng = np.random.default_rng(seed)
+    shape = (case.batch, case.heads, case.tokens, case.head_dim)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    tables = [0.1 * rng.standard_normal((rows, case.head_dim), dtype=np.float32) for rows in case.table_rows]
+    return q, k, v, tables[0], tables[1]
+
+
+# -- memory ----------------------------------------------------------------------
+
+
+def _status_kib(key):
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_extra(fn):
+    """Run ``fn`` once; return bytes of peak RSS above the RSS before it (Linux), or None."""
+    if not _reset_peak_rss():
+        fn()
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, (peak - before) * 1024)
+
+
+# -- timing ----------------------------------------------------------------------
+
+
+def median_time(fn, min_runs=3, max_runs=20, budget_s=3.0, sync=None):
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < max_runs:
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= min_runs and time.perf_counter() - start_all > budget_s:
+            break
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Result:
+    case: str
+    impl: str
+    dtype: str
+    time_s: float
+    gflops: float
+    peak_extra_mib: float | None
+    max_rel_err: float | None
+    vs_anchor: float | None = None
+    first_call_s: float | None = None
+
+
+def _rel_err(out, ref):
+    out = np.asarray(out, dtype=np.float64)
+    return float(np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def reference_output(case: Case, inputs):
+    """float64 reference output of the materialized-bias formula."""
+    q, k, v, th, tw = (a.astype(np.float64) for a in inputs)
+    return rel_pos_attention(q, k, v, th, tw, case.grid, case.grid, backend="numpy")
+
+
+def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
+    mod = backends.get(name)
+    q, k, v, th, tw = (a.astype(dtype) for a in inputs)
+    sync = None
+    if mod.ARRAY_MODULE == "cupy":
+        import cupy
+
+        q, k, v, th, tw = (cupy.asarray(a) for a in (q, k, v, th, tw))
+        sync = cupy.cuda.get_current_stream().synchronize
+
+    def call():
+        return rel_pos_attention(q, k, v, th, tw, case.grid, case.grid, backend=name)
+
+    t0 = time.perf_counter()
+    out = call()
+    if sync:
+        sync()
+    first = time.perf_counter() - t0
+    t = median_time(call, budget_s=budget_s, sync=sync)
+    if mod.ARRAY_MODULE == "cupy":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        pool.free_all_blocks()
+        base = pool.total_bytes()
+        call()
+        sync()
+        peak = (pool.total_bytes() - base - out.nbytes) / 2**20
+        out = out.get()
+    else:
+        peak = host_peak_extra(call)
+        peak = None if peak is None else max(0.0, (peak - out.nbytes) / 2**20)
+    err = _rel_err(out, ref) if ref is not None else None
+    return Result(case.name, name, np.dtype(dtype).name if dtype != "bfloat16" else "bfloat16",
+                  t, case.flops / t / 1e9, peak, err, first_call_s=first)
+
+
+def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, with_bias=True):
+    """The PyTorch seed form (or SDPA with no bias), on the CPU, same inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    tdtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+              "float16": torch.float16}[dtype_name]
+    q, k, v, th, tw = (torch.from_numpy(np.ascontiguousarray(a)).to(tdtype) for a in inputs)
+    b, h, s, d = q.shape
+    gh, gw = case.grid
+
+    def seed_form():
+        rh = _torch_get_rel_pos(gh, gh, th)
+        rw = _torch_get_rel_pos(gw, gw, tw)
+        r_q = q.reshape(b * h, gh, gw, d)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+        mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, h, s, s)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def plain():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    fn = seed_form if with_bias else plain
+    with torch.no_grad():
+        out = fn()
+        t = median_time(fn, budget_s=budget_s)
+        peak = host_peak_extra(fn)
+    peak = None if peak is None else max(0.0, (peak - out.numel() * out.element_size()) / 2**20)
+    err = _rel_err(out.float().numpy(), ref) if (ref is not None and with_bias) else None
+    name = "torch-seed-form" if with_bias else "torch-sdpa-nobias"
+    return Result(case.name, name, dtype_name, t, case.flops / t / 1e9, peak, err)
+
+
+def _torch_get_rel_pos(q_size, k_size, rel_pos):
+    import torch
+    import torch.nn.functional as F
+
+    rows = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != rows:
+        rel_pos = F.interpolate(rel_pos.float().T[None], size=rows, mode="linear")[0].T.to(rel_pos.dtype)
+    qc = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    kc = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    return rel_pos[((qc - kc) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+def run_case(case: Case, backend_names, dtype="float32", with_torch=True, budget_s=3.0, log=print):
+    """All results for one case, anchors first; ratios are to the torch seed form."""
+    dt = resolve_dtype("dtype", dtype)
+    inputs = make_inputs(case)
+    log(f"[{case.name}] computing the float64 reference ...")
+    ref = reference_output(case, inputs)
+    results = []
+    threads = _threads()
+    if with_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            with_torch = False
+    if with_torch:
+        for with_bias in (True, False):
+            log(f"[{case.name}] torch {'seed form' if with_bias else 'SDPA no bias'} ...")
+            results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias))
+    for name in backend_names:
+        log(f"[{case.name}] {name} ...")
+        results.append(run_backend(case, name, inputs, dt, ref, budget_s))
+    anchor = next((r for r in results if r.impl == "torch-seed-form"), None)
+    if anchor is not None:
+        for r in results:
+            r.vs_anchor = r.time_s / anchor.time_s
+    return results
+
+
+def _threads():
+    try:
+        import numba
+
+        return numba.get_num_threads()
+    except ImportError:  # pragma: no cover
+        import os
+
+        return os.cpu_count() or 1
+
+
+def format_table(results) -> str:
+    head = f"{'case':<22}{'impl':<19}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}{'x seed':>8}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        t = f"{r.time_s * 1e3:.3f} ms" if r.time_s < 1 else f"{r.time_s:.3f} s"
+        peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}"
+        err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+        ratio = "-" if r.vs_anchor is None else f"{r.vs_anchor:.2f}"
+        lines.append(f"{r.case:<22}{r.impl:<19}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}")
+    return "\n".join(lines)

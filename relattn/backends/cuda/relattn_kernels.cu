@@ -1,0 +1,603 @@
+// relattn CUDA kernels: flash-style attention with 2-D decomposed relative
+// position terms added per key tile (the S x S bias is never materialized).
+//
+//   logit[i, j] = scale * q_i . k_j + rel_h[i, j / k_w] + rel_w[i, j % k_w]
+//   out_i       = sum_j softmax_j(logit[i, :]) v_j
+//
+// Compiled at run time by NVRTC through cupy.RawModule; no headers are
+// included (half-precision data travels as raw 16-bit words, conversions and
+// tensor-core instructions are inline PTX), so it builds with NVRTC alone.
+//
+// Kernels
+//   relattn_mma<DT, HD, MW, REL>  float16 (DT=0) / bfloat16 (DT=1) on tensor
+//       cores (mma.sync m16n8k16); q.k, softmax statistics and p.v accumulate
+//       in float32. HD = head_dim rounded up to 16 (columns >= D zero-filled),
+//       4 warps, each warp owns MW groups of 16 query rows (BLOCK_M = 64*MW),
+//       key tiles of 64 double-buffered in shared memory via cp.async.
+//   relattn_simt<T, HD, REL>    float32 / float64, exact (plain FMA), SIMT.
+//
+// REL: 0 = no relative terms, 1 = k_w == 64 (rel_w tile-invariant, kept in
+// registers; rel_h one value per row per tile), 2 = generic (any k_h, k_w).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define RA_INF __int_as_float(0x7f800000)
+#define RA_LOG2E 1.4426950408889634f
+
+// ---------------------------------------------------------------- PTX helpers
+__device__ __forceinline__ float ra_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <int DT>
+__device__ __forceinline__ u32 ra_pack(float lo, float hi) {
+    u32 r;
+    if (DT == 1) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+template <int DT>
+__device__ __forceinline__ void ra_mma(float* c, const u32* a, u32 b0, u32 b1) {
+    if (DT == 1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+__device__ __forceinline__ u32 ra_smem_addr(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 ra_a; cvta.to.shared.u64 ra_a, %1; cvt.u32.u64 %0, ra_a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void ra_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+__device__ __forceinline__ void ra_ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+// 16-byte async copy global -> shared; bytes beyond src_bytes are zero-filled.
+__device__ __forceinline__ void ra_cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void ra_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void ra_cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+// key -> (ky, kx) for key < 2^22 without an integer division.
+__device__ __forceinline__ void ra_split_key(int key, int kw, float inv_kw, int& ky, int& kx) {
+    int y = __float2int_rz(((float)key + 0.5f) * inv_kw);
+    int x = key - y * kw;
+    if (x < 0) { y -= 1; x += kw; }
+    else if (x >= kw) { y += 1; x -= kw; }
+    ky = y;
+    kx = x;
+}
+
+// ------------------------------------------------------------ tensor-core kernel
+// q, k, v: 16-bit data, element strides (batch, head, row); last-dim stride 1,
+// row strides multiples of 8, base 16-byte aligned, D a multiple of 8.
+// rel_h: (B*H, Sq, kh) float32 contiguous, rel_w: (B*H, Sq, kw) float32.
+// out: (B*H, Sq, D) contiguous.
+template <int DT, int HD, int MW, int REL>
+__global__ void __launch_bounds__(128)
+relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
+            u16* __restrict__ out,
+            int H, int Sq, int Sk, int D, int kh, int kw,
+            long long qsb, long long qsh, long long qss,
+            long long ksb, long long ksh, long long kss,
+            long long vsb, long long vsh, long long vss,
+            float scale_log2, float inv_kw)
+{
+    constexpr int BM = 64 * MW;
+    constexpr int BN = 64;
+    constexpr int SROW = HD + 8;          // padded smem row (16 B) -> conflict-free ldmatrix
+    constexpr int KQ = HD / 16;           // k-steps over the head dim
+    constexpr int ND = HD / 8;            // 8-wide output column blocks
+    constexpr int TILE = BN * SROW;       // elements per K (or V) tile
+
+    extern __shared__ __align__(16) unsigned char ra_smem_raw[];
+    u16* smem = reinterpret_cast<u16*>(ra_smem_raw);
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+
+    const int mtiles = (Sq + BM - 1) / BM;
+    const int mt = blockIdx.x % mtiles;
+    const int bh = blockIdx.x / mtiles;
+    const int b = bh / H, h = bh - b * H;
+
+    const u16* qb = q + b * qsb + h * qsh;
+    const u16* kb = k + b * ksb + h * ksh;
+    const u16* vb = v + b * vsb + h * vsh;
+
+    // rows owned by this thread: mg in [0, MW), half in {0 (g), 1 (g+8)}
+    int rows[MW][2];
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg) {
+        rows[mg][0] = mt * BM + warp * (16 * MW) + mg * 16 + g;
+        rows[mg][1] = rows[mg][0] + 8;
+    }
+
+    // ---- Q fragments straight from global (once per block)
+    u32 qf[MW][KQ][4];
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg) {
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int col = kk * 16 + 2 * t + hf * 8;
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const int r = rows[mg][rr];
+                    u32 val = 0u;
+                    if (r < Sq && col < D)
+                        val = *reinterpret_cast<const u32*>(qb + (long long)r * qss + col);
+                    qf[mg][kk][hf * 2 + rr] = val;
+                }
+            }
+        }
+    }
+
+    // ---- relative terms
+    const float* rh_row[MW][2];
+    const float* rw_row[MW][2];
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = min(rows[mg][rr], Sq - 1);
+            rh_row[mg][rr] = rel_h + ((long long)bh * Sq + r) * kh;
+            rw_row[mg][rr] = rel_w + ((long long)bh * Sq + r) * kw;
+        }
+    // REL == 1: rel_w[i, c] for this thread's 16 key columns, times log2(e)
+    float rwc[REL == 1 ? MW : 1][REL == 1 ? 2 : 1][REL == 1 ? 16 : 1];
+    if (REL == 1) {
+#pragma unroll
+        for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float2 w2 = *reinterpret_cast<const float2*>(rw_row[mg][rr] + j * 8 + 2 * t);
+                    rwc[REL == 1 ? mg : 0][REL == 1 ? rr : 0][REL == 1 ? 2 * j : 0] = w2.x * RA_LOG2E;
+                    rwc[REL == 1 ? mg : 0][REL == 1 ? rr : 0][REL == 1 ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
+                }
+    }
+
+    // ---- tile loader
+    auto load_tile = [&](int stage, int j0) {
+        u16* dK = smem + stage * 2 * TILE;
+        u16* dV = dK + TILE;
+        constexpr int CH = HD / 8;
+#pragma unroll
+        for (int c = tid; c < BN * CH; c += 128) {
+            const int r = c / CH, cc = c - (c / CH) * CH;
+            const int key = j0 + r, col = cc * 8;
+            const bool ok = (key < Sk) && (col < D);
+            const u16* sk = ok ? kb + (long long)key * kss + col : kb;
+            const u16* sv = ok ? vb + (long long)key * vss + col : vb;
+            ra_cp_async16(ra_smem_addr(dK + r * SROW + col), sk, ok ? 16 : 0);
+            ra_cp_async16(ra_smem_addr(dV + r * SROW + col), sv, ok ? 16 : 0);
+        }
+        ra_cp_commit();
+    };
+
+    float o[MW][ND][4];
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mg][d][e] = 0.f;
+    float m_run[MW][2], l_run[MW][2];
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) { m_run[mg][rr] = -RA_INF; l_run[mg][rr] = 0.f; }
+
+    // per-lane ldmatrix offsets (elements)
+    const int mi = lane >> 3, ri = lane & 7;
+    const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;   // K: non-trans
+    const int v_off = ((mi & 1) * 8 + ri) * SROW + (mi >> 1) * 8;   // V: trans
+
+    const int ntiles = (Sk + BN - 1) / BN;
+    load_tile(0, 0);
+
+    for (int n = 0; n < ntiles; ++n) {
+        const int j0 = n * BN;
+        // rel_h for this tile (REL == 1: one ky per tile)
+        float rh1[MW][2];
+        if (REL == 1) {
+#pragma unroll
+            for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) rh1[mg][rr] = __ldg(rh_row[mg][rr] + n) * RA_LOG2E;
+        }
+        if (n + 1 < ntiles) {
+            load_tile((n + 1) & 1, j0 + BN);
+            ra_cp_wait<1>();
+        } else {
+            ra_cp_wait<0>();
+        }
+        __syncthreads();
+
+        const u16* cK = smem + (n & 1) * 2 * TILE;
+        const u16* cV = cK + TILE;
+        const u32 kaddr = ra_smem_addr(cK + k_off);
+        const u32 vaddr = ra_smem_addr(cV + v_off);
+
+        // ---- S = Q K^T
+        float s[MW][8][4];
+#pragma unroll
+        for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mg][j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk) {
+#pragma unroll
+            for (int jp = 0; jp < 4; ++jp) {
+                u32 b0, b1, b2, b3;
+                ra_ldsm_x4(b0, b1, b2, b3, kaddr + (u32)((jp * 16 * SROW + kk * 16) * 2));
+#pragma unroll
+                for (int mg = 0; mg < MW; ++mg) {
+                    ra_mma<DT>(s[mg][2 * jp], qf[mg][kk], b0, b1);
+                    ra_mma<DT>(s[mg][2 * jp + 1], qf[mg][kk], b2, b3);
+                }
+            }
+        }
+
+        // ---- scale, relative terms, key mask (log2 domain)
+        const bool partial = (j0 + BN > Sk);
+        if (REL == 2) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = j0 + j * 8 + 2 * t + e;
+                    if (key < Sk) {
+                        int ky, kx;
+                        ra_split_key(key, kw, inv_kw, ky, kx);
+#pragma unroll
+                        for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+                            for (int rr = 0; rr < 2; ++rr) {
+                                const float bias = (__ldg(rh_row[mg][rr] + ky) + __ldg(rw_row[mg][rr] + kx)) * RA_LOG2E;
+                                s[mg][j][rr * 2 + e] = fmaf(s[mg][j][rr * 2 + e], scale_log2, bias);
+                            }
+                    } else {
+#pragma unroll
+                        for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+                            for (int rr = 0; rr < 2; ++rr) s[mg][j][rr * 2 + e] = -RA_INF;
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+#pragma unroll
+                        for (int rr = 0; rr < 2; ++rr) {
+                            float bias = 0.f;
+                            if (REL == 1)
+                                bias = rh1[mg][rr] + rwc[REL == 1 ? mg : 0][REL == 1 ? rr : 0][REL == 1 ? 2 * j + e : 0];
+                            s[mg][j][rr * 2 + e] = fmaf(s[mg][j][rr * 2 + e], scale_log2, bias);
+                        }
+            if (partial) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int key = j0 + j * 8 + 2 * t + e;
+                        if (key >= Sk) {
+#pragma unroll
+                            for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+                                for (int rr = 0; rr < 2; ++rr) s[mg][j][rr * 2 + e] = -RA_INF;
+                        }
+                    }
+            }
+        }
+
+        // ---- online softmax
+#pragma unroll
+        for (int mg = 0; mg < MW; ++mg) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float mx = -RA_INF;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    mx = fmaxf(mx, fmaxf(s[mg][j][rr * 2], s[mg][j][rr * 2 + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[mg][rr], mx);
+                const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
+                const float alpha = ra_exp2(m_run[mg][rr] - m_use);
+                m_run[mg][rr] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float p0 = ra_exp2(s[mg][j][rr * 2] - m_use);
+                    const float p1 = ra_exp2(s[mg][j][rr * 2 + 1] - m_use);
+                    s[mg][j][rr * 2] = p0;
+                    s[mg][j][rr * 2 + 1] = p1;
+                    sum += p0 + p1;
+                }
+                l_run[mg][rr] = l_run[mg][rr] * alpha + sum;
+#pragma unroll
+                for (int d = 0; d < ND; ++d) {
+                    o[mg][d][rr * 2] *= alpha;
+                    o[mg][d][rr * 2 + 1] *= alpha;
+                }
+            }
+        }
+
+        // ---- O += P V
+#pragma unroll
+        for (int kk2 = 0; kk2 < 4; ++kk2) {
+            u32 pa[MW][4];
+#pragma unroll
+            for (int mg = 0; mg < MW; ++mg) {
+                pa[mg][0] = ra_pack<DT>(s[mg][2 * kk2][0], s[mg][2 * kk2][1]);
+                pa[mg][1] = ra_pack<DT>(s[mg][2 * kk2][2], s[mg][2 * kk2][3]);
+                pa[mg][2] = ra_pack<DT>(s[mg][2 * kk2 + 1][0], s[mg][2 * kk2 + 1][1]);
+                pa[mg][3] = ra_pack<DT>(s[mg][2 * kk2 + 1][2], s[mg][2 * kk2 + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; ++dp) {
+                u32 b0, b1, b2, b3;
+                ra_ldsm_x4_t(b0, b1, b2, b3, vaddr + (u32)((kk2 * 16 * SROW + dp * 16) * 2));
+#pragma unroll
+                for (int mg = 0; mg < MW; ++mg) {
+                    ra_mma<DT>(o[mg][2 * dp], pa[mg], b0, b1);
+                    ra_mma<DT>(o[mg][2 * dp + 1], pa[mg], b2, b3);
+                }
+            }
+        }
+        __syncthreads();   // this stage is refilled by the next iteration's prefetch
+    }
+
+    // ---- finalize and store
+    u16* ob = out + (long long)bh * Sq * D;
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float l = l_run[mg][rr];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = 1.f / l;
+            const int r = rows[mg][rr];
+            if (r < Sq) {
+#pragma unroll
+                for (int d = 0; d < ND; ++d) {
+                    const int col = d * 8 + 2 * t;
+                    if (col < D)
+                        *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
+                            ra_pack<DT>(o[mg][d][rr * 2] * inv, o[mg][d][rr * 2 + 1] * inv);
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------ exact SIMT kernel
+// float32 / float64, plain FMA. 256 threads as 16 x 16; each thread owns a
+// 4 x 4 block of the 64 x 64 score tile and 4 rows x HD/16 columns of O.
+// q, k, v: element strides (batch, head, row, col). rel_*: contiguous, type T.
+template <typename T> __device__ __forceinline__ T ra_exp2_t(T x);
+template <> __device__ __forceinline__ float ra_exp2_t<float>(float x) { return ra_exp2(x); }
+template <> __device__ __forceinline__ double ra_exp2_t<double>(double x) { return exp2(x); }
+
+template <typename T, int HD, int REL>
+__global__ void __launch_bounds__(256)
+relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+             const T* __restrict__ rel_h, const T* __restrict__ rel_w,
+             T* __restrict__ out,
+             int H, int Sq, int Sk, int D, int kh, int kw,
+             long long qsb, long long qsh, long long qss, long long qsd,
+             long long ksb, long long ksh, long long kss, long long ksd,
+             long long vsb, long long vsh, long long vss, long long vsd,
+             T scale_log2, float inv_kw)
+{
+    constexpr int BM = 64, BN = 64;
+    constexpr int NC = HD / 16;            // output columns per thread
+    constexpr int LDT = BM + 4;            // transposed tiles: [HD][LDT]
+    const T LOG2E = (T)1.4426950408889634;
+    const T NEG_INF = -(T)RA_INF;
+
+    extern __shared__ __align__(16) unsigned char ra_smem_raw[];
+    T* sQ = reinterpret_cast<T*>(ra_smem_raw);   // [HD][LDT]  (d-major, rows contiguous)
+    T* sK = sQ + HD * LDT;                       // [HD][LDT]  (d-major, keys contiguous)
+    T* sV = sK + HD * LDT;                       // [BN][HD]
+    T* sP = sV + BN * HD;                        // [BN][LDT]  (key-major, rows contiguous)
+
+    const int tid = threadIdx.x;
+    const int tx = tid & 15, ty = tid >> 4;
+
+    const int mtiles = (Sq + BM - 1) / BM;
+    const int mt = blockIdx.x % mtiles;
+    const int bh = blockIdx.x / mtiles;
+    const int b = bh / H, h = bh - b * H;
+    const T* qb = q + b * qsb + h * qsh;
+    const T* kb = k + b * ksb + h * ksh;
+    const T* vb = v + b * vsb + h * vsh;
+    const int m0 = mt * BM;
+
+    // load Q tile transposed (zero-padded)
+    for (int c = tid; c < BM * HD; c += 256) {
+        const int r = c / HD, d = c - (c / HD) * HD;
+        const int row = m0 + r;
+        T val = (T)0;
+        if (row < Sq && d < D) val = qb[(long long)row * qss + (long long)d * qsd];
+        sQ[d * LDT + r] = val;
+    }
+
+    const T* rh_row[4];
+    const T* rw_row[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+        const int r = min(m0 + ty * 4 + a, Sq - 1);
+        rh_row[a] = rel_h + ((long long)bh * Sq + r) * kh;
+        rw_row[a] = rel_w + ((long long)bh * Sq + r) * kw;
+    }
+
+    T o[4][NC];
+    T m_run[4], l_run[4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+        m_run[a] = NEG_INF;
+        l_run[a] = (T)0;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) o[a][c] = (T)0;
+    }
+
+    const int ntiles = (Sk + BN - 1) / BN;
+    for (int n = 0; n < ntiles; ++n) {
+        const int j0 = n * BN;
+        __syncthreads();   // previous tile fully consumed (and Q stored)
+        for (int c = tid; c < BN * HD; c += 256) {
+            const int r = c / HD, d = c - (c / HD) * HD;
+            const int key = j0 + r;
+            T kvl = (T)0, vvl = (T)0;
+            if (key < Sk && d < D) {
+                kvl = kb[(long long)key * kss + (long long)d * ksd];
+                vvl = vb[(long long)key * vss + (long long)d * vsd];
+            }
+            sK[d * LDT + r] = kvl;
+            sV[r * HD + d] = vvl;
+        }
+        __syncthreads();
+
+        T s[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[a][c] = (T)0;
+#pragma unroll 8
+        for (int d = 0; d < HD; ++d) {
+            T qa[4], kb4[4];
+#pragma unroll
+            for (int a = 0; a < 4; ++a) qa[a] = sQ[d * LDT + ty * 4 + a];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) kb4[c] = sK[d * LDT + tx * 4 + c];
+#pragma unroll
+            for (int a = 0; a < 4; ++a)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[a][c] = fma(qa[a], kb4[c], s[a][c]);
+        }
+
+        // scale + relative terms + mask, log2 domain
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int key = j0 + tx * 4 + c;
+            if (key < Sk) {
+                int ky = 0, kx = 0;
+                if (REL) ra_split_key(key, kw, inv_kw, ky, kx);
+#pragma unroll
+                for (int a = 0; a < 4; ++a) {
+                    T bias = (T)0;
+                    if (REL) bias = (rh_row[a][ky] + rw_row[a][kx]) * LOG2E;
+                    s[a][c] = fma(s[a][c], scale_log2, bias);
+                }
+            } else {
+#pragma unroll
+                for (int a = 0; a < 4; ++a) s[a][c] = NEG_INF;
+            }
+        }
+
+        // online softmax: a row's 64 scores live in the 16 lanes sharing ty
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+            T mx = s[a][0];
+#pragma unroll
+            for (int c = 1; c < 4; ++c) mx = (s[a][c] > mx) ? s[a][c] : mx;
+#pragma unroll
+            for (int off = 1; off < 16; off <<= 1) {
+                const T o2 = __shfl_xor_sync(0xffffffffu, mx, off);
+                mx = (o2 > mx) ? o2 : mx;
+            }
+            const T m_new = (m_run[a] > mx) ? m_run[a] : mx;
+            const T m_use = (m_new == NEG_INF) ? (T)0 : m_new;
+            const T alpha = ra_exp2_t<T>(m_run[a] - m_use);
+            m_run[a] = m_new;
+            T sum = (T)0;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const T p = ra_exp2_t<T>(s[a][c] - m_use);
+                s[a][c] = p;
+                sum += p;
+            }
+            l_run[a] = l_run[a] * alpha + sum;   // per-thread partial
+#pragma unroll
+            for (int c = 0; c < NC; ++c) o[a][c] *= alpha;
+        }
+        // P to shared, key-major
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+            for (int a = 0; a < 4; ++a) sP[(tx * 4 + c) * LDT + ty * 4 + a] = s[a][c];
+        __syncthreads();
+
+        // O += P V ; thread's columns: tx + 16 * c
+#pragma unroll 4
+        for (int key = 0; key < BN; ++key) {
+            T pa[4], vb4[NC];
+#pragma unroll
+            for (int a = 0; a < 4; ++a) pa[a] = sP[key * LDT + ty * 4 + a];
+#pragma unroll
+            for (int c = 0; c < NC; ++c) vb4[c] = sV[key * HD + tx + 16 * c];
+#pragma unroll
+            for (int a = 0; a < 4; ++a)
+#pragma unroll
+                for (int c = 0; c < NC; ++c) o[a][c] = fma(pa[a], vb4[c], o[a][c]);
+        }
+    }
+
+    T* ob = out + (long long)bh * Sq * D;
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+        T l = l_run[a];
+#pragma unroll
+        for (int off = 1; off < 16; off <<= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
+        const T inv = (T)1 / l;
+        const int row = m0 + ty * 4 + a;
+        if (row < Sq) {
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                const int col = tx + 16 * c;
+                if (col < D) ob[(long long)row * D + col] = o[a][c] * inv;
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+"""CuPy backend: fused flash-style attention with 2-D decomposed relative terms.
+
+The kernels live in ``cuda/relattn_kernels.cu`` beside this file and are
+compiled at run time through ``cupy.RawModule`` (NVRTC), once per
+(dtype, padded head_dim, device). float16 / bfloat16 run on tensor cores
+(``mma.sync``) with float32 accumulation; float32 and float64 run an exact
+SIMT kernel (plain FMA, no TF32). The S x S bias is never materialized: the
+kernels add ``rel_h[i, ky] + rel_w[i, kx]`` per key tile.
+
+Importing this module does not import CuPy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+NAME = "cupy"
+ARRAY_MODULE = "cupy"
+
+_KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "relattn_kernels.cu")
+_MAX_HEAD_DIM = 128
+_HALF_NAMES = ("float16", "bfloat16")
+_BLOCK_M_MMA = 64          # 64 * MW
+_MW = 1
+_LOG2E = 1.4426950408889634
+
+_lock = threading.Lock()
+_modules: dict = {}        # (kind, hd, device) -> RawModule
+_functions: dict = {}      # (kind, hd, rel, device) -> RawKernel
+_source: list = []
+
+
+# --------------------------------------------------------------------- probing
+def unavailable_reason():
+    """None when CuPy and a CUDA device are usable, else a one-line reason."""
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"cupy is not importable ({type(exc).__name__}: {exc})".splitlines()[0]
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return "no CUDA device is visible"
+    except Exception as exc:
+        return f"no usable CUDA device ({type(exc).__name__}: {exc})".splitlines()[0]
+    if not os.path.isfile(_KERNEL_FILE):
+        return f"kernel source missing: {_KERNEL_FILE}"
+    return None
+
+
+def _dtype_name(a) -> str:
+    try:
+        return str(a.dtype.name)
+    except Exception:
+        return str(getattr(a, "dtype", "?"))
+
+
+def not_supported_reasons(q, k, v, rel_h, rel_w, k_size):
+    """Reasons this backend cannot take these inputs (empty list: it can)."""
+    reasons = []
+    try:
+        import cupy
+    except Exception:
+        return ["cupy is not installed"]
+    for name, a in (("q", q), ("k", k), ("v", v), ("rel_h", rel_h), ("rel_w", rel_w)):
+        if a is not None and not isinstance(a, cupy.ndarray):
+            reasons.append(f"{name} is not a cupy.ndarray (got {type(a).__name__})")
+    if reasons:
+        return reasons
+    dt = _dtype_name(q)
+    if dt not in ("float16", "bfloat16", "float32", "float64"):
+        reasons.append(f"dtype {dt} is not supported (float16, bfloat16, float32, float64)")
+    d = int(q.shape[-1])
+    if d > _MAX_HEAD_DIM:
+        reasons.append(f"head_dim {d} > {_MAX_HEAD_DIM} is not supported by the cupy kernels")
+    elif dt == "float64" and _pad16(d) > 112:
+        reasons.append(f"float64 with head_dim {d} > 112 does not fit the kernel's shared memory")
+    try:
+        dev = q.device.id
+        for name, a in (("k", k), ("v", v), ("rel_h", rel_h), ("rel_w", rel_w)):
+            if a is not None and a.device.id != dev:
+                reasons.append(f"{name} is on device {a.device.id}, q on device {dev}")
+    except Exception:
+        pass
+    sk = int(k.shape[2])
+    if sk >= (1 << 22):
+        reasons.append(f"{sk} keys exceed the kernels' limit of 2**22")
+    return reasons
+
+
+# ------------------------------------------------------------------- compiling
+def _pad16(d: int) -> int:
+    return max(16, (d + 15) // 16 * 16)
+
+
+def _read_source() -> str:
+    if not _source:
+        with open(_KERNEL_FILE, "r", encoding="utf-8") as fh:
+            _source.append(fh.read())
+    return _source[0]
+
+
+def _names(kind: str, hd: int):
+    if kind in _HALF_NAMES:
+        dt = 1 if kind == "bfloat16" else 0
+        return {rel: f"relattn_mma<{dt}, {hd}, {_MW}, {rel}>" for rel in (0, 1, 2)}
+    t = "float" if kind == "float32" else "double"
+    return {rel: f"relattn_simt<{t}, {hd}, {rel}>" for rel in (0, 2)}
+
+
+def _get_kernel(kind: str, hd: int, rel: int, smem: int):
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    key = (kind, hd, rel, dev)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _functions.get(key)
+        if fn is not None:
+            return fn
+        mkey = (kind, hd, dev)
+        names = _names(kind, hd)
+        mod = _modules.get(mkey)
+        if mod is None:
+            mod = cupy.RawModule(
+                code=_read_source(),
+                options=("-std=c++17", "--use_fast_math"),
+                name_expressions=list(names.values()),
+            )
+            _modules[mkey] = mod
+        fn = mod.get_function(names[rel])
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        _functions[key] = fn
+        return fn
+
+
+# -------------------------------------------------------------------- helpers
+def _prep_half(x, d8: int):
+    """16-bit view of x usable by the mma kernel: last stride 1, other strides
+    multiples of 8 elements, 16-byte aligned base, last dim padded to d8."""
+    import cupy
+
+    u = x.view(cupy.uint16)
+    d = u.shape[-1]
+    if d != d8:
+        p = cupy.zeros(u.shape[:-1] + (d8,), dtype=cupy.uint16)
+        p[..., :d] = u
+        return p
+    st = [s // 2 for s in u.strides]
+    ok = (
+        u.strides[-1] == 2 or u.shape[-1] == 1
+    ) and all(s % 8 == 0 for s in st[:3]) and u.data.ptr % 16 == 0
+    if not ok:
+        u = cupy.ascontiguousarray(u)
+    return u
+
+
+def _elem_strides(x):
+    isz = x.dtype.itemsize
+    return [s // isz for s in x.strides]
+
+
+def _i64(x):
+    import numpy as np
+
+    return np.int64(x)
+
+
+# ------------------------------------------------------------------ attention
+def attention(q, k, v, rel_h, rel_w, k_size, scale):
+    """Attention core on the GPU; see relattn.backends for the contract."""
+    import cupy
+    import numpy as np
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    Sk = int(k.shape[2])
+    kind = _dtype_name(q)
+    out = cupy.empty((B, H, Sq, D), dtype=q.dtype)
+    if out.size == 0:
+        return out
+    if Sk == 0:  # softmax over no keys is undefined
+        out.view(cupy.uint16 if q.dtype.itemsize == 2 else q.dtype).fill(
+            0x7E00 if kind == "float16" else (0x7FC0 if kind == "bfloat16" else np.nan)
+        )
+        return out
+
+    kh, kw = (int(s) for s in k_size) if k_size is not None else (1, Sk)
+    has_rel = rel_h is not None and rel_w is not None
+    BH = B * H
+
+    if kind in _HALF_NAMES:
+        d8 = (D + 7) // 8 * 8
+        hd = _pad16(d8)
+        qu, ku, vu = _prep_half(q, d8), _prep_half(k, d8), _prep_half(v, d8)
+        if has_rel:
+            rh = cupy.ascontiguousarray(rel_h, dtype=cupy.float32)
+            rw = cupy.ascontiguousarray(rel_w, dtype=cupy.float32)
+            rel = 1 if (kw == 64 and Sk % 64 == 0) else 2
+        else:
+            rh = rw = cupy.zeros((1,), dtype=cupy.float32)
+            rel = 0
+            kh, kw = 1, max(Sk, 1)
+        smem = 2 * 2 * 64 * (hd + 8) * 2
+        fn = _get_kernel(kind, hd, rel, smem)
+        ou = out.view(cupy.uint16) if d8 == D else cupy.empty((B, H, Sq, d8), dtype=cupy.uint16)
+        qs, ks, vs = _elem_strides(qu), _elem_strides(ku), _elem_strides(vu)
+        bm = _BLOCK_M_MMA * _MW
+        grid = (BH * ((Sq + bm - 1) // bm),)
+        fn(
+            grid, (128,),
+            (qu, ku, vu, rh, rw, ou,
+             np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d8), np.int32(kh), np.int32(kw),
+             _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
+             _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
+             _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
+             np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw)),
+            shared_mem=smem,
+        )
+        if d8 != D:
+            out.view(cupy.uint16)[...] = ou[..., :D]
+        return out
+
+    # float32 / float64: exact SIMT kernel, strided loads
+    T = cupy.float32 if kind == "float32" else cupy.float64
+    hd = _pad16(D)
+    if has_rel:
+        rh = cupy.ascontiguousarray(rel_h, dtype=T)
+        rw = cupy.ascontiguousarray(rel_w, dtype=T)
+        rel = 2
+    else:
+        rh = rw = cupy.zeros((1,), dtype=T)
+        rel = 0
+        kh, kw = 1, max(Sk, 1)
+    isz = np.dtype(T).itemsize
+    ldt = 64 + 4
+    smem = (2 * hd * ldt + 64 * hd + 64 * ldt) * isz
+    fn = _get_kernel(kind, hd, rel, smem)
+    qs, ks, vs = _elem_strides(q), _elem_strides(k), _elem_strides(v)
+    grid = (BH * ((Sq + 63) // 64),)
+    sc = float(scale) * _LOG2E
+    fn(
+        grid, (256,),
+        (q, k, v, rh, rw, out,
+         np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(D), np.int32(kh), np.int32(kw),
+         _i64(qs[0]), _i64(qs[1]), _i64(qs[2]), _i64(qs[3]),
+         _i64(ks[0]), _i64(ks[1]), _i64(ks[2]), _i64(ks[3]),
+         _i64(vs[0]), _i64(vs[1]), _i64(vs[2]), _i64(vs[3]),
+         np.float32(sc) if kind == "float32" else np.float64(sc), np.float32(1.0 / kw)),
+        shared_mem=smem,
+    )
+    return out

@@ -1,0 +1,191 @@
+"""The ``relattn`` command line: the SAM attention demo (main job), info, check, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+import relattn
+from relattn import backends
+
+
+def _best_array_module():
+    if "cupy" in backends.available():
+        import cupy
+
+        return cupy
+    return np
+
+
+def _sync(xp):
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
+def _timed(fn, xp, repeats=3):
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(xp)
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def _to_host(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def cmd_demo(args) -> int:
+    """SAM-B attention, global 64x64 and windowed 14x14, on the best backend, checked."""
+    xp = np if args.backend in ("numpy", "numba") else _best_array_module()
+    dtype = relattn._arrays.resolve_dtype("dtype", args.dtype)
+    rng = np.random.default_rng(args.seed)
+    x_host = rng.standard_normal((1, args.grid, args.grid, 768), dtype=np.float32)
+    print(f"relattn {relattn.__version__}: SAM-B attention (dim 768, 12 heads, head_dim 64), seed {args.seed}")
+    print(f"array module: {xp.__name__}, dtype: {args.dtype}, backends available: {', '.join(backends.available())}")
+    worst = 0.0
+    for label, input_size, window in (("global", (64, 64), 0), ("windowed", (14, 14), 14)):
+        layer = relattn.Attention(768, 12, use_rel_pos=True, rel_pos_zero_init=False, input_size=input_size,
+                                  window_size=window, dtype=dtype, backend=args.backend, rng=rng)
+        layer.rel_pos_h = layer.rel_pos_h * 10.0  # trained SAM tables are far from N(0, 0.02)
+        layer.rel_pos_w = layer.rel_pos_w * 10.0
+        x = xp.asarray(x_host.astype(dtype))
+        out, times = _timed(lambda: layer(x), xp)
+        reference = relattn.Attention(768, 12, use_rel_pos=True, input_size=input_size, window_size=window,
+                                      dtype="float64", backend="numpy")
+        reference.load_state_dict(layer.state_dict())
+        expected = reference(x_host.astype(np.float64))
+        got = _to_host(out).astype(np.float64)
+        err = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+        worst = max(worst, err)
+        name = _core_backend(layer, x)
+        windows = f", {int(np.ceil(args.grid / 14)) ** 2} windows of 14x14" if window else ""
+        print(
+            f"  {label:<8} x{tuple(x.shape)}{windows}: backend {name}, "
+            f"first call {times[0] * 1e3:.1f} ms, then {min(times[1:]) * 1e3:.1f} ms, "
+            f"max rel error vs float64 reference {err:.2e}"
+        )
+    tolerance = 1e-5 if np.dtype(dtype) in (np.float32, np.float64) else 2e-2
+    ok = worst <= tolerance
+    print("OK" if ok else f"MISMATCH: error {worst:.2e} above {tolerance:.0e}")
+    return 0 if ok else 1
+
+
+def _core_backend(layer, x):
+    """Name of the backend ``auto`` (or the forced one) takes for this layer's core."""
+    xp = relattn._arrays.array_module(x)
+    shape = (1, layer.num_heads, 196, layer.head_dim)
+    probe = xp.zeros(shape, dtype=np.float32 if x.dtype != np.float64 else np.float64)
+    first = relattn.explain(probe, probe, probe, backend=layer.backend).splitlines()[0]
+    return first.split("'")[1]
+
+
+def cmd_info(args) -> int:
+    print(f"relattn {relattn.__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()}, numpy {np.__version__}")
+    print("backends (auto priority order):")
+    for name in backends.names():
+        why = backends.get(name).unavailable_reason()
+        print(f"  {name:<6} {'available' if why is None else 'unavailable: ' + why}")
+    try:
+        import numba
+
+        print(f"numba {numba.__version__}: {numba.get_num_threads()} threads "
+              f"(NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'unset')})")
+    except ImportError:
+        print("numba: not installed")
+    if "cupy" in backends.available():
+        import cupy
+
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            print(f"cuda device {i}: {props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.0f} GiB)")
+    bf16 = relattn._arrays.BFLOAT16 is not None
+    print(f"dtypes: float16, float32, float64{', bfloat16 (ml_dtypes)' if bf16 else ' (bfloat16 needs ml_dtypes)'}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Every available backend against the float64 reference on random SAM-like cases."""
+    rng = np.random.default_rng(args.seed)
+    cases = [  # (B, heads, q grid, k grid, head_dim, table rows)
+        (2, 3, (14, 14), (14, 14), 64, (27, 27)),
+        (1, 2, (16, 12), (16, 12), 80, (31, 23)),
+        (1, 2, (20, 20), (20, 20), 64, (27, 27)),      # tables upsampled
+        (2, 1, (8, 8), (4, 4), 32, (15, 15)),          # q_size != k_size (pooled keys)
+        (1, 1, (7, 9), (7, 9), 17, (13, 17)),
+    ]
+    failed = False
+    for name in backends.available():
+        xp = np if backends.get(name).ARRAY_MODULE == "numpy" else __import__("cupy")
+        worst = 0.0
+        for batch, heads, qs, ks, hd, rows in cases:
+            q = rng.standard_normal((batch, heads, qs[0] * qs[1], hd))
+            k, v = (rng.standard_normal((batch, heads, ks[0] * ks[1], hd)) for _ in range(2))
+            th, tw = (0.5 * rng.standard_normal((r, hd)) for r in rows)
+            ref = relattn.rel_pos_attention(q, k, v, th, tw, qs, ks, backend="numpy")
+            for dtype, tol in (("float32", 2e-5), ("float64", 1e-10)):
+                args_dev = [xp.asarray(a.astype(dtype)) for a in (q, k, v, th, tw)]
+                out = _to_host(relattn.rel_pos_attention(*args_dev, qs, ks, backend=name))
+                err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+                worst = max(worst, err / tol)
+                if err > tol:
+                    failed = True
+                    print(f"  {name}: {dtype} case {qs}->{ks} hd {hd}: error {err:.2e} > {tol:.0e}")
+        print(f"{name:<6} worst error / tolerance: {worst:.3f} {'OK' if worst <= 1 else 'FAIL'}")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    from relattn import _bench
+
+    names = args.case or ["sam-b-global", "sam-b-window"]
+    unknown = [n for n in names if n not in _bench.CASES]
+    if unknown:
+        print(f"--case: unknown {unknown}; known: {list(_bench.CASES)}", file=sys.stderr)
+        return 2
+    chosen = args.backend or backends.available()
+    results = []
+    for name in names:
+        results += _bench.run_case(_bench.CASES[name], chosen, dtype=args.dtype, with_torch=not args.no_torch,
+                                   budget_s=args.budget, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(_bench.format_table(results))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([r.__dict__ for r in results], fh, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="relattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="SAM-B attention on the best backend, checked (the default)")
+    for p in (parser, demo):
+        p.add_argument("--backend", default="auto", choices=["auto", *backends.names()])
+        p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+        p.add_argument("--grid", type=int, default=64, help="token grid side (default 64: 1024 px)")
+        p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("info", help="version, backends, devices, threads, dtypes")
+    check = sub.add_parser("check", help="every available backend against the reference")
+    check.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="time the benchmark cases on every backend")
+    bench.add_argument("--case", action="append", help="case name (repeatable)")
+    bench.add_argument("--backend", action="append", choices=backends.names())
+    bench.add_argument("--dtype", default="float32")
+    bench.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
+    bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
+    bench.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    command = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}.get(args.command, cmd_demo)
+    return command(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
