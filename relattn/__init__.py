@@ -6,6 +6,13 @@ MViTv2), without PyTorch: numpy on the CPU (numba kernels), CuPy on the GPU
 """
 
 from relattn import backends
+from relattn.checkpoint import (
+    AttentionLayerInfo,
+    attention_layers,
+    load_checkpoint,
+    resize_checkpoint_tables,
+    save_checkpoint,
+)
 from relattn.functional import BackendError, explain, rel_pos_attention
 from relattn.module import Attention
 from relattn.relpos import decomposed_rel_pos, get_rel_pos, resize_rel_pos
@@ -15,7 +22,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attention",
+    "AttentionLayerInfo",
     "BackendError",
+    "attention_layers",
+    "load_checkpoint",
+    "resize_checkpoint_tables",
+    "save_checkpoint",
     "backends",
     "decomposed_rel_pos",
     "explain",

@@ -268,6 +268,49 @@ class Attention:
         self._cache.clear()
         return missing, unexpected
 
+    @classmethod
+    def from_state_dict(cls, mapping, prefix="", *, num_heads=None, **kwargs):
+        """Build a layer whose shape is read from a SAM-style state dict, and load it.
+
+        Parameters
+        ----------
+        mapping : Mapping[str, array-like]
+            A whole checkpoint or one layer's parameters (see :meth:`load_state_dict`).
+        prefix : str
+            Key prefix of the layer, e.g. ``"image_encoder.blocks.7.attn."``.
+        num_heads : int, optional
+            Needed only without relative-position tables (the tables' width is
+            ``head_dim``, so ``num_heads = dim // head_dim`` otherwise).
+        **kwargs
+            Passed to the constructor (``dtype``, ``backend``, ``window_size``).
+
+        Examples
+        --------
+        >>> import relattn
+        >>> src = relattn.Attention(64, 4, use_rel_pos=True, input_size=(14, 14), rng=0)
+        >>> sd = {"blocks.0.attn." + k: v for k, v in src.state_dict().items()}
+        >>> relattn.Attention.from_state_dict(sd, "blocks.0.attn.", window_size=14)
+        Attention(dim=64, num_heads=4, qkv_bias=True, use_rel_pos=True, input_size=(14, 14), window_size=14, dtype=float32, backend='auto')
+        """
+        from relattn.checkpoint import attention_layers
+
+        if not hasattr(mapping, "keys"):
+            raise TypeError(f"mapping: expected a mapping of names to arrays, got {type(mapping).__name__}")
+        layer = {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+        infos = [i for i in attention_layers(layer) if i.prefix == ""]
+        if not infos:
+            raise ValueError(f"prefix: no qkv.weight/proj.weight under {prefix!r}")
+        info = infos[0]
+        if info.num_heads is None and num_heads is None:
+            raise ValueError("num_heads: required for a layer without rel_pos_h/rel_pos_w tables, got None")
+        if info.num_heads is not None and num_heads is not None and num_heads != info.num_heads:
+            raise ValueError(f"num_heads: the tables say {info.num_heads} (head_dim {info.head_dim}), got {num_heads}")
+        attn = cls(info.dim, info.num_heads or num_heads, qkv_bias=info.qkv_bias, use_rel_pos=info.use_rel_pos,
+                   input_size=info.input_size, **kwargs)
+        wanted = set(attn.state_dict())
+        attn.load_state_dict({k: v for k, v in layer.items() if k in wanted})
+        return attn
+
     # -- forward ------------------------------------------------------------------
 
     @staticmethod
