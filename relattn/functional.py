@@ -62,6 +62,27 @@ def _check_scale(scale, head_dim):
     return scale
 
 
+def _prepare_sizes(q_size, k_size, q_len, k_len):
+    """Check the query/key grids against Sq/Sk; ``k_size`` defaults to ``q_size`` when Sk == Sq."""
+    if q_size is None:
+        raise ValueError("q_size: required with relative-position tables, got None")
+    q_size = check_size2("q_size", q_size)
+    if q_size[0] * q_size[1] != q_len:
+        raise ValueError(
+            f"q_size: expected q_h * q_w == Sq = {q_len}, got {q_size} with product {q_size[0] * q_size[1]}"
+        )
+    if k_size is None:
+        if k_len != q_len:
+            raise ValueError(f"k_size: required when Sk={k_len} differs from Sq={q_len}, got None")
+        return q_size, q_size
+    k_size = check_size2("k_size", k_size)
+    if k_size[0] * k_size[1] != k_len:
+        raise ValueError(
+            f"k_size: expected k_h * k_w == Sk = {k_len}, got {k_size} with product {k_size[0] * k_size[1]}"
+        )
+    return q_size, k_size
+
+
 def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     """Validate everything; return arrays, sizes and the (un-computed) table info."""
     q, k, v = _check_qkv(q, k, v)
@@ -71,25 +92,7 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
         raise ValueError(f"{missing}: expected both tables or neither, got only one")
     use_rel_pos = rel_pos_h is not None
     if q_size is not None or use_rel_pos:
-        if q_size is None:
-            raise ValueError("q_size: required with relative-position tables, got None")
-        q_size = check_size2("q_size", q_size)
-        if q_size[0] * q_size[1] != q.shape[2]:
-            raise ValueError(
-                f"q_size: expected q_h * q_w == Sq = {q.shape[2]}, got {q_size} with product "
-                f"{q_size[0] * q_size[1]}"
-            )
-    if k_size is None and q_size is not None and k.shape[2] == q.shape[2]:
-        k_size = q_size
-    if k_size is not None:
-        k_size = check_size2("k_size", k_size)
-        if k_size[0] * k_size[1] != k.shape[2]:
-            raise ValueError(
-                f"k_size: expected k_h * k_w == Sk = {k.shape[2]}, got {k_size} with product "
-                f"{k_size[0] * k_size[1]}"
-            )
-    elif use_rel_pos:
-        raise ValueError(f"k_size: required when Sk={k.shape[2]} differs from Sq={q.shape[2]}, got None")
+        q_size, k_size = _prepare_sizes(q_size, k_size, q.shape[2], k.shape[2])
     if use_rel_pos:
         same_array_type({"q": q, "rel_pos_h": rel_pos_h, "rel_pos_w": rel_pos_w})
     return q, k, v, scale, q_size, k_size

@@ -138,7 +138,10 @@ class Attention:
             self.input_size = check_size2("input_size", input_size)
         else:
             self.input_size = None if input_size is None else check_size2("input_size", input_size)
-        rng = np.random.default_rng(rng)
+        try:
+            rng = np.random.default_rng(rng)
+        except (TypeError, ValueError):
+            raise TypeError(f"rng: expected a numpy.random.Generator, an int seed or None, got {rng!r}") from None
         bound = 1.0 / math.sqrt(dim)
 
         def uniform(*shape):

@@ -36,18 +36,24 @@ def not_supported_reasons(q, k, v, rel_h, rel_w, k_size):
     return []
 
 
-def _softmax_attention(q, k, v, rel_h, rel_w, k_size, scale, work):
-    xp = array_module(q)
-    logits = xp.matmul(q * work.type(scale), xp.swapaxes(k, -1, -2))  # (n, Sq, Sk)
+def softmax_attention(xp, q, k, v, rel_h, rel_w, k_size, scale):
+    """The formula, in array-API calls only, for arrays of namespace ``xp``.
+
+    ``q`` (n, Sq, d), ``k``/``v`` (n, Sk, d), ``rel_h`` (n, Sq, k_h), ``rel_w``
+    (n, Sq, k_w) or both None, all in the compute dtype. Shared by this backend
+    (numpy) and :mod:`relattn.array_api` (any array-API namespace).
+    """
+    logits = xp.matmul(q * scale, xp.matrix_transpose(k))  # (n, Sq, Sk)
     if rel_h is not None:
         k_h, k_w = k_size
-        grid = logits.reshape(*logits.shape[:-1], k_h, k_w)
+        n, q_len = logits.shape[0], logits.shape[1]
+        grid = xp.reshape(logits, (n, q_len, k_h, k_w))
         # SAM's order: (scale * q.k + rel_h) + rel_w.
-        grid += rel_h[..., :, None]
-        grid += rel_w[..., None, :]
-    logits -= logits.max(axis=-1, keepdims=True)
-    weights = xp.exp(logits, out=logits)
-    weights /= weights.sum(axis=-1, keepdims=True)
+        grid = (grid + rel_h[..., :, None]) + rel_w[..., None, :]
+        logits = xp.reshape(grid, (n, q_len, k_h * k_w))
+    logits = logits - xp.max(logits, axis=-1, keepdims=True)
+    weights = xp.exp(logits)
+    weights = weights / xp.sum(weights, axis=-1, keepdims=True)
     return xp.matmul(weights, v)
 
 
@@ -66,5 +72,5 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
     for start in range(0, pairs, step):
         sl = slice(start, start + step)
         qc, kc, vc, hc, wc = (None if a is None else a[sl].astype(work, copy=False) for a in flat)
-        out_flat[sl] = _softmax_attention(qc, kc, vc, hc, wc, k_size, scale, work)
+        out_flat[sl] = softmax_attention(xp, qc, kc, vc, hc, wc, k_size, work.type(scale))
     return out.astype(q.dtype, copy=False)
