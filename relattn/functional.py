@@ -95,6 +95,8 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
         q_size, k_size = _prepare_sizes(q_size, k_size, q.shape[2], k.shape[2])
     if use_rel_pos:
         same_array_type({"q": q, "rel_pos_h": rel_pos_h, "rel_pos_w": rel_pos_w})
+    if k_size is None:  # plain attention: backends still get a key grid
+        k_size = (1, k.shape[2])
     return q, k, v, scale, q_size, k_size
 
 
