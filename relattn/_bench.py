@@ -269,3 +269,95 @@ def format_table(results) -> str:
         ratio = "-" if r.vs_anchor is None else f"{r.vs_anchor:.2f}"
         lines.append(f"{r.case:<22}{r.impl:<19}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}")
     return "\n".join(lines)
+
+
+# -- grid-size sweep and plots ------------------------------------------------------
+
+
+class Progress:
+    """A dependency-free progress bar on stderr."""
+
+    def __init__(self, total, stream=None, width=28):
+        import sys
+
+        self.total, self.done, self.width = max(1, total), 0, width
+        self.stream = stream or sys.stderr
+
+    def step(self, label):
+        self.done += 1
+        filled = int(self.width * self.done / self.total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {label[:40]:<40}"
+        if self.stream.isatty():
+            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def sweep(backend_names, grids=(16, 32, 48, 64, 80, 96), heads=12, head_dim=64, with_torch=True,
+          budget_s=1.0, progress=None):
+    """Time the core against grid size (S = g*g): {impl: [(g, seconds), ...]}."""
+    threads = _threads()
+    out = {}
+    for g in grids:
+        case = Case(f"grid-{g}", 1, (g, g), heads, head_dim, (2 * g - 1, 2 * g - 1), "sweep")
+        inputs = make_inputs(case)
+        impls = list(backend_names)
+        if with_torch:
+            impls = ["torch-seed-form", "torch-sdpa-nobias", *impls]
+        for impl in impls:
+            if impl.startswith("torch"):
+                r = torch_anchor(case, inputs, "float32", threads, None, budget_s, impl == "torch-seed-form")
+            else:
+                r = run_backend(case, impl, inputs, np.float32, None, budget_s)
+            out.setdefault(impl, []).append((g, r.time_s))
+            if progress:
+                progress.step(f"{impl} {g}x{g}")
+    return out
+
+
+def plot(results, sweep_data, path, title=""):
+    """Bar charts of time and peak memory per case and implementation, and time vs grid size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r.case for r in results))
+    impls = list(dict.fromkeys(r.impl for r in results))
+    ncols = 3 if sweep_data else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5))
+    width = 0.8 / max(1, len(impls))
+    for ax, attr, label in ((axes[0], "time_s", "median time (ms)"), (axes[1], "peak_extra_mib", "peak extra memory (MiB)")):
+        for i, impl in enumerate(impls):
+            vals = []
+            for case in cases:
+                r = next((r for r in results if r.case == case and r.impl == impl), None)
+                v = None if r is None else getattr(r, attr)
+                vals.append(np.nan if v is None else (v * 1e3 if attr == "time_s" else v))
+            ax.bar(np.arange(len(cases)) + i * width, vals, width, label=impl)
+        ax.set_xticks(np.arange(len(cases)) + width * (len(impls) - 1) / 2)
+        ax.set_xticklabels(cases, rotation=15)
+        if attr == "time_s":
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if sweep_data:
+        ax = axes[2]
+        for impl, points in sweep_data.items():
+            g, t = zip(*points)
+            ax.plot(np.square(g), np.array(t) * 1e3, marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens S = grid^2 (16x16 .. 96x96)")
+        ax.set_ylabel("time (ms), 12 heads, head_dim 64")
+        ax.set_title("time grows as S^2")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -152,14 +152,33 @@ def cmd_bench(args) -> int:
         print(f"--case: unknown {unknown}; known: {list(_bench.CASES)}", file=sys.stderr)
         return 2
     chosen = args.backend or backends.available()
+    missing = [n for n in chosen if n not in backends.available()]
+    if missing:
+        print(f"--backend: not available here: {missing} (relattn info says why)", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot: needs matplotlib (pip install relattn[plot])", file=sys.stderr)
+            return 2
+    with_torch = not args.no_torch
+    steps = len(names) * (1 + len(chosen) + 2 * with_torch)
+    grids = [int(g) for g in args.sweep_grids.split(",")] if args.plot else []
+    steps += len(grids) * (len(chosen) + 2 * with_torch)
+    progress = _bench.Progress(steps)
     results = []
     for name in names:
-        results += _bench.run_case(_bench.CASES[name], chosen, dtype=args.dtype, with_torch=not args.no_torch,
-                                   budget_s=args.budget, log=lambda m: print(m, file=sys.stderr, flush=True))
+        results += _bench.run_case(_bench.CASES[name], chosen, dtype=args.dtype, with_torch=with_torch,
+                                   budget_s=args.budget, log=progress.step)
     print(_bench.format_table(results))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r.__dict__ for r in results], fh, indent=2)
+    if args.plot:
+        data = _bench.sweep(chosen, grids, with_torch=with_torch, budget_s=min(args.budget, 1.0), progress=progress)
+        _bench.plot(results, data, args.plot, title=f"relattn {relattn.__version__}, {platform.node()}")
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -182,6 +201,8 @@ def main(argv=None) -> int:
     bench.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
     bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
     bench.add_argument("--json", help="write the results here")
+    bench.add_argument("--plot", help="write a PNG: time and memory per backend, and time against grid size")
+    bench.add_argument("--sweep-grids", default="16,32,48,64,80,96", help="grid sides for the --plot sweep")
     args = parser.parse_args(argv)
     command = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}.get(args.command, cmd_demo)
     return command(args)
