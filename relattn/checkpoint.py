@@ -71,7 +71,21 @@ def save_checkpoint(state_dict, path) -> None:
     Parameters
     ----------
     state_dict : Mapping[str, array-like]
+        numpy or CuPy arrays, torch tensors, or anything ``numpy.asarray`` takes.
     path : str or os.PathLike
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> import os, tempfile, relattn
+    >>> layer = relattn.Attention(32, 4, use_rel_pos=True, input_size=(14, 14), rng=0)
+    >>> path = os.path.join(tempfile.mkdtemp(), "layer.npz")
+    >>> relattn.save_checkpoint(layer.state_dict(), path)
+    >>> sorted(relattn.load_checkpoint(path))[:2]
+    ['proj.bias', 'proj.weight']
     """
     path = os.fspath(path)
     arrays = {key: np.ascontiguousarray(_host(value)) for key, value in state_dict.items()}
