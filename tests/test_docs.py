@@ -26,3 +26,24 @@ def test_every_public_function_has_a_numpydoc_docstring_with_an_example():
         assert "Examples" in doc or name == "AttentionLayerInfo", f"{name} has no example"
         if inspect.isfunction(obj):
             assert "Returns" in doc, f"{name} does not document its result"
+
+
+def _guide_blocks():
+    import re
+
+    with open(os.path.join(ROOT, "docs", "guide.md")) as fh:
+        text = fh.read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [b for b in blocks if "# needs:" not in b.splitlines()[0]]
+
+
+def test_user_guide_examples_run(capsys):
+    blocks = _guide_blocks()
+    assert len(blocks) >= 6
+    for block in blocks:
+        if "import torch" in block:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                continue
+        exec(compile(block, "docs/guide.md", "exec"), {"__name__": "guide"})
