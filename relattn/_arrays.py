@@ -158,3 +158,15 @@ def to_module(x, xp):
     if xp is np:
         return x.get()
     return xp.asarray(x)
+
+
+def astype(x, dtype):
+    """``x.astype(dtype, copy=False)``, also for bfloat16 CuPy arrays (via their bits)."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if array_module(x) is not np and "bfloat16" in (dtype_name(x.dtype), dtype_name(dtype)):
+        from relattn.backends._cublas import from_float32, to_float32
+
+        return from_float32(to_float32(x), dtype) if dtype != np.float32 else to_float32(x)
+    return x.astype(dtype, copy=False)

@@ -10,6 +10,7 @@ import numpy as np
 
 from relattn._interop import accepts_dlpack
 from relattn._arrays import (
+    astype,
     array_module,
     check_float_array,
     check_positive_int,
@@ -61,7 +62,7 @@ def resize_rel_pos(rel_pos, length):
     if length == in_rows:
         return rel_pos.copy()
     xp = array_module(rel_pos)
-    table = rel_pos.astype(np.float32)
+    table = astype(rel_pos, np.float32)
     # PyTorch: scale = float(L) / M in float32, src = fma(scale, i + 0.5, -0.5).
     # A float32 fma is emulated by an exact float64 product and one rounding.
     scale = np.float32(in_rows) / np.float32(length)
@@ -75,7 +76,7 @@ def resize_rel_pos(rel_pos, length):
     # out = fma(x[i0], lambda0, x[i1] * lambda1), again one rounding to float32.
     upper = table[i1] * lambda1
     out = (table[i0].astype(np.float64) * lambda0.astype(np.float64) + upper).astype(np.float32)
-    return out.astype(rel_pos.dtype, copy=False)
+    return astype(out, rel_pos.dtype)
 
 
 def _relative_index(q_size: int, k_size: int):
@@ -129,6 +130,8 @@ def get_rel_pos(q_size, k_size, rel_pos):
     table = rel_pos if rel_pos.shape[0] == rows else resize_rel_pos(rel_pos, rows)
     index = _relative_index(q_size, k_size)
     xp = array_module(table)
+    if xp is not np and table.dtype.itemsize == 2:  # gather half-precision rows as raw bits
+        return table.view(xp.uint16)[xp.asarray(index)].view(table.dtype)
     return table[xp.asarray(index)]
 
 
@@ -193,11 +196,11 @@ def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
     rel_pos_h = _check_table("rel_pos_h", rel_pos_h, head_dim)
     rel_pos_w = _check_table("rel_pos_w", rel_pos_w, head_dim)
     work = compute_dtype(q.dtype, rel_pos_h.dtype, rel_pos_w.dtype)
-    table_h = get_rel_pos(q_h, k_h, rel_pos_h).astype(work, copy=False)   # (q_h, k_h, C)
-    table_w = get_rel_pos(q_w, k_w, rel_pos_w).astype(work, copy=False)   # (q_w, k_w, C)
+    table_h = astype(get_rel_pos(q_h, k_h, rel_pos_h), work)   # (q_h, k_h, C)
+    table_w = astype(get_rel_pos(q_w, k_w, rel_pos_w), work)   # (q_w, k_w, C)
     xp = array_module(q)
     lead = q.shape[:-2]
-    grid_q = q.astype(work, copy=False).reshape(*lead, q_h, q_w, head_dim)
+    grid_q = astype(q, work).reshape(*lead, q_h, q_w, head_dim)
     # Batched over the query row y: (..., q_h, q_w, C) @ (q_h, C, k_h).
     rel_h = xp.matmul(grid_q, xp.swapaxes(table_h, -1, -2))
     # Batched over the query column x: (..., q_w, q_h, C) @ (q_w, C, k_w).

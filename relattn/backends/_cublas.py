@@ -1,0 +1,119 @@
+"""GPU helpers for the layer's projections in half precision.
+
+CuPy 14's bfloat16 support is minimal (``x_bf16 @ w_bf16`` raises), so the
+``Attention`` layer calls cuBLAS ``gemmEx`` directly: bf16/fp16 operands,
+float32 accumulation and output (bias folded in through ``beta = 1``), then one
+rounding to the half type, as PyTorch's half-precision ``nn.Linear`` does.
+Casts to and from bfloat16 go through the bit patterns (round to nearest even)
+where CuPy's own ``astype`` cannot do them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
+_CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
+
+_kernels: dict = {}
+
+
+def _type_code(dtype) -> int:
+    name = np.dtype(dtype).name
+    if name == "float16":
+        return _CUDA_R_16F
+    if name == "bfloat16":
+        return _CUDA_R_16BF
+    raise TypeError(f"expected float16 or bfloat16 operands, got {name}")
+
+
+def linear(x2d, weight, bias=None):
+    """``x2d @ weight.T + bias`` in float32 from half-precision CuPy operands.
+
+    Parameters
+    ----------
+    x2d : cupy.ndarray, shape (n, k), float16 or bfloat16, C-contiguous
+    weight : cupy.ndarray, shape (m, k), same dtype, C-contiguous
+    bias : cupy.ndarray, shape (m,), float32, optional
+
+    Returns
+    -------
+    cupy.ndarray, shape (n, m), float32
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    n, k = x2d.shape
+    m = weight.shape[0]
+    code = _type_code(x2d.dtype)
+    if x2d.dtype != weight.dtype or weight.shape[1] != k:
+        raise ValueError(f"weight: expected ({m}, {k}) {x2d.dtype}, got {weight.shape} {weight.dtype}")
+    x2d = contiguous(x2d)
+    out = cupy.empty((n, m), dtype=np.float32)
+    if bias is not None:
+        out[...] = bias
+    alpha = np.array(1.0, dtype=np.float32)
+    beta = np.array(0.0 if bias is None else 1.0, dtype=np.float32)
+    if n == 0 or m == 0:
+        return out
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, 0)  # host scalars
+    try:
+        # Row-major Y (n, m) is column-major Y^T (m, n) = W (m, k) @ X^T (k, n).
+        cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
+                      alpha.ctypes.data, weight.data.ptr, code, k,
+                      x2d.data.ptr, code, k,
+                      beta.ctypes.data, out.data.ptr, _CUDA_R_32F, m,
+                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+    finally:
+        cublas.setPointerMode(handle, mode)
+    return out
+
+
+def contiguous(x):
+    """A C-contiguous copy of any CuPy array, moving raw bits (works for bfloat16)."""
+    import cupy
+
+    if x.flags.c_contiguous:
+        return x
+    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[x.dtype.itemsize]
+    return cupy.ascontiguousarray(x.view(bits)).view(x.dtype)
+
+
+def _elementwise(name, in_params, out_params, body):
+    import cupy
+
+    key = name
+    if key not in _kernels:
+        _kernels[key] = cupy.ElementwiseKernel(in_params, out_params, body, name)
+    return _kernels[key]
+
+
+def to_float32(x):
+    """float32 copy of a half-precision CuPy array (bfloat16 through its bits)."""
+    import cupy
+
+    if x.dtype == np.float32:
+        return x
+    if np.dtype(x.dtype).name == "bfloat16":
+        widen = _elementwise("relattn_bf16_to_f32", "uint16 h", "uint32 f", "f = ((unsigned int)h) << 16")
+        return widen(x.view(cupy.uint16)).view(cupy.float32)
+    return x.astype(cupy.float32)
+
+
+def from_float32(x, dtype):
+    """Round a float32 CuPy array once to ``dtype`` (bfloat16: nearest even, NaN kept)."""
+    import cupy
+
+    if np.dtype(dtype).name != "bfloat16":
+        return x.astype(dtype)
+    narrow = _elementwise(
+        "relattn_f32_to_bf16", "uint32 f", "uint16 h",
+        "if ((f & 0x7fffffffu) > 0x7f800000u) { h = (unsigned short)((f >> 16) | 0x40u); }"
+        " else { h = (unsigned short)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16); }",
+    )
+    return narrow(cupy.ascontiguousarray(x).view(cupy.uint32)).view(dtype)

@@ -1,0 +1,117 @@
+"""The whole layer and the interop on the GPU (skipped without CuPy and a CUDA device)."""
+
+import numpy as np
+import pytest
+
+import relattn
+
+cp = pytest.importorskip("cupy")
+try:
+    _has_device = cp.cuda.runtime.getDeviceCount() > 0
+except Exception:  # noqa: BLE001
+    _has_device = False
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_device, reason="no CUDA device")]
+
+BF16 = relattn._arrays.BFLOAT16
+
+
+def _layer(dtype="float32", input_size=(14, 14), window_size=0, seed=0):
+    layer = relattn.Attention(64, 4, use_rel_pos=True, rel_pos_zero_init=False, input_size=input_size,
+                              window_size=window_size, dtype=dtype, rng=seed)
+    layer.rel_pos_h = layer.rel_pos_h * 20  # make the bias matter
+    layer.rel_pos_w = layer.rel_pos_w * 20
+    return layer
+
+
+def _reference(layer, x_host, window_size=None):
+    ref = relattn.Attention(layer.dim, layer.num_heads, use_rel_pos=True, input_size=layer.input_size,
+                            window_size=layer.window_size, dtype="float64", backend="numpy")
+    ref.load_state_dict({k: v.astype(np.float64) for k, v in layer.state_dict().items()})
+    return ref(x_host.astype(np.float64), window_size=window_size)
+
+
+def _rel_l2(got, ref):
+    got = np.asarray(got, dtype=np.float64)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (16, 12)])
+def test_layer_float32_on_gpu_matches_reference(grid):
+    layer = _layer()
+    x = np.random.default_rng(1).standard_normal((2, *grid, 64), dtype=np.float32)
+    out = layer(cp.asarray(x))
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float32
+    ref = _reference(layer, x)
+    np.testing.assert_allclose(out.get(), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("window_size", [0, 7])
+def test_layer_half_on_gpu(dtype, window_size):
+    if dtype == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes missing")
+    layer = _layer(dtype, input_size=(7, 7) if window_size else (14, 14), window_size=window_size)
+    x = np.random.default_rng(2).standard_normal((1, 14, 14, 64), dtype=np.float32)
+    x_half = x.astype(layer.dtype)
+    out = layer(cp.asarray(x_half))
+    assert out.dtype == layer.dtype and out.shape == x.shape
+    ref = _reference(layer, x_half.astype(np.float32))
+    err = _rel_l2(relattn.backends._cublas.to_float32(out).get(), ref)
+    assert err <= (4e-3 if dtype == "bfloat16" else 1e-3), err
+
+
+def test_layer_on_non_default_stream_and_no_host_copy():
+    layer = _layer()
+    x = cp.asarray(np.random.default_rng(3).standard_normal((1, 14, 14, 64), dtype=np.float32))
+    expected = layer(x).get()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        out = layer(x)
+    stream.synchronize()
+    np.testing.assert_array_equal(out.get(), expected)
+
+
+def test_torch_cuda_tensors_round_trip():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    layer = _layer()
+    x = torch.randn(1, 14, 14, 64, device="cuda")
+    out = layer(x)
+    assert isinstance(out, torch.Tensor) and out.is_cuda
+    expected = layer(x.cpu().numpy())
+    np.testing.assert_allclose(out.cpu().numpy(), expected, rtol=0, atol=1e-5)
+    q = torch.randn(1, 2, 16, 8, device="cuda", dtype=torch.bfloat16)
+    core = relattn.rel_pos_attention(q, q, q)
+    assert isinstance(core, torch.Tensor) and core.is_cuda and core.dtype == torch.bfloat16
+
+
+def test_jax_arrays_round_trip():
+    jnp = pytest.importorskip("jax.numpy")
+    import jax
+
+    q = np.random.default_rng(4).standard_normal((1, 2, 16, 8), dtype=np.float32)
+    jq = jnp.asarray(q)
+    out = relattn.rel_pos_attention(jq, jq, jq)
+    assert isinstance(out, jax.Array)
+    np.testing.assert_allclose(np.asarray(out), relattn.rel_pos_attention(q, q, q, backend="numpy"),
+                               rtol=0, atol=2e-5)
+
+
+def test_cupy_dask_chunks():
+    da = pytest.importorskip("dask.array")
+    import relattn.dask
+
+    layer = _layer()
+    x = np.random.default_rng(5).standard_normal((4, 14, 14, 64), dtype=np.float32)
+    dx = da.from_array(cp.asarray(x), chunks=(1, 14, 14, 64), asarray=False)
+    out = relattn.dask.attention(layer, dx).compute(scheduler="synchronous")
+    assert isinstance(out, cp.ndarray)
+    np.testing.assert_allclose(out.get(), layer(x), rtol=0, atol=2e-5)
+
+
+def test_demo_runs_on_gpu():
+    from relattn.cli import main
+
+    assert main(["--grid", "32"]) == 0
+    assert main(["--grid", "32", "--dtype", "bfloat16"]) == 0
