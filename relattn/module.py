@@ -9,6 +9,7 @@ import numpy as np
 from relattn._arrays import (
     BFLOAT16,
     array_module,
+    check_alloc,
     check_float_array,
     check_positive_int,
     check_size2,
@@ -124,18 +125,31 @@ class Attention:
         num_heads = check_positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
+        check_alloc("dim", (3 * dim, dim), 8, "the qkv weight")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+        if backend != "auto":
+            from relattn import backends
+
+            backends.get(backend)  # ValueError naming the known backends
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.use_rel_pos = bool(use_rel_pos)
         self.dtype = resolve_dtype("dtype", dtype)
+        from relattn import backends
+
+        if not isinstance(backend, str) or backend not in ("auto", *backends.names()):
+            raise ValueError(f"backend: expected one of {['auto', *backends.names()]}, got {backend!r}")
         self.backend = backend
         self.window_size = self._check_window("window_size", window_size)
         if self.use_rel_pos:
             if input_size is None:
                 raise ValueError("input_size: required when use_rel_pos=True, got None")
             self.input_size = check_size2("input_size", input_size)
+            for size in self.input_size:
+                check_alloc("input_size", (2 * size - 1, self.head_dim), 8, "a relative-position table")
         else:
             self.input_size = None if input_size is None else check_size2("input_size", input_size)
         try:
@@ -299,7 +313,9 @@ class Attention:
 
         if not hasattr(mapping, "keys"):
             raise TypeError(f"mapping: expected a mapping of names to arrays, got {type(mapping).__name__}")
-        layer = {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a string, got {type(prefix).__name__} {prefix!r}")
+        layer = {k[len(prefix):]: v for k, v in mapping.items() if isinstance(k, str) and k.startswith(prefix)}
         infos = [i for i in attention_layers(layer) if i.prefix == ""]
         if not infos:
             raise ValueError(f"prefix: no qkv.weight/proj.weight under {prefix!r}")

@@ -38,10 +38,10 @@ def _backend_names():
 
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", _backend_names(), indirect=True)
+        metafunc.parametrize("backend", _backend_names(), indirect=True, scope="session")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # session: stateless, and safe under @given
 def backend(request):
     """A backend name usable with ``relattn.rel_pos_attention(..., backend=...)``."""
     name = request.param

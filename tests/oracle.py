@@ -34,21 +34,33 @@ __all__ = [
 
 
 def linear_resize(table, length):
-    """Linear resize along axis 0, align_corners=False, in float64.
+    """Linear resize along axis 0 (align_corners=False), as REFERENCE.md specifies it.
 
-    ``table`` is (L, C); returns (length, C) float64.
+    ``table`` is (L, C) of any float dtype; the arithmetic is float32, as in
+    PyTorch/DeepSeek-OCR (a float64 table is cast to float32 first), including
+    the two fused multiply-adds of PyTorch's x86-64 build, each emulated by an
+    exact float64 product and sum rounded once to float32:
+
+        src = fma(s, i + 0.5, -0.5)              s = L / M in float32
+        out = fma(x[i0], 1 - l1, x[i1] * l1)
+
+    Returns float32 (length, C).
     """
-    table = np.asarray(table, dtype=np.float64)
+    f32 = np.float32
+    table = np.asarray(table).astype(np.float32)
     rows, channels = table.shape
-    out = np.empty((length, channels), dtype=np.float64)
-    step = rows / length
+    out = np.empty((length, channels), dtype=np.float32)
+    step = f32(rows) / f32(length)
     for i in range(length):
-        src = max(0.0, step * (i + 0.5) - 0.5)
+        src = f32(float(step) * (i + 0.5) - 0.5)  # one rounding: an fma
+        src = max(f32(0.0), src)
         i0 = min(int(math.floor(src)), rows - 1)
         i1 = i0 + 1 if i0 < rows - 1 else i0
-        l1 = src - i0
-        l0 = 1.0 - l1
-        out[i] = l0 * table[i0] + l1 * table[i1]
+        l1 = f32(src - f32(i0))
+        l0 = f32(f32(1.0) - l1)
+        for c in range(channels):
+            upper = f32(table[i1, c] * l1)  # rounded to float32 before the fma
+            out[i, c] = f32(float(table[i0, c]) * float(l0) + float(upper))
     return out
 
 
@@ -75,16 +87,15 @@ def rel_pos_index(q_size, k_size):
 def get_rel_pos(q_size, k_size, table, round_to=None):
     """(q_size, k_size, C) float64 relative-position embeddings.
 
-    ``round_to``: if given, a dtype the resized table is rounded to before the
-    gather (DeepSeek-OCR casts the float32 resize back to the table dtype).
+    A table of the wrong length is resized in float32 (``linear_resize``) and,
+    as DeepSeek-OCR does, cast back to its own dtype before the gather.
+    ``round_to`` overrides that dtype.
     """
     table = np.asarray(table)
     wanted = 2 * max(q_size, k_size) - 1
     if table.shape[0] != wanted:
-        resized = linear_resize(table, wanted)
-        if round_to is not None:
-            resized = resized.astype(round_to)
-        table = resized
+        table = linear_resize(table, wanted).astype(
+            table.dtype if round_to is None else round_to)
     table = np.asarray(table, dtype=np.float64)
     index = rel_pos_index(q_size, k_size)
     out = np.empty((q_size, k_size, table.shape[1]), dtype=np.float64)
