@@ -174,15 +174,16 @@ def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
                   t, case.flops / t / 1e9, peak, err, first_call_s=first)
 
 
-def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, with_bias=True):
-    """The PyTorch seed form (or SDPA with no bias), on the CPU, same inputs."""
+def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, with_bias=True, device="cpu"):
+    """The PyTorch seed form (or SDPA with no bias), on ``device``, same inputs."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
     tdtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
               "float16": torch.float16}[dtype_name]
-    q, k, v, th, tw = (torch.from_numpy(np.ascontiguousarray(a)).to(tdtype) for a in inputs)
+    q, k, v, th, tw = (torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=tdtype) for a in inputs)
+    sync = torch.cuda.synchronize if device != "cpu" else None
     b, h, s, d = q.shape
     gh, gw = case.grid
 
@@ -201,11 +202,21 @@ def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, wit
     fn = seed_form if with_bias else plain
     with torch.no_grad():
         out = fn()
-        t = median_time(fn, budget_s=budget_s)
-        peak = host_peak_extra(fn)
+        t = median_time(fn, budget_s=budget_s, sync=sync)
+        if device == "cpu":
+            peak = host_peak_extra(fn)
+        else:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
     peak = None if peak is None else max(0.0, (peak - out.numel() * out.element_size()) / 2**20)
-    err = _rel_err(out.float().numpy(), ref) if (ref is not None and with_bias) else None
+    err = _rel_err(out.float().cpu().numpy(), ref) if (ref is not None and with_bias) else None
     name = "torch-seed-form" if with_bias else "torch-sdpa-nobias"
+    if device != "cpu":
+        name += "-cuda"
     return Result(case.name, name, dtype_name, t, case.flops / t / 1e9, peak, err)
 
 
@@ -222,7 +233,8 @@ def _torch_get_rel_pos(q_size, k_size, rel_pos):
 
 
 def run_case(case: Case, backend_names, dtype="float32", with_torch=True, budget_s=3.0, log=print):
-    """All results for one case, anchors first; ratios are to the torch seed form."""
+    """All results for one case, anchors first; ratios are to the torch seed form
+    (on the GPU for the cupy backend when torch has CUDA, on the CPU otherwise)."""
     dt = resolve_dtype("dtype", dtype)
     inputs = make_inputs(case)
     log(f"[{case.name}] computing the float64 reference ...")
@@ -234,16 +246,27 @@ def run_case(case: Case, backend_names, dtype="float32", with_torch=True, budget
             import torch  # noqa: F401
         except ImportError:
             with_torch = False
+    devices = []
     if with_torch:
+        import torch
+
+        gpu = "cupy" in backend_names and torch.cuda.is_available()
+        devices = ["cuda"] if gpu else ["cpu"]
+        if gpu and any(backends.get(n).ARRAY_MODULE == "numpy" for n in backend_names):
+            devices.append("cpu")
+    for device in devices:
         for with_bias in (True, False):
-            log(f"[{case.name}] torch {'seed form' if with_bias else 'SDPA no bias'} ...")
-            results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias))
+            log(f"[{case.name}] torch {'seed form' if with_bias else 'SDPA no bias'} ({device}) ...")
+            results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias, device))
     for name in backend_names:
         log(f"[{case.name}] {name} ...")
         results.append(run_backend(case, name, inputs, dt, ref, budget_s))
-    anchor = next((r for r in results if r.impl == "torch-seed-form"), None)
-    if anchor is not None:
-        for r in results:
+    # Ratios: GPU results against the CUDA seed form, CPU results against the CPU one.
+    anchors = {r.impl: r for r in results if r.impl.startswith("torch-seed-form")}
+    for r in results:
+        on_gpu = r.impl == "cupy" or r.impl.endswith("-cuda")
+        anchor = anchors.get("torch-seed-form-cuda" if on_gpu else "torch-seed-form")
+        if anchor is not None:
             r.vs_anchor = r.time_s / anchor.time_s
     return results
 

@@ -87,6 +87,8 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     """Validate everything; return arrays, sizes and the (un-computed) table info."""
     q, k, v = _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[3])
+    if q.dtype.itemsize < 8 and abs(scale) > 3.4028234663852886e38:  # computed in float32
+        raise ValueError(f"scale: expected a value representable in float32 for {dtype_name(q.dtype)} inputs, got {scale}")
     if (rel_pos_h is None) != (rel_pos_w is None):
         missing = "rel_pos_w" if rel_pos_w is None else "rel_pos_h"
         raise ValueError(f"{missing}: expected both tables or neither, got only one")
@@ -103,6 +105,19 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
 def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
     if rel_pos_h is None:
         return None, None
+    if array_module(q).__name__ == "cupy" and "float64" not in (
+        dtype_name(q.dtype), dtype_name(rel_pos_h.dtype), dtype_name(rel_pos_w.dtype)
+    ):
+        gpu = backends.get("cupy")
+        if gpu.unavailable_reason() is None:
+            # One small kernel reading q in its own dtype (no bf16 matmul in CuPy).
+            from relattn.relpos import _check_table, get_rel_pos
+
+            rel_pos_h = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
+            rel_pos_w = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
+            table_h = get_rel_pos(q_size[0], k_size[0], rel_pos_h)
+            table_w = get_rel_pos(q_size[1], k_size[1], rel_pos_w)
+            return gpu.rel_terms(q, table_h, table_w)
     return decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size)
 
 

@@ -22,8 +22,19 @@ ARRAY_MODULE = "cupy"
 _KERNEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "relattn_kernels.cu")
 _MAX_HEAD_DIM = 128
 _HALF_NAMES = ("float16", "bfloat16")
-_BLOCK_M_MMA = 64          # 64 * MW
-_MW = 1
+# query rows per warp = 16 * MW; MW = 2 halves the shared-memory traffic per
+# mma but needs ~255 registers (spills beyond head_dim 64).
+_MW_ENV = os.environ.get("RELATTN_CUPY_MW")
+
+
+def _choose_mw(hd: int, rel: int) -> int:
+    # measured (H200, bf16): SAM-B global (hd 64, rel_w in registers) MW=1
+    # 0.27 ms vs MW=2 0.30; windowed (generic rel) and hd 80 faster with MW=2.
+    if _MW_ENV in ("1", "2"):
+        return int(_MW_ENV)
+    if hd > 80 or (rel == 1 and hd <= 64):
+        return 1
+    return 2
 _LOG2E = 1.4426950408889634
 
 _lock = threading.Lock()
@@ -105,14 +116,16 @@ def _read_source() -> str:
 
 
 def _names(kind: str, hd: int):
+    if kind == "relterms":
+        return {dt: f"relattn_relterms<{dt}>" for dt in (0, 1, 2)}
     if kind in _HALF_NAMES:
         dt = 1 if kind == "bfloat16" else 0
-        return {rel: f"relattn_mma<{dt}, {hd}, {_MW}, {rel}>" for rel in (0, 1, 2)}
+        return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
     t = "float" if kind == "float32" else "double"
     return {rel: f"relattn_simt<{t}, {hd}, {rel}>" for rel in (0, 2)}
 
 
-def _get_kernel(kind: str, hd: int, rel: int, smem: int):
+def _get_kernel(kind: str, hd: int, rel, smem: int):
     import cupy
 
     dev = cupy.cuda.Device().id
@@ -207,11 +220,14 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
             rh = rw = cupy.zeros((1,), dtype=cupy.float32)
             rel = 0
             kh, kw = 1, max(Sk, 1)
+        mw = _choose_mw(hd, rel)
         smem = 2 * 2 * 64 * (hd + 8) * 2
-        fn = _get_kernel(kind, hd, rel, smem)
+        if rel == 1 and mw == 2:
+            smem += 64 * mw * 72 * 4
+        fn = _get_kernel(kind, hd, (rel, mw), smem)
         ou = out.view(cupy.uint16) if d8 == D else cupy.empty((B, H, Sq, d8), dtype=cupy.uint16)
         qs, ks, vs = _elem_strides(qu), _elem_strides(ku), _elem_strides(vu)
-        bm = _BLOCK_M_MMA * _MW
+        bm = 64 * mw
         grid = (BH * ((Sq + bm - 1) // bm),)
         fn(
             grid, (128,),
@@ -256,3 +272,64 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
         shared_mem=smem,
     )
     return out
+
+
+# ---------------------------------------------------------- relative terms
+def _table_f32(t):
+    import cupy
+
+    if t.dtype.name == "bfloat16":
+        t = (cupy.ascontiguousarray(t).view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
+    return cupy.ascontiguousarray(t, dtype=cupy.float32)
+
+
+def rel_terms(q, Rh, Rw):
+    """rel_h, rel_w from q and the gathered tables, on the GPU.
+
+    q: (B, heads, Sq, d) cupy array (float16, bfloat16, float32 or float64),
+    Sq == qh * qw; Rh: (qh, kh, d), Rw: (qw, kw, d) (``get_rel_pos`` output,
+    any float dtype). Returns ``rel_h`` (B, heads, Sq, kh) and ``rel_w``
+    (B, heads, Sq, kw), contiguous, float32 (float64 for float64 q), with
+
+        rel_h[b, h, y*qw + x, ky] = sum_c q[b, h, y*qw + x, c] * Rh[y, ky, c]
+        rel_w[b, h, y*qw + x, kx] = sum_c q[b, h, y*qw + x, c] * Rw[x, kx, c]
+
+    accumulated in float32 (float64). Not part of the backend contract: a
+    helper for callers that keep everything on the GPU.
+    """
+    import cupy
+    import numpy as np
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    qh, kh = int(Rh.shape[0]), int(Rh.shape[1])
+    qw, kw = int(Rw.shape[0]), int(Rw.shape[1])
+    if qh * qw != Sq:
+        raise ValueError(f"rel_terms: Sq={Sq} != qh*qw={qh}*{qw}")
+    kind = _dtype_name(q)
+    if kind == "float64" or kind not in ("float16", "bfloat16", "float32"):
+        T = cupy.float64 if kind == "float64" else cupy.float32
+        r = q.astype(T).reshape(B, H, qh, qw, D)
+        rel_h = cupy.einsum("bhyxc,ykc->bhyxk", r, cupy.asarray(Rh, dtype=T))
+        rel_w = cupy.einsum("bhyxc,xkc->bhyxk", r, cupy.asarray(Rw, dtype=T))
+        return (cupy.ascontiguousarray(rel_h).reshape(B, H, Sq, kh),
+                cupy.ascontiguousarray(rel_w).reshape(B, H, Sq, kw))
+    rel_h = cupy.empty((B, H, Sq, kh), dtype=cupy.float32)
+    rel_w = cupy.empty((B, H, Sq, kw), dtype=cupy.float32)
+    if rel_h.size == 0 and rel_w.size == 0:
+        return rel_h, rel_w
+    dt = {"float16": 0, "bfloat16": 1, "float32": 2}[kind]
+    qv = q.view(cupy.uint16) if dt < 2 else q
+    st = _elem_strides(qv)
+    if qv.strides[-1] != qv.dtype.itemsize and D > 1:
+        qv = cupy.ascontiguousarray(qv)
+        st = _elem_strides(qv)
+    Rh32, Rw32 = _table_f32(Rh), _table_f32(Rw)
+    BH = B * H
+    nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
+    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
+    fn = _get_kernel("relterms", 0, dt, 0)
+    fn((nblk_h + nblk_w,), (256,),
+       (qv, Rh32, Rw32, rel_h, rel_w,
+        np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
+        _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))
+    return rel_h, rel_w

@@ -174,9 +174,21 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
             rh_row[mg][rr] = rel_h + ((long long)bh * Sq + r) * kh;
             rw_row[mg][rr] = rel_w + ((long long)bh * Sq + r) * kw;
         }
-    // REL == 1: rel_w[i, c] for this thread's 16 key columns, times log2(e)
-    float rwc[REL == 1 ? MW : 1][REL == 1 ? 2 : 1][REL == 1 ? 16 : 1];
-    if (REL == 1) {
+    // REL == 1: rel_w[i, c] for this thread's 16 key columns, times log2(e);
+    // in registers for MW == 1, in shared memory (after the K/V stages) for MW == 2.
+    constexpr bool RW_SMEM = (REL == 1 && MW == 2);
+    constexpr int SRW = 72;                         // padded row of the rel_w cache (floats)
+    float* sRW = reinterpret_cast<float*>(smem + 4 * TILE);
+    float rwc[(REL == 1 && !RW_SMEM) ? MW : 1][(REL == 1 && !RW_SMEM) ? 2 : 1][(REL == 1 && !RW_SMEM) ? 16 : 1];
+    if (RW_SMEM) {
+        for (int c = tid; c < BM * 32; c += 128) {
+            const int r = c >> 5, cc = (c & 31) * 2;
+            const int row = min(mt * BM + r, Sq - 1);
+            const float2 w2 = *reinterpret_cast<const float2*>(rel_w + ((long long)bh * Sq + row) * kw + cc);
+            *reinterpret_cast<float2*>(sRW + r * SRW + cc) = make_float2(w2.x * RA_LOG2E, w2.y * RA_LOG2E);
+        }
+        // made visible by the first __syncthreads() of the tile loop
+    } else if (REL == 1) {
 #pragma unroll
         for (int mg = 0; mg < MW; ++mg)
 #pragma unroll
@@ -184,8 +196,8 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const float2 w2 = *reinterpret_cast<const float2*>(rw_row[mg][rr] + j * 8 + 2 * t);
-                    rwc[REL == 1 ? mg : 0][REL == 1 ? rr : 0][REL == 1 ? 2 * j : 0] = w2.x * RA_LOG2E;
-                    rwc[REL == 1 ? mg : 0][REL == 1 ? rr : 0][REL == 1 ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
+                    rwc[(REL == 1 && !RW_SMEM) ? mg : 0][(REL == 1 && !RW_SMEM) ? rr : 0][(REL == 1 && !RW_SMEM) ? 2 * j : 0] = w2.x * RA_LOG2E;
+                    rwc[(REL == 1 && !RW_SMEM) ? mg : 0][(REL == 1 && !RW_SMEM) ? rr : 0][(REL == 1 && !RW_SMEM) ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
                 }
     }
 
@@ -299,6 +311,19 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
                     }
                 }
             }
+        } else if (RW_SMEM) {
+#pragma unroll
+            for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const float* wrow = sRW + (warp * (16 * MW) + mg * 16 + rr * 8 + g) * SRW + 2 * t;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8);
+                        s[mg][j][rr * 2] = fmaf(s[mg][j][rr * 2], scale_log2, rh1[mg][rr] + w2.x);
+                        s[mg][j][rr * 2 + 1] = fmaf(s[mg][j][rr * 2 + 1], scale_log2, rh1[mg][rr] + w2.y);
+                    }
+                }
         } else {
 #pragma unroll
             for (int mg = 0; mg < MW; ++mg)
@@ -310,7 +335,7 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
                         for (int rr = 0; rr < 2; ++rr) {
                             float bias = 0.f;
                             if (REL == 1)
-                                bias = rh1[mg][rr] + rwc[REL == 1 ? mg : 0][REL == 1 ? rr : 0][REL == 1 ? 2 * j + e : 0];
+                                bias = rh1[mg][rr] + rwc[(REL == 1 && !RW_SMEM) ? mg : 0][(REL == 1 && !RW_SMEM) ? rr : 0][(REL == 1 && !RW_SMEM) ? 2 * j + e : 0];
                             s[mg][j][rr * 2 + e] = fmaf(s[mg][j][rr * 2 + e], scale_log2, bias);
                         }
             if (partial) {
@@ -499,6 +524,26 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         }
         __syncthreads();
 
+        // relative terms for this tile (-inf past Sk); fetched before the q.k
+        // loop where registers allow (hides the load latency), else after it
+        constexpr bool PREFETCH = (HD <= 64) && sizeof(T) == 4;
+        T bias[4][4];
+        auto fetch_bias = [&]() {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int key = j0 + tx * 4 + c;
+                int ky = 0, kx = 0;
+                if (REL && key < Sk) ra_split_key(key, kw, inv_kw, ky, kx);
+#pragma unroll
+                for (int a = 0; a < 4; ++a) {
+                    T bv = (T)0;
+                    if (REL && key < Sk) bv = (rh_row[a][ky] + rw_row[a][kx]) * LOG2E;
+                    bias[a][c] = (key < Sk) ? bv : NEG_INF;
+                }
+            }
+        };
+        if (PREFETCH) fetch_bias();
+
         T s[4][4];
 #pragma unroll
         for (int a = 0; a < 4; ++a)
@@ -517,24 +562,12 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
                 for (int c = 0; c < 4; ++c) s[a][c] = fma(qa[a], kb4[c], s[a][c]);
         }
 
-        // scale + relative terms + mask, log2 domain
+        if (!PREFETCH) fetch_bias();
+        // scale + relative terms + mask (bias is -inf past Sk), log2 domain
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int key = j0 + tx * 4 + c;
-            if (key < Sk) {
-                int ky = 0, kx = 0;
-                if (REL) ra_split_key(key, kw, inv_kw, ky, kx);
+        for (int c = 0; c < 4; ++c)
 #pragma unroll
-                for (int a = 0; a < 4; ++a) {
-                    T bias = (T)0;
-                    if (REL) bias = (rh_row[a][ky] + rw_row[a][kx]) * LOG2E;
-                    s[a][c] = fma(s[a][c], scale_log2, bias);
-                }
-            } else {
-#pragma unroll
-                for (int a = 0; a < 4; ++a) s[a][c] = NEG_INF;
-            }
-        }
+            for (int a = 0; a < 4; ++a) s[a][c] = fma(s[a][c], scale_log2, bias[a][c]);
 
         // online softmax: a row's 64 scores live in the 16 lanes sharing ty
 #pragma unroll
@@ -598,6 +631,108 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
                 const int col = tx + 16 * c;
                 if (col < D) ob[(long long)row * D + col] = o[a][c] * inv;
             }
+        }
+    }
+}
+
+// ------------------------------------------------------------ relative terms
+// rel_h[bh, y*qw + x, ky] = sum_c q[bh, y*qw + x, c] * Rh[y, ky, c]
+// rel_w[bh, y*qw + x, kx] = sum_c q[bh, y*qw + x, c] * Rw[x, kx, c]
+// float32 accumulation; q is float16 (DT 0), bfloat16 (DT 1) or float32 (DT 2)
+// with element strides (batch, head, row) and last stride 1; tables float32
+// contiguous. Grouped GEMM: group = y (rel_h, rows (bh, x)) or x (rel_w,
+// rows (bh, y)); 64 x 64 output tiles, 256 threads, 4 x 4 per thread.
+template <int DT>
+__device__ __forceinline__ float ra_load_f32(const void* p, long long i) {
+    if (DT == 2) return reinterpret_cast<const float*>(p)[i];
+    const u16 u = reinterpret_cast<const u16*>(p)[i];
+    if (DT == 1) return __uint_as_float(((u32)u) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+
+template <int DT>
+__global__ void __launch_bounds__(256)
+relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const float* __restrict__ Rw,
+                 float* __restrict__ rel_h, float* __restrict__ rel_w,
+                 int H, int qh, int qw, int D, int kh, int kw,
+                 long long qsb, long long qsh, long long qss, int BH, int nblk_h)
+{
+    __shared__ __align__(16) float sA[32][68];
+    __shared__ __align__(16) float sB[32][68];
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int Sq = qh * qw;
+    int blk = blockIdx.x;
+    const bool is_h = blk < nblk_h;
+    if (!is_h) blk -= nblk_h;
+    const int G = is_h ? qh : qw;            // groups
+    const int inner = is_h ? qw : qh;        // rows per bh within a group
+    const int M = BH * inner;
+    const int K = is_h ? kh : kw;
+    const int mtiles = (M + 63) / 64, ntiles = (K + 63) / 64;
+    const int grp = blk / (mtiles * ntiles);
+    const int rem = blk - grp * (mtiles * ntiles);
+    const int m0 = (rem / ntiles) * 64, n0 = (rem % ntiles) * 64;
+    if (grp >= G) return;
+    const float* T = (is_h ? Rh : Rw) + (long long)grp * K * D;
+    float* outp = is_h ? rel_h : rel_w;
+
+    // q element offset / output offset of each block row (-1: past the end)
+    __shared__ long long sQoff[64];
+    __shared__ long long sOoff[64];
+    if (tid < 64) {
+        const int mr = m0 + tid;
+        long long qo = -1, oo = -1;
+        if (mr < M) {
+            const int bh = mr / inner, w = mr - (mr / inner) * inner;
+            const int i = is_h ? grp * qw + w : w * qw + grp;
+            const int b = bh / H, h = bh - (bh / H) * H;
+            qo = b * qsb + h * qsh + (long long)i * qss;
+            oo = ((long long)bh * Sq + i) * K;
+        }
+        sQoff[tid] = qo;
+        sOoff[tid] = oo;
+    }
+
+    float acc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+
+    for (int d0 = 0; d0 < D; d0 += 32) {
+        __syncthreads();
+#pragma unroll
+        for (int it = 0; it < 8; ++it) {
+            const int r = (tid >> 5) + it * 8, dd = tid & 31, d = d0 + dd;
+            const long long qo = sQoff[r];
+            sA[dd][r] = (d < D && qo >= 0) ? ra_load_f32<DT>(q, qo + d) : 0.f;
+            const int kk = n0 + r;
+            sB[dd][r] = (d < D && kk < K) ? __ldg(T + (long long)kk * D + d) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int dd = 0; dd < 32; ++dd) {
+            const float4 a4 = *reinterpret_cast<const float4*>(&sA[dd][ty * 4]);
+            const float4 b4 = *reinterpret_cast<const float4*>(&sB[dd][tx * 4]);
+            const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+            const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int a = 0; a < 4; ++a)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[a][c] = fmaf(av[a], bv[c], acc[a][c]);
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+        const long long oo = sOoff[ty * 4 + a];
+        if (oo < 0) continue;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int kk = n0 + tx * 4 + c;
+            if (kk < K) outp[oo + kk] = acc[a][c];
         }
     }
 }
