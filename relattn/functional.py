@@ -134,21 +134,34 @@ def _candidates(backend: str, xp_name: str):
     return [backend]
 
 
-def _reasons(name, q, k, v, rel_h, rel_w, k_size):
+def _on_backend(name, arrays):
+    """``arrays`` moved to the array library of backend ``name`` (no-op when they are there)."""
+    import importlib
+
+    target = backends.get(name).ARRAY_MODULE
+    if target is None or all(a is None or array_module(a).__name__ == target for a in arrays):
+        return arrays
+    xp = importlib.import_module(target)
+    return tuple(to_module(a, xp) for a in arrays)
+
+
+def _reasons(name, arrays, k_size):
     mod = backends.get(name)
     why = mod.unavailable_reason()
     if why is not None:
-        return [why]
-    return list(mod.not_supported_reasons(q, k, v, rel_h, rel_w, k_size))
+        return [why], arrays
+    arrays = _on_backend(name, arrays)
+    return list(mod.not_supported_reasons(*arrays, k_size)), arrays
 
 
 def _select(backend, q, k, v, rel_h, rel_w, k_size):
+    """The backend to run, the arrays as it takes them, and why others were refused."""
     xp_name = array_module(q).__name__
     refused = {}
     for name in _candidates(backend, xp_name):
-        reasons = _reasons(name, q, k, v, rel_h, rel_w, k_size)
+        reasons, arrays = _reasons(name, (q, k, v, rel_h, rel_w), k_size)
         if not reasons:
-            return name, refused
+            return name, arrays, refused
         refused[name] = reasons
     lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refused.items())
     wanted = "no backend" if backend == "auto" else f"backend {backend!r}"
@@ -206,16 +219,9 @@ def rel_pos_attention(
     """
     q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    name, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
-    mod = backends.get(name)
-    caller_xp = array_module(q)
-    if mod.ARRAY_MODULE != caller_xp.__name__:
-        import importlib
-
-        target = importlib.import_module(mod.ARRAY_MODULE)
-        q, k, v, rel_h, rel_w = (to_module(a, target) for a in (q, k, v, rel_h, rel_w))
-        return to_module(mod.attention(q, k, v, rel_h, rel_w, k_size, scale), caller_xp)
-    return mod.attention(q, k, v, rel_h, rel_w, k_size, scale)
+    name, arrays, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
+    out = backends.get(name).attention(*arrays, k_size, scale)
+    return to_module(out, array_module(q))  # back to the caller's array type if it moved
 
 
 def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"):
@@ -245,14 +251,14 @@ def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *
     """
     q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    name, refused = _select(backend, q, k, v, rel_h, rel_w, k_size)
+    name, _, refused = _select(backend, q, k, v, rel_h, rel_w, k_size)
     lines = [f"backend {name!r} runs these inputs"]
     if backend == "auto":
         xp_name = array_module(q).__name__
         for other in backends.names():
             if other == name:
                 continue
-            reasons = refused.get(other) or _reasons(other, q, k, v, rel_h, rel_w, k_size)
+            reasons = refused.get(other) or _reasons(other, (q, k, v, rel_h, rel_w), k_size)[0]
             if reasons:
                 lines.append(f"  passed over {other!r}: {'; '.join(reasons)}")
             elif backends.get(other).ARRAY_MODULE != xp_name:

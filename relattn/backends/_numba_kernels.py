@@ -155,24 +155,50 @@ def exp_array(x, out):
 
 
 @njit(fastmath=_FASTMATH)
-def _qk_tile(kb, j0, nk, qT, nq, sT, spare):
-    """sT[j, i] = sum_c kb[j0 + j, c] * qT[c, i] for j < nk, i < nq.
+def _qk_tile(kb, j0, nk, qT, nq, sT, spare, rhT, rwT, has_rel, k_w, m):
+    """sT[j, i] = rhT[ky, i] + rwT[kx, i] + sum_c kb[j0 + j, c] * qT[c, i]
+    (key j0 + j = ky * k_w + kx; qT already holds scale * q), and
+    m[i] = max(m[i], max_j sT[j, i]), for j < nk, i < nq.
 
     Two keys x four channels per pass over the (vectorised) query axis:
-    8 FMAs per 6 loads and 2 stores.
+    8 FMAs per 6 loads and 2 stores.  The bias initialises the accumulators
+    and the running max is taken while the rows are hot.
     """
     d = qT.shape[0]
     d4 = d - d % 4
-    j = 0
-    while j < nk:
+    ky = j0 // k_w
+    kx = j0 - ky * k_w
+    for j in range(0, nk, 2):
         two = j + 1 < nk
         s0 = sT[j]
         s1 = sT[j + 1] if two else spare
         kr0 = kb[j0 + j]
-        kr1 = kb[j0 + j + 1] if two else kb[j0 + j]
-        for i in range(nq):
-            s0[i] = 0
-            s1[i] = 0
+        kr1 = kb[j0 + j + 1] if two else kr0
+        if has_rel:
+            ky1 = ky
+            kx1 = kx + 1
+            if kx1 == k_w:
+                kx1 = 0
+                ky1 += 1
+            if not two:
+                ky1 = ky
+                kx1 = kx
+            h0 = rhT[ky]
+            w0 = rwT[kx]
+            h1 = rhT[ky1]
+            w1 = rwT[kx1]
+            for i in range(nq):
+                s0[i] = h0[i] + w0[i]
+                s1[i] = h1[i] + w1[i]
+            kx = kx1 + 1
+            ky = ky1
+            if kx == k_w:
+                kx = 0
+                ky += 1
+        else:
+            for i in range(nq):
+                s0[i] = 0
+                s1[i] = 0
         for c in range(0, d4, 4):
             a0 = kr0[c]
             a1 = kr0[c + 1]
@@ -200,52 +226,79 @@ def _qk_tile(kb, j0, nk, qT, nq, sT, spare):
             for i in range(nq):
                 s0[i] = s0[i] + a0 * q0[i]
                 s1[i] = s1[i] + b0 * q0[i]
-        j += 2
+        for i in range(nq):
+            x0 = s0[i]
+            x1 = s1[i]
+            mi = m[i]
+            mi = x0 if x0 > mi else mi
+            mi = x1 if x1 > mi else mi
+            m[i] = mi
 
 
 @njit(fastmath=_FASTMATH)
-def _pv_tile(pT, nk, nq, vb, j0, acc):
-    """acc[i, :] += sum_j pT[j, i] * vb[j0 + j, :] for i < nq, j < nk.
+def _pv_tile(pT, nk, nq, vb, j0, oT):
+    """oT[c, i] += sum_j vb[j0 + j, c] * pT[j, i] for c < d, i < nq, j < nk.
 
-    Two queries x four keys per pass over the (vectorised) channel axis.
+    Two channels x four keys per pass over the (vectorised) query axis, as in
+    ``_qk_tile``.  ``oT`` has a spare row ``d`` that absorbs the second
+    channel of the last pair when d is odd.
     """
-    d = acc.shape[1]
+    d = oT.shape[0] - 1
     nk4 = nk - nk % 4
-    i = 0
-    while i < nq:
-        two = i + 1 < nq
-        i1 = i + 1 if two else i
-        o0 = acc[i]
-        o1 = acc[i + 1]  # acc has a spare last row for odd nq
+    for c in range(0, d, 2):
+        c1 = min(c + 1, d - 1)
+        o0 = oT[c]
+        o1 = oT[c + 1]
         for j in range(0, nk4, 4):
-            p00 = pT[j, i]
-            p01 = pT[j + 1, i]
-            p02 = pT[j + 2, i]
-            p03 = pT[j + 3, i]
-            # duplicate row when nq is odd: weights 0 so o1 == o0 is untouched
-            p10 = pT[j, i1] if two else 0
-            p11 = pT[j + 1, i1] if two else 0
-            p12 = pT[j + 2, i1] if two else 0
-            p13 = pT[j + 3, i1] if two else 0
-            v0 = vb[j0 + j]
-            v1 = vb[j0 + j + 1]
-            v2 = vb[j0 + j + 2]
-            v3 = vb[j0 + j + 3]
-            for c in range(d):
-                x0 = v0[c]
-                x1 = v1[c]
-                x2 = v2[c]
-                x3 = v3[c]
-                o0[c] = o0[c] + p00 * x0 + p01 * x1 + p02 * x2 + p03 * x3
-                o1[c] = o1[c] + p10 * x0 + p11 * x1 + p12 * x2 + p13 * x3
+            va = vb[j0 + j]
+            vb1 = vb[j0 + j + 1]
+            vb2 = vb[j0 + j + 2]
+            vb3 = vb[j0 + j + 3]
+            a0 = va[c]
+            a1 = vb1[c]
+            a2 = vb2[c]
+            a3 = vb3[c]
+            b0 = va[c1]
+            b1 = vb1[c1]
+            b2 = vb2[c1]
+            b3 = vb3[c1]
+            p0 = pT[j]
+            p1 = pT[j + 1]
+            p2 = pT[j + 2]
+            p3 = pT[j + 3]
+            for i in range(nq):
+                x0 = p0[i]
+                x1 = p1[i]
+                x2 = p2[i]
+                x3 = p3[i]
+                o0[i] = o0[i] + a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                o1[i] = o1[i] + b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
         for j in range(nk4, nk):
-            p00 = pT[j, i]
-            p10 = pT[j, i1] if two else 0
-            v0 = vb[j0 + j]
-            for c in range(d):
-                o0[c] = o0[c] + p00 * v0[c]
-                o1[c] = o1[c] + p10 * v0[c]
-        i += 2
+            a0 = vb[j0 + j, c]
+            b0 = vb[j0 + j, c1]
+            p0 = pT[j]
+            for i in range(nq):
+                o0[i] = o0[i] + a0 * p0[i]
+                o1[i] = o1[i] + b0 * p0[i]
+
+
+@njit(fastmath=_FASTMATH)
+def _softmax_tile(sT, nk, nq, m, alpha, lsum, tsum):
+    """In place: sT[j, i] = exp(sT[j, i] - m[i]); on entry alpha holds the old
+    running max, on exit the rescale factor exp(old - new).  The tile's weights
+    are summed in tsum first, then lsum = lsum * alpha + tsum (two-level
+    summation keeps the float32 error ~ (tk + Sk/tk) eps, not Sk eps)."""
+    for i in range(nq):
+        alpha[i] = _fexp(alpha[i] - m[i])
+        tsum[i] = 0
+    for j in range(nk):
+        srow = sT[j]
+        for i in range(nq):
+            p = _fexp(srow[i] - m[i])
+            srow[i] = p
+            tsum[i] += p
+    for i in range(nq):
+        lsum[i] = lsum[i] * alpha[i] + tsum[i]
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +314,10 @@ def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
     of one float dtype.  rel_h: (BH, Sq, k_h), rel_w: (BH, Sq, k_w) when
     ``has_rel`` (else ignored, any shape).  Key j = ky * k_w + kx.  tq / tk:
     query / key tile sizes.  ``scale`` is a scalar of the array dtype.
+
+    Work items are (batch*head, query tile) pairs.  Per item the query axis
+    is padded to a multiple of 8 lanes (zero q and bias: finite, discarded),
+    so the vectorised loops never run a scalar remainder.
     """
     BH, Sq, d = q.shape
     Sk = k.shape[1]
@@ -273,24 +330,27 @@ def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
         bh = it // nqt
         qt = it - bh * nqt
         i0 = qt * tq
-        nq = min(tq, Sq - i0)
+        nq0 = min(tq, Sq - i0)
+        nq = (nq0 + 7) // 8 * 8
         qb = q[bh]
         kb = k[bh]
         vb = v[bh]
-        qT = np.empty((d, nq), dtype=dt)
-        for i in range(nq):
+        qT = np.zeros((d, nq), dtype=dt)
+        for i in range(nq0):
             for c in range(d):
-                qT[c, i] = qb[i0 + i, c]
+                qT[c, i] = qb[i0 + i, c] * sc
         m = np.full(nq, -np.inf, dtype=dt)
         alpha = np.empty(nq, dtype=dt)
         lsum = np.zeros(nq, dtype=dt)
-        acc = np.zeros((nq + 1, d), dtype=dt)
+        oT = np.zeros((d, nq), dtype=dt)
+        pT = np.empty((d + 1, nq), dtype=dt)  # tile's P V; spare row d for odd d
+        tsum = np.empty(nq, dtype=dt)
         sbuf = np.empty(tk * nq + nq, dtype=dt)
         spare = sbuf[tk * nq:]
         if has_rel:
-            rhT = np.empty((k_h, nq), dtype=dt)
-            rwT = np.empty((k_w, nq), dtype=dt)
-            for i in range(nq):
+            rhT = np.zeros((k_h, nq), dtype=dt)
+            rwT = np.zeros((k_w, nq), dtype=dt)
+            for i in range(nq0):
                 for a in range(k_h):
                     rhT[a, i] = rel_h[bh, i0 + i, a]
                 for a in range(k_w):
@@ -301,42 +361,23 @@ def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
         for j0 in range(0, Sk, tk):
             nk = min(tk, Sk - j0)
             sT = sbuf[:nk * nq].reshape((nk, nq))
-            _qk_tile(kb, j0, nk, qT, nq, sT, spare)
             for i in range(nq):
-                alpha[i] = m[i]
-            # scale + bias, running max (alpha holds the old max for now)
-            for j in range(nk):
-                jj = j0 + j
-                if has_rel:
-                    ky = jj // k_w
-                    kx = jj - ky * k_w
-                else:
-                    ky = 0
-                    kx = 0
-                srow = sT[j]
-                hrow = rhT[ky]
-                wrow = rwT[kx]
-                for i in range(nq):
-                    s = srow[i] * sc + hrow[i] + wrow[i]
-                    srow[i] = s
-                    m[i] = s if s > m[i] else m[i]
-            for i in range(nq):
-                a = _fexp(alpha[i] - m[i])
-                alpha[i] = a
-                lsum[i] *= a
-            # exp and running sum
-            for j in range(nk):
-                srow = sT[j]
-                for i in range(nq):
-                    p = _fexp(srow[i] - m[i])
-                    srow[i] = p
-                    lsum[i] += p
-            for i in range(nq):
-                a = alpha[i]
-                for c in range(d):
-                    acc[i, c] *= a
-            _pv_tile(sT, nk, nq, vb, j0, acc)
-        for i in range(nq):
-            li = lsum[i]
+                alpha[i] = m[i]  # old running max
+            _qk_tile(kb, j0, nk, qT, nq, sT, spare, rhT, rwT, has_rel, k_w, m)
+            _softmax_tile(sT, nk, nq, m, alpha, lsum, tsum)
+            pT[:, :] = 0
+            _pv_tile(sT, nk, nq, vb, j0, pT)
+            # two-level accumulation (see _softmax_tile)
             for c in range(d):
-                out[bh, i0 + i, c] = acc[i, c] / li
+                orow = oT[c]
+                prow = pT[c]
+                for i in range(nq):
+                    orow[i] = orow[i] * alpha[i] + prow[i]
+        for i in range(nq):
+            lsum[i] = 1 / lsum[i]
+        ob = out[bh]
+        for i in range(nq0):
+            li = lsum[i]
+            orow = ob[i0 + i]
+            for c in range(d):
+                orow[c] = oT[c, i] * li
