@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -79,6 +80,8 @@ def is_float_dtype(dtype) -> bool:
 
 def resolve_dtype(name: str, dtype) -> np.dtype:
     """Turn a user's dtype spec (``"float32"``, ``np.float16``, ...) into a dtype."""
+    if dtype is None:
+        raise TypeError(f"{name}: expected one of {FLOAT_DTYPE_NAMES}, got None")
     if isinstance(dtype, str) and dtype == "bfloat16":
         if BFLOAT16 is None:
             raise TypeError(f"{name}: bfloat16 needs the ml_dtypes package (pip install relattn[bf16])")
@@ -141,6 +144,32 @@ def check_size2(name: str, value) -> tuple[int, int]:
     if len(items) != 2:
         raise ValueError(f"{name}: expected a pair of positive integers (h, w), got {value!r}")
     return (check_positive_int(f"{name}[0]", items[0]), check_positive_int(f"{name}[1]", items[1]))
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return 2**40
+
+
+# No single array relattn allocates because of a size argument may exceed this:
+# the machine's physical memory (an allocation that large can never be useful,
+# and with overcommit it would be killed later rather than refused now).
+MAX_ALLOC_BYTES = _physical_memory_bytes()
+
+
+def check_alloc(name: str, shape, itemsize: int, what: str = "an array") -> None:
+    """Raise ValueError (naming ``name``) if an array of ``shape`` would exceed ``MAX_ALLOC_BYTES``."""
+    nbytes = int(itemsize)
+    for n in shape:
+        nbytes *= max(int(n), 1)
+    if nbytes > MAX_ALLOC_BYTES:
+        need = f"{nbytes / 2**30:.3g} GiB" if nbytes < 2**1000 else "more than 2**1000 bytes"
+        raise ValueError(
+            f"{name}: too large, {what} of shape {tuple(int(n) for n in shape)} would need "
+            f"{need} (limit {MAX_ALLOC_BYTES / 2**30:.3g} GiB, the physical memory)"
+        )
 
 
 def same_array_type(arrays: dict) -> None:

@@ -26,6 +26,26 @@ __all__ = [
 _SUFFIX_QKV = "qkv.weight"
 
 
+def _check_mapping(name: str, mapping) -> None:
+    """``mapping`` must be a mapping with string keys."""
+    if not (hasattr(mapping, "keys") and hasattr(mapping, "items")):
+        raise TypeError(f"{name}: expected a mapping of names to arrays, got {type(mapping).__name__}")
+    for key in mapping.keys():
+        if not isinstance(key, str):
+            raise TypeError(f"{name}: expected string keys, got {type(key).__name__} {key!r}")
+
+
+def _shape(key: str, value, ndim: int) -> tuple:
+    """The shape of a checkpoint entry that must be an ``ndim``-D array."""
+    try:
+        shape = tuple(int(n) for n in np.shape(value))
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the key
+        raise TypeError(f"{key}: expected an array, got {type(value).__name__} ({exc})") from None
+    if len(shape) != ndim:
+        raise ValueError(f"{key}: expected a {ndim}-D array, got shape {shape} ({len(shape)}-D)")
+    return shape
+
+
 def load_checkpoint(path) -> dict:
     """Read a checkpoint into a dict of numpy arrays.
 
@@ -49,7 +69,7 @@ def load_checkpoint(path) -> dict:
     >>> relattn.load_checkpoint(path)["attn.rel_pos_h"].shape
     (27, 64)
     """
-    path = os.fspath(path)
+    path = _fspath(path)
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
         try:
@@ -57,10 +77,22 @@ def load_checkpoint(path) -> dict:
         except ImportError:
             raise ImportError("path: reading .safetensors needs the safetensors package "
                               "(pip install relattn[io])") from None
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt file: name it
+            raise ValueError(f"path: {path!r} is not a readable .safetensors file "
+                             f"({type(exc).__name__}: {exc})") from None
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt file or pickled data: name it
+            raise ValueError(f"path: {path!r} is not a readable .npz archive of numeric arrays "
+                             f"({type(exc).__name__}: {exc})") from None
     raise ValueError(f"path: expected a .safetensors or .npz file, got {path!r} "
                      "(pickled checkpoints are never loaded; convert them to safetensors first)")
 
@@ -87,9 +119,12 @@ def save_checkpoint(state_dict, path) -> None:
     >>> sorted(relattn.load_checkpoint(path))[:2]
     ['proj.bias', 'proj.weight']
     """
-    path = os.fspath(path)
-    arrays = {key: np.ascontiguousarray(_host(value)) for key, value in state_dict.items()}
+    path = _fspath(path)
+    _check_mapping("state_dict", state_dict)
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".safetensors", ".npz"):
+        raise ValueError(f"path: expected a .safetensors or .npz file, got {path!r}")
+    arrays = {key: np.ascontiguousarray(_host(value, key)) for key, value in state_dict.items()}
     if suffix == ".safetensors":
         from safetensors.numpy import save_file
 
@@ -100,10 +135,20 @@ def save_checkpoint(state_dict, path) -> None:
         raise ValueError(f"path: expected a .safetensors or .npz file, got {path!r}")
 
 
-def _host(value):
+def _host(value, key="state_dict value"):
     from relattn.module import _host_array
 
-    return _host_array("state_dict value", value)
+    return _host_array(key, value)
+
+
+def _fspath(path) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(path, str):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,17 +194,29 @@ def attention_layers(state_dict) -> list:
     >>> info.prefix, info.num_heads, info.input_size
     ('blocks.0.attn.', 4, (14, 14))
     """
+    _check_mapping("state_dict", state_dict)
     prefixes = [k[: -len(_SUFFIX_QKV)] for k in state_dict if k.endswith(_SUFFIX_QKV)]
     prefixes = [p for p in prefixes if p + "proj.weight" in state_dict]
     found = []
     for prefix in prefixes:
-        dim = int(np.shape(state_dict[prefix + "proj.weight"])[0])
+        dim = _shape(prefix + "proj.weight", state_dict[prefix + "proj.weight"], 2)[0]
+        if dim < 1:
+            raise ValueError(f"{prefix}proj.weight: expected at least one output channel, got dim {dim}")
         table_h, table_w = state_dict.get(prefix + "rel_pos_h"), state_dict.get(prefix + "rel_pos_w")
         use_rel_pos = table_h is not None and table_w is not None
-        head_dim = int(np.shape(table_h)[1]) if use_rel_pos else None
-        input_size = None
+        head_dim = input_size = None
         if use_rel_pos:
-            input_size = ((np.shape(table_h)[0] + 1) // 2, (np.shape(table_w)[0] + 1) // 2)
+            shape_h = _shape(prefix + "rel_pos_h", table_h, 2)
+            shape_w = _shape(prefix + "rel_pos_w", table_w, 2)
+            head_dim = shape_h[1]
+            if head_dim < 1 or shape_w[1] != head_dim or dim % head_dim:
+                raise ValueError(
+                    f"{prefix}rel_pos_h, {prefix}rel_pos_w: expected tables of one width head_dim >= 1 dividing dim={dim}, "
+                    f"got rel_pos_h {shape_h} and rel_pos_w {shape_w}"
+                )
+            if shape_h[0] < 1 or shape_w[0] < 1:
+                raise ValueError(f"{prefix}rel_pos_h: expected tables with rows, got {shape_h} and {shape_w}")
+            input_size = ((shape_h[0] + 1) // 2, (shape_w[0] + 1) // 2)
         found.append(dict(prefix=prefix, dim=dim, head_dim=head_dim,
                           num_heads=dim // head_dim if head_dim else None,
                           qkv_bias=prefix + "qkv.bias" in state_dict, use_rel_pos=use_rel_pos,
@@ -205,11 +262,17 @@ def resize_checkpoint_tables(state_dict, from_size, to_size) -> dict:
     """
     from relattn._arrays import check_size2
 
+    _check_mapping("state_dict", state_dict)
     from_size = check_size2("from_size", from_size)
     to_size = check_size2("to_size", to_size)
     out = dict(state_dict)
     for key, value in state_dict.items():
         for axis, suffix in enumerate(("rel_pos_h", "rel_pos_w")):
-            if key.endswith(suffix) and np.shape(value)[0] == 2 * from_size[axis] - 1:
-                out[key] = resize_rel_pos(_host(value), 2 * to_size[axis] - 1)
+            if key.endswith(suffix) and _shape(key, value, 2)[0] == 2 * from_size[axis] - 1:
+                table = _host(value, key)
+                try:
+                    out[key] = resize_rel_pos(table, 2 * to_size[axis] - 1)
+                except (TypeError, ValueError) as exc:  # name the key and the argument
+                    arg = "to_size" if str(exc).startswith("length") else key
+                    raise type(exc)(f"{arg}: {exc}") from None
     return out

@@ -126,12 +126,6 @@ class Attention:
         if dim % num_heads:
             raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
         check_alloc("dim", (3 * dim, dim), 8, "the qkv weight")
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
-        if backend != "auto":
-            from relattn import backends
-
-            backends.get(backend)  # ValueError naming the known backends
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -309,13 +303,12 @@ class Attention:
         >>> relattn.Attention.from_state_dict(sd, "blocks.0.attn.", window_size=14)
         Attention(dim=64, num_heads=4, qkv_bias=True, use_rel_pos=True, input_size=(14, 14), window_size=14, dtype=float32, backend='auto')
         """
-        from relattn.checkpoint import attention_layers
+        from relattn.checkpoint import _check_mapping, attention_layers
 
-        if not hasattr(mapping, "keys"):
-            raise TypeError(f"mapping: expected a mapping of names to arrays, got {type(mapping).__name__}")
+        _check_mapping("mapping", mapping)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a string, got {type(prefix).__name__} {prefix!r}")
-        layer = {k[len(prefix):]: v for k, v in mapping.items() if isinstance(k, str) and k.startswith(prefix)}
+        layer = {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
         infos = [i for i in attention_layers(layer) if i.prefix == ""]
         if not infos:
             raise ValueError(f"prefix: no qkv.weight/proj.weight under {prefix!r}")

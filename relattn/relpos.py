@@ -6,12 +6,15 @@ This is the one place the index and interpolation maths of
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from relattn._interop import accepts_dlpack
 from relattn._arrays import (
     astype,
     array_module,
+    check_alloc,
     check_float_array,
     check_positive_int,
     check_size2,
@@ -61,24 +64,58 @@ def resize_rel_pos(rel_pos, length):
         raise ValueError(f"rel_pos: expected at least one row, got shape {tuple(rel_pos.shape)}")
     if length == in_rows:
         return rel_pos.copy()
+    check_alloc("length", (length, rel_pos.shape[1]), 8, "the resized table")
     xp = array_module(rel_pos)
     table = astype(rel_pos, np.float32)
-    # PyTorch: scale = float(L) / M in float32, src = fma(scale, i + 0.5, -0.5).
-    # A float32 fma is emulated by an exact float64 product and one rounding.
-    scale = np.float32(in_rows) / np.float32(length)
-    dst = xp.arange(length, dtype=np.float64) + 0.5
-    src = (np.float64(scale) * dst - 0.5).astype(np.float32)
-    src = xp.maximum(src, np.float32(0.0))
-    i0 = xp.minimum(xp.floor(src).astype(np.int64), in_rows - 1)
-    i1 = xp.where(i0 < in_rows - 1, i0 + 1, i0)
-    lambda1 = (src - i0.astype(np.float32))[:, None]
-    lambda0 = np.float32(1.0) - lambda1
-    # out = fma(x[i0], lambda0, x[i1] * lambda1), again one rounding to float32.
+    i0, i1, lambda0, lambda1 = (_on_device(xp, ("resize", in_rows, length, n), a)
+                                for n, a in enumerate(_resize_plan(in_rows, length)))
+    # out = fma(x[i0], lambda0, x[i1] * lambda1): one rounding to float32, emulated
+    # by an exact float64 product.
     upper = table[i1] * lambda1
-    out = (table[i0].astype(np.float64) * lambda0.astype(np.float64) + upper).astype(np.float32)
+    out = (table[i0].astype(np.float64) * lambda0 + upper).astype(np.float32)
     return astype(out, rel_pos.dtype)
 
 
+@functools.lru_cache(maxsize=256)
+def _resize_plan(in_rows: int, length: int):
+    """Source rows and weights of PyTorch's linear resize from ``in_rows`` to ``length``."""
+    # PyTorch: scale = float(L) / M in float32, src = fma(scale, i + 0.5, -0.5); a
+    # float32 fma is emulated by an exact float64 product and one rounding.
+    scale = np.float32(in_rows) / np.float32(length)
+    dst = np.arange(length, dtype=np.float64) + 0.5
+    src = np.maximum((np.float64(scale) * dst - 0.5).astype(np.float32), np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_rows - 1)
+    i1 = np.where(i0 < in_rows - 1, i0 + 1, i0)
+    lambda1 = (src - i0.astype(np.float32))[:, None]
+    lambda0 = (np.float32(1.0) - lambda1).astype(np.float64)
+    plan = (i0, i1, lambda0, lambda1)
+    for a in plan:
+        a.flags.writeable = False
+    return plan
+
+
+_device_cache: dict = {}
+
+
+def _on_device(xp, key, host_array):
+    """``host_array`` on ``xp``'s current device, copied once per (key, device)."""
+    if xp is np:
+        return host_array
+    key = (*key, xp.cuda.Device().id)
+    found = _device_cache.get(key)
+    if found is None:
+        found = _device_cache.setdefault(key, xp.asarray(host_array))
+    return found
+
+
+
+def _device_index(xp, q_size: int, k_size: int):
+    """The index table on ``xp``'s current device: a synchronous host-to-device
+    copy on every call would stall the stream, so it is made once."""
+    return _on_device(xp, ("index", q_size, k_size), _relative_index(q_size, k_size))
+
+
+@functools.lru_cache(maxsize=256)
 def _relative_index(q_size: int, k_size: int):
     """Row of the (2*max-1)-row table for each (query, key) coordinate pair.
 
@@ -90,7 +127,9 @@ def _relative_index(q_size: int, k_size: int):
     q_coords = np.arange(q_size, dtype=np.float32)[:, None] * q_ratio
     k_coords = np.arange(k_size, dtype=np.float32)[None, :] * k_ratio
     offset = np.float32((k_size - 1) * max(q_size / k_size, 1.0))
-    return ((q_coords - k_coords) + offset).astype(np.int64)
+    index = ((q_coords - k_coords) + offset).astype(np.int64)
+    index.flags.writeable = False  # shared by every call through the cache
+    return index
 
 
 @accepts_dlpack("rel_pos")
@@ -127,12 +166,14 @@ def get_rel_pos(q_size, k_size, rel_pos):
     k_size = check_positive_int("k_size", k_size)
     rel_pos = check_float_array("rel_pos", rel_pos, ndim=2)
     rows = 2 * max(q_size, k_size) - 1
+    check_alloc("q_size, k_size", (rows, rel_pos.shape[1]), 8, "the resized table")
+    check_alloc("q_size, k_size", (q_size, k_size, rel_pos.shape[1]), 8, "the gathered embeddings")
     table = rel_pos if rel_pos.shape[0] == rows else resize_rel_pos(rel_pos, rows)
-    index = _relative_index(q_size, k_size)
     xp = array_module(table)
+    index = _device_index(xp, q_size, k_size)
     if xp is not np and table.dtype.itemsize == 2:  # gather half-precision rows as raw bits
-        return table.view(xp.uint16)[xp.asarray(index)].view(table.dtype)
-    return table[xp.asarray(index)]
+        return table.view(xp.uint16)[index].view(table.dtype)
+    return table[index]
 
 
 def _check_table(name: str, table, head_dim: int):
@@ -196,6 +237,10 @@ def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
     rel_pos_h = _check_table("rel_pos_h", rel_pos_h, head_dim)
     rel_pos_w = _check_table("rel_pos_w", rel_pos_w, head_dim)
     work = compute_dtype(q.dtype, rel_pos_h.dtype, rel_pos_w.dtype)
+    for side, (qs, ks) in enumerate(((q_h, k_h), (q_w, k_w))):
+        check_alloc("k_size", (2 * max(qs, ks) - 1, head_dim), 8, "the resized table")
+        check_alloc("k_size", (qs, ks, head_dim), 8, "the gathered embeddings")
+    check_alloc("k_size", (*q.shape[:-1], k_h + k_w), work.itemsize, "rel_h and rel_w")
     table_h = astype(get_rel_pos(q_h, k_h, rel_pos_h), work)   # (q_h, k_h, C)
     table_w = astype(get_rel_pos(q_w, k_w, rel_pos_w), work)   # (q_w, k_w, C)
     xp = array_module(q)

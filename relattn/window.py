@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relattn._interop import accepts_dlpack
-from relattn._arrays import array_module, as_array, check_positive_int, check_size2
+from relattn._arrays import array_module, as_array, check_alloc, check_positive_int, check_size2
 
 __all__ = ["window_partition", "window_unpartition"]
 
@@ -50,12 +50,19 @@ def window_partition(x, window_size):
     ws = check_positive_int("window_size", window_size)
     xp = array_module(x)
     batch, height, width, channels = x.shape
+    if height < 1 or width < 1:
+        raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
     pad_h, pad_w = (-height) % ws, (-width) % ws
+    check_alloc("window_size", (batch, height + pad_h, width + pad_w, channels), x.dtype.itemsize,
+                f"the input padded to multiples of window_size={ws}")
     if pad_h or pad_w:
         x = xp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     hp, wp = height + pad_h, width + pad_w
     windows = x.reshape(batch, hp // ws, ws, wp // ws, ws, channels).transpose(0, 1, 3, 2, 4, 5)
-    return xp.ascontiguousarray(windows).reshape(-1, ws, ws, channels), (hp, wp)
+    windows = xp.ascontiguousarray(windows).reshape(-1, ws, ws, channels)
+    if not (pad_h or pad_w):  # no padding copy was made: never hand back a view of x
+        windows = _unshared(xp, windows, x)
+    return windows, (hp, wp)
 
 
 @accepts_dlpack("windows")
@@ -108,4 +115,12 @@ def window_unpartition(windows, window_size, pad_hw, hw):
     batch, channels = windows.shape[0] // per_image, windows.shape[3]
     x = windows.reshape(batch, hp // ws, wp // ws, ws, ws, channels).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(batch, hp, wp, channels)
-    return xp.ascontiguousarray(x[:, :height, :width])
+    return _unshared(xp, xp.ascontiguousarray(x[:, :height, :width]), windows)
+
+
+def _unshared(xp, out, source):
+    """``out``, copied if it may be a view of ``source`` (the results are always new arrays)."""
+    may_share = getattr(xp, "may_share_memory", None)
+    if may_share is None or may_share(out, source):
+        return out.copy()
+    return out

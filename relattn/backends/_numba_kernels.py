@@ -27,6 +27,23 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+def _cache_probe():  # pragma: no cover - only decorated, never called
+    return 0
+
+
+def _can_cache() -> bool:
+    """numba resolves the cache location when a cache=True function is decorated
+    and raises if none is writable (read-only install, no usable home): then the
+    kernels compile in memory on each run instead of failing to import."""
+    try:
+        njit(cache=True)(_cache_probe)
+        return True
+    except RuntimeError:
+        return False
+
+
+_CACHE = _can_cache()
+
 # fast-math: contraction into FMAs only.  No ``reassoc``: it would fold the
 # Cody-Waite split ``(x - n*C1) - n*C2`` into ``x - n*(C1 + C2)``.
 _FASTMATH = {"contract"}
@@ -94,7 +111,8 @@ def _exp_f32(x):
     p = ((((_F32_P0 * r + _F32_P1) * r + _F32_P2) * r + _F32_P3) * r + _F32_P4) * r + _F32_P5
     p = p * z + r + _F32_ONE
     y = p * _pow2i_f32(n)
-    return y if x >= _F32_LO else _F32_ZERO
+    # x < -87 flushes to 0; NaN propagates (as numpy's exp does), never becomes 0.
+    return y if x >= _F32_LO else (_F32_ZERO if x < _F32_LO else x)
 
 
 _F64_LOG2E = 1.4426950408889634
@@ -125,7 +143,7 @@ def _exp_f64(x):
     p = p * r + 0.5
     p = p * (r * r) + r + 1.0
     y = p * _pow2i_f64(n)
-    return y if x >= _F64_LO else 0.0
+    return y if x >= _F64_LO else (0.0 if x < _F64_LO else x)
 
 
 def _fexp(x):  # pragma: no cover - typing stub, replaced by the overload
@@ -141,7 +159,7 @@ def _fexp_ov(x):
     return None
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=_CACHE, fastmath=_FASTMATH)
 def exp_array(x, out):
     """out[:] = exp(x[:]) with the kernel's exp (for tests)."""
     for i in range(x.shape[0]):
@@ -306,7 +324,7 @@ def _softmax_tile(sT, nk, nq, m, alpha, lsum, tsum):
 # ---------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=_CACHE, parallel=True, fastmath=_FASTMATH)
 def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
     """Flash-style attention with decomposed relative-position bias.
 

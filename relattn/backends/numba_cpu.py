@@ -10,6 +10,7 @@ Threads follow numba's settings (``NUMBA_NUM_THREADS``, ``numba.set_num_threads`
 from __future__ import annotations
 
 import importlib.util
+import threading
 
 import numpy as np
 
@@ -76,6 +77,19 @@ def _tiles(BH: int, Sq: int, Sk: int, nthreads: int) -> tuple[int, int]:
     return tq, tk
 
 
+_workqueue_lock = threading.Lock()
+
+
+def _serialize(numba) -> bool:
+    """numba's ``workqueue`` threading layer aborts the process when two threads
+    run parallel kernels at once; calls are serialized there (omp and tbb are
+    thread-safe and run concurrently)."""
+    try:
+        return numba.threading_layer() == "workqueue"
+    except ValueError:  # no parallel region has run yet: the first one starts under the lock
+        return True
+
+
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
     """softmax(scale * q k^T + rel_h[..., ky] + rel_w[..., kx]) v, fused.
 
@@ -106,7 +120,11 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
         rw3 = np.ascontiguousarray(rel_w, dtype=cdt).reshape(BH, Sq, k_w)
     tq, tk = _tiles(BH, Sq, Sk, numba.get_num_threads())
     out = np.empty((BH, Sq, d), dtype=cdt)
-    kern.attention_fwd(q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
+    if _serialize(numba):
+        with _workqueue_lock:
+            kern.attention_fwd(q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
+    else:
+        kern.attention_fwd(q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
     out = out.reshape(B, H, Sq, d)
     if out.dtype != out_dtype:
         out = out.astype(out_dtype)
