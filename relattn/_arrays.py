@@ -7,6 +7,7 @@ error messages that name the argument, the expectation and what was given.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -65,6 +66,14 @@ def as_array(name: str, x):
 
 
 def dtype_name(dtype) -> str:
+    try:
+        return _dtype_name_cached(dtype)
+    except TypeError:  # unhashable dtype-likes
+        return _dtype_name_cached.__wrapped__(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name_cached(dtype) -> str:
     dt = np.dtype(dtype)
     if BFLOAT16 is not None and dt == BFLOAT16:
         return "bfloat16"

@@ -124,6 +124,7 @@ class Result:
     max_rel_err: float | None
     vs_anchor: float | None = None
     first_call_s: float | None = None
+    gpu_time_s: float | None = None  # CUDA-graph replay of the same call: GPU time, no Python
 
 
 def _rel_err(out, ref):
@@ -156,9 +157,11 @@ def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
         sync()
     first = time.perf_counter() - t0
     t = median_time(call, budget_s=budget_s, sync=sync)
+    gpu_time = None
     if mod.ARRAY_MODULE == "cupy":
         import cupy
 
+        gpu_time = graph_time(call)
         pool = cupy.get_default_memory_pool()
         pool.free_all_blocks()
         base = pool.total_bytes()
@@ -171,7 +174,38 @@ def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
         peak = None if peak is None else max(0.0, (peak - out.nbytes) / 2**20)
     err = _rel_err(out, ref) if ref is not None else None
     return Result(case.name, name, np.dtype(dtype).name if dtype != "bfloat16" else "bfloat16",
-                  t, case.flops / t / 1e9, peak, err, first_call_s=first)
+                  t, case.flops / t / 1e9, peak, err, first_call_s=first, gpu_time_s=gpu_time)
+
+
+def graph_time(fn, replays=50):
+    """Median-free GPU time per call of ``fn`` replayed as a captured CUDA graph, or None.
+
+    Capture only succeeds when ``fn`` neither synchronises nor copies from the
+    host, so a number here also shows the call is free of host round trips.
+    """
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    try:
+        with stream:
+            fn()  # warm caches on this stream
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            for _ in range(replays):
+                graph.launch(stream)
+            stop.record(stream)
+            stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / replays
+    except Exception:  # noqa: BLE001 - capture unsupported for this call
+        return None
 
 
 def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, with_bias=True, device="cpu"):
@@ -206,6 +240,7 @@ def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, wit
         if device == "cpu":
             peak = host_peak_extra(fn)
         else:
+            gpu_time = _torch_graph_time(torch, fn)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -217,7 +252,33 @@ def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, wit
     name = "torch-seed-form" if with_bias else "torch-sdpa-nobias"
     if device != "cpu":
         name += "-cuda"
-    return Result(case.name, name, dtype_name, t, case.flops / t / 1e9, peak, err)
+    return Result(case.name, name, dtype_name, t, case.flops / t / 1e9, peak, err,
+                  gpu_time_s=gpu_time if device != "cpu" else None)
+
+
+def _torch_graph_time(torch, fn, replays=50):
+    """GPU time per call of ``fn`` as a replayed torch CUDA graph, or None."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3 / replays
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _torch_get_rel_pos(q_size, k_size, rel_pos):
@@ -283,14 +344,17 @@ def _threads():
 
 
 def format_table(results) -> str:
-    head = f"{'case':<22}{'impl':<19}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}{'x seed':>8}"
+    head = (f"{'case':<20}{'impl':<24}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}"
+            f"{'x seed':>8}{'graph':>11}")
     lines = [head, "-" * len(head)]
     for r in results:
         t = f"{r.time_s * 1e3:.3f} ms" if r.time_s < 1 else f"{r.time_s:.3f} s"
         peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}"
         err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
         ratio = "-" if r.vs_anchor is None else f"{r.vs_anchor:.2f}"
-        lines.append(f"{r.case:<22}{r.impl:<19}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}")
+        graph = "-" if r.gpu_time_s is None else f"{r.gpu_time_s * 1e3:.3f} ms"
+        lines.append(f"{r.case:<20}{r.impl:<24}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}"
+                     f"{graph:>11}")
     return "\n".join(lines)
 
 
