@@ -12,7 +12,11 @@ S x S mask) measured in the same run. PyTorch is only used here, as the anchor.
 Also ``relattn bench`` (same options).
 """
 
+import os
 import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from relattn.cli import main
 

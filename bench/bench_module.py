@@ -12,10 +12,14 @@ CUDA-graph replay time is printed too where capture works.
 import argparse
 import json
 import statistics
+import os
 import sys
+
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import relattn
 from relattn import _bench
@@ -42,7 +46,7 @@ def seed_module(torch, dim, heads, input_size):
             r_q = q.reshape(b * self.num_heads, h, w, -1)
             rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
             rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-            mask = (rel_h[..., :, None] + rel_w[..., None, :]).view(b, self.num_heads, h * w, h * w)
+            mask = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
             q, k, v = (t.view(b, self.num_heads, h * w, -1) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
@@ -110,7 +114,9 @@ def main(argv=None):
         t_ours = median(lambda: layer(x_ours), sync, args.runs)
         out = layer(x_ours)
         if args.device == "cuda":
-            out = relattn.backends._cublas.to_float32(out).get()
+            from relattn.backends import _cublas
+
+            out = _cublas.to_float32(out).get()
             graph = _bench.graph_time(lambda: layer(x_ours))
         else:
             out = out.astype(np.float32)

@@ -115,3 +115,45 @@ def test_demo_runs_on_gpu():
 
     assert main(["--grid", "32"]) == 0
     assert main(["--grid", "32", "--dtype", "bfloat16"]) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_is_deterministic(dtype):
+    layer = _layer(dtype)
+    x = cp.asarray(np.random.default_rng(6).standard_normal((2, 14, 14, 64), dtype=np.float32).astype(layer.dtype))
+    a, b = layer(x), layer(x)
+    assert cp.array_equal(a.view(cp.uint8), b.view(cp.uint8))
+
+
+def test_gpu_nan_behaviour_matches_the_cpu():
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 2, 16, 8), dtype=np.float32) for _ in range(3))
+    q[0, 0, 3, 0] = np.nan       # query row 3 of head 0 -> that row NaN
+    k[0, 1, 5, 2] = np.nan       # key 5 of head 1 -> every row of head 1 NaN
+    th, tw = (rng.standard_normal((7, 8), dtype=np.float32) for _ in range(2))
+    cpu = relattn.rel_pos_attention(q, k, v, th, tw, (4, 4), backend="numpy")
+    gpu = relattn.rel_pos_attention(*(cp.asarray(a) for a in (q, k, v, th, tw)), (4, 4)).get()
+    np.testing.assert_array_equal(np.isnan(gpu), np.isnan(cpu))
+    assert np.isnan(gpu[0, 0, 3]).all() and np.isfinite(gpu[0, 0, :3]).all() and np.isnan(gpu[0, 1]).all()
+
+
+def test_respects_the_current_device_and_a_second_one():
+    n = cp.cuda.runtime.getDeviceCount()
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 2, 16, 8), dtype=np.float32)
+    th = rng.standard_normal((7, 8), dtype=np.float32)
+    expected = relattn.rel_pos_attention(q, q, q, th, th, (4, 4), backend="numpy")
+    for device in range(min(n, 2)):
+        with cp.cuda.Device(device):
+            out = relattn.rel_pos_attention(*(cp.asarray(a) for a in (q, q, q, th, th)), (4, 4))
+            assert out.device.id == device
+            np.testing.assert_allclose(out.get(), expected, rtol=0, atol=2e-5)
+    if n < 2:
+        pytest.skip("only one CUDA device: the second-device half did not run")
+
+
+def test_forced_cpu_backend_with_cupy_arrays_comes_back_on_the_gpu():
+    q = cp.asarray(np.random.default_rng(9).standard_normal((1, 1, 9, 4), dtype=np.float32))
+    out = relattn.rel_pos_attention(q, q, q, backend="numba")
+    assert isinstance(out, cp.ndarray)
+    np.testing.assert_allclose(out.get(), relattn.rel_pos_attention(q.get(), q.get(), q.get()), atol=1e-6)
