@@ -448,3 +448,34 @@ def plot(results, sweep_data, path, title=""):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+_FIRST_CALL_SCRIPT = """
+import time, numpy as np
+t0 = time.perf_counter()
+import relattn
+q = np.ones((1, 2, 64, 64), np.float32)
+t = np.zeros((15, 64), np.float32)
+relattn.rel_pos_attention(q, q, q, t, t, (8, 8), backend="numba")
+print(time.perf_counter() - t0)
+"""
+
+
+def numba_first_call_times():
+    """(cold, warm) seconds for import + first numba call in fresh processes:
+    cold with an empty kernel cache (compilation), warm with the cache it left."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        times = []
+        for _ in range(2):
+            proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_SCRIPT], env=env, capture_output=True,
+                                  text=True, timeout=900)
+            if proc.returncode != 0:
+                return None
+            times.append(float(proc.stdout.strip().splitlines()[-1]))
+    return tuple(times)

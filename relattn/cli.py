@@ -172,6 +172,11 @@ def cmd_bench(args) -> int:
         results += _bench.run_case(_bench.CASES[name], chosen, dtype=args.dtype, with_torch=with_torch,
                                    budget_s=args.budget, log=progress.step)
     print(_bench.format_table(results))
+    if "numba" in chosen and args.first_call:
+        times = _bench.numba_first_call_times()
+        if times:
+            print(f"numba import + first call in a fresh process: cold cache {times[0]:.2f} s (compiles), "
+                  f"warm cache {times[1]:.2f} s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r.__dict__ for r in results], fh, indent=2)
@@ -200,6 +205,8 @@ def main(argv=None) -> int:
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
     bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
+    bench.add_argument("--first-call", action="store_true",
+                       help="also time numba's first call in fresh processes, cold and warm kernel cache")
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--plot", help="write a PNG: time and memory per backend, and time against grid size")
     bench.add_argument("--sweep-grids", default="16,32,48,64,80,96", help="grid sides for the --plot sweep")

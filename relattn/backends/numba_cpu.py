@@ -17,8 +17,8 @@ import numpy as np
 NAME = "numba"
 ARRAY_MODULE = "numpy"
 
-_TQ_MAX = 128  # query tile (the vectorised axis of every inner loop)
-_TK_MAX = 128  # key tile: logit tile of 128 x 128 float32 = 64 KiB
+_TQ_MAX = 64  # query tile (the vectorised axis of every inner loop)
+_TK_MAX = 64  # key tile: logit tile of 64 x 64 float32 = 16 KiB, stays in L1
 _TQ_MIN = 16
 
 _import_error: str | None = None
@@ -71,8 +71,8 @@ def _tiles(BH: int, Sq: int, Sk: int, nthreads: int) -> tuple[int, int]:
     while BH * nqt < 4 * nthreads and -(-Sq // (nqt + 1)) >= _TQ_MIN:
         nqt += 1
     tq = max(1, -(-Sq // nqt))
-    if tq > 8:  # the kernel pads tiles to multiples of 8 lanes
-        tq = -(-tq // 8) * 8
+    if tq > 8:  # the kernel pads tiles to multiples of 8 (float64) or 16 (float32) lanes
+        tq = -(-tq // 16) * 16
     tk = max(1, min(_TK_MAX, Sk))
     return tq, tk
 
@@ -88,6 +88,21 @@ def _serialize(numba) -> bool:
         return numba.threading_layer() == "workqueue"
     except ValueError:  # no parallel region has run yet: the first one starts under the lock
         return True
+
+
+def _run(numba, kern, *args):
+    """Work items go to the threads one at a time (chunk size 1: dynamic
+    scheduling), so a thread slowed by other load on the machine does not
+    hold up the whole call; the caller's chunk size is restored after."""
+    setc = getattr(numba, "set_parallel_chunksize", None)
+    if setc is None:  # numba < 0.57
+        kern.attention_fwd(*args)
+        return
+    old = setc(1)
+    try:
+        kern.attention_fwd(*args)
+    finally:
+        setc(old)
 
 
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
@@ -122,9 +137,9 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
     out = np.empty((BH, Sq, d), dtype=cdt)
     if _serialize(numba):
         with _workqueue_lock:
-            kern.attention_fwd(q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
+            _run(numba, kern, q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
     else:
-        kern.attention_fwd(q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
+        _run(numba, kern, q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
     out = out.reshape(B, H, Sq, d)
     if out.dtype != out_dtype:
         out = out.astype(out_dtype)
