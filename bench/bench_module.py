@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import torch  # before numba's thread pool starts: see relattn._bench.import_torch_first
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
@@ -72,7 +73,6 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    import torch
 
     configs = [("sam-b-global", 1, 64, 0, (64, 64)), ("sam-b-window", 1, 64, 14, (14, 14))]
     dim, heads = 768, 12

@@ -146,6 +146,9 @@ def cmd_check(args) -> int:
 def cmd_bench(args) -> int:
     from relattn import _bench
 
+    if not args.no_torch:
+        _bench.import_torch_first()
+
     names = args.case or ["sam-b-global", "sam-b-window"]
     unknown = [n for n in names if n not in _bench.CASES]
     if unknown:
