@@ -594,23 +594,19 @@ def _qk16(kb, j0, nk, d, qT, nq, io, sT, rhT, rwT, kyo, kxo, m):
     mx0 = vload(m, io)
     mx1 = vload(m, io1)
     nk4 = nk - nk % 4
+    zero = vbcast(np.float32(0.0))
     for j in range(0, nk4, 4):
-        h = kyo[j]
-        w = kxo[j]
-        a0 = vadd(vload(rhT, h + io), vload(rwT, w + io))
-        a1 = vadd(vload(rhT, h + io1), vload(rwT, w + io1))
-        h = kyo[j + 1]
-        w = kxo[j + 1]
-        b0 = vadd(vload(rhT, h + io), vload(rwT, w + io))
-        b1 = vadd(vload(rhT, h + io1), vload(rwT, w + io1))
-        h = kyo[j + 2]
-        w = kxo[j + 2]
-        c0 = vadd(vload(rhT, h + io), vload(rwT, w + io))
-        c1 = vadd(vload(rhT, h + io1), vload(rwT, w + io1))
-        h = kyo[j + 3]
-        w = kxo[j + 3]
-        e0 = vadd(vload(rhT, h + io), vload(rwT, w + io))
-        e1 = vadd(vload(rhT, h + io1), vload(rwT, w + io1))
+        # q.k accumulates from zero and the bias is added once at the end, in
+        # SAM's order (scale q.k + rel_h) + rel_w: rounding then scales with the
+        # dot product alone, not with the bias carried through the whole chain.
+        a0 = zero
+        a1 = zero
+        b0 = zero
+        b1 = zero
+        c0 = zero
+        c1 = zero
+        e0 = zero
+        e1 = zero
         r0 = j0 + j
         for c in range(d):
             x0 = vload(qT, c * nq + io)
@@ -627,6 +623,22 @@ def _qk16(kb, j0, nk, d, qT, nq, io, sT, rhT, rwT, kyo, kxo, m):
             t = vbcast(kb[(r0 + 3) * d + c])
             e0 = vfma(t, x0, e0)
             e1 = vfma(t, x1, e1)
+        h = kyo[j]
+        w = kxo[j]
+        a0 = vadd(vadd(a0, vload(rhT, h + io)), vload(rwT, w + io))
+        a1 = vadd(vadd(a1, vload(rhT, h + io1)), vload(rwT, w + io1))
+        h = kyo[j + 1]
+        w = kxo[j + 1]
+        b0 = vadd(vadd(b0, vload(rhT, h + io)), vload(rwT, w + io))
+        b1 = vadd(vadd(b1, vload(rhT, h + io1)), vload(rwT, w + io1))
+        h = kyo[j + 2]
+        w = kxo[j + 2]
+        c0 = vadd(vadd(c0, vload(rhT, h + io)), vload(rwT, w + io))
+        c1 = vadd(vadd(c1, vload(rhT, h + io1)), vload(rwT, w + io1))
+        h = kyo[j + 3]
+        w = kxo[j + 3]
+        e0 = vadd(vadd(e0, vload(rhT, h + io)), vload(rwT, w + io))
+        e1 = vadd(vadd(e1, vload(rhT, h + io1)), vload(rwT, w + io1))
         s = j * nq + io
         vstore(sT, s, a0)
         vstore(sT, s + 8, a1)
@@ -645,15 +657,17 @@ def _qk16(kb, j0, nk, d, qT, nq, io, sT, rhT, rwT, kyo, kxo, m):
         mx0 = vmax(e0, mx0)
         mx1 = vmax(e1, mx1)
     for j in range(nk4, nk):
-        h = kyo[j]
-        w = kxo[j]
-        a0 = vadd(vload(rhT, h + io), vload(rwT, w + io))
-        a1 = vadd(vload(rhT, h + io1), vload(rwT, w + io1))
+        a0 = zero
+        a1 = zero
         r0 = j0 + j
         for c in range(d):
             t = vbcast(kb[r0 * d + c])
             a0 = vfma(t, vload(qT, c * nq + io), a0)
             a1 = vfma(t, vload(qT, c * nq + io1), a1)
+        h = kyo[j]
+        w = kxo[j]
+        a0 = vadd(vadd(a0, vload(rhT, h + io)), vload(rwT, w + io))
+        a1 = vadd(vadd(a1, vload(rhT, h + io1)), vload(rwT, w + io1))
         vstore(sT, j * nq + io, a0)
         vstore(sT, j * nq + io1, a1)
         mx0 = vmax(a0, mx0)
