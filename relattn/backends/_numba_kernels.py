@@ -573,15 +573,6 @@ def vexp(typingctx, x):
     return f32x8(x), codegen
 
 
-@njit(cache=_CACHE)
-def vexp_array(x, out):
-    """out[:] = exp(x[:]) with the vector exp (len a multiple of 8; for tests)."""
-    px = aptr(x)
-    po = aptr(out)
-    for i in range(0, x.shape[0] - 7, 8):
-        vstore(po, i, vexp(vload(px, i)))
-
-
 _VQ = 16  # queries per micro-kernel (two vectors); tiles are padded to this
 
 
