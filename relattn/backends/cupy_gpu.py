@@ -36,6 +36,7 @@ def _choose_mw(hd: int, rel: int) -> int:
         return 1
     return 2
 _LOG2E = 1.4426950408889634
+_RELTERMS_MMA = os.environ.get("RELATTN_RELTERMS_MMA", "1") != "0"
 
 _lock = threading.Lock()
 _modules: dict = {}        # (kind, hd, device) -> RawModule
@@ -118,6 +119,8 @@ def _read_source() -> str:
 def _names(kind: str, hd: int):
     if kind == "relterms":
         return {dt: f"relattn_relterms<{dt}>" for dt in (0, 1, 2)}
+    if kind == "relterms_mma":
+        return {dt: f"relattn_relterms_mma<{dt}, {hd}>" for dt in (0, 1)}
     if kind in _HALF_NAMES:
         dt = 1 if kind == "bfloat16" else 0
         return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
@@ -186,6 +189,16 @@ def _i64(x):
     return np.int64(x)
 
 
+def _sm90_config(hd, Sq, Sk, kh, kw, has_rel):
+    """(nwg, bn, rel) of the Hopper wgmma kernel for this problem, or None
+    (another GPU, RELATTN_SM90=0, or shared memory too small for the terms)."""
+    from relattn.backends import _sm90
+
+    if _sm90.unavailable_reason() is not None:
+        return None
+    return _sm90.choose(hd, Sq, Sk, kh, kw, has_rel)
+
+
 # ------------------------------------------------------------------ attention
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
     """Attention core on the GPU; see relattn.backends for the contract."""
@@ -220,12 +233,21 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
             rh = rw = cupy.zeros((1,), dtype=cupy.float32)
             rel = 0
             kh, kw = 1, max(Sk, 1)
+        ou = out.view(cupy.uint16) if d8 == D else cupy.empty((B, H, Sq, d8), dtype=cupy.uint16)
+        cfg = _sm90_config(hd, Sq, Sk, kh, kw, has_rel)
+        if cfg is not None:
+            from relattn.backends import _sm90
+
+            _sm90.attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, d8, kh, kw, hd,
+                            1 if kind == "bfloat16" else 0, float(scale) * _LOG2E, cfg)
+            if d8 != D:
+                out.view(cupy.uint16)[...] = ou[..., :D]
+            return out
         mw = _choose_mw(hd, rel)
         smem = 2 * 2 * 64 * (hd + 8) * 2
         if rel == 1 and mw == 2:
             smem += 64 * mw * 72 * 4
         fn = _get_kernel(kind, hd, (rel, mw), smem)
-        ou = out.view(cupy.uint16) if d8 == D else cupy.empty((B, H, Sq, d8), dtype=cupy.uint16)
         qs, ks, vs = _elem_strides(qu), _elem_strides(ku), _elem_strides(vu)
         bm = 64 * mw
         grid = (BH * ((Sq + bm - 1) // bm),)
@@ -327,8 +349,15 @@ def rel_terms(q, Rh, Rw):
     BH = B * H
     nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
     nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
-    fn = _get_kernel("relterms", 0, dt, 0)
-    fn((nblk_h + nblk_w,), (256,),
+    hd = _pad16(D)
+    if dt < 2 and hd <= 112 and _RELTERMS_MMA:
+        # tensor cores, tables split in two 16-bit halves (float32-level result)
+        fn = _get_kernel("relterms_mma", hd, dt, 0)
+        threads = 128
+    else:
+        fn = _get_kernel("relterms", 0, dt, 0)
+        threads = 256
+    fn((nblk_h + nblk_w,), (threads,),
        (qv, Rh32, Rw32, rel_h, rel_w,
         np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
         _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))

@@ -736,3 +736,125 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
         }
     }
 }
+
+// ------------------------------------------------- relative terms, tensor cores
+// Same contract as relattn_relterms for float16 (DT 0) / bfloat16 (DT 1) q, on
+// mma.sync: each float32 table value t is split into t_hi + t_lo (both 16-bit,
+// t_lo = t - t_hi) and q . t = q . t_hi + q . t_lo is accumulated in float32,
+// so the result matches float32 arithmetic to ~2^-17 relative. Blocks of 128
+// threads compute 64 rows x 64 columns with the whole head dim (HD = D rounded
+// up to 16, at most 128) in shared memory; column blocks past K are skipped.
+template <int DT>
+__device__ __forceinline__ u16 ra_to16(float x) {
+    u16 r;
+    if (DT == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+template <int DT>
+__device__ __forceinline__ float ra_from16(u16 u) {
+    if (DT == 1) return __uint_as_float(((u32)u) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+
+template <int DT, int HD>
+__global__ void __launch_bounds__(128)
+relattn_relterms_mma(const u16* __restrict__ q, const float* __restrict__ Rh, const float* __restrict__ Rw,
+                     float* __restrict__ rel_h, float* __restrict__ rel_w,
+                     int H, int qh, int qw, int D, int kh, int kw,
+                     long long qsb, long long qsh, long long qss, int BH, int nblk_h)
+{
+    constexpr int SROW = HD + 8;
+    __shared__ __align__(16) u16 sA[64 * SROW];
+    __shared__ __align__(16) u16 sBh[64 * SROW];
+    __shared__ __align__(16) u16 sBl[64 * SROW];
+    __shared__ long long sQoff[64];
+    __shared__ long long sOoff[64];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int Sq = qh * qw;
+    int blk = blockIdx.x;
+    const bool is_h = blk < nblk_h;
+    if (!is_h) blk -= nblk_h;
+    const int G = is_h ? qh : qw;
+    const int inner = is_h ? qw : qh;
+    const int M = BH * inner;
+    const int K = is_h ? kh : kw;
+    const int mtiles = (M + 63) / 64, ntiles = (K + 63) / 64;
+    const int grp = blk / (mtiles * ntiles);
+    const int rem = blk - grp * (mtiles * ntiles);
+    const int m0 = (rem / ntiles) * 64, n0 = (rem % ntiles) * 64;
+    if (grp >= G) return;
+    const float* T = (is_h ? Rh : Rw) + (long long)grp * K * D;
+    float* outp = is_h ? rel_h : rel_w;
+
+    if (tid < 64) {
+        const int mr = m0 + tid;
+        long long qo = -1, oo = -1;
+        if (mr < M) {
+            const int bh = mr / inner, w = mr - (mr / inner) * inner;
+            const int i = is_h ? grp * qw + w : w * qw + grp;
+            const int b = bh / H, h = bh - (bh / H) * H;
+            qo = b * qsb + h * qsh + (long long)i * qss;
+            oo = ((long long)bh * Sq + i) * K;
+        }
+        sQoff[tid] = qo;
+        sOoff[tid] = oo;
+    }
+    __syncthreads();
+    for (int c = tid; c < 64 * HD; c += 128) {
+        const int r = c / HD, d = c - (c / HD) * HD;
+        const long long qo = sQoff[r];
+        sA[r * SROW + d] = (qo >= 0 && d < D) ? q[qo + d] : (u16)0;
+        const int kk = n0 + r;
+        const float x = (kk < K && d < D) ? __ldg(T + (long long)kk * D + d) : 0.f;
+        const u16 hi = ra_to16<DT>(x);
+        sBh[r * SROW + d] = hi;
+        sBl[r * SROW + d] = ra_to16<DT>(x - ra_from16<DT>(hi));
+    }
+    __syncthreads();
+
+    const int ncols = min(64, K - n0);
+    const int mi = lane >> 3, ri = lane & 7;
+    const u32 a_base = ra_smem_addr(sA + (warp * 16 + (mi & 1) * 8 + ri) * SROW + (mi >> 1) * 8);
+    const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;
+    const u32 bh_base = ra_smem_addr(sBh + k_off), bl_base = ra_smem_addr(sBl + k_off);
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ++ks) {
+        u32 a[4];
+        ra_ldsm_x4(a[0], a[1], a[2], a[3], a_base + (u32)(ks * 16 * 2));
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) {
+            if (jp * 16 < ncols) {
+                const u32 off = (u32)((jp * 16 * SROW + ks * 16) * 2);
+                u32 b0, b1, b2, b3;
+                ra_ldsm_x4(b0, b1, b2, b3, bh_base + off);
+                ra_mma<DT>(acc[2 * jp], a, b0, b1);
+                ra_mma<DT>(acc[2 * jp + 1], a, b2, b3);
+                ra_ldsm_x4(b0, b1, b2, b3, bl_base + off);
+                ra_mma<DT>(acc[2 * jp], a, b0, b1);
+                ra_mma<DT>(acc[2 * jp + 1], a, b2, b3);
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const long long oo = sOoff[warp * 16 + rr * 8 + g];
+        if (oo < 0) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = j * 8 + 2 * t + e;
+                if (col < ncols) outp[oo + n0 + col] = acc[j][rr * 2 + e];
+            }
+    }
+}

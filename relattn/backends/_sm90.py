@@ -1,0 +1,269 @@
+"""Hopper (sm_90a) wgmma attention kernel: compiling, caching and launching.
+
+CuPy's ``RawModule`` always adds its own ``-arch`` option, and the warpgroup
+instructions (``wgmma``) exist only for the ``sm_90a`` target, so this module
+drives NVRTC itself (through CuPy's bindings), asks for an ``sm_90a`` cubin and
+loads it with ``cupy.cuda.function.Module``. Cubins are cached in memory and,
+when a cache directory is writable, on disk (``$RELATTN_CACHE_DIR`` or
+``~/.cache/relattn``), keyed by a hash of the source, the options and the
+NVRTC version.
+
+Used by ``cupy_gpu.attention`` for float16 / bfloat16 on compute capability
+9.0 devices; ``RELATTN_SM90=0`` turns it off (the portable ``mma.sync``
+kernel then runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+_SRC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "relattn_sm90.cu")
+_OPTIONS = ("-arch=sm_90a", "-std=c++17", "--use_fast_math")
+_BNS = (64, 128)
+_HDS = tuple(range(16, 129, 16))
+
+_lock = threading.Lock()
+_functions: dict = {}
+_modules: dict = {}
+_status: dict = {}
+_source: list = []
+
+# Descriptor strides (bytes) for the no-swizzle core-matrix layout; see the
+# .cu file. K-major (Q, K): leading = K direction (next 16-byte chunk, 128 B
+# away), stride = next 8 rows (HD * 16 B). N-major (V): leading = next 8 keys,
+# stride = next 8 columns. Overridable for experiments.
+LAYOUT = {"kq_swap": False, "v_swap": False}
+
+
+def _wrappers() -> str:
+    """C++ for struct RaWg<DT, N>: ``ss`` (A and B from shared memory) and
+    ``rs`` (A from registers, B N-major from shared memory) wgmma m64nNk16."""
+    out = ["template <int DT, int N> struct RaWg;"]
+    for dt, tn in ((0, "f16"), (1, "bf16")):
+        for n in sorted(set(_BNS) | set(_HDS)):
+            nr = n // 2
+            dl = ", ".join(f"%{i}" for i in range(nr))
+            cons = ", ".join(f'"+f"(d[{i}])' for i in range(nr))
+            op = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tn}.{tn}"
+            ss = (
+                f'asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr + 2}, 0;\\n'
+                f'{op} {{{dl}}}, %{nr}, %{nr + 1}, p, 1, 1, 0, 0;\\n}}\\n"'
+                f' : {cons} : "l"(da), "l"(db), "r"(acc));'
+            )
+            rs = (
+                f'asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr + 5}, 0;\\n'
+                f'{op} {{{dl}}}, {{%{nr}, %{nr + 1}, %{nr + 2}, %{nr + 3}}}, %{nr + 4}, p, 1, 1, 1;\\n}}\\n"'
+                f' : {cons} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));'
+            )
+            out.append(
+                f"template <> struct RaWg<{dt}, {n}> {{\n"
+                f"  static __device__ __forceinline__ void ss(float* d, u64 da, u64 db, int acc) {{\n    {ss}\n  }}\n"
+                f"  static __device__ __forceinline__ void rs(float* d, const u32* a, u64 db, int acc) {{\n    {rs}\n  }}\n"
+                f"}};"
+            )
+    return "\n".join(out) + "\n"
+
+
+def source() -> str:
+    """The complete CUDA source handed to NVRTC."""
+    if not _source:
+        with open(_SRC_FILE, "r", encoding="utf-8") as fh:
+            body = fh.read()
+        # wrappers go after the typedefs, i.e. before the first kernel helper
+        marker = "#define RA_INF"
+        i = body.index(marker)
+        _source.append(body[:i] + _wrappers() + "\n" + body[i:])
+    return _source[0]
+
+
+def kernel_name(dt: int, hd: int, nwg: int, bn: int, rel: int) -> str:
+    return f"relattn_wg<{dt}, {hd}, {nwg}, {bn}, {rel}>"
+
+
+def unavailable_reason(device=None):
+    """None when the sm_90a kernel can run on the current device, else why not."""
+    if os.environ.get("RELATTN_SM90", "1") == "0":
+        return "disabled by RELATTN_SM90=0"
+    import cupy
+
+    dev = cupy.cuda.Device() if device is None else device
+    key = ("avail", dev.id)
+    if key in _status:
+        return _status[key]
+    why = None
+    cc = str(dev.compute_capability)
+    if cc != "90":
+        why = f"compute capability {cc[:-1]}.{cc[-1]} is not 9.0 (wgmma needs sm_90a)"
+    else:
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            major, minor = nvrtc.getVersion()
+            if (major, minor) < (12, 0):
+                why = f"NVRTC {major}.{minor} cannot target sm_90a (needs 12.0 or newer)"
+        except Exception as exc:  # pragma: no cover - depends on the CuPy build
+            why = f"CuPy's NVRTC bindings are not usable ({type(exc).__name__}: {exc})"
+    _status[key] = why
+    return why
+
+
+def _cache_dir():
+    d = os.environ.get("RELATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "relattn")
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    return None
+
+
+def _compile(name: str):
+    """(cubin bytes, lowered name) for one kernel instantiation."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    src = source()
+    ver = nvrtc.getVersion()
+    digest = hashlib.sha256(repr((src, _OPTIONS, name, ver)).encode()).hexdigest()[:32]
+    cdir = _cache_dir()
+    path = os.path.join(cdir, f"sm90-{digest}.cubin") if cdir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path, "rb") as fh:
+                blob = fh.read()
+            lowered, _, cubin = blob.partition(b"\0")
+            if cubin:
+                return cubin, lowered.decode()
+        except OSError:
+            pass
+    prog = nvrtc.createProgram(src, "relattn_sm90.cu", (), ())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, list(_OPTIONS))
+        except nvrtc.NVRTCError as exc:
+            log = nvrtc.getProgramLog(prog)
+            raise RuntimeError(f"relattn: NVRTC failed to build {name} for sm_90a:\n{log}") from exc
+        lowered = nvrtc.getLoweredName(prog, name)
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    if path:
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(lowered.encode() + b"\0" + cubin)
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+    return cubin, lowered
+
+
+def get_kernel(dt: int, hd: int, nwg: int, bn: int, rel: int, smem: int):
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    key = (dt, hd, nwg, bn, rel, dev)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock:
+        fn = _functions.get(key)
+        if fn is not None:
+            return fn
+        cubin, lowered = _compile(kernel_name(dt, hd, nwg, bn, rel))
+        mod = cupy.cuda.function.Module()
+        mod.load(cubin)
+        fn = mod.get_function(lowered)
+        _modules[key] = mod  # keep the module loaded while its function is in use
+        _set_smem(fn, MAX_SMEM)  # a cap, not a reservation: any launch size fits
+        _functions[key] = fn
+        return fn
+
+
+def _set_smem(fn, smem):
+    from cupy.cuda import driver
+
+    attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+    driver.funcSetAttribute(fn.ptr, attr, int(smem))
+
+
+def smem_bytes(hd: int, nwg: int, bn: int, rel: int, kh: int, kw: int) -> int:
+    n = 64 * nwg * hd * 2 + 4 * bn * hd * 2 + 1024  # + 1024: alignment of the swizzled tiles
+    if rel == 2:
+        n += 64 * nwg * ((kh + kw) | 1) * 4
+    return n
+
+
+MAX_SMEM = 227 * 1024
+
+
+def choose(hd: int, sq: int, sk: int, kh: int, kw: int, has_rel: bool):
+    """(nwg, bn, rel) for a problem, or None when this kernel should not take it."""
+    if not has_rel:
+        rel = 0
+    elif kw == 64:
+        rel = 1
+    else:
+        rel = 2
+    env = os.environ.get("RELATTN_SM90_CFG")  # "nwg,bn" for experiments
+    if env:
+        nwg, bn = (int(x) for x in env.split(","))
+    elif hd == 64 and rel != 2:
+        # measured (H200, bf16, CUDA graph): SAM-B global 0.220 ms with one
+        # warpgroup and 64-key tiles, 0.238 ms with (2, 128), 0.268 ms for the
+        # mma.sync kernel
+        nwg, bn = 1, 64
+    else:
+        # head_dim != 64 runs without the 128-byte swizzle, and the generic
+        # bias path is no faster than the mma.sync kernel (SAM-H 0.465 vs
+        # 0.387 ms; 14x14 windows 0.057 vs 0.053 ms): leave those to it
+        return None
+    if rel == 1 and bn % 64:
+        rel = 2
+    if smem_bytes(hd, nwg, bn, rel, kh, kw) > MAX_SMEM:
+        return None
+    return nwg, bn, rel
+
+
+def attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, D, kh, kw, hd, dt, scale_log2, cfg):
+    """Launch relattn_wg on prepared 16-bit views (see cupy_gpu.attention)."""
+    import numpy as np
+
+    nwg, bn, rel = cfg
+    smem = smem_bytes(hd, nwg, bn, rel, kh, kw)
+    fn = get_kernel(dt, hd, nwg, bn, rel, smem)
+    B = int(qu.shape[0])
+    bm = 64 * nwg
+    grid = (B * H * ((Sq + bm - 1) // bm),)
+    isz = 2
+    qs = [s // isz for s in qu.strides]
+    ks = [s // isz for s in ku.strides]
+    vs = [s // isz for s in vu.strides]
+    if hd == 64:  # 128-byte swizzle: 8-row atoms of 1024 bytes
+        kq = (16, 1024)    # leading unused (K-major swizzled), stride: next 8 rows
+        vv = (8192, 1024)  # N-major swizzled: leading = next 64 columns, stride = next 8 keys
+    else:
+        kq = (128, hd * 16)
+        vv = (hd * 16, 128)
+    if LAYOUT["kq_swap"]:
+        kq = kq[::-1]
+    if LAYOUT["v_swap"]:
+        vv = vv[::-1]
+    i64 = np.int64
+    fn(
+        grid, (128 * nwg,),
+        (qu, ku, vu, rh, rw, ou,
+         np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(D), np.int32(kh), np.int32(kw),
+         i64(qs[0]), i64(qs[1]), i64(qs[2]),
+         i64(ks[0]), i64(ks[1]), i64(ks[2]),
+         i64(vs[0]), i64(vs[1]), i64(vs[2]),
+         np.float32(scale_log2), np.float32(1.0 / kw),
+         np.int32(kq[0]), np.int32(kq[1]), np.int32(vv[0]), np.int32(vv[1])),
+        shared_mem=smem,
+    )
