@@ -115,6 +115,11 @@ def _device_index(xp, q_size: int, k_size: int):
     return _on_device(xp, ("index", q_size, k_size), _relative_index(q_size, k_size))
 
 
+def _device_index32(xp, q_size: int, k_size: int):
+    """int32 copy of the index table on ``xp``'s current device (for kernels)."""
+    return _on_device(xp, ("index32", q_size, k_size), _relative_index(q_size, k_size).astype(np.int32))
+
+
 @functools.lru_cache(maxsize=256)
 def _relative_index(q_size: int, k_size: int):
     """Row of the (2*max-1)-row table for each (query, key) coordinate pair.

@@ -258,6 +258,8 @@ def test_not_supported_reasons():
                                    (1, 2, (8, 64), (8, 64), 80), (1, 1, (5, 9), (5, 9), 128)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_rows_per_warp_variants(shape, dtype, mw, monkeypatch):
+    # the portable mma.sync kernel (the Hopper kernel off)
+    monkeypatch.setenv("RELATTN_SM90", "0")
     monkeypatch.setattr(gpu, "_MW_ENV", mw)
     B, H, qg, kg, D = shape
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, mw)).encode()))
@@ -282,3 +284,68 @@ def test_rel_terms_helper(grids, dtype):
     tol = 1e-12 if dtype == "float64" else 1e-5
     assert rel_l2(rel_h.get().astype(np.float64), ref_h) <= tol
     assert rel_l2(rel_w.get().astype(np.float64), ref_w) <= tol
+
+
+# ------------------------------------------------------ Hopper (sm_90a) kernel
+def _sm90():
+    from relattn.backends import _sm90
+
+    why = _sm90.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"sm_90a kernel unavailable: {why}")
+    return _sm90
+
+
+@pytest.mark.parametrize("cfg", ["1,64", "1,128", "2,64", "2,128"])
+@pytest.mark.parametrize("shape", [(1, 2, (16, 64), (16, 64), 64), (2, 3, (14, 14), (14, 14), 64),
+                                   (1, 2, (9, 64), (5, 64), 64), (1, 2, (15, 20), (10, 30), 64),
+                                   (1, 2, (8, 64), (8, 64), 80), (1, 1, (5, 9), (5, 9), 128),
+                                   (2, 2, (7, 7), (7, 7), 40), (1, 1, (1, 1), (1, 3), 64)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sm90_kernel_configs(shape, dtype, cfg, monkeypatch):
+    """Every warpgroup / key-tile configuration of the wgmma kernel, forced on
+    (head dims other than 64 use the unswizzled layout), against float64."""
+    _sm90()
+    monkeypatch.setenv("RELATTN_SM90_CFG", cfg)
+    B, H, qg, kg, D = shape
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    cupy.cuda.get_current_stream().synchronize()
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    q, k, v, _, _ = dev
+    plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)   # rel == 0
+    ref = reference(*host[:3], None, None, kg, D ** -0.5)
+    assert rel_l2(from_dev(plain), ref) <= TOL[dtype]
+
+
+def test_sm90_is_chosen_for_head_dim_64():
+    sm90 = _sm90()
+    assert gpu._sm90_config(64, 4096, 4096, 64, 64, True) == (1, 64, 1)
+    assert gpu._sm90_config(64, 4096, 4096, 1, 4096, False) == (1, 64, 0)
+    assert gpu._sm90_config(80, 4096, 4096, 64, 64, True) is None
+    assert sm90.smem_bytes(64, 1, 64, 1, 64, 64) <= sm90.MAX_SMEM
+
+
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("grids", [((64, 64), (64, 64)), ((14, 14), (14, 14)), ((8, 12), (4, 6)),
+                                   ((6, 6), (6, 6), 15), ((1, 7), (1, 7))])
+def test_rel_terms_from_tables(grids, dtype, tdtype):
+    """The kernel's own table gather (and the resize when the table length
+    differs from 2*max-1) equals rel_terms on get_rel_pos's tables."""
+    from relattn.relpos import get_rel_pos
+
+    (qh, qw), (kh, kw) = grids[:2]
+    length = grids[2] if len(grids) > 2 else None
+    rng = np.random.default_rng(5)
+    B, H, D = 2, 3, 64
+    q, _ = to_dev(rng.standard_normal((B, H, qh * qw, D)), dtype)
+    lh = length or 2 * max(qh, kh) - 1
+    lw = length or 2 * max(qw, kw) - 1
+    th, _ = to_dev(rng.standard_normal((lh, D)), tdtype)
+    tw, _ = to_dev(rng.standard_normal((lw, D)), tdtype)
+    rel_h, rel_w = gpu.rel_terms_from_tables(q, th, tw, (qh, qw), (kh, kw))
+    ref_h, ref_w = gpu.rel_terms(q, get_rel_pos(qh, kh, th), get_rel_pos(qw, kw, tw))
+    assert rel_h.shape == (B, H, qh * qw, kh) and rel_w.shape == (B, H, qh * qw, kw)
+    assert rel_l2(rel_h.get().astype(np.float64), ref_h.get().astype(np.float64)) <= 1e-6
+    assert rel_l2(rel_w.get().astype(np.float64), ref_w.get().astype(np.float64)) <= 1e-6

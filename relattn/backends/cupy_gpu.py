@@ -45,8 +45,18 @@ _source: list = []
 
 
 # --------------------------------------------------------------------- probing
+_avail: list = []
+
+
 def unavailable_reason():
-    """None when CuPy and a CUDA device are usable, else a one-line reason."""
+    """None when CuPy and a CUDA device are usable, else a one-line reason
+    (probed once per process: it is asked on every call)."""
+    if not _avail:
+        _avail.append(_probe())
+    return _avail[0]
+
+
+def _probe():
     try:
         import cupy  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
@@ -120,7 +130,7 @@ def _names(kind: str, hd: int):
     if kind == "relterms":
         return {dt: f"relattn_relterms<{dt}>" for dt in (0, 1, 2)}
     if kind == "relterms_mma":
-        return {dt: f"relattn_relterms_mma<{dt}, {hd}>" for dt in (0, 1)}
+        return {(dt, tt): f"relattn_relterms_mma<{dt}, {hd}, {tt}>" for dt in (0, 1) for tt in (0, 1, 2)}
     if kind in _HALF_NAMES:
         dt = 1 if kind == "bfloat16" else 0
         return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
@@ -345,20 +355,96 @@ def rel_terms(q, Rh, Rw):
     if qv.strides[-1] != qv.dtype.itemsize and D > 1:
         qv = cupy.ascontiguousarray(qv)
         st = _elem_strides(qv)
-    Rh32, Rw32 = _table_f32(Rh), _table_f32(Rw)
     BH = B * H
     nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
     nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
-    hd = _pad16(D)
-    if dt < 2 and hd <= 112 and _RELTERMS_MMA:
-        # tensor cores, tables split in two 16-bit halves (float32-level result)
-        fn = _get_kernel("relterms_mma", hd, dt, 0)
-        threads = 128
-    else:
-        fn = _get_kernel("relterms", 0, dt, 0)
-        threads = 256
-    fn((nblk_h + nblk_w,), (threads,),
+    if _mma_terms_ok(dt, D):
+        # the gathered tables are read through an identity index
+        th, tw = _table_rows(Rh), _table_rows(Rw)
+        _launch_terms_mma(qv, st, dt, D, th, tw, _identity_index(qh, kh), _identity_index(qw, kw),
+                          rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w)
+        return rel_h, rel_w
+    Rh32, Rw32 = _table_f32(Rh), _table_f32(Rw)
+    fn = _get_kernel("relterms", 0, dt, 0)
+    fn((nblk_h + nblk_w,), (256,),
        (qv, Rh32, Rw32, rel_h, rel_w,
         np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
         _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))
+    return rel_h, rel_w
+
+
+_TABLE_TT = {"float16": 0, "bfloat16": 1, "float32": 2}
+
+
+def _mma_terms_ok(dt, D):
+    return dt < 2 and _pad16(D) <= 112 and _RELTERMS_MMA
+
+
+def _table_rows(t):
+    """(rows, D) contiguous view of a table in float16 / bfloat16 / float32."""
+    import cupy
+
+    if _dtype_name(t) not in _TABLE_TT:
+        t = t.astype(cupy.float32)
+    t = cupy.ascontiguousarray(t)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _identity_index(n, k):
+    import numpy as np
+    from relattn.relpos import _on_device
+    import cupy
+
+    return _on_device(cupy, ("identity32", n, k), np.arange(n * k, dtype=np.int32).reshape(n, k))
+
+
+def _launch_terms_mma(qv, st, dt, D, th, tw, idx_h, idx_w, rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w):
+    import numpy as np
+
+    tt_h, tt_w = _TABLE_TT[_dtype_name(th)], _TABLE_TT[_dtype_name(tw)]
+    if tt_h != tt_w:  # one kernel reads both tables: bring them to one dtype
+        th, tw = th.astype("float32"), tw.astype("float32")
+        tt_h = 2
+    fn = _get_kernel("relterms_mma", _pad16(D), (dt, tt_h), 0)
+    fn((nblk_h + nblk_w,), (128,),
+       (qv, th, tw, idx_h, idx_w, rel_h, rel_w,
+        np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
+        _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))
+
+
+def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    """rel_h, rel_w (float32) from q and the stored tables, on the GPU.
+
+    Same result as ``rel_terms(q, get_rel_pos(...), get_rel_pos(...))`` but the
+    kernel gathers the table rows itself (no per-call gather or dtype
+    conversion of the tables). q: float16 / bfloat16 with head_dim <= 112;
+    other inputs go through :func:`rel_terms`. Tables are resized first when
+    their length differs from ``2 * max(q, k) - 1`` (SAM's rule).
+    """
+    import cupy
+
+    from relattn.relpos import _device_index32, get_rel_pos, resize_rel_pos
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    (qh, qw), (kh, kw) = q_size, k_size
+    dt = {"float16": 0, "bfloat16": 1}.get(_dtype_name(q), 2)
+    if not _mma_terms_ok(dt, D):
+        return rel_terms(q, get_rel_pos(qh, kh, rel_pos_h), get_rel_pos(qw, kw, rel_pos_w))
+    th, tw = rel_pos_h, rel_pos_w
+    if th.shape[0] != 2 * max(qh, kh) - 1:
+        th = resize_rel_pos(th, 2 * max(qh, kh) - 1)
+    if tw.shape[0] != 2 * max(qw, kw) - 1:
+        tw = resize_rel_pos(tw, 2 * max(qw, kw) - 1)
+    rel_h = cupy.empty((B, H, Sq, kh), dtype=cupy.float32)
+    rel_w = cupy.empty((B, H, Sq, kw), dtype=cupy.float32)
+    qv = q.view(cupy.uint16)
+    if qv.strides[-1] != 2 and D > 1:
+        qv = cupy.ascontiguousarray(qv)
+    st = _elem_strides(qv)
+    BH = B * H
+    nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
+    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
+    _launch_terms_mma(qv, st, dt, D, _table_rows(th), _table_rows(tw),
+                      _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw),
+                      rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w)
     return rel_h, rel_w

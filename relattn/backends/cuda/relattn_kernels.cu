@@ -759,9 +759,20 @@ __device__ __forceinline__ float ra_from16(u16 u) {
     return f;
 }
 
-template <int DT, int HD>
+template <int TT>
+__device__ __forceinline__ float ra_table_f32(const void* p, long long i) {
+    if (TT == 2) return __ldg(reinterpret_cast<const float*>(p) + i);
+    const u16 u = __ldg(reinterpret_cast<const unsigned short*>(p) + i);
+    return ra_from16<TT>(u);
+}
+
+// Tables are the stored (L, D) embeddings (TT: 0 float16, 1 bfloat16, 2
+// float32), read through the row index tables idx_h (qh, kh) and idx_w
+// (qw, kw): Rh[y, ky, :] = table_h[idx_h[y, ky], :] (get_rel_pos's gather).
+template <int DT, int HD, int TT>
 __global__ void __launch_bounds__(128)
-relattn_relterms_mma(const u16* __restrict__ q, const float* __restrict__ Rh, const float* __restrict__ Rw,
+relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, const void* __restrict__ Tw,
+                     const int* __restrict__ idx_h, const int* __restrict__ idx_w,
                      float* __restrict__ rel_h, float* __restrict__ rel_w,
                      int H, int qh, int qw, int D, int kh, int kw,
                      long long qsb, long long qsh, long long qss, int BH, int nblk_h)
@@ -788,8 +799,10 @@ relattn_relterms_mma(const u16* __restrict__ q, const float* __restrict__ Rh, co
     const int rem = blk - grp * (mtiles * ntiles);
     const int m0 = (rem / ntiles) * 64, n0 = (rem % ntiles) * 64;
     if (grp >= G) return;
-    const float* T = (is_h ? Rh : Rw) + (long long)grp * K * D;
+    const void* T = is_h ? Th : Tw;
+    const int* tidx = (is_h ? idx_h : idx_w) + (long long)grp * K;
     float* outp = is_h ? rel_h : rel_w;
+    __shared__ long long sToff[64];
 
     if (tid < 64) {
         const int mr = m0 + tid;
@@ -803,14 +816,16 @@ relattn_relterms_mma(const u16* __restrict__ q, const float* __restrict__ Rh, co
         }
         sQoff[tid] = qo;
         sOoff[tid] = oo;
+        const int kk = n0 + tid;
+        sToff[tid] = (kk < K) ? (long long)tidx[kk] * D : -1;
     }
     __syncthreads();
     for (int c = tid; c < 64 * HD; c += 128) {
         const int r = c / HD, d = c - (c / HD) * HD;
         const long long qo = sQoff[r];
         sA[r * SROW + d] = (qo >= 0 && d < D) ? q[qo + d] : (u16)0;
-        const int kk = n0 + r;
-        const float x = (kk < K && d < D) ? __ldg(T + (long long)kk * D + d) : 0.f;
+        const long long to = sToff[r];
+        const float x = (to >= 0 && d < D) ? ra_table_f32<TT>(T, to + d) : 0.f;
         const u16 hi = ra_to16<DT>(x);
         sBh[r * SROW + d] = hi;
         sBl[r * SROW + d] = ra_to16<DT>(x - ra_from16<DT>(hi));
