@@ -1,8 +1,7 @@
 """Development check and timing of the Hopper (sm_90a) wgmma kernel, on the device.
 
-    PYTHONPATH=. python3 bench/sm90_dev.py [--probe] [--check] [--time]
+    PYTHONPATH=. python3 bench/sm90_dev.py [--check] [--time]
 
---probe  find the descriptor stride assignment that computes the right thing
 --check  correctness matrix (head dims, sizes, q/k grids, dtypes, rel modes)
 --time   CUDA-graph timings: sm90 configurations, the mma.sync kernel, torch
          SDPA without bias and the torch seed form, in the same run
@@ -11,10 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -63,65 +60,6 @@ def err(out, ref):
     if not bool(cupy.isfinite(o).all()):
         return float("inf")
     return float(cupy.linalg.norm(o - ref) / cupy.linalg.norm(ref))
-
-
-def run_sm90(q, k, v, rh, rw, khw, scale):
-    os.environ.pop("RELATTN_SM90", None)
-    return gpu.attention(q, k, v, rh, rw, khw, scale)
-
-
-def probe_one(kq_swap, v_swap, rel, qhw=(4, 64), d=64):
-    _sm90.LAYOUT.update(kq_swap=kq_swap, v_swap=v_swap)
-    q, k, v, rh, rw = make(1, 2, qhw, qhw, d, "bfloat16")
-    if not rel:
-        rh = rw = None
-    ref = reference(q, k, v, rh, rw, qhw, 0.125)
-    out = run_sm90(q, k, v, rh, rw, qhw, 0.125)
-    cupy.cuda.get_current_stream().synchronize()
-    return err(out, ref)
-
-
-def probe():
-    """Each stride assignment in a child process (a bad one may fault)."""
-    import subprocess
-
-    good = []
-    for kq_swap, v_swap in itertools.product((False, True), repeat=2):
-        cmd = [sys.executable, __file__, "--one", str(int(kq_swap)), str(int(v_swap))]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        tail = (r.stdout + r.stderr).strip().splitlines()
-        print(f"[probe] kq_swap={kq_swap} v_swap={v_swap}: rc={r.returncode} {tail[-3:] if tail else ''}", flush=True)
-        if r.returncode == 0:
-            good.append((kq_swap, v_swap))
-    print(f"[probe] passing layouts: {good}")
-    if good:
-        _sm90.LAYOUT.update(kq_swap=good[0][0], v_swap=good[0][1])
-    return good
-
-
-def probe_old():
-    results = {}
-    for kq_swap, v_swap in itertools.product((False, True), repeat=2):
-        _sm90.LAYOUT.update(kq_swap=kq_swap, v_swap=v_swap)
-        errs = []
-        for rel in (False, True):
-            q, k, v, rh, rw = make(1, 2, (4, 64), (4, 64), 64, "bfloat16")
-            if not rel:
-                rh = rw = None
-            ref = reference(q, k, v, rh, rw, (4, 64), 0.125)
-            try:
-                out = run_sm90(q, k, v, rh, rw, (4, 64), 0.125)
-                cupy.cuda.get_current_stream().synchronize()
-                errs.append(err(out, ref))
-            except Exception as exc:
-                errs.append(repr(exc)[:200])
-        results[(kq_swap, v_swap)] = errs
-        print(f"[probe] kq_swap={kq_swap} v_swap={v_swap}: {errs}", flush=True)
-    good = [kv for kv, e in results.items() if all(isinstance(x, float) and x < 1e-2 for x in e)]
-    print(f"[probe] passing layouts: {good}")
-    if good:
-        _sm90.LAYOUT.update(kq_swap=good[0][0], v_swap=good[0][1])
-    return good
 
 
 def check():
@@ -237,21 +175,10 @@ def timing():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--probe", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--time", action="store_true")
-    ap.add_argument("--one", nargs=2, type=int)
     a = ap.parse_args()
-    if a.one:
-        errs = [probe_one(bool(a.one[0]), bool(a.one[1]), rel) for rel in (False, True)]
-        print(f"errors {errs}")
-        return 0 if all(e < 1e-2 for e in errs) else 3
     print(f"[sm90] {torch.cuda.get_device_name()}, cupy {cupy.__version__}, sm90: {_sm90.unavailable_reason()}")
-    t0 = time.time()
-    good = probe() if a.probe else [True]
-    print(f"[sm90] probe {time.time() - t0:.1f}s")
-    if not good:
-        return 1
     bad = check() if a.check else 0
     if a.time:
         timing()

@@ -414,23 +414,23 @@ class Attention:
         """fp16/bf16 on the GPU: cuBLAS projections (float32 accumulate, one rounding)
         and the tensor-core attention kernel on half-precision q, k, v."""
         from relattn._arrays import astype
-        from relattn.backends._cublas import contiguous, from_float32, linear
+        from relattn.backends._cublas import contiguous, linear_half
 
         xp = array_module(x)
         batch, height, width, dim = x.shape
         tokens = height * width
         weights = self._device_params(xp, x.dtype)
         biases = self._device_params(xp, np.dtype(np.float32))
-        qkv = from_float32(linear(contiguous(x).reshape(batch * tokens, dim), weights["qkv_weight"], biases["qkv_bias"]),
-                           x.dtype)
+        qkv = linear_half(contiguous(x).reshape(batch * tokens, dim), weights["qkv_weight"], biases["qkv_bias"],
+                          x.dtype)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         tables = (biases["rel_pos_h"], biases["rel_pos_w"]) if self.use_rel_pos else (None, None)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
         out = rel_pos_attention(q, k, v, *tables, *sizes, scale=self.scale, backend=self.backend)
         out = contiguous(astype(out, x.dtype).transpose(0, 2, 1, 3)).reshape(batch * tokens, dim)
-        out = linear(out, weights["proj_weight"], biases["proj_bias"])
-        return from_float32(out, x.dtype).reshape(batch, height, width, dim)
+        out = linear_half(out, weights["proj_weight"], biases["proj_bias"], x.dtype)
+        return out.reshape(batch, height, width, dim)
 
     def __repr__(self):
         extra = f", input_size={self.input_size}" if self.use_rel_pos else ""

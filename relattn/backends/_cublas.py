@@ -18,6 +18,30 @@ _CUBLAS_GEMM_DEFAULT = -1
 _CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
 
 _kernels: dict = {}
+_ONE = np.ones((), dtype=np.float32)
+_ZERO = np.zeros((), dtype=np.float32)
+
+# float32 (+ bias per column) -> one rounding to float16 / bfloat16, in one pass
+_ROUND_SRC = r"""
+extern "C" __global__ void relattn_bias_round(const float* __restrict__ x, const float* __restrict__ bias,
+                                              unsigned short* __restrict__ y, long long n, int m,
+                                              int has_bias, int to_bf16) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float f = x[i];
+        if (has_bias) f += bias[(int)(i % m)];
+        unsigned short h;
+        if (to_bf16) {
+            const unsigned int u = __float_as_uint(f);
+            h = ((u & 0x7fffffffu) > 0x7f800000u) ? (unsigned short)((u >> 16) | 0x40u)
+                                                  : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        } else {
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        }
+        y[i] = h;
+    }
+}
+"""
 
 
 def _type_code(dtype) -> int:
@@ -27,6 +51,15 @@ def _type_code(dtype) -> int:
     if name == "bfloat16":
         return _CUDA_R_16BF
     raise TypeError(f"expected float16 or bfloat16 operands, got {name}")
+
+
+def _operands(x2d, weight):
+    n, k = x2d.shape
+    m = weight.shape[0]
+    code = _type_code(x2d.dtype)
+    if x2d.dtype != weight.dtype or weight.shape[1] != k:
+        raise ValueError(f"weight: expected ({m}, {k}) {x2d.dtype}, got {weight.shape} {weight.dtype}")
+    return contiguous(x2d), n, m, k, code
 
 
 def linear(x2d, weight, bias=None):
@@ -43,21 +76,48 @@ def linear(x2d, weight, bias=None):
     cupy.ndarray, shape (n, m), float32
     """
     import cupy
-    from cupy_backends.cuda.libs import cublas
 
-    n, k = x2d.shape
-    m = weight.shape[0]
-    code = _type_code(x2d.dtype)
-    if x2d.dtype != weight.dtype or weight.shape[1] != k:
-        raise ValueError(f"weight: expected ({m}, {k}) {x2d.dtype}, got {weight.shape} {weight.dtype}")
-    x2d = contiguous(x2d)
+    x2d, n, m, k, code = _operands(x2d, weight)
     out = cupy.empty((n, m), dtype=np.float32)
     if bias is not None:
         out[...] = bias
-    alpha = np.array(1.0, dtype=np.float32)
-    beta = np.array(0.0 if bias is None else 1.0, dtype=np.float32)
     if n == 0 or m == 0:
         return out
+    _gemm(x2d, weight, out, code, n, m, k, _ZERO if bias is None else _ONE)
+    return out
+
+
+def linear_half(x2d, weight, bias, dtype):
+    """``x2d @ weight.T + bias`` rounded once to ``dtype`` (float16 / bfloat16).
+
+    Same arithmetic as ``from_float32(linear(x2d, weight, bias), dtype)`` (float32
+    accumulation, float32 bias add, one rounding) with two launches: the
+    cuBLAS product and one pass that adds the bias and rounds.
+    """
+    import cupy
+
+    x2d, n, m, k, code = _operands(x2d, weight)
+    acc = cupy.empty((n, m), dtype=np.float32)
+    out = cupy.empty((n, m), dtype=np.uint16)
+    if n == 0 or m == 0:
+        return out.view(dtype)
+    _gemm(x2d, weight, acc, code, n, m, k, _ZERO)
+    fn = _kernels.get("bias_round")
+    if fn is None:
+        fn = _kernels.setdefault("bias_round", cupy.RawKernel(_ROUND_SRC, "relattn_bias_round"))
+    total = n * m
+    blocks = int(min((total + 255) // 256, 65536))
+    has_bias = bias is not None
+    fn((blocks,), (256,), (acc, bias if has_bias else acc, out, np.int64(total), np.int32(m),
+                           np.int32(has_bias), np.int32(np.dtype(dtype).name == "bfloat16")))
+    return out.view(dtype)
+
+
+def _gemm(x2d, weight, out, code, n, m, k, beta):
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    alpha = _ONE
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     mode = cublas.getPointerMode(handle)
@@ -71,7 +131,6 @@ def linear(x2d, weight, bias=None):
                       _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(handle, mode)
-    return out
 
 
 def contiguous(x):

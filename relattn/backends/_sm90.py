@@ -30,13 +30,6 @@ _modules: dict = {}
 _status: dict = {}
 _source: list = []
 
-# Descriptor strides (bytes) for the no-swizzle core-matrix layout; see the
-# .cu file. K-major (Q, K): leading = K direction (next 16-byte chunk, 128 B
-# away), stride = next 8 rows (HD * 16 B). N-major (V): leading = next 8 keys,
-# stride = next 8 columns. Overridable for experiments.
-LAYOUT = {"kq_swap": False, "v_swap": False}
-
-
 def _wrappers() -> str:
     """C++ for struct RaWg<DT, N>: ``ss`` (A and B from shared memory) and
     ``rs`` (A from registers, B N-major from shared memory) wgmma m64nNk16."""
@@ -248,13 +241,9 @@ def attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, D, kh, kw, hd, dt, scale_log2, 
     if hd == 64:  # 128-byte swizzle: 8-row atoms of 1024 bytes
         kq = (16, 1024)    # leading unused (K-major swizzled), stride: next 8 rows
         vv = (8192, 1024)  # N-major swizzled: leading = next 64 columns, stride = next 8 keys
-    else:
+    else:  # no swizzle: core matrices 128 B apart along K, row groups hd * 16 B apart
         kq = (128, hd * 16)
-        vv = (hd * 16, 128)
-    if LAYOUT["kq_swap"]:
-        kq = kq[::-1]
-    if LAYOUT["v_swap"]:
-        vv = vv[::-1]
+        vv = (hd * 16, 128)  # N-major: leading = next 8 keys, stride = next 8 columns
     i64 = np.int64
     fn(
         grid, (128 * nwg,),
