@@ -349,3 +349,26 @@ def test_rel_terms_from_tables(grids, dtype, tdtype):
     assert rel_h.shape == (B, H, qh * qw, kh) and rel_w.shape == (B, H, qh * qw, kw)
     assert rel_l2(rel_h.get().astype(np.float64), ref_h.get().astype(np.float64)) <= 1e-6
     assert rel_l2(rel_w.get().astype(np.float64), ref_w.get().astype(np.float64)) <= 1e-6
+
+
+def test_sm90_build_failure_falls_back(monkeypatch):
+    """If NVRTC cannot build the sm_90a kernel, the call warns once and the
+    portable kernel computes the (correct) result; the reason is remembered."""
+    sm90 = _sm90()
+
+    def broken(name):
+        raise RuntimeError("simulated NVRTC failure")
+
+    monkeypatch.setattr(sm90, "_compile", broken)
+    monkeypatch.setattr(sm90, "_functions", {})
+    monkeypatch.setattr(sm90, "_status", {})
+    rng = np.random.default_rng(3)
+    dev, host = make_case(rng, 1, 2, (8, 64), (8, 64), 64, "bfloat16")
+    with pytest.warns(RuntimeWarning, match="simulated NVRTC failure"):
+        run_and_check(dev, host, (8, 64), 0.125, "bfloat16")
+    assert "simulated NVRTC failure" in sm90.unavailable_reason()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second attempt, no second warning
+        run_and_check(dev, host, (8, 64), 0.125, "bfloat16")

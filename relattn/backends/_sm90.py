@@ -24,6 +24,10 @@ _OPTIONS = ("-arch=sm_90a", "-std=c++17", "--use_fast_math")
 _BNS = (64, 128)
 _HDS = tuple(range(16, 129, 16))
 
+class BuildError(RuntimeError):
+    """The sm_90a kernel could not be built here (the caller falls back)."""
+
+
 _lock = threading.Lock()
 _functions: dict = {}
 _modules: dict = {}
@@ -169,7 +173,13 @@ def get_kernel(dt: int, hd: int, nwg: int, bn: int, rel: int, smem: int):
         fn = _functions.get(key)
         if fn is not None:
             return fn
-        cubin, lowered = _compile(kernel_name(dt, hd, nwg, bn, rel))
+        try:
+            cubin, lowered = _compile(kernel_name(dt, hd, nwg, bn, rel))
+        except Exception as exc:
+            # e.g. an NVRTC without sm_90a support: the portable kernel takes over
+            why = f"building the sm_90a kernel failed ({type(exc).__name__}: {exc})".splitlines()[0]
+            _status[("avail", dev)] = why
+            raise BuildError(why) from exc
         mod = cupy.cuda.function.Module()
         mod.load(cubin)
         fn = mod.get_function(lowered)

@@ -248,11 +248,17 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
         if cfg is not None:
             from relattn.backends import _sm90
 
-            _sm90.attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, d8, kh, kw, hd,
-                            1 if kind == "bfloat16" else 0, float(scale) * _LOG2E, cfg)
-            if d8 != D:
-                out.view(cupy.uint16)[...] = ou[..., :D]
-            return out
+            try:
+                _sm90.attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, d8, kh, kw, hd,
+                                1 if kind == "bfloat16" else 0, float(scale) * _LOG2E, cfg)
+            except _sm90.BuildError as exc:
+                import warnings
+
+                warnings.warn(f"relattn: {exc}; using the portable mma.sync kernel", RuntimeWarning, stacklevel=2)
+            else:
+                if d8 != D:
+                    out.view(cupy.uint16)[...] = ou[..., :D]
+                return out
         mw = _choose_mw(hd, rel)
         smem = 2 * 2 * 64 * (hd + 8) * 2
         if rel == 1 and mw == 2:
