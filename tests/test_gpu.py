@@ -372,3 +372,35 @@ def test_sm90_build_failure_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second attempt, no second warning
         run_and_check(dev, host, (8, 64), 0.125, "bfloat16")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "odd_dim", "offset_table"])
+@pytest.mark.parametrize("tdtype", ["bfloat16", "float32"])
+def test_rel_terms_load_paths(layout, tdtype):
+    """The rel-term kernel's 16-byte loader and its element-wise fallback
+    (odd head dim, q rows not 16-byte aligned, a table view at an odd offset)
+    against float64."""
+    from relattn.relpos import get_rel_pos
+
+    rng = np.random.default_rng(11)
+    B, H, qh, qw = 2, 3, 6, 10
+    D = 20 if layout == "odd_dim" else 64
+    qfull, qr_full = to_dev(rng.standard_normal((B, H, qh * qw, D + 4)), "bfloat16")
+    if layout == "strided":  # rows 68 elements apart: not 16-byte aligned
+        q, qr = qfull[..., 2:D + 2], qr_full[..., 2:D + 2]
+    else:
+        q, qr = to_dev(rng.standard_normal((B, H, qh * qw, D)), "bfloat16")
+    th_full, thr_full = to_dev(rng.standard_normal((2 * qh - 1 + 1, D)), tdtype)
+    tw, twr = to_dev(rng.standard_normal((2 * qw - 1, D)), tdtype)
+    if layout == "offset_table":  # a view one row in: 16-byte aligned only for D % 8 == 0 rows
+        th_full, thr_full = to_dev(rng.standard_normal((2 * qh - 1) * D + 1), tdtype)
+        th = th_full[1:].reshape(2 * qh - 1, D)
+        thr = thr_full[1:].reshape(2 * qh - 1, D)
+    else:
+        th, thr = th_full[1:], thr_full[1:]
+    rel_h, rel_w = gpu.rel_terms_from_tables(q, th, tw, (qh, qw), (qh, qw))
+    r = qr.reshape(B, H, qh, qw, D)
+    ref_h = np.einsum("bhyxc,ykc->bhyxk", r, get_rel_pos(qh, qh, thr)).reshape(B, H, qh * qw, qh)
+    ref_w = np.einsum("bhyxc,xkc->bhyxk", r, get_rel_pos(qw, qw, twr)).reshape(B, H, qh * qw, qw)
+    assert rel_l2(rel_h.get().astype(np.float64), ref_h) <= 1e-5
+    assert rel_l2(rel_w.get().astype(np.float64), ref_w) <= 1e-5

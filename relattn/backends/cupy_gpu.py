@@ -412,10 +412,13 @@ def _launch_terms_mma(qv, st, dt, D, th, tw, idx_h, idx_w, rel_h, rel_w, H, qh, 
         th, tw = th.astype("float32"), tw.astype("float32")
         tt_h = 2
     fn = _get_kernel("relterms_mma", _pad16(D), (dt, tt_h), 0)
+    # 16-byte loads when every row start is 16-byte aligned
+    vec = (D % 8 == 0 and all(s_ % 8 == 0 for s_ in st[:3]) and qv.data.ptr % 16 == 0
+           and th.data.ptr % 16 == 0 and tw.data.ptr % 16 == 0)
     fn((nblk_h + nblk_w,), (128,),
        (qv, th, tw, idx_h, idx_w, rel_h, rel_w,
         np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
-        _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))
+        _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h), np.int32(vec)))
 
 
 def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):

@@ -775,7 +775,7 @@ relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, con
                      const int* __restrict__ idx_h, const int* __restrict__ idx_w,
                      float* __restrict__ rel_h, float* __restrict__ rel_w,
                      int H, int qh, int qw, int D, int kh, int kw,
-                     long long qsb, long long qsh, long long qss, int BH, int nblk_h)
+                     long long qsb, long long qsh, long long qss, int BH, int nblk_h, int vec)
 {
     constexpr int SROW = HD + 8;
     __shared__ __align__(16) u16 sA[64 * SROW];
@@ -820,15 +820,60 @@ relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, con
         sToff[tid] = (kk < K) ? (long long)tidx[kk] * D : -1;
     }
     __syncthreads();
-    for (int c = tid; c < 64 * HD; c += 128) {
-        const int r = c / HD, d = c - (c / HD) * HD;
-        const long long qo = sQoff[r];
-        sA[r * SROW + d] = (qo >= 0 && d < D) ? q[qo + d] : (u16)0;
-        const long long to = sToff[r];
-        const float x = (to >= 0 && d < D) ? ra_table_f32<TT>(T, to + d) : 0.f;
-        const u16 hi = ra_to16<DT>(x);
-        sBh[r * SROW + d] = hi;
-        sBl[r * SROW + d] = ra_to16<DT>(x - ra_from16<DT>(hi));
+    if (vec) {
+        // 16-byte loads: q rows, strides and D multiples of 8 elements, 16-byte
+        // aligned q and tables (checked by the caller)
+        constexpr int CPR = HD / 8;
+        for (int c = tid; c < 64 * CPR; c += 128) {
+            const int r = c / CPR, d = (c - (c / CPR) * CPR) * 8;
+            const long long qo = sQoff[r];
+            uint4 a = make_uint4(0u, 0u, 0u, 0u);
+            if (qo >= 0 && d < D) a = __ldg(reinterpret_cast<const uint4*>(q + qo + d));
+            *reinterpret_cast<uint4*>(sA + r * SROW + d) = a;
+            const long long to = sToff[r];
+            float x[8];
+            if (to >= 0 && d < D) {
+                if (TT == 2) {
+                    const float4 lo4 = __ldg(reinterpret_cast<const float4*>(reinterpret_cast<const float*>(T) + to + d));
+                    const float4 hi4 = __ldg(reinterpret_cast<const float4*>(reinterpret_cast<const float*>(T) + to + d + 4));
+                    x[0] = lo4.x; x[1] = lo4.y; x[2] = lo4.z; x[3] = lo4.w;
+                    x[4] = hi4.x; x[5] = hi4.y; x[6] = hi4.z; x[7] = hi4.w;
+                } else {
+                    const uint4 w = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(T) + to + d));
+                    const u32 wv[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        x[2 * e] = ra_from16<TT>((u16)(wv[e] & 0xffffu));
+                        x[2 * e + 1] = ra_from16<TT>((u16)(wv[e] >> 16));
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) x[e] = 0.f;
+            }
+            u32 ph[4], pl[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u16 h0 = ra_to16<DT>(x[2 * e]), h1 = ra_to16<DT>(x[2 * e + 1]);
+                const u16 l0 = ra_to16<DT>(x[2 * e] - ra_from16<DT>(h0));
+                const u16 l1 = ra_to16<DT>(x[2 * e + 1] - ra_from16<DT>(h1));
+                ph[e] = (u32)h0 | ((u32)h1 << 16);
+                pl[e] = (u32)l0 | ((u32)l1 << 16);
+            }
+            *reinterpret_cast<uint4*>(sBh + r * SROW + d) = make_uint4(ph[0], ph[1], ph[2], ph[3]);
+            *reinterpret_cast<uint4*>(sBl + r * SROW + d) = make_uint4(pl[0], pl[1], pl[2], pl[3]);
+        }
+    } else {
+        for (int c = tid; c < 64 * HD; c += 128) {
+            const int r = c / HD, d = c - (c / HD) * HD;
+            const long long qo = sQoff[r];
+            sA[r * SROW + d] = (qo >= 0 && d < D) ? q[qo + d] : (u16)0;
+            const long long to = sToff[r];
+            const float x = (to >= 0 && d < D) ? ra_table_f32<TT>(T, to + d) : 0.f;
+            const u16 hi = ra_to16<DT>(x);
+            sBh[r * SROW + d] = hi;
+            sBl[r * SROW + d] = ra_to16<DT>(x - ra_from16<DT>(hi));
+        }
     }
     __syncthreads();
 
