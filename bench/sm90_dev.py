@@ -107,6 +107,9 @@ def check():
     return bad
 
 
+CFGS = ["1,64,2", "1,64,3", "2,64,2", "2,64,3", "3,64,2", "3,64,3", "2,128,2", "1,128,2"]
+
+
 def timing():
     cases = [
         ("SAM-B global", 1, 12, 64, 64, 64),
@@ -145,16 +148,16 @@ def timing():
         os.environ["RELATTN_SM90"] = "0"
         row["mma.sync"] = graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (qh, qw), scale))
         os.environ.pop("RELATTN_SM90")
-        for nwg, bn in ((1, 64), (1, 128), (2, 64), (2, 128)):
-            os.environ["RELATTN_SM90_CFG"] = f"{nwg},{bn}"
+        for c in CFGS:
+            os.environ["RELATTN_SM90_CFG"] = c
             try:
                 out = gpu.attention(q, k, v, rh, rw, (qh, qw), scale)
                 e = err(out, ref)
                 t = graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (qh, qw), scale))
-                row[f"wg{nwg}x{bn}"] = t
-                row[f"err{nwg}x{bn}"] = e
+                row[f"wg{c}"] = t
+                row[f"err{c}"] = e
             except Exception as exc:
-                print(f"[time] {name} {nwg}x{bn}: {exc!r}"[:300])
+                print(f"[time] {name} {c}: {exc!r}"[:300])
         os.environ.pop("RELATTN_SM90_CFG")
         out = gpu.attention(q, k, v, rh, rw, (qh, qw), scale)
         row["default_err"] = err(out, ref)
@@ -166,7 +169,7 @@ def timing():
         del ref
         cupy.get_default_memory_pool().free_all_blocks()
     print(f"\n{torch.cuda.get_device_name()} (CUDA graph, ms)")
-    keys = ["flash", "seed", "terms", "mma.sync", "wg1x64", "wg1x128", "wg2x64", "wg2x128", "default", "default+terms"]
+    keys = ["flash", "seed", "terms", "mma.sync"] + [f"wg{c}" for c in CFGS] + ["default", "default+terms"]
     print(f"{'case':15} " + " ".join(f"{kk:>9}" for kk in keys) + "  ratio(default+terms/flash)")
     for r in rows:
         print(f"{r['case']:15} " + " ".join(f"{r.get(kk, float('nan')):9.4f}" for kk in keys)

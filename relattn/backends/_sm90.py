@@ -75,8 +75,8 @@ def source() -> str:
     return _source[0]
 
 
-def kernel_name(dt: int, hd: int, nwg: int, bn: int, rel: int) -> str:
-    return f"relattn_wg<{dt}, {hd}, {nwg}, {bn}, {rel}>"
+def kernel_name(dt: int, hd: int, nwg: int, bn: int, rel: int, st: int) -> str:
+    return f"relattn_wg<{dt}, {hd}, {nwg}, {bn}, {rel}, {st}>"
 
 
 def unavailable_reason(device=None):
@@ -161,11 +161,11 @@ def _compile(name: str):
     return cubin, lowered
 
 
-def get_kernel(dt: int, hd: int, nwg: int, bn: int, rel: int, smem: int):
+def get_kernel(dt: int, hd: int, nwg: int, bn: int, rel: int, st: int):
     import cupy
 
     dev = cupy.cuda.Device().id
-    key = (dt, hd, nwg, bn, rel, dev)
+    key = (dt, hd, nwg, bn, rel, st, dev)
     fn = _functions.get(key)
     if fn is not None:
         return fn
@@ -174,7 +174,7 @@ def get_kernel(dt: int, hd: int, nwg: int, bn: int, rel: int, smem: int):
         if fn is not None:
             return fn
         try:
-            cubin, lowered = _compile(kernel_name(dt, hd, nwg, bn, rel))
+            cubin, lowered = _compile(kernel_name(dt, hd, nwg, bn, rel, st))
         except Exception as exc:
             # e.g. an NVRTC without sm_90a support: the portable kernel takes over
             why = f"building the sm_90a kernel failed ({type(exc).__name__}: {exc})".splitlines()[0]
@@ -196,8 +196,8 @@ def _set_smem(fn, smem):
     driver.funcSetAttribute(fn.ptr, attr, int(smem))
 
 
-def smem_bytes(hd: int, nwg: int, bn: int, rel: int, kh: int, kw: int) -> int:
-    n = 64 * nwg * hd * 2 + 4 * bn * hd * 2 + 1024  # + 1024: alignment of the swizzled tiles
+def smem_bytes(hd: int, nwg: int, bn: int, rel: int, kh: int, kw: int, st: int = 2) -> int:
+    n = 64 * nwg * hd * 2 + 2 * st * bn * hd * 2 + 1024  # + 1024: alignment of the swizzled tiles
     if rel == 2:
         n += 64 * nwg * ((kh + kw) | 1) * 4
     return n
@@ -207,16 +207,19 @@ MAX_SMEM = 227 * 1024
 
 
 def choose(hd: int, sq: int, sk: int, kh: int, kw: int, has_rel: bool):
-    """(nwg, bn, rel) for a problem, or None when this kernel should not take it."""
+    """(nwg, bn, rel, stages) for a problem, or None when this kernel should not take it."""
     if not has_rel:
         rel = 0
     elif kw == 64:
         rel = 1
     else:
         rel = 2
-    env = os.environ.get("RELATTN_SM90_CFG")  # "nwg,bn" for experiments
+    env = os.environ.get("RELATTN_SM90_CFG")  # "nwg,bn[,stages]" for experiments
+    st = 2
     if env:
-        nwg, bn = (int(x) for x in env.split(","))
+        parts = [int(x) for x in env.split(",")]
+        nwg, bn = parts[:2]
+        st = parts[2] if len(parts) > 2 else 2
     elif hd == 64 and rel != 2:
         # measured (H200, bf16, CUDA graph): SAM-B global 0.220 ms with one
         # warpgroup and 64-key tiles, 0.238 ms with (2, 128), 0.268 ms for the
@@ -229,18 +232,18 @@ def choose(hd: int, sq: int, sk: int, kh: int, kw: int, has_rel: bool):
         return None
     if rel == 1 and bn % 64:
         rel = 2
-    if smem_bytes(hd, nwg, bn, rel, kh, kw) > MAX_SMEM:
+    if smem_bytes(hd, nwg, bn, rel, kh, kw, st) > MAX_SMEM:
         return None
-    return nwg, bn, rel
+    return nwg, bn, rel, st
 
 
 def attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, D, kh, kw, hd, dt, scale_log2, cfg):
     """Launch relattn_wg on prepared 16-bit views (see cupy_gpu.attention)."""
     import numpy as np
 
-    nwg, bn, rel = cfg
-    smem = smem_bytes(hd, nwg, bn, rel, kh, kw)
-    fn = get_kernel(dt, hd, nwg, bn, rel, smem)
+    nwg, bn, rel, st = cfg
+    smem = smem_bytes(hd, nwg, bn, rel, kh, kw, st)
+    fn = get_kernel(dt, hd, nwg, bn, rel, st)
     B = int(qu.shape[0])
     bm = 64 * nwg
     grid = (B * H * ((Sq + bm - 1) // bm),)
