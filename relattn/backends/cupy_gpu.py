@@ -4,8 +4,11 @@ The kernels live in ``cuda/relattn_kernels.cu`` beside this file and are
 compiled at run time through ``cupy.RawModule`` (NVRTC), once per
 (dtype, padded head_dim, device). float16 / bfloat16 run on tensor cores
 (``mma.sync``) with float32 accumulation; float32 and float64 run an exact
-SIMT kernel (plain FMA, no TF32). The S x S bias is never materialized: the
-kernels add ``rel_h[i, ky] + rel_w[i, kx]`` per key tile.
+SIMT kernel (plain FMA, no TF32). On compute capability 9.0, head_dim 64 with
+k_w == 64 (or no tables) runs the ``wgmma`` kernel of ``cuda/relattn_sm90.cu``
+instead (see ``_sm90.py``). The S x S bias is never materialized: the kernels
+add ``rel_h[i, ky] + rel_w[i, kx]`` per key tile; ``rel_terms`` /
+``rel_terms_from_tables`` compute those terms on the GPU.
 
 Importing this module does not import CuPy.
 """
