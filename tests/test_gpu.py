@@ -7,8 +7,6 @@ a stable softmax, then ``@ v``.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import zlib
 
 import numpy as np
@@ -26,22 +24,7 @@ if _NDEV < 1:
 pytestmark = pytest.mark.gpu
 
 
-def _load_backend():
-    try:
-        from relattn.backends import cupy_gpu
-
-        return cupy_gpu
-    except Exception:
-        # the package may be mid-edit: load the module file on its own
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                            "relattn", "backends", "cupy_gpu.py")
-        spec = importlib.util.spec_from_file_location("_relattn_cupy_gpu_direct", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
-gpu = _load_backend()
+from relattn.backends import cupy_gpu as gpu  # noqa: E402
 
 
 def _ml_dtypes():

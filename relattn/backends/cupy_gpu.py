@@ -15,7 +15,6 @@ Importing this module does not import CuPy.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 
