@@ -21,6 +21,7 @@ SECTIONS = [
     ("The layer", ["Attention"]),
     ("Checkpoints", ["load_checkpoint", "save_checkpoint", "attention_layers", "AttentionLayerInfo",
                      "resize_checkpoint_tables"]),
+    ("GPU float32 precision", ["get_gpu_float32_mode", "set_gpu_float32_mode", "gpu_float32_mode"]),
 ]
 EXTRA = [
     ("relattn.array_api", relattn.array_api, ["rel_pos_attention"]),

@@ -15,6 +15,7 @@ from relattn.checkpoint import (
 )
 from relattn.functional import BackendError, explain, rel_pos_attention
 from relattn.module import Attention
+from relattn.precision import get_gpu_float32_mode, gpu_float32_mode, set_gpu_float32_mode
 from relattn.relpos import decomposed_rel_pos, get_rel_pos, resize_rel_pos
 from relattn.window import window_partition, window_unpartition
 
@@ -28,10 +29,13 @@ __all__ = [
     "load_checkpoint",
     "resize_checkpoint_tables",
     "save_checkpoint",
+    "set_gpu_float32_mode",
     "backends",
     "decomposed_rel_pos",
     "explain",
+    "get_gpu_float32_mode",
     "get_rel_pos",
+    "gpu_float32_mode",
     "rel_pos_attention",
     "resize_rel_pos",
     "window_partition",

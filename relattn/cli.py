@@ -171,9 +171,10 @@ def cmd_bench(args) -> int:
     steps += len(grids) * (len(chosen) + 2 * with_torch)
     progress = _bench.Progress(steps)
     results = []
-    for name in names:
-        results += _bench.run_case(_bench.CASES[name], chosen, dtype=args.dtype, with_torch=with_torch,
-                                   budget_s=args.budget, log=progress.step)
+    with relattn.gpu_float32_mode(args.gpu_float32):
+        for name in names:
+            results += _bench.run_case(_bench.CASES[name], chosen, dtype=args.dtype, with_torch=with_torch,
+                                       budget_s=args.budget, log=progress.step)
     print(_bench.format_table(results))
     if "numba" in chosen and args.first_call:
         times = _bench.numba_first_call_times()
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     bench.add_argument("--backend", action="append", choices=backends.names())
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
+    bench.add_argument("--gpu-float32", default=relattn.get_gpu_float32_mode(), choices=relattn.precision.GPU_FLOAT32_MODES,
+                       help="how float32 runs on the GPU (see relattn.set_gpu_float32_mode)")
     bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
     bench.add_argument("--first-call", action="store_true",
                        help="also time numba's first call in fresh processes, cold and warm kernel cache")

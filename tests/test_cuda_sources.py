@@ -90,6 +90,7 @@ def test_portable_kernels_compile(tmp_path):
         "relattn_simt<float, 64, 2>", "relattn_simt<double, 80, 0>",
         "relattn_relterms<1>", "relattn_relterms<2>",
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
+        "relattn_tf32<64, 3, 1>", "relattn_tf32<80, 1, 2>", "relattn_tf32<32, 3, 0>",
     ]
     for n in names:  # every name is one the backend can ask NVRTC for
         kind = n.split("<")[0]

@@ -387,3 +387,39 @@ def test_rel_terms_load_paths(layout, tdtype):
     ref_w = np.einsum("bhyxc,xkc->bhyxk", r, get_rel_pos(qw, qw, twr)).reshape(B, H, qh * qw, qw)
     assert rel_l2(rel_h.get().astype(np.float64), ref_h) <= 1e-5
     assert rel_l2(rel_w.get().astype(np.float64), ref_w) <= 1e-5
+
+
+# ------------------------------------------------ float32 on tensor cores
+@pytest.mark.parametrize("mode, tol", [("3xtf32", 1e-5), ("tf32", 5e-3)])
+@pytest.mark.parametrize("shape", [(1, 2, (16, 64), (16, 64), 64), (2, 3, (14, 14), (14, 14), 64),
+                                   (1, 2, (9, 64), (5, 64), 64), (1, 2, (15, 20), (10, 30), 64),
+                                   (1, 2, (8, 64), (8, 64), 80), (1, 1, (5, 9), (5, 9), 128),
+                                   (2, 2, (7, 7), (7, 7), 20), (1, 1, (1, 1), (1, 3), 64)])
+def test_float32_tensor_core_modes(shape, mode, tol):
+    import relattn
+
+    B, H, qg, kg, D = shape
+    rng = np.random.default_rng(zlib.crc32(repr((shape, mode)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, "float32")
+    with relattn.gpu_float32_mode(mode):
+        run_and_check(dev, host, kg, D ** -0.5, "float32", tol=tol)
+        q, k, v, _, _ = dev
+        plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)
+    ref = reference(*host[:3], None, None, kg, D ** -0.5)
+    assert rel_l2(from_dev(plain), ref) <= tol
+    assert relattn.get_gpu_float32_mode() == "fma"
+
+
+def test_float32_tensor_core_strided_views_and_public_call():
+    import relattn
+
+    rng = np.random.default_rng(17)
+    B, S, H, d = 1, 196, 3, 64
+    qkv = cupy.asarray(rng.standard_normal((B, S, 3, H, d)).astype(np.float32))
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    th = cupy.asarray(rng.standard_normal((27, d)).astype(np.float32))
+    tw = cupy.asarray(rng.standard_normal((27, d)).astype(np.float32))
+    exact = relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))
+    with relattn.gpu_float32_mode("3xtf32"):
+        fast = relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))
+    assert rel_l2(from_dev(fast), from_dev(exact)) <= 1e-5

@@ -136,6 +136,8 @@ def _names(kind: str, hd: int):
     if kind in _HALF_NAMES:
         dt = 1 if kind == "bfloat16" else 0
         return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
+    if kind == "tf32":
+        return {(split, rel): f"relattn_tf32<{hd}, {split}, {rel}>" for split in (1, 3) for rel in (0, 1, 2)}
     t = "float" if kind == "float32" else "double"
     return {rel: f"relattn_simt<{t}, {hd}, {rel}>" for rel in (0, 2)}
 
@@ -283,6 +285,13 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
             out.view(cupy.uint16)[...] = ou[..., :D]
         return out
 
+    if kind == "float32":
+        from relattn.precision import get_gpu_float32_mode
+
+        mode = get_gpu_float32_mode()
+        if mode != "fma":
+            return _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, 3 if mode == "3xtf32" else 1)
+
     # float32 / float64: exact SIMT kernel, strided loads
     T = cupy.float32 if kind == "float32" else cupy.float64
     hd = _pad16(D)
@@ -311,6 +320,58 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
          np.float32(sc) if kind == "float32" else np.float64(sc), np.float32(1.0 / kw)),
         shared_mem=smem,
     )
+    return out
+
+
+def _prep_f32(x, d4: int):
+    """float32 view usable by the TF32 kernel: last stride 1, row strides
+    multiples of 4 elements, 16-byte aligned base, last dim padded to d4."""
+    import cupy
+
+    d = x.shape[-1]
+    if d != d4:
+        p = cupy.zeros(x.shape[:-1] + (d4,), dtype=cupy.float32)
+        p[..., :d] = x
+        return p
+    st = _elem_strides(x)
+    ok = (x.strides[-1] == 4 or d == 1) and all(s % 4 == 0 for s in st[:3]) and x.data.ptr % 16 == 0
+    return x if ok else cupy.ascontiguousarray(x)
+
+
+def _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, split):
+    """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1)."""
+    import cupy
+    import numpy as np
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    Sk = int(k.shape[2])
+    d4 = (D + 3) // 4 * 4
+    hd = _pad16(d4)
+    qf, kf, vf = _prep_f32(q, d4), _prep_f32(k, d4), _prep_f32(v, d4)
+    if has_rel:
+        rh = cupy.ascontiguousarray(rel_h, dtype=cupy.float32)
+        rw = cupy.ascontiguousarray(rel_w, dtype=cupy.float32)
+        rel = 1 if kw == 64 else 2
+    else:
+        rh = rw = cupy.zeros((1,), dtype=cupy.float32)
+        rel = 0
+        kh, kw = 1, max(Sk, 1)
+    smem = (64 * (hd + 4) + 2 * (64 * (hd + 4) + 64 * (hd + 8))) * 4
+    fn = _get_kernel("tf32", hd, (split, rel), smem)
+    of = out if d4 == D else cupy.empty((B, H, Sq, d4), dtype=cupy.float32)
+    qs, ks, vs = _elem_strides(qf), _elem_strides(kf), _elem_strides(vf)
+    fn(
+        (B * H * ((Sq + 63) // 64),), (128,),
+        (qf, kf, vf, rh, rw, of,
+         np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d4), np.int32(kh), np.int32(kw),
+         _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
+         _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
+         _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
+         np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw)),
+        shared_mem=smem,
+    )
+    if d4 != D:
+        out[...] = of[..., :D]
     return out
 
 

@@ -918,3 +918,253 @@ relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, con
             }
     }
 }
+
+// ------------------------------------------- float32 on tensor cores (TF32)
+// relattn_tf32<HD, SPLIT, REL>: float32 q, k, v on mma.sync m16n8k8 TF32.
+// SPLIT = 3: every operand x is split into x_big = tf32(x) and
+// x_small = tf32(x - x_big) and a.b = a_big.b_big + a_big.b_small +
+// a_small.b_big (3xTF32: float32-level error). SPLIT = 1: plain TF32 (opt-in;
+// ~1e-3 relative error, like PyTorch's allow_tf32).
+// 4 warps x 16 query rows, 64-key tiles double-buffered with cp.async.
+// Key order inside each 8-key block is permuted for S = Q K^T (accumulator
+// column 2m <-> key m, 2m + 1 <-> key m + 4) so that S's accumulator fragment
+// is exactly the A fragment P needs for O += P V (no shuffles).
+// q, k, v: float32, last stride 1, row strides multiples of 4, 16-byte aligned
+// (the caller copies otherwise). rel_h / rel_w: float32 contiguous.
+__device__ __forceinline__ u32 ra_tf32(float x) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void ra_mma_tf32(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// c += a . b with SPLIT terms; a[4], b[2] are float32 values
+template <int SPLIT>
+__device__ __forceinline__ void ra_mma_f32(float* c, const float* a, const float* b) {
+    u32 ab[4], bb[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ab[i] = ra_tf32(a[i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) bb[i] = ra_tf32(b[i]);
+    if (SPLIT == 3) {
+        u32 as[4], bs[2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) as[i] = ra_tf32(a[i] - __uint_as_float(ab[i]));
+#pragma unroll
+        for (int i = 0; i < 2; ++i) bs[i] = ra_tf32(b[i] - __uint_as_float(bb[i]));
+        // small terms first: they are the least significant
+        ra_mma_tf32(c, as[0], as[1], as[2], as[3], bb[0], bb[1]);
+        ra_mma_tf32(c, ab[0], ab[1], ab[2], ab[3], bs[0], bs[1]);
+    }
+    ra_mma_tf32(c, ab[0], ab[1], ab[2], ab[3], bb[0], bb[1]);
+}
+
+template <int HD, int SPLIT, int REL>
+__global__ void __launch_bounds__(128)
+relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+             const float* __restrict__ rel_h, const float* __restrict__ rel_w,
+             float* __restrict__ out,
+             int H, int Sq, int Sk, int D, int kh, int kw,
+             long long qsb, long long qsh, long long qss,
+             long long ksb, long long ksh, long long kss,
+             long long vsb, long long vsh, long long vss,
+             float scale_log2, float inv_kw)
+{
+    constexpr int BM = 64, BN = 64;
+    constexpr int QROW = HD + 4;           // Q / K rows: banks 4 r + c, conflict-free fragments
+    constexpr int VROW = HD + 8;           // V rows: banks 8 r + c
+    constexpr int KT = BN * QROW, VT = BN * VROW;
+    constexpr int ND = HD / 8;             // output column blocks
+
+    extern __shared__ __align__(16) unsigned char ra_smem_raw[];
+    float* sQ = reinterpret_cast<float*>(ra_smem_raw);
+    float* sKV = sQ + BM * QROW;           // stage s: K at sKV + s (KT + VT), V after it
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int pg = (g & 1) ? (g >> 1) + 4 : (g >> 1);   // key of accumulator column g
+
+    const int mtiles = (Sq + BM - 1) / BM;
+    const int mt = blockIdx.x % mtiles;
+    const int bh = blockIdx.x / mtiles;
+    const int b = bh / H, h = bh - b * H;
+    const int m0 = mt * BM;
+    const float* qb = q + b * qsb + h * qsh;
+    const float* kb = k + b * ksb + h * ksh;
+    const float* vb = v + b * vsb + h * vsh;
+
+    auto load_rows = [&](float* dst, int drow, const float* src, long long sstride, int row0, int nrows) {
+        constexpr int CH = HD / 4;         // 16-byte chunks per row
+        for (int c = tid; c < 64 * CH; c += 128) {
+            const int r = c / CH, col = (c - (c / CH) * CH) * 4;
+            const int row = row0 + r;
+            const bool ok = (row < nrows) && (col < D);
+            const float* s = ok ? src + (long long)row * sstride + col : src;
+            ra_cp_async16(ra_smem_addr(dst + r * drow + col), s, ok ? 16 : 0);
+        }
+    };
+    auto load_tile = [&](int stage, int j0) {
+        float* dK = sKV + stage * (KT + VT);
+        load_rows(dK, QROW, kb, kss, j0, Sk);
+        load_rows(dK + KT, VROW, vb, vss, j0, Sk);
+        ra_cp_commit();
+    };
+
+    load_rows(sQ, QROW, qb, qss, m0, Sq);
+    load_tile(0, 0);   // the Q copies join this commit group
+
+    int rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
+    const float* rh_row[2];
+    const float* rw_row[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int r = min(rows[rr], Sq - 1);
+        rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
+        rw_row[rr] = rel_w + ((long long)bh * Sq + r) * kw;
+    }
+    // REL == 1 (k_w == 64): rel_w of this thread's keys nb * 8 + t (+ 4), log2 domain
+    float rwc[2][(REL == 1) ? 8 : 1][2];
+    if (REL == 1) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                rwc[rr][(REL == 1) ? nb : 0][0] = __ldg(rw_row[rr] + nb * 8 + t) * RA_LOG2E;
+                rwc[rr][(REL == 1) ? nb : 0][1] = __ldg(rw_row[rr] + nb * 8 + t + 4) * RA_LOG2E;
+            }
+    }
+
+    float o[ND][4];
+#pragma unroll
+    for (int d = 0; d < ND; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
+    float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
+
+    const float* qw = sQ + (warp * 16 + g) * QROW;   // this thread's Q rows g and g + 8
+    const int ntiles = (Sk + BN - 1) / BN;
+    for (int n = 0; n < ntiles; ++n) {
+        const int j0 = n * BN;
+        float rh1[2];
+        if (REL == 1) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) rh1[rr] = __ldg(rh_row[rr] + min(n, kh - 1)) * RA_LOG2E;
+        }
+        if (n + 1 < ntiles) {
+            load_tile((n + 1) & 1, j0 + BN);
+            ra_cp_wait<1>();
+        } else {
+            ra_cp_wait<0>();
+        }
+        __syncthreads();
+        const float* cK = sKV + (n & 1) * (KT + VT);
+        const float* cV = cK + KT;
+
+        // ---- S = Q K^T (columns in the permuted key order)
+        float s[8][4];
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < HD / 8; ++ks) {
+            const float a[4] = {qw[ks * 8 + t], qw[8 * QROW + ks * 8 + t],
+                                qw[ks * 8 + t + 4], qw[8 * QROW + ks * 8 + t + 4]};
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                const float* kr = cK + (nb * 8 + pg) * QROW + ks * 8;
+                const float bk[2] = {kr[t], kr[t + 4]};
+                ra_mma_f32<SPLIT>(s[nb], a, bk);
+            }
+        }
+
+        // ---- scale, relative terms, mask; element (nb, e): row rr = e >> 1,
+        //      key j0 + nb * 8 + t + 4 * (e & 1)
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int rr = e >> 1, hi = e & 1;
+                const int key = j0 + nb * 8 + t + 4 * hi;
+                float bias = 0.f;
+                if (REL == 1) {
+                    bias = rwc[rr][(REL == 1) ? nb : 0][hi] + rh1[rr];
+                } else if (REL == 2) {
+                    if (key < Sk) {
+                        int ky, kx;
+                        ra_split_key(key, kw, inv_kw, ky, kx);
+                        bias = (__ldg(rh_row[rr] + ky) + __ldg(rw_row[rr] + kx)) * RA_LOG2E;
+                    }
+                }
+                s[nb][e] = (key < Sk) ? fmaf(s[nb][e], scale_log2, bias) : -RA_INF;
+            }
+
+        // ---- online softmax
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float mx = -RA_INF;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * rr], s[nb][2 * rr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_run[rr], mx);
+            const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
+            const float alpha = ra_exp2(m_run[rr] - m_use);
+            m_run[rr] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb) {
+                const float p0 = ra_exp2(s[nb][2 * rr] - m_use);
+                const float p1 = ra_exp2(s[nb][2 * rr + 1] - m_use);
+                s[nb][2 * rr] = p0;
+                s[nb][2 * rr + 1] = p1;
+                sum += p0 + p1;
+            }
+            l_run[rr] = l_run[rr] * alpha + sum;
+#pragma unroll
+            for (int d = 0; d < ND; ++d) {
+                o[d][2 * rr] *= alpha;
+                o[d][2 * rr + 1] *= alpha;
+            }
+        }
+
+        // ---- O += P V: P's A fragment for keys nb * 8 + {t, t + 4} is s[nb]
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+            const float a[4] = {s[nb][0], s[nb][2], s[nb][1], s[nb][3]};
+            const float* vr = cV + (nb * 8 + t) * VROW + g;
+#pragma unroll
+            for (int d = 0; d < ND; ++d) {
+                const float bv[2] = {vr[d * 8], vr[4 * VROW + d * 8]};
+                ra_mma_f32<SPLIT>(o[d], a, bv);
+            }
+        }
+        __syncthreads();   // this stage is refilled by the next iteration's prefetch
+    }
+
+    float* ob = out + (long long)bh * Sq * D;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float l = l_run[rr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = 1.f / l;
+        const int r = rows[rr];
+        if (r < Sq) {
+#pragma unroll
+            for (int d = 0; d < ND; ++d) {
+                const int col = d * 8 + 2 * t;
+                if (col < D) ob[(long long)r * D + col] = o[d][2 * rr] * inv;
+                if (col + 1 < D) ob[(long long)r * D + col + 1] = o[d][2 * rr + 1] * inv;
+            }
+        }
+    }
+}
