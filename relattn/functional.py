@@ -115,7 +115,7 @@ def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
 
             rel_pos_h = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
             rel_pos_w = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
-            if dtype_name(q.dtype) in ("float16", "bfloat16"):
+            if dtype_name(q.dtype) in ("float16", "bfloat16", "float32"):
                 return gpu.rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size)
             table_h = get_rel_pos(q_size[0], k_size[0], rel_pos_h)
             table_w = get_rel_pos(q_size[1], k_size[1], rel_pos_w)

@@ -7,22 +7,25 @@ import pytest
 import relattn
 
 
+DEFAULT = "3xtf32"
+
+
 def test_default_and_set():
-    assert relattn.get_gpu_float32_mode() == "fma"
+    assert relattn.get_gpu_float32_mode() == DEFAULT
     relattn.set_gpu_float32_mode("tf32")
     try:
         assert relattn.get_gpu_float32_mode() == "tf32"
     finally:
-        relattn.set_gpu_float32_mode("fma")
-    assert relattn.get_gpu_float32_mode() == "fma"
+        relattn.set_gpu_float32_mode(DEFAULT)
+    assert relattn.get_gpu_float32_mode() == DEFAULT
 
 
 def test_context_manager_restores_on_error():
     with pytest.raises(RuntimeError):
-        with relattn.gpu_float32_mode("3xtf32") as mode:
-            assert mode == "3xtf32" and relattn.get_gpu_float32_mode() == "3xtf32"
+        with relattn.gpu_float32_mode("fma") as mode:
+            assert mode == "fma" and relattn.get_gpu_float32_mode() == "fma"
             raise RuntimeError("inside")
-    assert relattn.get_gpu_float32_mode() == "fma"
+    assert relattn.get_gpu_float32_mode() == DEFAULT
 
 
 def test_mode_is_per_thread():
@@ -33,12 +36,12 @@ def test_mode_is_per_thread():
         relattn.set_gpu_float32_mode("tf32")
         seen["after"] = relattn.get_gpu_float32_mode()
 
-    with relattn.gpu_float32_mode("3xtf32"):
+    with relattn.gpu_float32_mode("fma"):
         th = threading.Thread(target=worker)
         th.start()
         th.join()
-        assert relattn.get_gpu_float32_mode() == "3xtf32"
-    assert seen == {"before": "fma", "after": "tf32"}
+        assert relattn.get_gpu_float32_mode() == "fma"
+    assert seen == {"before": DEFAULT, "after": "tf32"}
 
 
 @pytest.mark.parametrize("bad", ["TF32", "bf16", "", None, 3])
@@ -48,4 +51,4 @@ def test_bad_modes_name_the_argument(bad):
     with pytest.raises((ValueError, TypeError), match="mode: expected one of"):
         with relattn.gpu_float32_mode(bad):
             pass
-    assert relattn.get_gpu_float32_mode() == "fma"
+    assert relattn.get_gpu_float32_mode() == DEFAULT

@@ -289,7 +289,7 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
         from relattn.precision import get_gpu_float32_mode
 
         mode = get_gpu_float32_mode()
-        if mode != "fma":
+        if mode != "fma" and _tf32_ok():
             return _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, 3 if mode == "3xtf32" else 1)
 
     # float32 / float64: exact SIMT kernel, strided loads
@@ -321,6 +321,20 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
         shared_mem=smem,
     )
     return out
+
+
+def _tf32_ok():
+    """TF32 tensor cores (mma.sync m16n8k8 .tf32) need compute capability 8.0."""
+    import cupy
+
+    dev = cupy.cuda.Device()
+    ok = _TF32_OK.get(dev.id)
+    if ok is None:
+        ok = _TF32_OK[dev.id] = int(dev.compute_capability) >= 80
+    return ok
+
+
+_TF32_OK: dict = {}
 
 
 def _prep_f32(x, d4: int):
@@ -356,7 +370,8 @@ def _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, split):
         rh = rw = cupy.zeros((1,), dtype=cupy.float32)
         rel = 0
         kh, kw = 1, max(Sk, 1)
-    smem = (64 * (hd + 4) + 2 * (64 * (hd + 4) + 64 * (hd + 8))) * 4
+    # Q + two K/V stages, float32 rows padded as in relattn_tf32
+    smem = (64 * (hd + 8) + 2 * (64 * (hd + 8) + 64 * (hd + 4))) * 4
     fn = _get_kernel("tf32", hd, (split, rel), smem)
     of = out if d4 == D else cupy.empty((B, H, Sq, d4), dtype=cupy.float32)
     qs, ks, vs = _elem_strides(qf), _elem_strides(kf), _elem_strides(vf)
@@ -433,13 +448,21 @@ def rel_terms(q, Rh, Rw):
         _launch_terms_mma(qv, st, dt, D, th, tw, _identity_index(qh, kh), _identity_index(qw, kw),
                           rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w)
         return rel_h, rel_w
-    Rh32, Rw32 = _table_f32(Rh), _table_f32(Rw)
+    _launch_terms_simt(qv, st, dt, D, _table_f32(Rh), _table_f32(Rw),
+                       _identity_index(qh, kh), _identity_index(qw, kw),
+                       rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h)
+    return rel_h, rel_w
+
+
+def _launch_terms_simt(qv, st, dt, D, th, tw, idx_h, idx_w, rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h):
+    import numpy as np
+
+    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
     fn = _get_kernel("relterms", 0, dt, 0)
     fn((nblk_h + nblk_w,), (256,),
-       (qv, Rh32, Rw32, rel_h, rel_w,
+       (qv, th, tw, idx_h, idx_w, rel_h, rel_w,
         np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
         _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))
-    return rel_h, rel_w
 
 
 _TABLE_TT = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -488,9 +511,10 @@ def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):
     """rel_h, rel_w (float32) from q and the stored tables, on the GPU.
 
     Same result as ``rel_terms(q, get_rel_pos(...), get_rel_pos(...))`` but the
-    kernel gathers the table rows itself (no per-call gather or dtype
-    conversion of the tables). q: float16 / bfloat16 with head_dim <= 112;
-    other inputs go through :func:`rel_terms`. Tables are resized first when
+    kernel gathers the table rows itself (no per-call gather; no dtype
+    conversion of the tables for half-precision q). q: float16 / bfloat16
+    with head_dim <= 112 (tensor cores) or float32 (FMA); other inputs go
+    through :func:`rel_terms`. Tables are resized first when
     their length differs from ``2 * max(q, k) - 1`` (SAM's rule).
     """
     import cupy
@@ -500,7 +524,7 @@ def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):
     B, H, Sq, D = (int(s) for s in q.shape)
     (qh, qw), (kh, kw) = q_size, k_size
     dt = {"float16": 0, "bfloat16": 1}.get(_dtype_name(q), 2)
-    if not _mma_terms_ok(dt, D):
+    if not (_mma_terms_ok(dt, D) or dt == 2):
         return rel_terms(q, get_rel_pos(qh, kh, rel_pos_h), get_rel_pos(qw, kw, rel_pos_w))
     th, tw = rel_pos_h, rel_pos_w
     if th.shape[0] != 2 * max(qh, kh) - 1:
@@ -509,13 +533,18 @@ def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):
         tw = resize_rel_pos(tw, 2 * max(qw, kw) - 1)
     rel_h = cupy.empty((B, H, Sq, kh), dtype=cupy.float32)
     rel_w = cupy.empty((B, H, Sq, kw), dtype=cupy.float32)
-    qv = q.view(cupy.uint16)
-    if qv.strides[-1] != 2 and D > 1:
+    qv = q.view(cupy.uint16) if dt < 2 else q
+    if qv.strides[-1] != qv.dtype.itemsize and D > 1:
         qv = cupy.ascontiguousarray(qv)
     st = _elem_strides(qv)
     BH = B * H
     nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
     nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
+    if dt == 2:
+        _launch_terms_simt(qv, st, dt, D, _table_f32(th), _table_f32(tw),
+                           _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw),
+                           rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h)
+        return rel_h, rel_w
     _launch_terms_mma(qv, st, dt, D, _table_rows(th), _table_rows(tw),
                       _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw),
                       rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w)

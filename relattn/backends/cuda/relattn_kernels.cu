@@ -640,7 +640,9 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
 // rel_w[bh, y*qw + x, kx] = sum_c q[bh, y*qw + x, c] * Rw[x, kx, c]
 // float32 accumulation; q is float16 (DT 0), bfloat16 (DT 1) or float32 (DT 2)
 // with element strides (batch, head, row) and last stride 1; tables float32
-// contiguous. Grouped GEMM: group = y (rel_h, rows (bh, x)) or x (rel_w,
+// contiguous (rows, D), row kk of group grp at idx[grp * K + kk] (the int32
+// index table of get_rel_pos, or an identity index for gathered tables).
+// Grouped GEMM: group = y (rel_h, rows (bh, x)) or x (rel_w,
 // rows (bh, y)); 64 x 64 output tiles, 256 threads, 4 x 4 per thread.
 template <int DT>
 __device__ __forceinline__ float ra_load_f32(const void* p, long long i) {
@@ -655,6 +657,7 @@ __device__ __forceinline__ float ra_load_f32(const void* p, long long i) {
 template <int DT>
 __global__ void __launch_bounds__(256)
 relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const float* __restrict__ Rw,
+                 const int* __restrict__ idx_h, const int* __restrict__ idx_w,
                  float* __restrict__ rel_h, float* __restrict__ rel_w,
                  int H, int qh, int qw, int D, int kh, int kw,
                  long long qsb, long long qsh, long long qss, int BH, int nblk_h)
@@ -675,7 +678,8 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
     const int rem = blk - grp * (mtiles * ntiles);
     const int m0 = (rem / ntiles) * 64, n0 = (rem % ntiles) * 64;
     if (grp >= G) return;
-    const float* T = (is_h ? Rh : Rw) + (long long)grp * K * D;
+    const float* T = is_h ? Rh : Rw;
+    const int* idx = (is_h ? idx_h : idx_w) + (long long)grp * K;
     float* outp = is_h ? rel_h : rel_w;
 
     // q element offset / output offset of each block row (-1: past the end)
@@ -709,7 +713,7 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
             const long long qo = sQoff[r];
             sA[dd][r] = (d < D && qo >= 0) ? ra_load_f32<DT>(q, qo + d) : 0.f;
             const int kk = n0 + r;
-            sB[dd][r] = (d < D && kk < K) ? __ldg(T + (long long)kk * D + d) : 0.f;
+            sB[dd][r] = (d < D && kk < K) ? __ldg(T + (long long)__ldg(idx + kk) * D + d) : 0.f;
         }
         __syncthreads();
 #pragma unroll 8
@@ -921,49 +925,54 @@ relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, con
 
 // ------------------------------------------- float32 on tensor cores (TF32)
 // relattn_tf32<HD, SPLIT, REL>: float32 q, k, v on mma.sync m16n8k8 TF32.
-// SPLIT = 3: every operand x is split into x_big = tf32(x) and
-// x_small = tf32(x - x_big) and a.b = a_big.b_big + a_big.b_small +
-// a_small.b_big (3xTF32: float32-level error). SPLIT = 1: plain TF32 (opt-in;
-// ~1e-3 relative error, like PyTorch's allow_tf32).
+// SPLIT = 3: every operand x is split into big = x rounded to TF32 (10-bit
+// mantissa, to nearest) and small = x - big (exact in float32; the tensor
+// core reads its top 10 mantissa bits), and a.b = a_big.b_big + a_big.b_small
+// + a_small.b_big (3xTF32: float32-level error). SPLIT = 1: plain TF32
+// (opt-in; ~1e-3 relative error, like PyTorch's allow_tf32).
 // 4 warps x 16 query rows, 64-key tiles double-buffered with cp.async.
-// Key order inside each 8-key block is permuted for S = Q K^T (accumulator
-// column 2m <-> key m, 2m + 1 <-> key m + 4) so that S's accumulator fragment
-// is exactly the A fragment P needs for O += P V (no shuffles).
+// The k index of each m16n8k8 product is free to map to any column as long as
+// A and B agree: k slot t <-> column 2t and slot t + 4 <-> column 2t + 1 of
+// each 8-column group. Then Q and K fragments are float2 loads, and for
+// O += P V (k = keys) S's accumulator fragment is exactly P's A fragment.
+// O is accumulated in two levels: each key tile's P V starts from zero and is
+// added to O with a float32 FMA (the tensor cores' float32 accumulation
+// truncates; a running O over hundreds of key blocks would collect that bias).
 // q, k, v: float32, last stride 1, row strides multiples of 4, 16-byte aligned
 // (the caller copies otherwise). rel_h / rel_w: float32 contiguous.
-__device__ __forceinline__ u32 ra_tf32(float x) {
-    u32 r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
 __device__ __forceinline__ void ra_mma_tf32(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// c += a . b with SPLIT terms; a[4], b[2] are float32 values
-template <int SPLIT>
-__device__ __forceinline__ void ra_mma_f32(float* c, const float* a, const float* b) {
-    u32 ab[4], bb[2];
+// x -> big (TF32, nearest, ties away: add half an ulp of the 10-bit mantissa
+// and clear the 13 low bits) and small = x - big (SPLIT == 3 only)
+template <int SPLIT, int N>
+__device__ __forceinline__ void ra_split_tf32(const float* x, u32* big, u32* small) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ab[i] = ra_tf32(a[i]);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) bb[i] = ra_tf32(b[i]);
-    if (SPLIT == 3) {
-        u32 as[4], bs[2];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) as[i] = ra_tf32(a[i] - __uint_as_float(ab[i]));
-#pragma unroll
-        for (int i = 0; i < 2; ++i) bs[i] = ra_tf32(b[i] - __uint_as_float(bb[i]));
-        // small terms first: they are the least significant
-        ra_mma_tf32(c, as[0], as[1], as[2], as[3], bb[0], bb[1]);
-        ra_mma_tf32(c, ab[0], ab[1], ab[2], ab[3], bs[0], bs[1]);
+    for (int i = 0; i < N; ++i) {
+        big[i] = (__float_as_uint(x[i]) + 0x1000u) & 0xffffe000u;
+        if (SPLIT == 3) small[i] = __float_as_uint(x[i] - __uint_as_float(big[i]));
     }
-    ra_mma_tf32(c, ab[0], ab[1], ab[2], ab[3], bb[0], bb[1]);
+}
+
+// c[j] += a . b[j] for N column blocks j with SPLIT products each (small x
+// big terms first: least significant), issued term by term over j so that
+// consecutive products never wait on the same accumulator.
+template <int SPLIT, int N>
+__device__ __forceinline__ void ra_mma_split(float (*c)[4], const u32* ab, const u32* as,
+                                             const u32 (*bb)[2], const u32 (*bs)[2]) {
+    if (SPLIT == 3) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], as[0], as[1], as[2], as[3], bb[j][0], bb[j][1]);
+#pragma unroll
+        for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], ab[0], ab[1], ab[2], ab[3], bs[j][0], bs[j][1]);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], ab[0], ab[1], ab[2], ab[3], bb[j][0], bb[j][1]);
 }
 
 template <int HD, int SPLIT, int REL>
@@ -978,8 +987,8 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
              float scale_log2, float inv_kw)
 {
     constexpr int BM = 64, BN = 64;
-    constexpr int QROW = HD + 4;           // Q / K rows: banks 4 r + c, conflict-free fragments
-    constexpr int VROW = HD + 8;           // V rows: banks 8 r + c
+    constexpr int QROW = HD + 8;           // Q / K rows: float2 fragments on distinct banks
+    constexpr int VROW = HD + 4;           // V rows: banks 8 t + g
     constexpr int KT = BN * QROW, VT = BN * VROW;
     constexpr int ND = HD / 8;             // output column blocks
 
@@ -990,7 +999,6 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int pg = (g & 1) ? (g >> 1) + 4 : (g >> 1);   // key of accumulator column g
 
     const int mtiles = (Sq + BM - 1) / BM;
     const int mt = blockIdx.x % mtiles;
@@ -1030,15 +1038,16 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
         rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
         rw_row[rr] = rel_w + ((long long)bh * Sq + r) * kw;
     }
-    // REL == 1 (k_w == 64): rel_w of this thread's keys nb * 8 + t (+ 4), log2 domain
+    // REL == 1 (k_w == 64): rel_w of this thread's keys nb * 8 + 2 t (+ 1), log2 domain
     float rwc[2][(REL == 1) ? 8 : 1][2];
     if (REL == 1) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb) {
-                rwc[rr][(REL == 1) ? nb : 0][0] = __ldg(rw_row[rr] + nb * 8 + t) * RA_LOG2E;
-                rwc[rr][(REL == 1) ? nb : 0][1] = __ldg(rw_row[rr] + nb * 8 + t + 4) * RA_LOG2E;
+                const float2 w2 = __ldg(reinterpret_cast<const float2*>(rw_row[rr] + nb * 8 + 2 * t));
+                rwc[rr][(REL == 1) ? nb : 0][0] = w2.x * RA_LOG2E;
+                rwc[rr][(REL == 1) ? nb : 0][1] = w2.y * RA_LOG2E;
             }
     }
 
@@ -1049,7 +1058,7 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
         for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
     float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
 
-    const float* qw = sQ + (warp * 16 + g) * QROW;   // this thread's Q rows g and g + 8
+    const float* qw = sQ + (warp * 16 + g) * QROW + 2 * t;   // this thread's Q rows g and g + 8
     const int ntiles = (Sk + BN - 1) / BN;
     for (int n = 0; n < ntiles; ++n) {
         const int j0 = n * BN;
@@ -1068,7 +1077,7 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
         const float* cK = sKV + (n & 1) * (KT + VT);
         const float* cV = cK + KT;
 
-        // ---- S = Q K^T (columns in the permuted key order)
+        // ---- S = Q K^T
         float s[8][4];
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
@@ -1076,24 +1085,29 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
             for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < HD / 8; ++ks) {
-            const float a[4] = {qw[ks * 8 + t], qw[8 * QROW + ks * 8 + t],
-                                qw[ks * 8 + t + 4], qw[8 * QROW + ks * 8 + t + 4]};
+            const float2 q0 = *reinterpret_cast<const float2*>(qw + ks * 8);
+            const float2 q1 = *reinterpret_cast<const float2*>(qw + 8 * QROW + ks * 8);
+            const float a[4] = {q0.x, q1.x, q0.y, q1.y};
+            u32 ab[4], as[4];
+            ra_split_tf32<SPLIT, 4>(a, ab, as);
+            u32 bb[8][2], bs[8][2];
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb) {
-                const float* kr = cK + (nb * 8 + pg) * QROW + ks * 8;
-                const float bk[2] = {kr[t], kr[t + 4]};
-                ra_mma_f32<SPLIT>(s[nb], a, bk);
+                const float2 k2 = *reinterpret_cast<const float2*>(cK + (nb * 8 + g) * QROW + ks * 8 + 2 * t);
+                const float bk[2] = {k2.x, k2.y};
+                ra_split_tf32<SPLIT, 2>(bk, bb[nb], bs[nb]);
             }
+            ra_mma_split<SPLIT, 8>(s, ab, as, bb, bs);
         }
 
         // ---- scale, relative terms, mask; element (nb, e): row rr = e >> 1,
-        //      key j0 + nb * 8 + t + 4 * (e & 1)
+        //      key j0 + nb * 8 + 2 t + (e & 1)
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int rr = e >> 1, hi = e & 1;
-                const int key = j0 + nb * 8 + t + 4 * hi;
+                const int key = j0 + nb * 8 + 2 * t + hi;
                 float bias = 0.f;
                 if (REL == 1) {
                     bias = rwc[rr][(REL == 1) ? nb : 0][hi] + rh1[rr];
@@ -1108,6 +1122,7 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
             }
 
         // ---- online softmax
+        float alpha_r[2];
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             float mx = -RA_INF;
@@ -1129,24 +1144,45 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
                 sum += p0 + p1;
             }
             l_run[rr] = l_run[rr] * alpha + sum;
-#pragma unroll
-            for (int d = 0; d < ND; ++d) {
-                o[d][2 * rr] *= alpha;
-                o[d][2 * rr + 1] *= alpha;
-            }
+            alpha_r[rr] = alpha;
         }
 
-        // ---- O += P V: P's A fragment for keys nb * 8 + {t, t + 4} is s[nb]
+        // ---- O = alpha O + P V (k slot t <-> key nb * 8 + 2 t, t + 4 <-> 2 t + 1,
+        //      so P's A fragment is s[nb] reordered); this tile's product starts
+        //      from zero (see above)
+        float ot[ND][4];
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ot[d][e] = 0.f;
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
             const float a[4] = {s[nb][0], s[nb][2], s[nb][1], s[nb][3]};
-            const float* vr = cV + (nb * 8 + t) * VROW + g;
+            u32 ab[4], as[4];
+            ra_split_tf32<SPLIT, 4>(a, ab, as);
+            const float* vr = cV + (nb * 8 + 2 * t) * VROW + g;
+            // column blocks in groups of 8 (ND = 8, 10, 12, 14 or 16 ...)
 #pragma unroll
-            for (int d = 0; d < ND; ++d) {
-                const float bv[2] = {vr[d * 8], vr[4 * VROW + d * 8]};
-                ra_mma_f32<SPLIT>(o[d], a, bv);
+            for (int d0 = 0; d0 < ND; d0 += 8) {
+                constexpr int G8 = 8;
+                u32 bb[G8][2], bs[G8][2];
+#pragma unroll
+                for (int i = 0; i < G8; ++i) {
+                    const int d = min(d0 + i, ND - 1);
+                    const float bv[2] = {vr[d * 8], vr[VROW + d * 8]};
+                    ra_split_tf32<SPLIT, 2>(bv, bb[i], bs[i]);
+                }
+                if (d0 + G8 <= ND) {
+                    ra_mma_split<SPLIT, G8>(ot + d0, ab, as, bb, bs);
+                } else {
+                    ra_mma_split<SPLIT, (ND % 8 == 0) ? 1 : ND % 8>(ot + d0, ab, as, bb, bs);
+                }
             }
         }
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[d][e] = fmaf(o[d][e], alpha_r[e >> 1], ot[d][e]);
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
     }
 
