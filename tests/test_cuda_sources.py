@@ -44,8 +44,14 @@ def test_choose(monkeypatch):
     assert _sm90.choose(64, 4096, 4096, 1, 4096, False) == (1, 64, 0, 2)    # plain attention
     assert _sm90.choose(80, 4096, 4096, 64, 64, True) is None               # SAM-H: mma.sync
     assert _sm90.choose(64, 196, 196, 14, 14, True) is None                 # windows: mma.sync
+    assert _sm90.choose(64, 6400, 6400, 80, 80, True) == (1, 80, 3, 2)      # 1280 px: whole key rows
+    assert _sm90.choose(64, 2304, 1024, 48, 32, True) is None               # k_w 32: mma.sync
+    assert _sm90.choose(80, 6400, 6400, 80, 80, True) is None
     monkeypatch.setenv("RELATTN_SM90_CFG", "2,128,3")
     assert _sm90.choose(64, 196, 196, 14, 14, True) == (2, 128, 2, 3)
+    assert _sm90.choose(64, 6400, 6400, 80, 80, True) == (2, 128, 2, 3)     # bn != k_w: generic bias
+    monkeypatch.setenv("RELATTN_SM90_CFG", "1,80")
+    assert _sm90.choose(64, 6400, 6400, 80, 80, True) == (1, 80, 3, 2)
     assert _sm90.choose(128, 4096, 4096, 2000, 2000, True) is None          # cache too large
 
 
@@ -100,6 +106,8 @@ def test_portable_kernels_compile(tmp_path):
 
 def test_hopper_kernel_compiles(tmp_path):
     names = [_sm90.kernel_name(1, 64, 1, 64, 1, 2), _sm90.kernel_name(0, 64, 1, 64, 0, 2),
-             _sm90.kernel_name(1, 80, 2, 128, 2, 3), _sm90.kernel_name(1, 16, 3, 64, 2, 2)]
+             _sm90.kernel_name(1, 80, 2, 128, 2, 3), _sm90.kernel_name(1, 16, 3, 64, 2, 2),
+             _sm90.kernel_name(1, 64, 1, 80, 3, 2), _sm90.kernel_name(0, 64, 1, 128, 3, 2),
+             _sm90.kernel_name(1, 64, 1, 48, 3, 2)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])

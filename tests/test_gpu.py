@@ -301,6 +301,21 @@ def test_sm90_kernel_configs(shape, dtype, cfg, monkeypatch):
     assert rel_l2(from_dev(plain), ref) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("shape", [(1, 2, (6, 80), (6, 80), 64), (2, 1, (5, 48), (3, 48), 64),
+                                   (1, 2, (3, 128), (4, 128), 64), (1, 1, (7, 80), (9, 80), 64),
+                                   (1, 3, (2, 96), (2, 96), 64), (1, 1, (1, 112), (2, 112), 64)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sm90_whole_key_row_tiles(shape, dtype):
+    """k_w in 48..128 (multiple of 16): key tiles of one whole key row (rel 3),
+    chosen automatically; q/k grids of different sizes, partial query tiles."""
+    _sm90()
+    B, H, qg, kg, D = shape
+    assert gpu._sm90_config(D, qg[0] * qg[1], kg[0] * kg[1], kg[0], kg[1], True) == (1, kg[1], 3, 2)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+
+
 def test_sm90_is_chosen_for_head_dim_64():
     sm90 = _sm90()
     assert gpu._sm90_config(64, 4096, 4096, 64, 64, True)[2] == 1

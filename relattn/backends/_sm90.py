@@ -22,6 +22,9 @@ import threading
 _SRC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "relattn_sm90.cu")
 _OPTIONS = ("-arch=sm_90a", "-std=c++17", "--use_fast_math")
 _BNS = (64, 128)
+# k_w served by key tiles of one whole key row (REL 3): multiples of 16 (the
+# k16 steps of P V) with the tile's rel_w kept in registers
+_WHOLE_ROW_KW = (48, 80, 96, 112, 128)
 _HDS = tuple(range(16, 129, 16))
 
 class BuildError(RuntimeError):
@@ -212,6 +215,8 @@ def choose(hd: int, sq: int, sk: int, kh: int, kw: int, has_rel: bool):
         rel = 0
     elif kw == 64:
         rel = 1
+    elif kw in _WHOLE_ROW_KW:
+        rel = 3   # one whole key row per tile (bn = kw)
     else:
         rel = 2
     env = os.environ.get("RELATTN_SM90_CFG")  # "nwg,bn[,stages]" for experiments
@@ -220,17 +225,19 @@ def choose(hd: int, sq: int, sk: int, kh: int, kw: int, has_rel: bool):
         parts = [int(x) for x in env.split(",")]
         nwg, bn = parts[:2]
         st = parts[2] if len(parts) > 2 else 2
-    elif hd == 64 and rel != 2:
+    elif hd == 64 and rel in (0, 1):
         # measured (H200, bf16, CUDA graph): SAM-B global 0.220 ms with one
         # warpgroup and 64-key tiles, 0.238 ms with (2, 128), 0.268 ms for the
         # mma.sync kernel
         nwg, bn = 1, 64
+    elif hd == 64 and rel == 3:
+        nwg, bn = 1, kw
     else:
         # head_dim != 64 runs without the 128-byte swizzle, and the generic
         # bias path is no faster than the mma.sync kernel (SAM-H 0.465 vs
         # 0.387 ms; 14x14 windows 0.057 vs 0.053 ms): leave those to it
         return None
-    if rel == 1 and bn % 64:
+    if (rel == 1 and bn % 64) or (rel == 3 and bn != kw):
         rel = 2
     if smem_bytes(hd, nwg, bn, rel, kh, kw, st) > MAX_SMEM:
         return None

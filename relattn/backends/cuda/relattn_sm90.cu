@@ -15,7 +15,8 @@
 //   ST  K/V shared-memory stages (2: double buffering, 3: two tiles in flight)
 //   REL 0 = no relative terms, 1 = k_w == 64 (rel_w kept in registers, rel_h
 //       one value per row per 64 keys), 2 = generic (rel_h / rel_w rows of the
-//       block's queries cached in shared memory)
+//       block's queries cached in shared memory), 3 = k_w == BN (one whole key
+//       row per tile: rel_w in registers, rel_h one value per row per tile)
 //
 // Per key tile: S = Q K^T (wgmma, both operands in shared memory), the bias
 // and the online softmax in registers (float32), O += P V (wgmma, P from
@@ -125,7 +126,7 @@ __device__ __forceinline__ void ra_load_tile(u32 dst, const u16* base, long long
 // out: (B*H, Sq, D) contiguous. lbo/sbo: descriptor strides (bytes) of the
 // K-major operands (Q, K) and of the N-major V.
 template <int DT, int HD, int NWG, int BN, int REL, int ST>
-__global__ void __launch_bounds__(128 * NWG, (NWG == 1 && BN == 64) ? 4 : ((NWG == 2 && BN == 64) ? 2 : 1))
+__global__ void __launch_bounds__(128 * NWG, (NWG == 1) ? (BN <= 64 ? 4 : (BN <= 96 ? 3 : 2)) : ((NWG == 2 && BN == 64) ? 2 : 1))
 relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
            u16* __restrict__ out,
@@ -144,6 +145,12 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     constexpr u32 TBYTES = BN * HD * 2;     // one K or V tile
 
     constexpr int SW = (HD == 64) ? 1 : 0;  // 128-byte swizzle for 128-byte rows
+    // REL 1 / 3: k_w known at compile time (KWC), rel_w of a thread's columns
+    // in registers, NU whole key rows per tile
+    constexpr bool RREG = (REL == 1 || REL == 3);
+    constexpr int KWC = (REL == 1) ? 64 : BN;
+    constexpr int RW8 = KWC / 8;            // 8-column blocks of one key row
+    constexpr int NU = RREG ? BN / KWC : 1;
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
     const u32 sbase = (sraw + 1023u) & ~1023u;  // swizzle atoms need 1024-byte alignment
@@ -190,18 +197,18 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
         const int r = min(rows[rr], Sq - 1);
         rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
     }
-    // REL == 1: rel_w[i, c] for this thread's columns c = 8 j + 2 t + e (j < 8)
-    float rwc[2][(REL == 1) ? 16 : 1];
-    if (REL == 1) {
+    // REL 1 / 3: rel_w[i, c] for this thread's columns c = 8 j + 2 t + e (j < RW8)
+    float rwc[2][RREG ? 2 * RW8 : 1];
+    if (RREG) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             const int r = min(rows[rr], Sq - 1);
             const float* wrow = rel_w + ((long long)bh * Sq + r) * kw;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < RW8; ++j) {
                 const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8 + 2 * t);
-                rwc[rr][(REL == 1) ? 2 * j : 0] = w2.x * RA_LOG2E;
-                rwc[rr][(REL == 1) ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
+                rwc[rr][RREG ? 2 * j : 0] = w2.x * RA_LOG2E;
+                rwc[rr][RREG ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
             }
         }
     }
@@ -231,14 +238,14 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     for (int n = 0; n < ntiles; ++n) {
         const int j0 = n * BN;
         const u32 cur = sKV + (u32)(n % ST) * 2u * TBYTES;
-        // rel_h for this tile (REL == 1: one ky per 64 keys)
-        float rh1[2][BN / 64];
-        if (REL == 1) {
+        // rel_h for this tile (REL 1 / 3: one ky per key row of the tile)
+        float rh1[2][NU];
+        if (RREG) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-                for (int u = 0; u < BN / 64; ++u) {
-                    const int ky = min(j0 / 64 + u, kh - 1);
+                for (int u = 0; u < NU; ++u) {
+                    const int ky = min(j0 / KWC + u, kh - 1);
                     rh1[rr][u] = __ldg(rh_row[rr] + ky) * RA_LOG2E;
                 }
         }
@@ -292,7 +299,7 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         float bias = 0.f;
-                        if (REL == 1) bias = rwc[rr][(REL == 1) ? 2 * (j & 7) + e : 0] + rh1[rr][(REL == 1) ? (j >> 3) : 0];
+                        if (RREG) bias = rwc[rr][RREG ? 2 * (j % RW8) + e : 0] + rh1[rr][RREG ? j / RW8 : 0];
                         s[4 * j + 2 * rr + e] = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
                     }
             if (j0 + BN > Sk) {

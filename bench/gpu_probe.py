@@ -1,0 +1,56 @@
+"""Dev aid for the device: one case run a few times (for ncu), or the 3xTF32
+split variants timed and checked.
+
+    ncu --launch-skip 4 --launch-count 2 python bench/gpu_probe.py window bfloat16
+    python bench/gpu_probe.py splits
+"""
+import sys
+
+import cupy
+import numpy as np
+
+import relattn
+from relattn.backends import cupy_gpu as gpu
+
+CASES = {"global": (1, 12, 64, 64), "window": (25, 12, 14, 64), "h": (1, 16, 64, 80), "1280": (1, 12, 80, 64)}
+
+
+def make(case, dtype):
+    B, H, g, D = CASES[case]
+    rng = np.random.default_rng(0)
+    q, k, v = (cupy.asarray(rng.standard_normal((B, H, g * g, D)).astype(np.float32)).astype(dtype) for _ in range(3))
+    L = 2 * g - 1 if case != "1280" else 127
+    rh = cupy.asarray((0.1 * rng.standard_normal((L, D))).astype(np.float32))
+    rw = cupy.asarray((0.1 * rng.standard_normal((L, D))).astype(np.float32))
+    return q, k, v, rh, rw, (g, g)
+
+
+def gputime(fn, n=20):
+    fn()
+    s, e = cupy.cuda.Event(), cupy.cuda.Event()
+    s.record()
+    for _ in range(n):
+        fn()
+    e.record()
+    e.synchronize()
+    return cupy.cuda.get_elapsed_time(s, e) / n
+
+
+if sys.argv[1] == "splits":
+    for case in ("global", "h", "window"):
+        q, k, v, rh, rw, gs = make(case, "float32")
+        ref = relattn.rel_pos_attention(*(x.astype(cupy.float64) for x in (q, k, v, rh, rw)), gs).get()
+        rel_h, rel_w = gpu.rel_terms_from_tables(q, rh, rw, gs, gs)
+        D = q.shape[-1]
+        for split in (3, 1):
+            out = cupy.empty_like(q)
+            f = lambda: gpu._attention_tf32(q, k, v, rel_h, rel_w, gs[0], gs[1], True, D ** -0.5, out, split)
+            t = gputime(f)
+            err = float(np.abs(out.get() - ref).max() / np.abs(ref).max())
+            print(f"{case:7s} split {split}: {t:.3f} ms (core, events)  max-norm rel err {err:.2e}")
+else:
+    q, k, v, rh, rw, gs = make(sys.argv[1], sys.argv[2])
+    for _ in range(6):
+        out = relattn.rel_pos_attention(q, k, v, rh, rw, gs)
+    cupy.cuda.Device().synchronize()
+    print(sys.argv[1:], float(abs(out.astype(cupy.float32)).max()))
