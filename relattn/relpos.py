@@ -69,11 +69,38 @@ def resize_rel_pos(rel_pos, length):
     table = astype(rel_pos, np.float32)
     i0, i1, lambda0, lambda1 = (_on_device(xp, ("resize", in_rows, length, n), a)
                                 for n, a in enumerate(_resize_plan(in_rows, length)))
+    if xp is not np:  # one fused kernel on the GPU, same arithmetic
+        return astype(_resize_gpu(xp, table, i0, i1, lambda0, lambda1, length), rel_pos.dtype)
     # out = fma(x[i0], lambda0, x[i1] * lambda1): one rounding to float32, emulated
     # by an exact float64 product.
     upper = table[i1] * lambda1
     out = (table[i0].astype(np.float64) * lambda0 + upper).astype(np.float32)
     return astype(out, rel_pos.dtype)
+
+
+_resize_kernel: list = []
+
+
+def _resize_gpu(cupy, table, i0, i1, lambda0, lambda1, length):
+    """The float32 resize above as one CuPy elementwise kernel (explicitly
+    rounded operations, so no contraction changes a bit)."""
+    if not _resize_kernel:
+        _resize_kernel.append(cupy.ElementwiseKernel(
+            "raw float32 x, raw int64 i0, raw int64 i1, raw float64 w0, raw float32 w1, int64 C",
+            "float32 out",
+            """
+            const long long r = i / C, c = i - r * C;
+            const float upper = __fmul_rn(x[i1[r] * C + c], w1[r]);
+            out = __double2float_rn(__dadd_rn(__dmul_rn((double)x[i0[r] * C + c], w0[r]), (double)upper));
+            """,
+            "relattn_resize_rel_pos",
+        ))
+    table = cupy.ascontiguousarray(table)
+    channels = table.shape[1]
+    out = cupy.empty((length, channels), dtype=cupy.float32)
+    if out.size:
+        _resize_kernel[0](table, i0, i1, lambda0, lambda1, channels, out)
+    return out
 
 
 @functools.lru_cache(maxsize=256)

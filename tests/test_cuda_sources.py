@@ -9,7 +9,6 @@ instantiations the backend asks NVRTC for (skipped cleanly without ``nvcc``).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,6 @@ import pytest
 
 from relattn.backends import _sm90, cupy_gpu
 
-CUDA_DIR = os.path.join(os.path.dirname(cupy_gpu.__file__), "cuda")
 
 
 def test_wrappers_cover_every_tile_and_head_dim():
@@ -55,6 +53,20 @@ def test_choose(monkeypatch):
     assert _sm90.choose(128, 4096, 4096, 2000, 2000, True) is None          # cache too large
 
 
+def test_small_grid_kernel_choice(monkeypatch):
+    monkeypatch.delenv("RELATTN_WIN", raising=False)
+    monkeypatch.delenv("RELATTN_WIN_SPB", raising=False)
+    assert cupy_gpu._win_config(64, 196, 14, 14) == (16, 13, 2 * 14 * 16 * 72 * 2)   # SAM windows
+    assert cupy_gpu._win_config(64, 4096, 14, 14)[1] == 16
+    assert cupy_gpu._win_config(80, 400, 8, 20)[0] == 32
+    assert cupy_gpu._win_config(64, 4096, 64, 64) is None      # k_w > 32
+    assert cupy_gpu._win_config(64, 289, 17, 16) is None       # 272 slots > 256
+    monkeypatch.setenv("RELATTN_WIN_SPB", "4")
+    assert cupy_gpu._win_config(64, 196, 14, 14)[1] == 4
+    monkeypatch.setenv("RELATTN_WIN", "0")
+    assert cupy_gpu._win_config(64, 196, 14, 14) is None
+
+
 def test_smem_bytes_fit_the_device_limit():
     assert _sm90.smem_bytes(64, 1, 64, 1, 64, 64) == 64 * 64 * 2 + 4 * 64 * 64 * 2 + 1024
     assert _sm90.smem_bytes(64, 2, 128, 2, 14, 14, st=3) == (
@@ -89,14 +101,14 @@ def _instantiate(names):
 
 
 def test_portable_kernels_compile(tmp_path):
-    with open(os.path.join(CUDA_DIR, "relattn_kernels.cu"), encoding="utf-8") as fh:
-        src = fh.read()
+    src = cupy_gpu._read_source()
     names = [
         "relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>",
         "relattn_simt<float, 64, 2>", "relattn_simt<double, 80, 0>",
         "relattn_relterms<1>", "relattn_relterms<2>",
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
         "relattn_tf32<64, 3, 1>", "relattn_tf32<80, 1, 2>", "relattn_tf32<32, 3, 0>",
+        "relattn_win<1, 64, 16>", "relattn_win<0, 80, 32>", "relattn_win<1, 128, 16>",
     ]
     for n in names:  # every name is one the backend can ask NVRTC for
         kind = n.split("<")[0]

@@ -460,3 +460,54 @@ def test_3xtf32_error_matches_fma_on_long_rows(D):
     assert errs["fma"] <= 1e-5, errs
     assert errs["3xtf32"] <= 1.5 * errs["fma"] + 1e-7, errs
     assert 10 * errs["3xtf32"] <= errs["tf32"] <= 5e-3, errs
+
+
+def test_resize_rel_pos_fused_kernel_bit_identical_to_numpy():
+    """The CuPy resize (one fused kernel) reproduces the numpy float32 recipe
+    bit for bit: random lengths and magnitudes, non-contiguous and half tables."""
+    import relattn
+
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        L, M, C = int(rng.integers(1, 260)), int(rng.integers(1, 320)), int(rng.integers(1, 9))
+        host = (rng.standard_normal((L, C)) * 10.0 ** rng.uniform(-8, 8)).astype(np.float32)
+        got = relattn.resize_rel_pos(cupy.asarray(host), M)
+        assert got.dtype == cupy.float32 and got.shape == (M, C)
+        np.testing.assert_array_equal(got.get(), relattn.resize_rel_pos(host, M))
+    host = rng.standard_normal((27, 16)).astype(np.float32)
+    view = cupy.asarray(host)[:, ::2]
+    np.testing.assert_array_equal(relattn.resize_rel_pos(view, 13).get(), relattn.resize_rel_pos(host[:, ::2], 13))
+    for name in ("float16", "bfloat16"):
+        half, _ = to_dev(host, name)
+        want = relattn.resize_rel_pos(from_dev(half).astype(np.float32), 41)
+        got = relattn.resize_rel_pos(half, 41)
+        assert got.dtype == half.dtype
+        np.testing.assert_array_equal(from_dev(got), from_dev(to_dev(want, name)[0]))
+
+
+@pytest.mark.parametrize("spb", [None, "1", "3"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(2, 3, (14, 14), (14, 14), 64), (1, 2, (14, 14), (14, 14), 80),
+                                   (1, 2, (7, 9), (5, 16), 64), (1, 1, (3, 20), (6, 17), 64),
+                                   (2, 1, (16, 4), (8, 32), 40), (1, 2, (1, 1), (1, 2), 64),
+                                   (1, 1, (16, 16), (16, 16), 128), (1, 1, (5, 5), (2, 3), 16)])
+def test_small_grid_kernel(shape, dtype, spb, monkeypatch):
+    """relattn_win (whole key grid in shared memory, key rows padded to 16 / 32
+    slots): SAM windows, q/k grids of different sizes, k_w at the slot limits,
+    padded head dims, one query, several query slices per block or one."""
+    if spb:
+        monkeypatch.setenv("RELATTN_WIN_SPB", spb)
+    B, H, qg, kg, D = shape
+    assert gpu._win_config(gpu._pad16((D + 7) // 8 * 8), qg[0] * qg[1], kg[0], kg[1]) is not None
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, spb)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+
+
+def test_small_grid_kernel_off_matches_on(monkeypatch):
+    rng = np.random.default_rng(3)
+    dev, _ = make_case(rng, 3, 2, (14, 14), (14, 14), 64, "bfloat16")
+    on = gpu.attention(*dev, (14, 14), 0.125)
+    monkeypatch.setenv("RELATTN_WIN", "0")
+    off = gpu.attention(*dev, (14, 14), 0.125)
+    assert rel_l2(from_dev(on), from_dev(off)) <= 4e-3

@@ -19,7 +19,6 @@ import hashlib
 import os
 import threading
 
-_SRC_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda", "relattn_sm90.cu")
 _OPTIONS = ("-arch=sm_90a", "-std=c++17", "--use_fast_math")
 _BNS = (64, 128)
 # k_w served by key tiles of one whole key row (REL 3): multiples of 16 (the
@@ -69,12 +68,10 @@ def _wrappers() -> str:
 def source() -> str:
     """The complete CUDA source handed to NVRTC."""
     if not _source:
-        with open(_SRC_FILE, "r", encoding="utf-8") as fh:
-            body = fh.read()
-        # wrappers go after the typedefs, i.e. before the first kernel helper
-        marker = "#define RA_INF"
-        i = body.index(marker)
-        _source.append(body[:i] + _wrappers() + "\n" + body[i:])
+        from relattn.backends.cupy_gpu import read_cuda
+
+        # the prelude's types come before the wrappers that use them
+        _source.append(read_cuda("relattn_common.cuh") + "\n" + _wrappers() + "\n" + read_cuda("relattn_sm90.cu"))
     return _source[0]
 
 

@@ -71,8 +71,10 @@ def _probe():
             return "no CUDA device is visible"
     except Exception as exc:
         return f"no usable CUDA device ({type(exc).__name__}: {exc})".splitlines()[0]
-    if not os.path.isfile(_KERNEL_FILE):
-        return f"kernel source missing: {_KERNEL_FILE}"
+    for name in ("relattn_common.cuh", "relattn_kernels.cu"):
+        path = os.path.join(os.path.dirname(_KERNEL_FILE), name)
+        if not os.path.isfile(path):
+            return f"kernel source missing: {path}"
     return None
 
 
@@ -122,10 +124,16 @@ def _pad16(d: int) -> int:
 
 
 def _read_source() -> str:
+    """The CUDA source handed to NVRTC: the shared prelude, then the kernels."""
     if not _source:
-        with open(_KERNEL_FILE, "r", encoding="utf-8") as fh:
-            _source.append(fh.read())
+        _source.append(read_cuda("relattn_common.cuh") + "\n" + read_cuda("relattn_kernels.cu"))
     return _source[0]
+
+
+def read_cuda(name: str) -> str:
+    """Text of a file of relattn/backends/cuda."""
+    with open(os.path.join(os.path.dirname(_KERNEL_FILE), name), "r", encoding="utf-8") as fh:
+        return fh.read()
 
 
 def _names(kind: str, hd: int):
@@ -138,6 +146,8 @@ def _names(kind: str, hd: int):
         return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
     if kind == "tf32":
         return {(split, rel): f"relattn_tf32<{hd}, {split}, {rel}>" for split in (1, 3) for rel in (0, 1, 2)}
+    if kind == "win":
+        return {(dt, kwp): f"relattn_win<{dt}, {hd}, {kwp}>" for dt in (0, 1) for kwp in (16, 32)}
     t = "float" if kind == "float32" else "double"
     return {rel: f"relattn_simt<{t}, {hd}, {rel}>" for rel in (0, 2)}
 
@@ -169,6 +179,17 @@ def _get_kernel(kind: str, hd: int, rel, smem: int):
             fn.max_dynamic_shared_size_bytes = smem
         _functions[key] = fn
         return fn
+
+
+def _ensure_smem(fn, smem):
+    """Raise a kernel's dynamic shared-memory limit to smem bytes (once per size)."""
+    if smem > 48 * 1024 and _smem_limit.get(id(fn), 0) < smem:
+        with _lock:
+            fn.max_dynamic_shared_size_bytes = smem
+            _smem_limit[id(fn)] = smem
+
+
+_smem_limit: dict = {}
 
 
 # -------------------------------------------------------------------- helpers
@@ -213,6 +234,24 @@ def _sm90_config(hd, Sq, Sk, kh, kw, has_rel):
     return _sm90.choose(hd, Sq, Sk, kh, kw, has_rel)
 
 
+def _win_config(hd, Sq, kh, kw):
+    """(kwp, slices per block, shared bytes) of the small-grid kernel
+    relattn_win, or None: key rows of k_w <= 32 padded to kwp = 16 / 32 slots,
+    the whole key grid (k_h * kwp <= 256 slots) resident in shared memory.
+    ``RELATTN_WIN=0`` turns it off; ``RELATTN_WIN_SPB`` sets the 16-query
+    slices per block (default: all of them, at most 16)."""
+    if os.environ.get("RELATTN_WIN", "1") == "0" or kw > 32:
+        return None
+    kwp = 16 if kw <= 16 else 32
+    if kh * kwp > 256:
+        return None
+    smem = 2 * kh * kwp * (hd + 8) * 2
+    nsl = (Sq + 15) // 16
+    env = os.environ.get("RELATTN_WIN_SPB")
+    spb = int(env) if env else min(nsl, 16)
+    return kwp, max(1, spb), smem
+
+
 # ------------------------------------------------------------------ attention
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
     """Attention core on the GPU; see relattn.backends for the contract."""
@@ -248,6 +287,24 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
             rel = 0
             kh, kw = 1, max(Sk, 1)
         ou = out.view(cupy.uint16) if d8 == D else cupy.empty((B, H, Sq, d8), dtype=cupy.uint16)
+        win = _win_config(hd, Sq, kh, kw) if has_rel else None
+        if win is not None:
+            kwp, spb, smem = win
+            fn = _get_kernel("win", hd, (1 if kind == "bfloat16" else 0, kwp), 0)
+            _ensure_smem(fn, smem)   # grows with k_h
+            groups = -(-((Sq + 15) // 16) // spb)
+            qs, ks, vs = _elem_strides(qu), _elem_strides(ku), _elem_strides(vu)
+            fn((BH * groups,), (128,),
+               (qu, ku, vu, rh, rw, ou,
+                np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d8), np.int32(kh), np.int32(kw),
+                _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
+                _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
+                _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
+                np.float32(float(scale) * _LOG2E), np.int32(groups), np.int32(spb)),
+               shared_mem=smem)
+            if d8 != D:
+                out.view(cupy.uint16)[...] = ou[..., :D]
+            return out
         cfg = _sm90_config(hd, Sq, Sk, kh, kw, has_rel)
         if cfg is not None:
             from relattn.backends import _sm90
@@ -414,7 +471,6 @@ def rel_terms(q, Rh, Rw):
     helper for callers that keep everything on the GPU.
     """
     import cupy
-    import numpy as np
 
     B, H, Sq, D = (int(s) for s in q.shape)
     qh, kh = int(Rh.shape[0]), int(Rh.shape[1])

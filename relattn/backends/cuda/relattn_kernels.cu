@@ -4,7 +4,8 @@
 //   logit[i, j] = scale * q_i . k_j + rel_h[i, j / k_w] + rel_w[i, j % k_w]
 //   out_i       = sum_j softmax_j(logit[i, :]) v_j
 //
-// Compiled at run time by NVRTC through cupy.RawModule; no headers are
+// Compiled at run time by NVRTC through cupy.RawModule after the shared
+// prelude relattn_common.cuh (types, PTX helpers); no headers are
 // included (half-precision data travels as raw 16-bit words, conversions and
 // tensor-core instructions are inline PTX), so it builds with NVRTC alone.
 //
@@ -19,30 +20,9 @@
 // REL: 0 = no relative terms, 1 = k_w == 64 (rel_w tile-invariant, kept in
 // registers; rel_h one value per row per tile), 2 = generic (any k_h, k_w).
 
-typedef unsigned short u16;
-typedef unsigned int u32;
 
-#define RA_INF __int_as_float(0x7f800000)
-#define RA_LOG2E 1.4426950408889634f
 
 // ---------------------------------------------------------------- PTX helpers
-__device__ __forceinline__ float ra_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-template <int DT>
-__device__ __forceinline__ u32 ra_pack(float lo, float hi) {
-    u32 r;
-    if (DT == 1) {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    } else {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    }
-    return r;
-}
-
 template <int DT>
 __device__ __forceinline__ void ra_mma(float* c, const u32* a, u32 b0, u32 b1) {
     if (DT == 1) {
@@ -60,12 +40,6 @@ __device__ __forceinline__ void ra_mma(float* c, const u32* a, u32 b0, u32 b1) {
     }
 }
 
-__device__ __forceinline__ u32 ra_smem_addr(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 ra_a; cvta.to.shared.u64 ra_a, %1; cvt.u32.u64 %0, ra_a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
 __device__ __forceinline__ void ra_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
@@ -74,25 +48,6 @@ __device__ __forceinline__ void ra_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u
 __device__ __forceinline__ void ra_ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-// 16-byte async copy global -> shared; bytes beyond src_bytes are zero-filled.
-__device__ __forceinline__ void ra_cp_async16(u32 dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void ra_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void ra_cp_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
-
-// key -> (ky, kx) for key < 2^22 without an integer division.
-__device__ __forceinline__ void ra_split_key(int key, int kw, float inv_kw, int& ky, int& kx) {
-    int y = __float2int_rz(((float)key + 0.5f) * inv_kw);
-    int x = key - y * kw;
-    if (x < 0) { y -= 1; x += kw; }
-    else if (x >= kw) { y += 1; x -= kw; }
-    ky = y;
-    kx = x;
 }
 
 // ------------------------------------------------------------ tensor-core kernel
@@ -430,6 +385,221 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
                     if (col < D)
                         *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
                             ra_pack<DT>(o[mg][d][rr * 2] * inv, o[mg][d][rr * 2 + 1] * inv);
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------- small-grid kernel
+// relattn_win<DT, HD, KWP>: float16 / bfloat16 on mma.sync for key grids with
+// k_w <= KWP (16 or 32) and k_h * KWP <= 256 slots, e.g. SAM's 14 x 14
+// windows. The whole K and V of one (batch, head) stay in shared memory,
+// loaded once, with every key row padded to KWP slots (slot ky * KWP + kx
+// holds key ky * k_w + kx; the kx >= k_w slots are zeros and masked). A key
+// tile is TR = 64 / KWP whole key rows, so a thread's column (j, e) has key row
+// j / (KWP / 8) of the tile and kx = (j % (KWP / 8)) * 8 + 2 t + e: rel_w is
+// read once per query slice into registers, rel_h once per tile, and no
+// per-score index arithmetic is left. Each warp runs 16-query slices
+// (slice = group * SPB + warp + 4 i); blocks are (batch * head, group).
+// Same data contract as relattn_mma.
+template <int DT, int HD, int KWP>
+__global__ void __launch_bounds__(128)
+relattn_win(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
+            u16* __restrict__ out,
+            int H, int Sq, int Sk, int D, int kh, int kw,
+            long long qsb, long long qsh, long long qss,
+            long long ksb, long long ksh, long long kss,
+            long long vsb, long long vsh, long long vss,
+            float scale_log2, int groups, int spb)
+{
+    constexpr int SROW = HD + 8;          // padded smem row (16 B) -> conflict-free ldmatrix
+    constexpr int KQ = HD / 16;
+    constexpr int ND = HD / 8;
+    constexpr int KB = KWP / 8;           // 8-column blocks per key row
+    constexpr int TR = 64 / KWP;          // key rows per 64-column tile
+
+    extern __shared__ __align__(16) unsigned char ra_smem_raw[];
+    u16* sK = reinterpret_cast<u16*>(ra_smem_raw);
+    const int nslot = kh * KWP;
+    u16* sV = sK + nslot * SROW;
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int grp = blockIdx.x % groups;
+    const int bh = blockIdx.x / groups;
+    const int b = bh / H, h = bh - b * H;
+    const u16* qb = q + b * qsb + h * qsh;
+    const u16* kb = k + b * ksb + h * ksh;
+    const u16* vb = v + b * vsb + h * vsh;
+
+    // ---- K and V of the whole key grid, key rows padded to KWP slots
+    {
+        constexpr int CH = HD / 8;
+        for (int c = tid; c < nslot * CH; c += 128) {
+            const int sl = c / CH, cc = c - (c / CH) * CH;
+            const int ky = sl / KWP, kx = sl - (sl / KWP) * KWP;
+            const int key = ky * kw + kx, col = cc * 8;
+            const bool ok = (kx < kw) && (col < D);
+            const u16* sk = ok ? kb + (long long)key * kss + col : kb;
+            const u16* sv = ok ? vb + (long long)key * vss + col : vb;
+            ra_cp_async16(ra_smem_addr(sK + sl * SROW + col), sk, ok ? 16 : 0);
+            ra_cp_async16(ra_smem_addr(sV + sl * SROW + col), sv, ok ? 16 : 0);
+        }
+        ra_cp_commit();
+        ra_cp_wait<0>();
+        __syncthreads();   // every thread's copies visible to every warp
+    }
+
+    const int mi = lane >> 3, ri = lane & 7;
+    const u32 kaddr0 = ra_smem_addr(sK + ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8);   // K: non-trans
+    const u32 vaddr0 = ra_smem_addr(sV + ((mi & 1) * 8 + ri) * SROW + (mi >> 1) * 8);   // V: trans
+    const int ntiles = (kh + TR - 1) / TR;
+    const int nsl = (Sq + 15) / 16;
+
+    for (int si = warp; si < spb; si += 4) {
+        const int sl = grp * spb + si;
+        if (sl >= nsl) break;
+        const int rows[2] = {sl * 16 + g, sl * 16 + g + 8};
+
+        // Q fragments straight from global
+        u32 qf[KQ][4];
+#pragma unroll
+        for (int kk = 0; kk < KQ; ++kk)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int col = kk * 16 + 2 * t + hf * 8;
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    u32 val = 0u;
+                    if (rows[rr] < Sq && col < D)
+                        val = *reinterpret_cast<const u32*>(qb + (long long)rows[rr] * qss + col);
+                    qf[kk][hf * 2 + rr] = val;
+                }
+            }
+        // rel_w of this thread's KWP / 4 key columns (kx >= k_w: masked), log2 domain
+        const float* rh_row[2];
+        float rwc[2][KB][2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = min(rows[rr], Sq - 1);
+            rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
+            const float* wrow = rel_w + ((long long)bh * Sq + r) * kw;
+#pragma unroll
+            for (int jj = 0; jj < KB; ++jj)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int kx = jj * 8 + 2 * t + e;
+                    rwc[rr][jj][e] = (kx < kw) ? __ldg(wrow + kx) * RA_LOG2E : -RA_INF;
+                }
+        }
+        float o[ND][4];
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[d][e] = 0.f;
+        float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
+
+        for (int n = 0; n < ntiles; ++n) {
+            const int ky0 = n * TR;
+            const int jv = min(TR, kh - ky0) * KB;     // column blocks holding keys
+            float rh1[2][TR];
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                for (int u = 0; u < TR; ++u)
+                    rh1[rr][u] = (ky0 + u < kh) ? __ldg(rh_row[rr] + ky0 + u) * RA_LOG2E : -RA_INF;
+            const u32 kaddr = kaddr0 + (u32)(ky0 * KWP * SROW * 2);
+            const u32 vaddr = vaddr0 + (u32)(ky0 * KWP * SROW * 2);
+
+            float s[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KQ; ++kk)
+#pragma unroll
+                for (int jp = 0; jp < 4; ++jp) {
+                    if (2 * jp < jv) {
+                        u32 b0, b1, b2, b3;
+                        ra_ldsm_x4(b0, b1, b2, b3, kaddr + (u32)((jp * 16 * SROW + kk * 16) * 2));
+                        ra_mma<DT>(s[2 * jp], qf[kk], b0, b1);
+                        ra_mma<DT>(s[2 * jp + 1], qf[kk], b2, b3);
+                    }
+                }
+            // scale + bias (compile-time indices), masked slots -> -inf
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        s[j][rr * 2 + e] = fmaf(s[j][rr * 2 + e], scale_log2, rh1[rr][j / KB] + rwc[rr][j % KB][e]);
+
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float mx = -RA_INF;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j][rr * 2], s[j][rr * 2 + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_run[rr], mx);
+                const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
+                const float alpha = ra_exp2(m_run[rr] - m_use);
+                m_run[rr] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float p0 = ra_exp2(s[j][rr * 2] - m_use);
+                    const float p1 = ra_exp2(s[j][rr * 2 + 1] - m_use);
+                    s[j][rr * 2] = p0;
+                    s[j][rr * 2 + 1] = p1;
+                    sum += p0 + p1;
+                }
+                l_run[rr] = l_run[rr] * alpha + sum;
+#pragma unroll
+                for (int d = 0; d < ND; ++d) {
+                    o[d][rr * 2] *= alpha;
+                    o[d][rr * 2 + 1] *= alpha;
+                }
+            }
+
+#pragma unroll
+            for (int kk2 = 0; kk2 < 4; ++kk2) {
+                if (2 * kk2 < jv) {
+                    u32 pa[4];
+                    pa[0] = ra_pack<DT>(s[2 * kk2][0], s[2 * kk2][1]);
+                    pa[1] = ra_pack<DT>(s[2 * kk2][2], s[2 * kk2][3]);
+                    pa[2] = ra_pack<DT>(s[2 * kk2 + 1][0], s[2 * kk2 + 1][1]);
+                    pa[3] = ra_pack<DT>(s[2 * kk2 + 1][2], s[2 * kk2 + 1][3]);
+#pragma unroll
+                    for (int dp = 0; dp < ND / 2; ++dp) {
+                        u32 b0, b1, b2, b3;
+                        ra_ldsm_x4_t(b0, b1, b2, b3, vaddr + (u32)((kk2 * 16 * SROW + dp * 16) * 2));
+                        ra_mma<DT>(o[2 * dp], pa, b0, b1);
+                        ra_mma<DT>(o[2 * dp + 1], pa, b2, b3);
+                    }
+                }
+            }
+        }
+
+        u16* ob = out + (long long)bh * Sq * D;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float l = l_run[rr];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = 1.f / l;
+            if (rows[rr] < Sq) {
+#pragma unroll
+                for (int d = 0; d < ND; ++d) {
+                    const int col = d * 8 + 2 * t;
+                    if (col < D)
+                        *reinterpret_cast<u32*>(ob + (long long)rows[rr] * D + col) =
+                            ra_pack<DT>(o[d][rr * 2] * inv, o[d][rr * 2 + 1] * inv);
                 }
             }
         }
