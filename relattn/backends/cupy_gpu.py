@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import threading
 
+from relattn._arrays import dtype_name
+
 NAME = "cupy"
 ARRAY_MODULE = "cupy"
 
@@ -80,7 +82,7 @@ def _probe():
 
 def _dtype_name(a) -> str:
     try:
-        return str(a.dtype.name)
+        return dtype_name(a.dtype)   # cached: numpy's dtype.name is slow Python
     except Exception:
         return str(getattr(a, "dtype", "?"))
 
