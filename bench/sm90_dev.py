@@ -145,8 +145,12 @@ def timing():
         row = {"case": name, "flash": graph_time_torch(flash), "seed": graph_time_torch(seed)}
         row["terms"] = graph_time_cupy(lambda: gpu.rel_terms(q, Rh, Rw))
         os.environ["RELATTN_SM90"] = "0"
+        if gpu._win_config(d, S, qh, qw) is not None:   # the small-grid kernel
+            row["win"] = graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (qh, qw), scale))
+        os.environ["RELATTN_WIN"] = "0"
         row["mma.sync"] = graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (qh, qw), scale))
         os.environ.pop("RELATTN_SM90")
+        os.environ.pop("RELATTN_WIN")
         for c in CFGS:
             os.environ["RELATTN_SM90_CFG"] = c
             try:
@@ -168,7 +172,7 @@ def timing():
         del ref
         cupy.get_default_memory_pool().free_all_blocks()
     print(f"\n{torch.cuda.get_device_name()} (CUDA graph, ms)")
-    keys = ["flash", "seed", "terms", "mma.sync"] + [f"wg{c}" for c in CFGS] + ["default", "default+terms"]
+    keys = ["flash", "seed", "terms", "mma.sync", "win"] + [f"wg{c}" for c in CFGS] + ["default", "default+terms"]
     print(f"{'case':15} " + " ".join(f"{kk:>9}" for kk in keys) + "  ratio(default+terms/flash)")
     for r in rows:
         print(f"{r['case']:15} " + " ".join(f"{r.get(kk, float('nan')):9.4f}" for kk in keys)
