@@ -1,6 +1,6 @@
 """Where the host time of a GPU call goes (dev aid): cProfile over repeated calls.
 
-    python bench/host_profile.py [window|global|1280|layer-window|layer-global] [n]
+    python bench/host_profile.py [window|global|1280|layer-window|layer-global] [n] [bfloat16|float32]
 """
 import cProfile
 import pstats
@@ -23,8 +23,11 @@ except ImportError:  # pragma: no cover
     bf16 = np.float16
 
 
+DT = {"bfloat16": bf16, "float32": np.float32}[sys.argv[3] if len(sys.argv) > 3 else "bfloat16"]
+
+
 def dev(x):
-    return cupy.asarray(x.astype(np.float32)).astype(bf16)
+    return cupy.asarray(x.astype(np.float32)).astype(DT)
 
 
 if case.startswith("layer"):

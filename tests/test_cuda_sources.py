@@ -107,7 +107,8 @@ def test_portable_kernels_compile(tmp_path):
         "relattn_simt<float, 64, 2>", "relattn_simt<double, 80, 0>",
         "relattn_relterms<1>", "relattn_relterms<2>",
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
-        "relattn_tf32<64, 3, 1>", "relattn_tf32<80, 1, 2>", "relattn_tf32<32, 3, 0>",
+        "relattn_tf32<64, 3, 1, 0>", "relattn_tf32<64, 3, 1, 1>", "relattn_tf32<80, 1, 2, 0>",
+        "relattn_tf32<32, 3, 0, 1>", "relattn_tf32<128, 3, 2, 0>",
         "relattn_win<1, 64, 16>", "relattn_win<0, 80, 32>", "relattn_win<1, 128, 16>",
     ]
     for n in names:  # every name is one the backend can ask NVRTC for

@@ -511,3 +511,29 @@ def test_small_grid_kernel_off_matches_on(monkeypatch):
     monkeypatch.setenv("RELATTN_WIN", "0")
     off = gpu.attention(*dev, (14, 14), 0.125)
     assert rel_l2(from_dev(on), from_dev(off)) <= 4e-3
+
+
+def test_3xtf32_non_finite_inputs_follow_ieee_like_fma():
+    """An infinite k (a +-inf logit) or v element: the fast 3xTF32 split would
+    give NaN; the flagged blocks rerun with the safe split, the others keep
+    their first-pass result. NaN / inf pattern and values match the FMA path."""
+    import relattn
+
+    rng = np.random.default_rng(23)
+    q, k, v = (rng.standard_normal((1, 4, 300, 64)).astype(np.float32) for _ in range(3))
+    q[0, 1, :, 0] = np.where(np.arange(300) % 2 == 0, 1.0, -1.0)
+    k[0, 1, 7, 0] = np.inf           # head 1: +inf logits (NaN rows) and -inf logits (weight 0)
+    v[0, 2, 11, 5] = np.inf          # head 2: column 5 becomes +inf
+    v[0, 3, 250, 9] = np.nan         # head 3: column 9 becomes NaN
+    th = (0.1 * rng.standard_normal((29, 64))).astype(np.float32)
+    tw = (0.1 * rng.standard_normal((39, 64))).astype(np.float32)
+    dev = [cupy.asarray(a) for a in (q, k, v, th, tw)]
+    with relattn.gpu_float32_mode("fma"):
+        want = relattn.rel_pos_attention(*dev, (15, 20)).get()
+    got = relattn.rel_pos_attention(*dev, (15, 20)).get()   # default: 3xTF32
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    assert np.isnan(want[0, 1, 0::2]).all() and np.isfinite(want[0, 1, 1::2]).all()
+    assert np.isposinf(want[0, 2, :, 5]).all() and np.isnan(want[0, 3, :, 9]).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=0, atol=2e-5 * np.abs(want[fin]).max())

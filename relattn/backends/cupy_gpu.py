@@ -147,7 +147,8 @@ def _names(kind: str, hd: int):
         dt = 1 if kind == "bfloat16" else 0
         return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
     if kind == "tf32":
-        return {(split, rel): f"relattn_tf32<{hd}, {split}, {rel}>" for split in (1, 3) for rel in (0, 1, 2)}
+        return {(split, rel, safe): f"relattn_tf32<{hd}, {split}, {rel}, {safe}>"
+                for split in (1, 3) for rel in (0, 1, 2) for safe in ((0, 1) if split == 3 else (0,))}
     if kind == "win":
         return {(dt, kwp): f"relattn_win<{dt}, {hd}, {kwp}>" for dt in (0, 1) for kwp in (16, 32)}
     t = "float" if kind == "float32" else "double"
@@ -431,19 +432,21 @@ def _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, split):
         kh, kw = 1, max(Sk, 1)
     # Q + two K/V stages, float32 rows padded as in relattn_tf32
     smem = (64 * (hd + 8) + 2 * (64 * (hd + 8) + 64 * (hd + 4))) * 4
-    fn = _get_kernel("tf32", hd, (split, rel), smem)
     of = out if d4 == D else cupy.empty((B, H, Sq, d4), dtype=cupy.float32)
     qs, ks, vs = _elem_strides(qf), _elem_strides(kf), _elem_strides(vf)
-    fn(
-        (B * H * ((Sq + 63) // 64),), (128,),
-        (qf, kf, vf, rh, rw, of,
-         np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d4), np.int32(kh), np.int32(kw),
-         _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
-         _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
-         _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
-         np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw)),
-        shared_mem=smem,
-    )
+    nblocks = B * H * ((Sq + 63) // 64)
+    # 3xTF32: a second, IEEE-safe pass over the blocks the first one flagged
+    # (non-finite inputs; see relattn_tf32); the flags need no clearing
+    flags = cupy.empty((nblocks,), dtype=cupy.int32) if split == 3 else of
+    args = (qf, kf, vf, rh, rw, of, flags,
+            np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d4), np.int32(kh), np.int32(kw),
+            _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
+            _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
+            _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
+            np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw))
+    for safe in ((0, 1) if split == 3 else (0,)):
+        fn = _get_kernel("tf32", hd, (split, rel, safe), smem)
+        fn((nblocks,), (128,), args, shared_mem=smem)
     if d4 != D:
         out[...] = of[..., :D]
     return out

@@ -1119,37 +1119,60 @@ __device__ __forceinline__ void ra_mma_tf32(float* c, u32 a0, u32 a1, u32 a2, u3
 }
 
 // x -> big (TF32, nearest, ties away: add half an ulp of the 10-bit mantissa
-// and clear the 13 low bits) and small = x - big (SPLIT == 3 only)
-template <int SPLIT, int N>
-__device__ __forceinline__ void ra_split_tf32(const float* x, u32* big, u32* small) {
+// and clear the 13 low bits) and small = x - big (SPLIT == 3 only).
+// The fast form turns an infinite x into small = inf - inf = NaN, and its big
+// part meets the other operand's small part (0 * inf = NaN). SAFE keeps IEEE
+// semantics for non-finite and near-overflow x: big = x (NaN quieted so the
+// tensor core still sees a NaN), small = 0, and bigx, the big part used in
+// the two cross products, = 0; a non-finite x then enters only big x big.
+template <int SPLIT, int N, bool SAFE = false>
+__device__ __forceinline__ void ra_split_tf32(const float* x, u32* big, u32* small, u32* bigx = nullptr) {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-        big[i] = (__float_as_uint(x[i]) + 0x1000u) & 0xffffe000u;
-        if (SPLIT == 3) small[i] = __float_as_uint(x[i] - __uint_as_float(big[i]));
+        const u32 xb = __float_as_uint(x[i]);
+        u32 bg = (xb + 0x1000u) & 0xffffe000u;
+        bool fin = true;
+        if (SAFE) {
+            fin = (xb & 0x7f800000u) != 0x7f800000u;
+            if (!fin) bg = xb | ((xb & 0x007fffffu) ? 0x00400000u : 0u);
+            else if ((bg & 0x7f800000u) == 0x7f800000u) bg = xb & 0xffffe000u;   // rounding overflowed
+            bigx[i] = fin ? bg : 0u;
+        }
+        big[i] = bg;
+        if (SPLIT == 3) small[i] = fin ? __float_as_uint(x[i] - __uint_as_float(bg)) : 0u;
     }
 }
 
 // c[j] += a . b[j] for N column blocks j with SPLIT products each (small x
 // big terms first: least significant), issued term by term over j so that
-// consecutive products never wait on the same accumulator.
+// consecutive products never wait on the same accumulator. abx / bbx: the big
+// parts for the cross products (ab / bb, or the SAFE split's bigx).
 template <int SPLIT, int N>
 __device__ __forceinline__ void ra_mma_split(float (*c)[4], const u32* ab, const u32* as,
-                                             const u32 (*bb)[2], const u32 (*bs)[2]) {
+                                             const u32 (*bb)[2], const u32 (*bs)[2],
+                                             const u32* abx, const u32 (*bbx)[2]) {
     if (SPLIT == 3) {
 #pragma unroll
-        for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], as[0], as[1], as[2], as[3], bb[j][0], bb[j][1]);
+        for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], as[0], as[1], as[2], as[3], bbx[j][0], bbx[j][1]);
 #pragma unroll
-        for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], ab[0], ab[1], ab[2], ab[3], bs[j][0], bs[j][1]);
+        for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], abx[0], abx[1], abx[2], abx[3], bs[j][0], bs[j][1]);
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) ra_mma_tf32(c[j], ab[0], ab[1], ab[2], ab[3], bb[j][0], bb[j][1]);
 }
 
-template <int HD, int SPLIT, int REL>
+// SAFE: the same kernel with the IEEE-safe split, run as a second pass over
+// the blocks whose first pass flagged a non-finite l or o (an infinite q, k or
+// v element makes the fast split's small part inf - inf = NaN where IEEE
+// arithmetic gives +-inf or a zero weight; every such NaN reaches l or o). The
+// first pass writes flags[block] (also when the true result is non-finite:
+// the second pass then reproduces it exactly); the second pass leaves
+// unflagged blocks at once.
+template <int HD, int SPLIT, int REL, int SAFE>
 __global__ void __launch_bounds__(128)
 relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
              const float* __restrict__ rel_h, const float* __restrict__ rel_w,
-             float* __restrict__ out,
+             float* __restrict__ out, int* __restrict__ flags,
              int H, int Sq, int Sk, int D, int kh, int kw,
              long long qsb, long long qsh, long long qss,
              long long ksb, long long ksh, long long kss,
@@ -1161,6 +1184,8 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
     constexpr int VROW = HD + 4;           // V rows: banks 8 t + g
     constexpr int KT = BN * QROW, VT = BN * VROW;
     constexpr int ND = HD / 8;             // output column blocks
+
+    if (SAFE && flags[blockIdx.x] == 0) return;
 
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     float* sQ = reinterpret_cast<float*>(ra_smem_raw);
@@ -1258,16 +1283,20 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
             const float2 q0 = *reinterpret_cast<const float2*>(qw + ks * 8);
             const float2 q1 = *reinterpret_cast<const float2*>(qw + 8 * QROW + ks * 8);
             const float a[4] = {q0.x, q1.x, q0.y, q1.y};
-            u32 ab[4], as[4];
-            ra_split_tf32<SPLIT, 4>(a, ab, as);
-            u32 bb[8][2], bs[8][2];
+            u32 ab[4], as[4], abx[SAFE ? 4 : 1];
+            ra_split_tf32<SPLIT, 4, SAFE != 0>(a, ab, as, abx);
+            constexpr int NG = SAFE ? 2 : 8;   // column blocks split at a time (registers)
 #pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                const float2 k2 = *reinterpret_cast<const float2*>(cK + (nb * 8 + g) * QROW + ks * 8 + 2 * t);
-                const float bk[2] = {k2.x, k2.y};
-                ra_split_tf32<SPLIT, 2>(bk, bb[nb], bs[nb]);
+            for (int n0 = 0; n0 < 8; n0 += NG) {
+                u32 bb[NG][2], bs[NG][2], bbx[SAFE ? NG : 1][2];
+#pragma unroll
+                for (int i = 0; i < NG; ++i) {
+                    const float2 k2 = *reinterpret_cast<const float2*>(cK + ((n0 + i) * 8 + g) * QROW + ks * 8 + 2 * t);
+                    const float bk[2] = {k2.x, k2.y};
+                    ra_split_tf32<SPLIT, 2, SAFE != 0>(bk, bb[i], bs[i], bbx[SAFE ? i : 0]);
+                }
+                ra_mma_split<SPLIT, NG>(s + n0, ab, as, bb, bs, SAFE ? abx : ab, SAFE ? bbx : bb);
             }
-            ra_mma_split<SPLIT, 8>(s, ab, as, bb, bs);
         }
 
         // ---- scale, relative terms, mask; element (nb, e): row rr = e >> 1,
@@ -1328,24 +1357,25 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
             const float a[4] = {s[nb][0], s[nb][2], s[nb][1], s[nb][3]};
-            u32 ab[4], as[4];
-            ra_split_tf32<SPLIT, 4>(a, ab, as);
+            u32 ab[4], as[4], abx[SAFE ? 4 : 1];
+            ra_split_tf32<SPLIT, 4, SAFE != 0>(a, ab, as, abx);
             const float* vr = cV + (nb * 8 + 2 * t) * VROW + g;
             // column blocks in groups of 8 (ND = 8, 10, 12, 14 or 16 ...)
 #pragma unroll
-            for (int d0 = 0; d0 < ND; d0 += 8) {
-                constexpr int G8 = 8;
-                u32 bb[G8][2], bs[G8][2];
+            for (int d0 = 0; d0 < ND; d0 += (SAFE ? 2 : 8)) {
+                constexpr int G8 = SAFE ? 2 : 8;
+                u32 bb[G8][2], bs[G8][2], bbx[SAFE ? G8 : 1][2];
 #pragma unroll
                 for (int i = 0; i < G8; ++i) {
                     const int d = min(d0 + i, ND - 1);
                     const float bv[2] = {vr[d * 8], vr[VROW + d * 8]};
-                    ra_split_tf32<SPLIT, 2>(bv, bb[i], bs[i]);
+                    ra_split_tf32<SPLIT, 2, SAFE != 0>(bv, bb[i], bs[i], bbx[SAFE ? i : 0]);
                 }
                 if (d0 + G8 <= ND) {
-                    ra_mma_split<SPLIT, G8>(ot + d0, ab, as, bb, bs);
+                    ra_mma_split<SPLIT, G8>(ot + d0, ab, as, bb, bs, SAFE ? abx : ab, SAFE ? bbx : bb);
                 } else {
-                    ra_mma_split<SPLIT, (ND % 8 == 0) ? 1 : ND % 8>(ot + d0, ab, as, bb, bs);
+                    ra_mma_split<SPLIT, (ND % G8 == 0) ? 1 : ND % G8>(ot + d0, ab, as, bb, bs,
+                                                                      SAFE ? abx : ab, SAFE ? bbx : bb);
                 }
             }
         }
@@ -1354,6 +1384,18 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[d][e] = fmaf(o[d][e], alpha_r[e >> 1], ot[d][e]);
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
+    }
+
+    if (!SAFE && SPLIT == 3) {
+        bool bad = false;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) bad |= !(fabsf(l_run[rr]) < RA_INF);
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) bad |= !(fabsf(o[d][e]) < RA_INF);
+        bad = __syncthreads_or(bad);
+        if (tid == 0) flags[blockIdx.x] = bad ? 1 : 0;
     }
 
     float* ob = out + (long long)bh * Sq * D;
