@@ -41,7 +41,7 @@ def host_only(fn, n=200):
     return t * 1e3
 
 
-def profile(fn, n=200, top=22):
+def profile(fn, n=200, top=22, sorts=("tottime",)):
     fn()
     pr = cProfile.Profile()
     pr.enable()
@@ -49,9 +49,10 @@ def profile(fn, n=200, top=22):
         fn()
     pr.disable()
     cupy.cuda.get_current_stream().synchronize()
-    s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
-    print(s.getvalue()[-6000:])
+    for key in sorts:
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(top)
+        print(s.getvalue()[-7000:])
 
 
 def main():

@@ -53,4 +53,4 @@ def back_to_back(fn, n):
 
 print(f"{case}: host time per call {host_only(call, n):.3f} ms (queue only), {back_to_back(call, n):.3f} ms "
       f"back to back, {wall(call):.3f} ms per synchronised call")
-profile(call, n)
+profile(call, n, top=30, sorts=("tottime", "cumulative"))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
+
+import numpy as np
 
 from relattn import backends
 from relattn._interop import accepts_dlpack
@@ -102,25 +105,27 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     return q, k, v, scale, q_size, k_size
 
 
-def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
-    if rel_pos_h is None:
-        return None, None
+def _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    """``run(q, rel_pos_h, rel_pos_w) -> (rel_h, rel_w)`` for validated inputs of
+    the signature of these (tables present)."""
     if array_module(q).__name__ == "cupy" and "float64" not in (
         dtype_name(q.dtype), dtype_name(rel_pos_h.dtype), dtype_name(rel_pos_w.dtype)
     ):
         gpu = backends.get("cupy")
         if gpu.unavailable_reason() is None:
             # One small kernel reading q in its own dtype (no bf16 matmul in CuPy).
-            from relattn.relpos import _check_table, get_rel_pos
+            return gpu.terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    return lambda q, th, tw: decomposed_rel_pos(q, th, tw, q_size, k_size)
 
-            rel_pos_h = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
-            rel_pos_w = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
-            if dtype_name(q.dtype) in ("float16", "bfloat16", "float32"):
-                return gpu.rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size)
-            table_h = get_rel_pos(q_size[0], k_size[0], rel_pos_h)
-            table_w = get_rel_pos(q_size[1], k_size[1], rel_pos_w)
-            return gpu.rel_terms(q, table_h, table_w)
-    return decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size)
+
+def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    if rel_pos_h is None:
+        return None, None
+    from relattn.relpos import _check_table
+
+    rel_pos_h = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
+    rel_pos_w = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
+    return _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)(q, rel_pos_h, rel_pos_w)
 
 
 def _candidates(backend: str, xp_name: str):
@@ -219,11 +224,93 @@ def rel_pos_attention(
     >>> out.shape, out.dtype
     ((1, 2, 12, 8), dtype('float32'))
     """
+    key = _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend)
+    if key is not None:
+        run = _plans.get(key)
+        if run is not None:
+            return run(q, k, v, rel_pos_h, rel_pos_w)
     q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     name, arrays, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
     out = backends.get(name).attention(*arrays, k_size, scale)
+    if key is not None and arrays[0] is q:  # not moved to another array library
+        _remember(key, _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale))
     return to_module(out, array_module(q))  # back to the caller's array type if it moved
+
+
+# ------------------------------------------------------------- call plans
+# A repeated call (same array types, shapes, strides, dtypes, alignment and
+# device, same sizes, scale and backend) skips validation and dispatch: its
+# first run left a plan here that only computes the terms and launches the
+# core. Keys hold no arrays, only their signatures.
+_plans: dict = {}
+_PLANS_MAX = 256
+_plans_lock = threading.Lock()
+
+
+def _array_key(a):
+    t = type(a)
+    if t is np.ndarray:
+        return (a.shape, a.strides, a.dtype)
+    if a is None:
+        return None
+    if t.__module__.startswith("cupy") and t.__name__ == "ndarray":
+        mem = a.data
+        return (a.shape, a.strides, a.dtype, mem.device_id, mem.ptr & 15)
+    raise TypeError  # anything else (DLPack tensors, lists) takes the full path
+
+
+def _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
+    """The plan-cache key of a call, or None when it takes the full path."""
+    try:
+        arrays = tuple(_array_key(a) for a in (q, k, v, rel_pos_h, rel_pos_w))
+    except (TypeError, AttributeError):
+        return None
+    kinds = {type(a) for a in (q, k, v, rel_pos_h, rel_pos_w) if a is not None}
+    if None in arrays[:3] or len(kinds) != 1 or type(backend) is not str:
+        return None
+    for size in (q_size, k_size):  # exact types only: (True, 2) must still be refused
+        if size is not None and not (type(size) is tuple and len(size) == 2
+                                     and type(size[0]) is int and type(size[1]) is int):
+            return None
+    if scale is not None and type(scale) not in (float, int):
+        return None
+    extra = _GPU_KEY[0]() if type(q) is not np.ndarray else None
+    return (arrays, type(q), q_size, k_size, type(scale), scale, backend, extra)
+
+
+def _gpu_key():
+    return backends.get("cupy").plan_key()
+
+
+_GPU_KEY = [_gpu_key]
+
+
+def _remember(key, run):
+    with _plans_lock:
+        if len(_plans) >= _PLANS_MAX:
+            del _plans[next(iter(_plans))]  # the oldest
+        _plans[key] = run
+
+
+def _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale):
+    """``run(q, k, v, rel_pos_h, rel_pos_w) -> out``: the terms and the core of
+    backend ``name`` for validated inputs of the signature of these."""
+    mod = backends.get(name)
+    make_core = getattr(mod, "core_plan", None)
+    if make_core is not None:
+        core = make_core(q, k, v, rel_h, rel_w, k_size, scale)
+    else:
+        def core(q, k, v, rel_h, rel_w):
+            return mod.attention(q, k, v, rel_h, rel_w, k_size, scale)
+    if rel_pos_h is None:
+        return lambda q, k, v, th, tw: core(q, k, v, None, None)
+    terms = _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)
+
+    def run(q, k, v, th, tw):
+        return core(q, k, v, *terms(q, th, tw))
+
+    return run
 
 
 def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"):

@@ -537,3 +537,114 @@ def test_3xtf32_non_finite_inputs_follow_ieee_like_fma():
     assert np.isposinf(want[0, 2, :, 5]).all() and np.isnan(want[0, 3, :, 9]).all()
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[fin], want[fin], rtol=0, atol=2e-5 * np.abs(want[fin]).max())
+
+
+# ------------------------------------------------------------ call plans
+def _unplanned(monkeypatch, *args, **kwargs):
+    """rel_pos_attention through validation and dispatch, leaving no plan."""
+    import relattn
+    from relattn import functional
+
+    with monkeypatch.context() as m:
+        m.setattr(functional, "_call_key", lambda *a, **k: None)
+        return relattn.rel_pos_attention(*args, **kwargs)
+
+
+def _misaligned(a):
+    """A C-contiguous copy of ``a`` whose data starts one element past a
+    256-byte boundary (not 16-byte aligned)."""
+    bits = cupy.dtype(f"u{a.dtype.itemsize}")
+    base = cupy.empty(a.size + 1, dtype=bits)
+    out = base[1:].reshape(a.shape)
+    out[...] = a.view(bits)
+    return out.view(a.dtype)
+
+
+PLAN_CASES = [
+    # (B, H, grid, head_dim, dtype): the kernel it runs on the H100
+    (1, 2, (64, 64), 64, "bfloat16"),   # wgmma
+    (2, 2, (14, 14), 64, "float16"),    # small-grid kernel
+    (1, 2, (20, 20), 80, "bfloat16"),   # mma.sync
+    (1, 2, (9, 11), 20, "bfloat16"),    # head_dim padded to 24
+    (1, 2, (32, 32), 64, "float32"),    # 3xTF32
+    (1, 2, (9, 11), 18, "float32"),     # head_dim padded to 20
+    (1, 1, (9, 11), 24, "float64"),     # SIMT
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned", "strided"])
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: f"{c[4]}-g{c[2][0]}x{c[2][1]}-d{c[3]}")
+def test_planned_calls_match_unplanned_and_reference(case, layout, monkeypatch):
+    """The second and later calls run the plan the first one left: same bits
+    as a call through the full dispatch, float64-reference accuracy, for
+    aligned, misaligned (one element off 16 bytes) and strided inputs."""
+    import relattn
+
+    B, H, g, D, dtype = case
+    rng = np.random.default_rng(zlib.crc32(repr((case, layout)).encode()))
+    S = g[0] * g[1]
+    width = 2 * D if layout == "strided" else D
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, S, width)), dtype) for _ in range(3))
+    if layout == "strided":
+        q, k, v = q[..., ::2], k[..., ::2], v[..., ::2]
+        qr, kr, vr = qr[..., ::2], kr[..., ::2], vr[..., ::2]
+    elif layout == "misaligned":
+        q, k, v = (_misaligned(a) for a in (q, k, v))
+        assert q.data.ptr % 16 != 0
+    tdtype = "float64" if dtype == "float64" else "float32"
+    (th, thr), (tw, twr) = (to_dev(rng.standard_normal((2 * n - 1, D)), tdtype) for n in g)
+    rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, g, g)
+    ref = reference(qr, kr, vr, rh, rw, g, D ** -0.5)
+    want = _unplanned(monkeypatch, q, k, v, th, tw, g)
+    for _ in range(3):
+        got = relattn.rel_pos_attention(q, k, v, th, tw, g)
+        np.testing.assert_array_equal(from_dev(got), from_dev(want))
+    assert rel_l2(from_dev(got), ref) <= TOL[dtype]
+
+
+def test_plans_follow_the_float32_mode_and_switches(monkeypatch):
+    """The float32 mode and the developer switches are part of the plan key."""
+    import relattn
+
+    rng = np.random.default_rng(31)
+    dev = [cupy.asarray(rng.standard_normal(s).astype(np.float32))
+           for s in [(1, 2, 196, 64)] * 3 + [(27, 64)] * 2]
+    outs = {}
+    for mode in ("3xtf32", "tf32", "fma", "3xtf32"):
+        with relattn.gpu_float32_mode(mode):
+            want = _unplanned(monkeypatch, *dev, (14, 14))
+            for _ in range(2):
+                got = relattn.rel_pos_attention(*dev, (14, 14))
+                np.testing.assert_array_equal(got.get(), want.get())
+            outs[mode] = got.get()
+    assert not np.array_equal(outs["tf32"], outs["3xtf32"])
+    half = [a.astype(cupy.float16) if a.ndim == 4 else a for a in dev]
+    for switch in ("1", "0", "1"):
+        monkeypatch.setenv("RELATTN_WIN", switch)
+        want = _unplanned(monkeypatch, *half, (14, 14))
+        for _ in range(2):
+            np.testing.assert_array_equal(relattn.rel_pos_attention(*half, (14, 14)).get(), want.get())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_planned_call_captured_in_a_cuda_graph(dtype):
+    """A planned call launches only: it can be captured and replayed."""
+    import relattn
+
+    rng = np.random.default_rng(37)
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((1, 2, 1024, 64)), dtype) for _ in range(3))
+    th, tw = (cupy.asarray(rng.standard_normal((63, 64)).astype(np.float32)) for _ in range(2))
+    first = relattn.rel_pos_attention(q, k, v, th, tw, (32, 32))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        relattn.rel_pos_attention(q, k, v, th, tw, (32, 32))
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            out = relattn.rel_pos_attention(q, k, v, th, tw, (32, 32))
+        finally:
+            graph = stream.end_capture()
+        out.view(cupy.uint8).fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+    np.testing.assert_array_equal(from_dev(out), from_dev(first))

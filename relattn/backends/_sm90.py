@@ -241,35 +241,23 @@ def choose(hd: int, sq: int, sk: int, kh: int, kw: int, has_rel: bool):
     return nwg, bn, rel, st
 
 
-def attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, D, kh, kw, hd, dt, scale_log2, cfg):
-    """Launch relattn_wg on prepared 16-bit views (see cupy_gpu.attention)."""
+def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg):
+    """(kernel, grid, block, extra arguments, shared bytes) of relattn_wg for a
+    problem and a ``choose`` result. The kernel takes the arguments of the
+    mma.sync kernel (see cupy_gpu) followed by ``extra``: the shared-memory
+    descriptors' leading / stride byte offsets of Q-K and of V. Raises
+    BuildError when the kernel cannot be built here."""
     import numpy as np
 
     nwg, bn, rel, st = cfg
     smem = smem_bytes(hd, nwg, bn, rel, kh, kw, st)
     fn = get_kernel(dt, hd, nwg, bn, rel, st)
-    B = int(qu.shape[0])
     bm = 64 * nwg
     grid = (B * H * ((Sq + bm - 1) // bm),)
-    isz = 2
-    qs = [s // isz for s in qu.strides]
-    ks = [s // isz for s in ku.strides]
-    vs = [s // isz for s in vu.strides]
     if hd == 64:  # 128-byte swizzle: 8-row atoms of 1024 bytes
         kq = (16, 1024)    # leading unused (K-major swizzled), stride: next 8 rows
         vv = (8192, 1024)  # N-major swizzled: leading = next 64 columns, stride = next 8 keys
     else:  # no swizzle: core matrices 128 B apart along K, row groups hd * 16 B apart
         kq = (128, hd * 16)
         vv = (hd * 16, 128)  # N-major: leading = next 8 keys, stride = next 8 columns
-    i64 = np.int64
-    fn(
-        grid, (128 * nwg,),
-        (qu, ku, vu, rh, rw, ou,
-         np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(D), np.int32(kh), np.int32(kw),
-         i64(qs[0]), i64(qs[1]), i64(qs[2]),
-         i64(ks[0]), i64(ks[1]), i64(ks[2]),
-         i64(vs[0]), i64(vs[1]), i64(vs[2]),
-         np.float32(scale_log2), np.float32(1.0 / kw),
-         np.int32(kq[0]), np.int32(kq[1]), np.int32(vv[0]), np.int32(vv[1])),
-        shared_mem=smem,
-    )
+    return fn, grid, (128 * nwg,), tuple(np.int32(x) for x in (*kq, *vv)), smem

@@ -161,59 +161,117 @@ def _get_kernel(kind: str, hd: int, rel, smem: int):
     dev = cupy.cuda.Device().id
     key = (kind, hd, rel, dev)
     fn = _functions.get(key)
-    if fn is not None:
-        return fn
-    with _lock:
-        fn = _functions.get(key)
-        if fn is not None:
-            return fn
-        mkey = (kind, hd, dev)
-        names = _names(kind, hd)
-        mod = _modules.get(mkey)
-        if mod is None:
-            mod = cupy.RawModule(
-                code=_read_source(),
-                options=("-std=c++17", "--use_fast_math"),
-                name_expressions=list(names.values()),
-            )
-            _modules[mkey] = mod
-        fn = mod.get_function(names[rel])
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
-        _functions[key] = fn
-        return fn
+    if fn is None:
+        with _lock:
+            fn = _functions.get(key)
+            if fn is None:
+                mkey = (kind, hd, dev)
+                names = _names(kind, hd)
+                mod = _modules.get(mkey)
+                if mod is None:
+                    mod = _modules[mkey] = cupy.RawModule(
+                        code=_read_source(),
+                        options=("-std=c++17", "--use_fast_math"),
+                        name_expressions=list(names.values()),
+                    )
+                fn = _functions[key] = mod.get_function(names[rel])
+    _ensure_smem(fn, smem)
+    return fn
 
 
 def _ensure_smem(fn, smem):
-    """Raise a kernel's dynamic shared-memory limit to smem bytes (once per size)."""
+    """Raise a kernel's dynamic shared-memory limit to smem bytes (kernels whose
+    size varies with the problem get the largest one asked for)."""
     if smem > 48 * 1024 and _smem_limit.get(id(fn), 0) < smem:
         with _lock:
-            fn.max_dynamic_shared_size_bytes = smem
-            _smem_limit[id(fn)] = smem
+            if _smem_limit.get(id(fn), 0) < smem:
+                fn.max_dynamic_shared_size_bytes = smem
+                _smem_limit[id(fn)] = smem
 
 
 _smem_limit: dict = {}
 
 
 # -------------------------------------------------------------------- helpers
-def _prep_half(x, d8: int):
-    """16-bit view of x usable by the mma kernel: last stride 1, other strides
-    multiples of 8 elements, 16-byte aligned base, last dim padded to d8."""
+# A "plan" is what one call decides from the signature of its arrays (shape,
+# strides, dtype, 16-byte alignment, device): kernel, grid, shared memory and
+# every scalar argument. ``run`` functions only allocate and launch; the
+# dispatch in relattn.functional caches them per signature, so a repeated call
+# costs a dictionary look-up and the launches.
+def _same(x):
+    return x
+
+
+def _u16(x):
     import cupy
 
-    u = x.view(cupy.uint16)
-    d = u.shape[-1]
-    if d != d8:
-        p = cupy.zeros(u.shape[:-1] + (d8,), dtype=cupy.uint16)
-        p[..., :d] = u
-        return p
-    st = [s // 2 for s in u.strides]
-    ok = (
-        u.strides[-1] == 2 or u.shape[-1] == 1
-    ) and all(s % 8 == 0 for s in st[:3]) and u.data.ptr % 16 == 0
-    if not ok:
-        u = cupy.ascontiguousarray(u)
-    return u
+    return x.view(cupy.uint16)
+
+
+def _u16_copy(x):
+    import cupy
+
+    return x.view(cupy.uint16).copy()
+
+
+def _copy(x):
+    return x.copy()  # C order, a fresh (aligned) allocation
+
+
+def _contiguous(x):
+    import cupy
+
+    return cupy.ascontiguousarray(x)
+
+
+def _padded(x, width):
+    """x with its last axis zero-padded to ``width``."""
+    import cupy
+
+    p = cupy.zeros(x.shape[:-1] + (width,), dtype=x.dtype)
+    p[..., : x.shape[-1]] = x
+    return p
+
+
+def _operand_prep(x, width, align):
+    """How the tensor-core kernels get x: ``(prep, strides)``, where prep(x) is
+    a view or copy with last stride 1, the first three strides multiples of
+    ``align`` elements, a 16-byte aligned base and the last axis ``width`` long
+    (zero-padded), and strides are prep(x)'s element strides (axes 0-2). 16-bit
+    dtypes are read as uint16."""
+    half = x.dtype.itemsize == 2
+    d = int(x.shape[-1])
+    B, H, S = (int(n) for n in x.shape[:3])
+    dense = [H * S * width, S * width, width]
+    if d != width:
+        prep = (lambda a: _padded(_u16(a), width)) if half else (lambda a: _padded(a, width))
+        return prep, dense
+    st = _elem_strides(x)[:3]
+    ok = (x.strides[-1] == x.dtype.itemsize or d == 1) and all(s % align == 0 for s in st) \
+        and x.data.ptr % 16 == 0
+    if ok:
+        return (_u16 if half else _same), st
+    return (_u16_copy if half else _copy), dense
+
+
+def _dense_prep(x, dtype=None):
+    """prep(a) -> a as a C-contiguous array of ``dtype`` (x's own when None),
+    decided from x: a no-op when x is one."""
+    import cupy
+    import numpy as np
+
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
+    if x.dtype == dtype:
+        return _same if x.flags.c_contiguous else _contiguous
+    if _dtype_name(x) == "bfloat16" and dtype == np.float32:
+        return _bf16_to_f32
+    return lambda a: cupy.ascontiguousarray(a, dtype=dtype)
+
+
+def _bf16_to_f32(t):
+    import cupy
+
+    return (cupy.ascontiguousarray(t).view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
 
 
 def _elem_strides(x):
@@ -225,6 +283,13 @@ def _i64(x):
     import numpy as np
 
     return np.int64(x)
+
+
+def _ints(*values):
+    """Scalar kernel arguments: int32 sizes."""
+    import numpy as np
+
+    return tuple(np.int32(x) for x in values)
 
 
 def _sm90_config(hd, Sq, Sk, kh, kw, has_rel):
@@ -255,132 +320,170 @@ def _win_config(hd, Sq, kh, kw):
     return kwp, max(1, spb), smem
 
 
+# The environment variables read while planning (developer switches): part of
+# the plan cache key, so changing one takes effect on the next call.
+_KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_SM90", "RELATTN_SM90_CFG")
+
+
+def plan_key():
+    """What besides the arrays' signature a plan depends on: the current device,
+    the float32 mode and the developer switches."""
+    import cupy
+
+    from relattn.precision import get_gpu_float32_mode
+
+    env = os.environ
+    return (cupy.cuda.runtime.getDevice(), get_gpu_float32_mode(), *(env.get(n) for n in _KNOBS))
+
+
 # ------------------------------------------------------------------ attention
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
     """Attention core on the GPU; see relattn.backends for the contract."""
+    return core_plan(q, k, v, rel_h, rel_w, k_size, scale)(q, k, v, rel_h, rel_w)
+
+
+def core_plan(q, k, v, rel_h, rel_w, k_size, scale):
+    """``run(q, k, v, rel_h, rel_w) -> out``, valid for every call whose arrays
+    have the signature of these (shape, strides, dtype, 16-byte alignment,
+    device), with this k_size, scale and :func:`plan_key`."""
     import cupy
     import numpy as np
 
     B, H, Sq, D = (int(s) for s in q.shape)
     Sk = int(k.shape[2])
     kind = _dtype_name(q)
-    out = cupy.empty((B, H, Sq, D), dtype=q.dtype)
-    if out.size == 0:
-        return out
+    shape, dtype = (B, H, Sq, D), q.dtype
+    if B * H * Sq * D == 0:
+        return lambda *_: cupy.empty(shape, dtype=dtype)
     if Sk == 0:  # softmax over no keys is undefined
-        out.view(cupy.uint16 if q.dtype.itemsize == 2 else q.dtype).fill(
-            0x7E00 if kind == "float16" else (0x7FC0 if kind == "bfloat16" else np.nan)
-        )
-        return out
+        bits = cupy.uint16 if dtype.itemsize == 2 else dtype
+        nan = 0x7E00 if kind == "float16" else (0x7FC0 if kind == "bfloat16" else np.nan)
 
+        def run_nan(*_):
+            out = cupy.empty(shape, dtype=dtype)
+            out.view(bits).fill(nan)
+            return out
+
+        return run_nan
     kh, kw = (int(s) for s in k_size) if k_size is not None else (1, Sk)
     has_rel = rel_h is not None and rel_w is not None
-    BH = B * H
-
+    if not has_rel:
+        kh, kw = 1, max(Sk, 1)
     if kind in _HALF_NAMES:
-        d8 = (D + 7) // 8 * 8
-        hd = _pad16(d8)
-        qu, ku, vu = _prep_half(q, d8), _prep_half(k, d8), _prep_half(v, d8)
-        if has_rel:
-            rh = cupy.ascontiguousarray(rel_h, dtype=cupy.float32)
-            rw = cupy.ascontiguousarray(rel_w, dtype=cupy.float32)
-            rel = 1 if (kw == 64 and Sk % 64 == 0) else 2
-        else:
-            rh = rw = cupy.zeros((1,), dtype=cupy.float32)
-            rel = 0
-            kh, kw = 1, max(Sk, 1)
-        ou = out.view(cupy.uint16) if d8 == D else cupy.empty((B, H, Sq, d8), dtype=cupy.uint16)
-        win = _win_config(hd, Sq, kh, kw) if has_rel else None
-        if win is not None:
-            kwp, spb, smem = win
-            fn = _get_kernel("win", hd, (1 if kind == "bfloat16" else 0, kwp), 0)
-            _ensure_smem(fn, smem)   # grows with k_h
-            groups = -(-((Sq + 15) // 16) // spb)
-            qs, ks, vs = _elem_strides(qu), _elem_strides(ku), _elem_strides(vu)
-            fn((BH * groups,), (128,),
-               (qu, ku, vu, rh, rw, ou,
-                np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d8), np.int32(kh), np.int32(kw),
-                _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
-                _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
-                _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
-                np.float32(float(scale) * _LOG2E), np.int32(groups), np.int32(spb)),
-               shared_mem=smem)
-            if d8 != D:
-                out.view(cupy.uint16)[...] = ou[..., :D]
-            return out
-        cfg = _sm90_config(hd, Sq, Sk, kh, kw, has_rel)
-        if cfg is not None:
-            from relattn.backends import _sm90
-
-            try:
-                _sm90.attention(qu, ku, vu, rh, rw, ou, H, Sq, Sk, d8, kh, kw, hd,
-                                1 if kind == "bfloat16" else 0, float(scale) * _LOG2E, cfg)
-            except _sm90.BuildError as exc:
-                import warnings
-
-                warnings.warn(f"relattn: {exc}; using the portable mma.sync kernel", RuntimeWarning, stacklevel=2)
-            else:
-                if d8 != D:
-                    out.view(cupy.uint16)[...] = ou[..., :D]
-                return out
-        mw = _choose_mw(hd, rel)
-        smem = 2 * 2 * 64 * (hd + 8) * 2
-        if rel == 1 and mw == 2:
-            smem += 64 * mw * 72 * 4
-        fn = _get_kernel(kind, hd, (rel, mw), smem)
-        qs, ks, vs = _elem_strides(qu), _elem_strides(ku), _elem_strides(vu)
-        bm = 64 * mw
-        grid = (BH * ((Sq + bm - 1) // bm),)
-        fn(
-            grid, (128,),
-            (qu, ku, vu, rh, rw, ou,
-             np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d8), np.int32(kh), np.int32(kw),
-             _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
-             _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
-             _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
-             np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw)),
-            shared_mem=smem,
-        )
-        if d8 != D:
-            out.view(cupy.uint16)[...] = ou[..., :D]
-        return out
-
+        return _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale)
     if kind == "float32":
         from relattn.precision import get_gpu_float32_mode
 
         mode = get_gpu_float32_mode()
         if mode != "fma" and _tf32_ok():
-            return _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, 3 if mode == "3xtf32" else 1)
+            return _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, 3 if mode == "3xtf32" else 1)
+    return _simt_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale)
 
-    # float32 / float64: exact SIMT kernel, strided loads
-    T = cupy.float32 if kind == "float32" else cupy.float64
-    hd = _pad16(D)
+
+def _rel_preps(rel_h, rel_w, has_rel, dtype_name):
+    """(prep_h, prep_w, dummy): how the terms reach the kernel, and the
+    one-element array passed in their place without terms."""
+    import cupy
+
     if has_rel:
-        rh = cupy.ascontiguousarray(rel_h, dtype=T)
-        rw = cupy.ascontiguousarray(rel_w, dtype=T)
-        rel = 2
-    else:
-        rh = rw = cupy.zeros((1,), dtype=T)
-        rel = 0
-        kh, kw = 1, max(Sk, 1)
-    isz = np.dtype(T).itemsize
+        return _dense_prep(rel_h, dtype_name), _dense_prep(rel_w, dtype_name), None
+    return None, None, cupy.zeros((1,), dtype=dtype_name)
+
+
+def _core_tail(H, Sq, Sk, D, kh, kw, strides):
+    """The scalar arguments every attention kernel takes after its pointers."""
+    return _ints(H, Sq, Sk, D, kh, kw) + tuple(_i64(s) for s in strides)
+
+
+def _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
+    """float16 / bfloat16: the small-grid, wgmma or mma.sync kernel."""
+    import cupy
+    import numpy as np
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    Sk = int(k.shape[2])
+    kind = _dtype_name(q)
+    dt = 1 if kind == "bfloat16" else 0
+    d8 = (D + 7) // 8 * 8
+    hd = _pad16(d8)
+    BH = B * H
+    (pq, qs), (pk, ks), (pv, vs) = (_operand_prep(x, d8, 8) for x in (q, k, v))
+    ph, pw, dummy = _rel_preps(rel_h, rel_w, has_rel, "float32")
+    rel = (1 if (kw == 64 and Sk % 64 == 0) else 2) if has_rel else 0
+    head = _core_tail(H, Sq, Sk, d8, kh, kw, (*qs, *ks, *vs))
+    sc = np.float32(float(scale) * _LOG2E)
+    spec = None
+    win = _win_config(hd, Sq, kh, kw) if has_rel else None
+    if win is not None:
+        kwp, spb, smem = win
+        groups = -(-((Sq + 15) // 16) // spb)
+        spec = (_get_kernel("win", hd, (dt, kwp), smem), (BH * groups,), (128,),
+                head + (sc, np.int32(groups), np.int32(spb)), smem)
+    cfg = None if win is not None else _sm90_config(hd, Sq, Sk, kh, kw, has_rel)
+    if cfg is not None:
+        from relattn.backends import _sm90
+
+        try:
+            fn, grid, block, extra, smem = _sm90.launch_spec(B, H, Sq, kh, kw, hd, dt, cfg)
+        except _sm90.BuildError as exc:
+            import warnings
+
+            warnings.warn(f"relattn: {exc}; using the portable mma.sync kernel", RuntimeWarning, stacklevel=3)
+        else:
+            spec = (fn, grid, block, head + (sc, np.float32(1.0 / kw)) + extra, smem)
+    if spec is None:
+        mw = _choose_mw(hd, rel)
+        smem = 2 * 2 * 64 * (hd + 8) * 2
+        if rel == 1 and mw == 2:
+            smem += 64 * mw * 72 * 4
+        bm = 64 * mw
+        spec = (_get_kernel(kind, hd, (rel, mw), smem), (BH * ((Sq + bm - 1) // bm),), (128,),
+                head + (sc, np.float32(1.0 / kw)), smem)
+    fn, grid, block, tail, smem = spec
+    shape, dtype, u16 = (B, H, Sq, D), q.dtype, cupy.uint16
+    padded = (B, H, Sq, d8) if d8 != D else None
+
+    def run(q, k, v, rel_h, rel_w):
+        out = cupy.empty(shape, dtype=dtype)
+        ou = out.view(u16) if padded is None else cupy.empty(padded, dtype=u16)
+        rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
+        fn(grid, block, (pq(q), pk(k), pv(v), rh, rw, ou) + tail, shared_mem=smem)
+        if padded is not None:
+            out.view(u16)[...] = ou[..., :D]
+        return out
+
+    return run
+
+
+def _simt_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
+    """float32 (FMA mode) / float64: the exact SIMT kernel, strided loads."""
+    import cupy
+    import numpy as np
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    Sk = int(k.shape[2])
+    kind = _dtype_name(q)
+    hd = _pad16(D)
+    ph, pw, dummy = _rel_preps(rel_h, rel_w, has_rel, kind)
+    rel = 2 if has_rel else 0
+    isz = q.dtype.itemsize
     ldt = 64 + 4
     smem = (2 * hd * ldt + 64 * hd + 64 * ldt) * isz
     fn = _get_kernel(kind, hd, rel, smem)
-    qs, ks, vs = _elem_strides(q), _elem_strides(k), _elem_strides(v)
-    grid = (BH * ((Sq + 63) // 64),)
+    st = [s for x in (q, k, v) for s in _elem_strides(x)]
     sc = float(scale) * _LOG2E
-    fn(
-        grid, (256,),
-        (q, k, v, rh, rw, out,
-         np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(D), np.int32(kh), np.int32(kw),
-         _i64(qs[0]), _i64(qs[1]), _i64(qs[2]), _i64(qs[3]),
-         _i64(ks[0]), _i64(ks[1]), _i64(ks[2]), _i64(ks[3]),
-         _i64(vs[0]), _i64(vs[1]), _i64(vs[2]), _i64(vs[3]),
-         np.float32(sc) if kind == "float32" else np.float64(sc), np.float32(1.0 / kw)),
-        shared_mem=smem,
-    )
-    return out
+    tail = _core_tail(H, Sq, Sk, D, kh, kw, st) + (
+        np.float32(sc) if kind == "float32" else np.float64(sc), np.float32(1.0 / kw))
+    grid = (B * H * ((Sq + 63) // 64),)
+    shape, dtype = (B, H, Sq, D), q.dtype
+
+    def run(q, k, v, rel_h, rel_w):
+        out = cupy.empty(shape, dtype=dtype)
+        rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
+        fn(grid, (256,), (q, k, v, rh, rw, out) + tail, shared_mem=smem)
+        return out
+
+    return run
 
 
 def _tf32_ok():
@@ -397,22 +500,7 @@ def _tf32_ok():
 _TF32_OK: dict = {}
 
 
-def _prep_f32(x, d4: int):
-    """float32 view usable by the TF32 kernel: last stride 1, row strides
-    multiples of 4 elements, 16-byte aligned base, last dim padded to d4."""
-    import cupy
-
-    d = x.shape[-1]
-    if d != d4:
-        p = cupy.zeros(x.shape[:-1] + (d4,), dtype=cupy.float32)
-        p[..., :d] = x
-        return p
-    st = _elem_strides(x)
-    ok = (x.strides[-1] == 4 or d == 1) and all(s % 4 == 0 for s in st[:3]) and x.data.ptr % 16 == 0
-    return x if ok else cupy.ascontiguousarray(x)
-
-
-def _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, split):
+def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1)."""
     import cupy
     import numpy as np
@@ -421,46 +509,37 @@ def _attention_tf32(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, out, split):
     Sk = int(k.shape[2])
     d4 = (D + 3) // 4 * 4
     hd = _pad16(d4)
-    qf, kf, vf = _prep_f32(q, d4), _prep_f32(k, d4), _prep_f32(v, d4)
-    if has_rel:
-        rh = cupy.ascontiguousarray(rel_h, dtype=cupy.float32)
-        rw = cupy.ascontiguousarray(rel_w, dtype=cupy.float32)
-        rel = 1 if kw == 64 else 2
-    else:
-        rh = rw = cupy.zeros((1,), dtype=cupy.float32)
-        rel = 0
-        kh, kw = 1, max(Sk, 1)
+    (pq, qs), (pk, ks), (pv, vs) = (_operand_prep(x, d4, 4) for x in (q, k, v))
+    ph, pw, dummy = _rel_preps(rel_h, rel_w, has_rel, "float32")
+    rel = (1 if kw == 64 else 2) if has_rel else 0
     # Q + two K/V stages, float32 rows padded as in relattn_tf32
     smem = (64 * (hd + 8) + 2 * (64 * (hd + 8) + 64 * (hd + 4))) * 4
-    of = out if d4 == D else cupy.empty((B, H, Sq, d4), dtype=cupy.float32)
-    qs, ks, vs = _elem_strides(qf), _elem_strides(kf), _elem_strides(vf)
     nblocks = B * H * ((Sq + 63) // 64)
     # 3xTF32: a second, IEEE-safe pass over the blocks the first one flagged
     # (non-finite inputs; see relattn_tf32); the flags need no clearing
-    flags = cupy.empty((nblocks,), dtype=cupy.int32) if split == 3 else of
-    args = (qf, kf, vf, rh, rw, of, flags,
-            np.int32(H), np.int32(Sq), np.int32(Sk), np.int32(d4), np.int32(kh), np.int32(kw),
-            _i64(qs[0]), _i64(qs[1]), _i64(qs[2]),
-            _i64(ks[0]), _i64(ks[1]), _i64(ks[2]),
-            _i64(vs[0]), _i64(vs[1]), _i64(vs[2]),
-            np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw))
-    for safe in ((0, 1) if split == 3 else (0,)):
-        fn = _get_kernel("tf32", hd, (split, rel, safe), smem)
-        fn((nblocks,), (128,), args, shared_mem=smem)
-    if d4 != D:
-        out[...] = of[..., :D]
-    return out
+    fns = [_get_kernel("tf32", hd, (split, rel, safe), smem) for safe in ((0, 1) if split == 3 else (0,))]
+    tail = _core_tail(H, Sq, Sk, d4, kh, kw, (*qs, *ks, *vs)) + (
+        np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw))
+    shape = (B, H, Sq, D)
+    padded = (B, H, Sq, d4) if d4 != D else None
+    f32, i32 = cupy.float32, cupy.int32
+
+    def run(q, k, v, rel_h, rel_w):
+        out = cupy.empty(shape, dtype=f32)
+        of = out if padded is None else cupy.empty(padded, dtype=f32)
+        flags = cupy.empty((nblocks,), dtype=i32) if split == 3 else of
+        rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
+        args = (pq(q), pk(k), pv(v), rh, rw, of, flags) + tail
+        for fn in fns:
+            fn((nblocks,), (128,), args, shared_mem=smem)
+        if padded is not None:
+            out[...] = of[..., :D]
+        return out
+
+    return run
 
 
 # ---------------------------------------------------------- relative terms
-def _table_f32(t):
-    import cupy
-
-    if t.dtype.name == "bfloat16":
-        t = (cupy.ascontiguousarray(t).view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
-    return cupy.ascontiguousarray(t, dtype=cupy.float32)
-
-
 def rel_terms(q, Rh, Rw):
     """rel_h, rel_w from q and the gathered tables, on the GPU.
 
@@ -483,47 +562,17 @@ def rel_terms(q, Rh, Rw):
     if qh * qw != Sq:
         raise ValueError(f"rel_terms: Sq={Sq} != qh*qw={qh}*{qw}")
     kind = _dtype_name(q)
-    if kind == "float64" or kind not in ("float16", "bfloat16", "float32"):
+    if kind not in ("float16", "bfloat16", "float32"):
         T = cupy.float64 if kind == "float64" else cupy.float32
         r = q.astype(T).reshape(B, H, qh, qw, D)
         rel_h = cupy.einsum("bhyxc,ykc->bhyxk", r, cupy.asarray(Rh, dtype=T))
         rel_w = cupy.einsum("bhyxc,xkc->bhyxk", r, cupy.asarray(Rw, dtype=T))
         return (cupy.ascontiguousarray(rel_h).reshape(B, H, Sq, kh),
                 cupy.ascontiguousarray(rel_w).reshape(B, H, Sq, kw))
-    rel_h = cupy.empty((B, H, Sq, kh), dtype=cupy.float32)
-    rel_w = cupy.empty((B, H, Sq, kw), dtype=cupy.float32)
-    if rel_h.size == 0 and rel_w.size == 0:
-        return rel_h, rel_w
-    dt = {"float16": 0, "bfloat16": 1, "float32": 2}[kind]
-    qv = q.view(cupy.uint16) if dt < 2 else q
-    st = _elem_strides(qv)
-    if qv.strides[-1] != qv.dtype.itemsize and D > 1:
-        qv = cupy.ascontiguousarray(qv)
-        st = _elem_strides(qv)
-    BH = B * H
-    nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
-    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
-    if _mma_terms_ok(dt, D):
-        # the gathered tables are read through an identity index
-        th, tw = _table_rows(Rh), _table_rows(Rw)
-        _launch_terms_mma(qv, st, dt, D, th, tw, _identity_index(qh, kh), _identity_index(qw, kw),
-                          rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w)
-        return rel_h, rel_w
-    _launch_terms_simt(qv, st, dt, D, _table_f32(Rh), _table_f32(Rw),
-                       _identity_index(qh, kh), _identity_index(qw, kw),
-                       rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h)
-    return rel_h, rel_w
-
-
-def _launch_terms_simt(qv, st, dt, D, th, tw, idx_h, idx_w, rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h):
-    import numpy as np
-
-    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
-    fn = _get_kernel("relterms", 0, dt, 0)
-    fn((nblk_h + nblk_w,), (256,),
-       (qv, th, tw, idx_h, idx_w, rel_h, rel_w,
-        np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
-        _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h)))
+    # the gathered tables are (qh * kh, d) row tables read through an identity index
+    th, tw = Rh.reshape(qh * kh, D), Rw.reshape(qw * kw, D)
+    run = _terms_run(q, th, tw, (qh, qw), (kh, kw), _identity_index(qh, kh), _identity_index(qw, kw))
+    return run(q, th, tw)
 
 
 _TABLE_TT = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -531,16 +580,6 @@ _TABLE_TT = {"float16": 0, "bfloat16": 1, "float32": 2}
 
 def _mma_terms_ok(dt, D):
     return dt < 2 and _pad16(D) <= 112 and _RELTERMS_MMA
-
-
-def _table_rows(t):
-    """(rows, D) contiguous view of a table in float16 / bfloat16 / float32."""
-    import cupy
-
-    if _dtype_name(t) not in _TABLE_TT:
-        t = t.astype(cupy.float32)
-    t = cupy.ascontiguousarray(t)
-    return t.reshape(-1, t.shape[-1])
 
 
 def _identity_index(n, k):
@@ -551,21 +590,72 @@ def _identity_index(n, k):
     return _on_device(cupy, ("identity32", n, k), np.arange(n * k, dtype=np.int32).reshape(n, k))
 
 
-def _launch_terms_mma(qv, st, dt, D, th, tw, idx_h, idx_w, rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w):
+def _table_preps(th, tw, mma):
+    """(prep_h, prep_w, tt, aligned): how the row tables reach the terms
+    kernel, the table dtype code the kernel is built for, and whether both
+    prepared tables start on 16 bytes."""
+    if not mma:  # the SIMT kernel reads float32 tables
+        return _dense_prep(th, "float32"), _dense_prep(tw, "float32"), 2, True
+    names = (_dtype_name(th), _dtype_name(tw))
+    if names[0] != names[1] or names[0] not in _TABLE_TT:  # one kernel reads both: one dtype
+        return _dense_prep(th, "float32"), _dense_prep(tw, "float32"), 2, True
+    ph, pw = _dense_prep(th), _dense_prep(tw)
+    aligned = all(p is not _same or t.data.ptr % 16 == 0 for p, t in ((ph, th), (pw, tw)))
+    return ph, pw, _TABLE_TT[names[0]], aligned
+
+
+def _terms_run(q, th, tw, q_size, k_size, idx_h, idx_w, resize=(None, None)):
+    """``run(q, th, tw) -> (rel_h, rel_w)``: the terms kernel reading the rows of
+    the (L, d) tables th / tw through the int32 index tables idx_h (qh, kh) and
+    idx_w (qw, kw); ``resize`` gives the row counts to resize each table to
+    first (None: use as is). Valid for arrays of the signature of these."""
+    import cupy
     import numpy as np
 
-    tt_h, tt_w = _TABLE_TT[_dtype_name(th)], _TABLE_TT[_dtype_name(tw)]
-    if tt_h != tt_w:  # one kernel reads both tables: bring them to one dtype
-        th, tw = th.astype("float32"), tw.astype("float32")
-        tt_h = 2
-    fn = _get_kernel("relterms_mma", _pad16(D), (dt, tt_h), 0)
-    # 16-byte loads when every row start is 16-byte aligned
-    vec = (D % 8 == 0 and all(s_ % 8 == 0 for s_ in st[:3]) and qv.data.ptr % 16 == 0
-           and th.data.ptr % 16 == 0 and tw.data.ptr % 16 == 0)
-    fn((nblk_h + nblk_w,), (128,),
-       (qv, th, tw, idx_h, idx_w, rel_h, rel_w,
-        np.int32(H), np.int32(qh), np.int32(qw), np.int32(D), np.int32(kh), np.int32(kw),
-        _i64(st[0]), _i64(st[1]), _i64(st[2]), np.int32(BH), np.int32(nblk_h), np.int32(vec)))
+    B, H, Sq, D = (int(s) for s in q.shape)
+    (qh, qw), (kh, kw) = q_size, k_size
+    dt = {"float16": 0, "bfloat16": 1, "float32": 2}[_dtype_name(q)]
+    mma = _mma_terms_ok(dt, D)
+    pq = _same if dt == 2 else _u16
+    if q.strides[-1] != q.dtype.itemsize and D > 1:
+        pq = _copy if dt == 2 else _u16_copy
+        st = [H * Sq * D, Sq * D, D]
+    else:
+        st = _elem_strides(q)[:3]
+    # a resized table is a new contiguous array of the same dtype
+    ex_h = th if resize[0] is None else cupy.empty((resize[0], D), dtype=th.dtype)
+    ex_w = tw if resize[1] is None else cupy.empty((resize[1], D), dtype=tw.dtype)
+    ph, pw, tt, aligned = _table_preps(ex_h, ex_w, mma)
+    BH = B * H
+    nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
+    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
+    head = _ints(H, qh, qw, D, kh, kw) + tuple(_i64(s) for s in st) + _ints(BH, nblk_h)
+    if mma:
+        fn = _get_kernel("relterms_mma", _pad16(D), (dt, tt), 0)
+        # 16-byte loads when every row start is 16-byte aligned
+        vec = D % 8 == 0 and all(s % 8 == 0 for s in st) and (pq is not _u16 or q.data.ptr % 16 == 0) and aligned
+        tail, block = head + (np.int32(vec),), (128,)
+    else:
+        fn = _get_kernel("relterms", 0, dt, 0)
+        tail, block = head, (256,)
+    grid = (nblk_h + nblk_w,)
+    f32 = cupy.float32
+    Lh, Lw = resize
+    if Lh is not None or Lw is not None:
+        from relattn.relpos import resize_rel_pos
+
+    def run(q, th, tw):
+        if Lh is not None:
+            th = resize_rel_pos(th, Lh)
+        if Lw is not None:
+            tw = resize_rel_pos(tw, Lw)
+        rel_h = cupy.empty((B, H, Sq, kh), dtype=f32)
+        rel_w = cupy.empty((B, H, Sq, kw), dtype=f32)
+        if grid[0]:
+            fn(grid, block, (pq(q), ph(th), pw(tw), idx_h, idx_w, rel_h, rel_w) + tail)
+        return rel_h, rel_w
+
+    return run
 
 
 def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):
@@ -578,35 +668,22 @@ def rel_terms_from_tables(q, rel_pos_h, rel_pos_w, q_size, k_size):
     through :func:`rel_terms`. Tables are resized first when
     their length differs from ``2 * max(q, k) - 1`` (SAM's rule).
     """
+    return terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)(q, rel_pos_h, rel_pos_w)
+
+
+def terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    """``run(q, rel_pos_h, rel_pos_w) -> (rel_h, rel_w)`` of
+    :func:`rel_terms_from_tables`, valid for arrays of the signature of these."""
     import cupy
 
-    from relattn.relpos import _device_index32, get_rel_pos, resize_rel_pos
+    from relattn.relpos import _device_index32, get_rel_pos
 
-    B, H, Sq, D = (int(s) for s in q.shape)
+    D = int(q.shape[-1])
     (qh, qw), (kh, kw) = q_size, k_size
-    dt = {"float16": 0, "bfloat16": 1}.get(_dtype_name(q), 2)
-    if not (_mma_terms_ok(dt, D) or dt == 2):
-        return rel_terms(q, get_rel_pos(qh, kh, rel_pos_h), get_rel_pos(qw, kw, rel_pos_w))
-    th, tw = rel_pos_h, rel_pos_w
-    if th.shape[0] != 2 * max(qh, kh) - 1:
-        th = resize_rel_pos(th, 2 * max(qh, kh) - 1)
-    if tw.shape[0] != 2 * max(qw, kw) - 1:
-        tw = resize_rel_pos(tw, 2 * max(qw, kw) - 1)
-    rel_h = cupy.empty((B, H, Sq, kh), dtype=cupy.float32)
-    rel_w = cupy.empty((B, H, Sq, kw), dtype=cupy.float32)
-    qv = q.view(cupy.uint16) if dt < 2 else q
-    if qv.strides[-1] != qv.dtype.itemsize and D > 1:
-        qv = cupy.ascontiguousarray(qv)
-    st = _elem_strides(qv)
-    BH = B * H
-    nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
-    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
-    if dt == 2:
-        _launch_terms_simt(qv, st, dt, D, _table_f32(th), _table_f32(tw),
-                           _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw),
-                           rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h)
-        return rel_h, rel_w
-    _launch_terms_mma(qv, st, dt, D, _table_rows(th), _table_rows(tw),
-                      _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw),
-                      rel_h, rel_w, H, qh, qw, kh, kw, BH, nblk_h, nblk_w)
-    return rel_h, rel_w
+    dt = {"float16": 0, "bfloat16": 1, "float32": 2}.get(_dtype_name(q))
+    if dt is None or not (dt == 2 or _mma_terms_ok(dt, D)):
+        return lambda q, th, tw: rel_terms(q, get_rel_pos(qh, kh, th), get_rel_pos(qw, kw, tw))
+    Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
+    resize = (Lh if rel_pos_h.shape[0] != Lh else None, Lw if rel_pos_w.shape[0] != Lw else None)
+    return _terms_run(q, rel_pos_h, rel_pos_w, q_size, k_size,
+                      _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw), resize)
