@@ -50,3 +50,59 @@ __device__ __forceinline__ void ra_split_key(int key, int kw, float inv_kw, int&
     ky = y;
     kx = x;
 }
+
+// ---- online softmax, shared by the tensor-core attention kernels
+// A thread holds two query rows (rr = 0, 1) of an m16 mma fragment: scores
+// s[4 j + 2 rr + e] for j < NB blocks of 8 keys (e = 0, 1), in the log2
+// domain but still without off[rr], a per-row constant part of the logit
+// (rel_h when the tile is one key row: added to the row maximum here rather
+// than to every score). The rest of a row lives in the lanes sharing lane / 4.
+// Updates the running maximum and sum, overwrites s with the probabilities
+// exp2(s + off - m) and returns in alpha[rr] the factor for the running
+// output: exactly 1 when the row maximum did not change.
+template <int NB>
+__device__ __forceinline__ void ra_online_softmax(float* s, const float* off, float* m_run, float* l_run,
+                                                  float* alpha) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float mx = -RA_INF;
+#pragma unroll
+        for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * rr], s[4 * j + 2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[rr], mx + off[rr]);
+        const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
+        alpha[rr] = (m_new == m_run[rr]) ? 1.f : ra_exp2(m_run[rr] - m_use);
+        m_run[rr] = m_new;
+        const float shift = m_use - off[rr];
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+            const float p0 = ra_exp2(s[4 * j + 2 * rr] - shift);
+            const float p1 = ra_exp2(s[4 * j + 2 * rr + 1] - shift);
+            s[4 * j + 2 * rr] = p0;
+            s[4 * j + 2 * rr + 1] = p1;
+            sum += p0 + p1;
+        }
+        l_run[rr] = l_run[rr] * alpha[rr] + sum;
+    }
+}
+
+// o[4 d + 2 rr + e] *= alpha[rr] for d < ND: the running output of the two
+// rows, skipped when no row of the warp changed its maximum (alpha == 1).
+template <int ND>
+__device__ __forceinline__ void ra_rescale(float* o, const float* alpha) {
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[4 * d + e] *= alpha[e >> 1];
+    }
+}
+
+// 1 / (the row's sum over the 4 lanes that share it).
+__device__ __forceinline__ float ra_row_inv(float l) {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    return 1.f / l;
+}

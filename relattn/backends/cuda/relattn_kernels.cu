@@ -275,8 +275,8 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
 #pragma unroll
                     for (int j = 0; j < 8; ++j) {
                         const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8);
-                        s[mg][j][rr * 2] = fmaf(s[mg][j][rr * 2], scale_log2, rh1[mg][rr] + w2.x);
-                        s[mg][j][rr * 2 + 1] = fmaf(s[mg][j][rr * 2 + 1], scale_log2, rh1[mg][rr] + w2.y);
+                        s[mg][j][rr * 2] = fmaf(s[mg][j][rr * 2], scale_log2, w2.x);
+                        s[mg][j][rr * 2 + 1] = fmaf(s[mg][j][rr * 2 + 1], scale_log2, w2.y);
                     }
                 }
         } else {
@@ -288,9 +288,9 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
                     for (int e = 0; e < 2; ++e)
 #pragma unroll
                         for (int rr = 0; rr < 2; ++rr) {
-                            float bias = 0.f;
+                            float bias = 0.f;   // rel_h (REL 1): added to the row maximum
                             if (REL == 1)
-                                bias = rh1[mg][rr] + rwc[(REL == 1 && !RW_SMEM) ? mg : 0][(REL == 1 && !RW_SMEM) ? rr : 0][(REL == 1 && !RW_SMEM) ? 2 * j + e : 0];
+                                bias = rwc[(REL == 1 && !RW_SMEM) ? mg : 0][(REL == 1 && !RW_SMEM) ? rr : 0][(REL == 1 && !RW_SMEM) ? 2 * j + e : 0];
                             s[mg][j][rr * 2 + e] = fmaf(s[mg][j][rr * 2 + e], scale_log2, bias);
                         }
             if (partial) {
@@ -312,34 +312,13 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
         // ---- online softmax
 #pragma unroll
         for (int mg = 0; mg < MW; ++mg) {
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                float mx = -RA_INF;
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    mx = fmaxf(mx, fmaxf(s[mg][j][rr * 2], s[mg][j][rr * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[mg][rr], mx);
-                const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
-                const float alpha = ra_exp2(m_run[mg][rr] - m_use);
-                m_run[mg][rr] = m_new;
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float p0 = ra_exp2(s[mg][j][rr * 2] - m_use);
-                    const float p1 = ra_exp2(s[mg][j][rr * 2 + 1] - m_use);
-                    s[mg][j][rr * 2] = p0;
-                    s[mg][j][rr * 2 + 1] = p1;
-                    sum += p0 + p1;
-                }
-                l_run[mg][rr] = l_run[mg][rr] * alpha + sum;
-#pragma unroll
-                for (int d = 0; d < ND; ++d) {
-                    o[mg][d][rr * 2] *= alpha;
-                    o[mg][d][rr * 2 + 1] *= alpha;
-                }
+            float off[2] = {0.f, 0.f}, alpha[2];
+            if (REL == 1) {
+                off[0] = rh1[mg][0];
+                off[1] = rh1[mg][1];
             }
+            ra_online_softmax<8>(&s[mg][0][0], off, m_run[mg], l_run[mg], alpha);
+            ra_rescale<ND>(&o[mg][0][0], alpha);
         }
 
         // ---- O += P V
@@ -373,10 +352,7 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
     for (int mg = 0; mg < MW; ++mg) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-            float l = l_run[mg][rr];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = 1.f / l;
+            const float inv = ra_row_inv(l_run[mg][rr]);
             const int r = rows[mg][rr];
             if (r < Sq) {
 #pragma unroll
@@ -539,32 +515,11 @@ relattn_win(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
                     for (int e = 0; e < 2; ++e)
                         s[j][rr * 2 + e] = fmaf(s[j][rr * 2 + e], scale_log2, rh1[rr][j / KB] + rwc[rr][j % KB][e]);
 
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                float mx = -RA_INF;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j][rr * 2], s[j][rr * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_run[rr], mx);
-                const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
-                const float alpha = ra_exp2(m_run[rr] - m_use);
-                m_run[rr] = m_new;
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float p0 = ra_exp2(s[j][rr * 2] - m_use);
-                    const float p1 = ra_exp2(s[j][rr * 2 + 1] - m_use);
-                    s[j][rr * 2] = p0;
-                    s[j][rr * 2 + 1] = p1;
-                    sum += p0 + p1;
-                }
-                l_run[rr] = l_run[rr] * alpha + sum;
-#pragma unroll
-                for (int d = 0; d < ND; ++d) {
-                    o[d][rr * 2] *= alpha;
-                    o[d][rr * 2 + 1] *= alpha;
-                }
+            {
+                const float off[2] = {0.f, 0.f};
+                float alpha[2];
+                ra_online_softmax<8>(&s[0][0], off, m_run, l_run, alpha);
+                ra_rescale<ND>(&o[0][0], alpha);
             }
 
 #pragma unroll
@@ -589,10 +544,7 @@ relattn_win(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
         u16* ob = out + (long long)bh * Sq * D;
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-            float l = l_run[rr];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const float inv = 1.f / l;
+            const float inv = ra_row_inv(l_run[rr]);
             if (rows[rr] < Sq) {
 #pragma unroll
                 for (int d = 0; d < ND; ++d) {
@@ -1309,7 +1261,7 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
                 const int key = j0 + nb * 8 + 2 * t + hi;
                 float bias = 0.f;
                 if (REL == 1) {
-                    bias = rwc[rr][(REL == 1) ? nb : 0][hi] + rh1[rr];
+                    bias = rwc[rr][(REL == 1) ? nb : 0][hi];   // rel_h: added to the row maximum
                 } else if (REL == 2) {
                     if (key < Sk) {
                         int ky, kx;
@@ -1322,28 +1274,13 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
 
         // ---- online softmax
         float alpha_r[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            float mx = -RA_INF;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * rr], s[nb][2 * rr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[rr], mx);
-            const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
-            const float alpha = ra_exp2(m_run[rr] - m_use);
-            m_run[rr] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int nb = 0; nb < 8; ++nb) {
-                const float p0 = ra_exp2(s[nb][2 * rr] - m_use);
-                const float p1 = ra_exp2(s[nb][2 * rr + 1] - m_use);
-                s[nb][2 * rr] = p0;
-                s[nb][2 * rr + 1] = p1;
-                sum += p0 + p1;
+        {
+            float off[2] = {0.f, 0.f};
+            if (REL == 1) {
+                off[0] = rh1[0];
+                off[1] = rh1[1];
             }
-            l_run[rr] = l_run[rr] * alpha + sum;
-            alpha_r[rr] = alpha;
+            ra_online_softmax<8>(&s[0][0], off, m_run, l_run, alpha_r);
         }
 
         // ---- O = alpha O + P V (k slot t <-> key nb * 8 + 2 t, t + 4 <-> 2 t + 1,
@@ -1401,10 +1338,7 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
     float* ob = out + (long long)bh * Sq * D;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-        float l = l_run[rr];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = 1.f / l;
+        const float inv = ra_row_inv(l_run[rr]);
         const int r = rows[rr];
         if (r < Sq) {
 #pragma unroll

@@ -246,6 +246,7 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
                     }
                 }
         } else {
+            // one key row per tile (NU == 1): rel_h joins the row maximum instead
 #pragma unroll
             for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -253,7 +254,8 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         float bias = 0.f;
-                        if (RREG) bias = rwc[rr][RREG ? 2 * (j % RW8) + e : 0] + rh1[rr][RREG ? j / RW8 : 0];
+                        if (RREG) bias = rwc[rr][RREG ? 2 * (j % RW8) + e : 0];
+                        if (RREG && NU > 1) bias += rh1[rr][RREG ? j / RW8 : 0];
                         s[4 * j + 2 * rr + e] = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
                     }
             if (j0 + BN > Sk) {
@@ -269,33 +271,13 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
         }
 
         // ---- online softmax (a row's scores live in the 4 lanes sharing g)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            float mx = -RA_INF;
-#pragma unroll
-            for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * rr], s[4 * j + 2 * rr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_run[rr], mx);
-            const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
-            const float alpha = ra_exp2(m_run[rr] - m_use);
-            m_run[rr] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < NS; ++j) {
-                const float p0 = ra_exp2(s[4 * j + 2 * rr] - m_use);
-                const float p1 = ra_exp2(s[4 * j + 2 * rr + 1] - m_use);
-                s[4 * j + 2 * rr] = p0;
-                s[4 * j + 2 * rr + 1] = p1;
-                sum += p0 + p1;
-            }
-            l_run[rr] = l_run[rr] * alpha + sum;
-#pragma unroll
-            for (int d = 0; d < HD / 8; ++d) {
-                o[4 * d + 2 * rr] *= alpha;
-                o[4 * d + 2 * rr + 1] *= alpha;
-            }
+        float off[2] = {0.f, 0.f}, alpha[2];
+        if (RREG && NU == 1) {
+            off[0] = rh1[0][0];
+            off[1] = rh1[1][0];
         }
+        ra_online_softmax<NS>(s, off, m_run, l_run, alpha);
+        ra_rescale<HD / 8>(o, alpha);
 
         // ---- O += P V
         u32 p[BN / 16][4];
@@ -320,10 +302,7 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     u16* ob = out + (long long)bh * Sq * D;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-        float l = l_run[rr];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = 1.f / l;
+        const float inv = ra_row_inv(l_run[rr]);
         const int r = rows[rr];
         if (r < Sq) {
 #pragma unroll
