@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from relattn._interop import accepts_dlpack
 from relattn._arrays import array_module, as_array, check_alloc, check_positive_int, check_size2
 
@@ -55,9 +57,13 @@ def window_partition(x, window_size):
     pad_h, pad_w = (-height) % ws, (-width) % ws
     check_alloc("window_size", (batch, height + pad_h, width + pad_w, channels), x.dtype.itemsize,
                 f"the input padded to multiples of window_size={ws}")
+    hp, wp = height + pad_h, width + pad_w
+    if xp is not np:  # one copy kernel on the GPU
+        from relattn.backends import _window_gpu
+
+        return _window_gpu.partition(x, ws, hp, wp), (hp, wp)
     if pad_h or pad_w:
         x = xp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    hp, wp = height + pad_h, width + pad_w
     windows = x.reshape(batch, hp // ws, ws, wp // ws, ws, channels).transpose(0, 1, 3, 2, 4, 5)
     windows = xp.ascontiguousarray(windows).reshape(-1, ws, ws, channels)
     if not (pad_h or pad_w):  # no padding copy was made: never hand back a view of x
@@ -112,6 +118,10 @@ def window_unpartition(windows, window_size, pad_hw, hw):
             f"got {windows.shape[0]}"
         )
     xp = array_module(windows)
+    if xp is not np:  # one copy kernel on the GPU
+        from relattn.backends import _window_gpu
+
+        return _window_gpu.unpartition(windows, ws, hp, wp, height, width)
     batch, channels = windows.shape[0] // per_image, windows.shape[3]
     x = windows.reshape(batch, hp // ws, wp // ws, ws, ws, channels).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(batch, hp, wp, channels)
