@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from relattn._arrays import dtype_name
+
 _CUDA_R_32F, _CUDA_R_16F, _CUDA_R_16BF = 0, 2, 14
 _CUBLAS_COMPUTE_32F = 68
 _CUBLAS_GEMM_DEFAULT = -1
@@ -45,7 +47,7 @@ extern "C" __global__ void relattn_bias_round(const float* __restrict__ x, const
 
 
 def _type_code(dtype) -> int:
-    name = np.dtype(dtype).name
+    name = dtype_name(dtype)
     if name == "float16":
         return _CUDA_R_16F
     if name == "bfloat16":
@@ -109,7 +111,7 @@ def linear_half(x2d, weight, bias, dtype):
     blocks = int(min((total + 255) // 256, 65536))
     has_bias = bias is not None
     fn((blocks,), (256,), (acc, bias if has_bias else acc, out, np.int64(total), np.int32(m),
-                           np.int32(has_bias), np.int32(np.dtype(dtype).name == "bfloat16")))
+                           np.int32(has_bias), np.int32(dtype_name(dtype) == "bfloat16")))
     return out.view(dtype)
 
 

@@ -14,7 +14,8 @@ _WORDS = ((16, "ra_w16"), (8, "unsigned long long"), (4, "unsigned int"), (2, "u
           (1, "unsigned char"))
 _DIRECTIONS = ("partition", "unpartition")
 _lock = threading.Lock()
-_modules: dict = {}
+_functions: dict = {}   # (device, direction, word) -> kernel
+_modules: list = []     # the modules behind them, kept loaded
 
 
 def _kernel(direction: str, word: str):
@@ -22,16 +23,19 @@ def _kernel(direction: str, word: str):
 
     from relattn.backends.cupy_gpu import read_cuda
 
-    dev = cupy.cuda.Device().id
-    mod = _modules.get(dev)
-    if mod is None:
+    dev = cupy.cuda.runtime.getDevice()
+    fn = _functions.get((dev, direction, word))
+    if fn is None:
         with _lock:
-            mod = _modules.get(dev)
-            if mod is None:
-                names = [f"relattn_window_{d}<{w}>" for d in _DIRECTIONS for _, w in _WORDS]
-                mod = _modules[dev] = cupy.RawModule(code=read_cuda("relattn_window.cu"),
-                                                     options=("-std=c++17",), name_expressions=names)
-    return mod.get_function(f"relattn_window_{direction}<{word}>")
+            if (dev, direction, word) not in _functions:
+                names = {(d, w): f"relattn_window_{d}<{w}>" for d in _DIRECTIONS for _, w in _WORDS}
+                mod = cupy.RawModule(code=read_cuda("relattn_window.cu"), options=("-std=c++17",),
+                                     name_expressions=list(names.values()))
+                _modules.append(mod)
+                for (d, w), name in names.items():
+                    _functions[(dev, d, w)] = mod.get_function(name)
+            fn = _functions[(dev, direction, word)]
+    return fn
 
 
 def _copy(direction, src, out, H, W, ws, nh, nw):
