@@ -12,5 +12,5 @@ $B --dtype float32 $C ${OUT:+--json $OUT/fp32.json} 2>&1 | grep -v "^\[#"
 for mode in fma tf32; do
   $B --dtype float32 --gpu-float32 $mode $C ${OUT:+--json $OUT/fp32_$mode.json} 2>&1 | grep -E "cupy"
 done
-python3 bench/bench_module.py --device cuda --dtype bfloat16 --runs 5 ${OUT:+--json $OUT/layer.json} 2>&1 | tail -12
+python3 bench/bench_module.py --device cuda --dtype bfloat16 --runs 30 ${OUT:+--json $OUT/layer.json} 2>&1 | tail -12
 python3 bench/sm90_dev.py --time 2>&1 | tail -14

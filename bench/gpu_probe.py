@@ -49,6 +49,30 @@ if sys.argv[1] == "splits":
             out = f()
             err = float(np.abs(out.get() - ref).max() / np.abs(ref).max())
             print(f"{case:7s} split {split}: {t:.3f} ms (core, events)  max-norm rel err {err:.2e}")
+elif sys.argv[1] == "layergraph":   # why a layer call does / does not capture
+    import traceback
+
+    for ws in (0, 14):
+        layer = relattn.Attention(768, 12, use_rel_pos=True, input_size=(64, 64) if not ws else (14, 14),
+                                  rel_pos_zero_init=False, rng=0, dtype="bfloat16", window_size=ws)
+        x = relattn._arrays.astype(cupy.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 768),
+                                                                                        dtype=np.float32)),
+                                   relattn._arrays.BFLOAT16)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            layer(x)
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                layer(x)
+                graph = stream.end_capture()
+                print(f"window {ws}: captured", gputime(lambda: graph.launch(stream)), "ms per replay")
+            except Exception:
+                traceback.print_exc()
+                try:
+                    stream.end_capture()
+                except Exception:
+                    pass
 else:
     q, k, v, rh, rw, gs = make(sys.argv[1], sys.argv[2])
     for _ in range(6):

@@ -206,12 +206,18 @@ class Attention:
 
     def _get(attr):  # noqa: N805 - property factory
         def getter(self):
-            return self._params[attr]
+            value = self._params[attr]
+            if value is None:
+                return None
+            view = value.view()
+            view.flags.writeable = False  # device copies are cached: edits go through the setter
+            return view
 
         def setter(self, value):
             self._set_param(attr, value)
 
-        return property(getter, setter, doc=f"The ``{attr}`` parameter (numpy array).")
+        return property(getter, setter, doc=f"The ``{attr}`` parameter (a read-only numpy view; assign "
+                                            f"a new array to change it).")
 
     qkv_weight = _get("qkv_weight")
     qkv_bias = _get("qkv_bias")

@@ -422,3 +422,22 @@ def test_load_state_dict_bad_mapping():
     attn = make()
     with raises("mapping"):
         attn.load_state_dict([("qkv.weight", np.zeros((72, 24)))])
+
+
+def test_layer_parameters_are_read_only_views_and_assignment_takes_effect():
+    """The layer caches device / dtype copies of its parameters: an in-place
+    edit of a returned array would be missed, so it is refused; assigning a
+    new array updates every later call."""
+    relattn = _relattn()
+    layer = relattn.Attention(16, 2, use_rel_pos=True, input_size=(3, 3), rng=0, rel_pos_zero_init=False)
+    x = np.random.default_rng(0).standard_normal((1, 3, 3, 16)).astype(np.float32)
+    before = layer(x)
+    for name in ("qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "rel_pos_h", "rel_pos_w"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(layer, name)[...] = 0
+    np.testing.assert_array_equal(layer(x), before)
+    layer.rel_pos_h = layer.rel_pos_h * 3
+    after = layer(x)
+    assert not np.array_equal(after, before)
+    fresh = relattn.Attention.from_state_dict(layer.state_dict(), num_heads=2)
+    np.testing.assert_allclose(after, fresh(x), rtol=1e-6, atol=1e-6)

@@ -215,3 +215,19 @@ def test_windowed_layer_on_gpu_uses_the_kernels():
     got = layer(relattn._arrays.astype(cp.asarray(x), BF16))
     ref = _reference(layer, x.astype(BF16).astype(np.float32))
     assert _rel_l2(relattn._arrays.astype(got, np.float32).get(), ref) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parameter_assignment_reaches_the_device_copies(dtype):
+    """The layer caches its parameters on the device; assigning a new array
+    (the only way to change one: the getters return read-only views) is seen
+    by the next GPU call."""
+    layer = _layer(dtype)
+    x = cp.asarray(np.random.default_rng(2).standard_normal((1, 14, 14, 64)).astype(np.float32))
+    x = relattn._arrays.astype(x, layer.dtype)
+    before = relattn._arrays.astype(layer(x), np.float32).get()
+    with pytest.raises(ValueError, match="read-only"):
+        layer.proj_bias[...] = 1
+    layer.proj_bias = layer.proj_bias + 1
+    after = relattn._arrays.astype(layer(x), np.float32).get()
+    np.testing.assert_allclose(after, before + 1, rtol=0, atol=0.07 if dtype == "bfloat16" else 1e-5)
