@@ -40,7 +40,9 @@ def test_choose(monkeypatch):
     monkeypatch.delenv("RELATTN_SM90_CFG", raising=False)
     assert _sm90.choose(64, 4096, 4096, 64, 64, True) == (1, 64, 1, 2)      # SAM-B/L global
     assert _sm90.choose(64, 4096, 4096, 1, 4096, False) == (1, 64, 0, 2)    # plain attention
-    assert _sm90.choose(80, 4096, 4096, 64, 64, True) is None               # SAM-H: mma.sync
+    assert _sm90.choose(80, 4096, 4096, 64, 64, True) == (2, 64, 1, 2)      # SAM-H: split tiles
+    assert _sm90.choose(80, 4096, 4096, 1, 4096, False) == (2, 64, 0, 2)
+    assert _sm90.choose(96, 4096, 4096, 64, 64, True) is None               # mma.sync
     assert _sm90.choose(64, 196, 196, 14, 14, True) is None                 # windows: mma.sync
     assert _sm90.choose(64, 6400, 6400, 80, 80, True) == (1, 80, 3, 2)      # 1280 px: whole key rows
     assert _sm90.choose(64, 2304, 1024, 48, 32, True) is None               # k_w 32: mma.sync

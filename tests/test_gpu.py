@@ -287,7 +287,8 @@ def _sm90():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_sm90_kernel_configs(shape, dtype, cfg, monkeypatch):
     """Every warpgroup / key-tile configuration of the wgmma kernel, forced on
-    (head dims other than 64 use the unswizzled layout), against float64."""
+    (head_dim 80 uses split tiles, other head dims than 64 the unswizzled
+    layout), against float64."""
     _sm90()
     monkeypatch.setenv("RELATTN_SM90_CFG", cfg)
     B, H, qg, kg, D = shape
@@ -316,11 +317,31 @@ def test_sm90_whole_key_row_tiles(shape, dtype):
     run_and_check(dev, host, kg, D ** -0.5, dtype)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, (64, 64), (64, 64), 80), (2, 1, (9, 64), (5, 64), 72),
+                                   (1, 3, (3, 64), (4, 64), 80), (1, 1, (1, 64), (1, 64), 80),
+                                   (1, 2, (5, 64), (7, 64), 66)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sm90_head_dim_80_split_tiles(shape, dtype):
+    """head_dim 65..80 on the wgmma kernel (64 swizzled columns + 16
+    unswizzled ones per tile row), chosen automatically for k_w == 64; with and
+    without the rel terms, q/k grids of different sizes, partial tiles."""
+    _sm90()
+    B, H, qg, kg, D = shape
+    assert gpu._sm90_config(gpu._pad16(D), qg[0] * qg[1], kg[0] * kg[1], kg[0], kg[1], True) == (2, 64, 1, 2)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, "split")).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    q, k, v, _, _ = dev
+    plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)
+    assert rel_l2(from_dev(plain), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
+
+
 def test_sm90_is_chosen_for_head_dim_64():
     sm90 = _sm90()
     assert gpu._sm90_config(64, 4096, 4096, 64, 64, True)[2] == 1
     assert gpu._sm90_config(64, 4096, 4096, 1, 4096, False)[2] == 0
-    assert gpu._sm90_config(80, 4096, 4096, 64, 64, True) is None
+    assert gpu._sm90_config(80, 4096, 4096, 64, 64, True) == (2, 64, 1, 2)   # SAM-H: split tiles
+    assert gpu._sm90_config(80, 196, 196, 14, 14, True) is None
     assert sm90.smem_bytes(64, 1, 64, 1, 64, 64) <= sm90.MAX_SMEM
 
 

@@ -49,7 +49,9 @@ __device__ __forceinline__ u64 ra_desc(u32 addr, u32 lbo, u32 sbo, int sw) {
 // columns >= D are zero-filled).
 // With HD == 64 the tile uses the 128-byte swizzle instead: row r (128 bytes)
 // at r * 128, its chunk c at position c ^ (r % 8); the tile base is
-// 1024-byte aligned.
+// 1024-byte aligned. HD == 80 splits the tile: columns 0-63 as that swizzled
+// tile (ROWS * 128 bytes), then columns 64-79 in the no-swizzle layout (ROWS
+// * 32 bytes: core matrices 128 bytes apart along K, row groups 256 apart).
 template <int HD, int ROWS, int NT>
 __device__ __forceinline__ void ra_load_tile(u32 dst, const u16* base, long long rstride, int row0, int nrows, int D, int tid) {
     constexpr int CH = HD / 8;
@@ -61,6 +63,11 @@ __device__ __forceinline__ void ra_load_tile(u32 dst, const u16* base, long long
             r = i >> 3;
             c = i & 7;
             off = (u32)r * 128u + (u32)((c ^ (r & 7)) << 4);
+        } else if (HD == 80) {
+            r = i / CH;
+            c = i - r * CH;
+            off = (c < 8) ? (u32)r * 128u + (u32)((c ^ (r & 7)) << 4)
+                          : (u32)ROWS * 128u + (u32)((((r >> 3) * 2 + (c - 8)) << 7) + ((r & 7) << 4));
         } else {
             const int r8 = i & 7, rg = (i >> 3) / CH;
             c = (i >> 3) % CH;
@@ -80,7 +87,7 @@ __device__ __forceinline__ void ra_load_tile(u32 dst, const u16* base, long long
 // out: (B*H, Sq, D) contiguous. lbo/sbo: descriptor strides (bytes) of the
 // K-major operands (Q, K) and of the N-major V.
 template <int DT, int HD, int NWG, int BN, int REL, int ST>
-__global__ void __launch_bounds__(128 * NWG, (NWG == 1) ? (BN <= 64 ? 4 : (BN <= 96 ? 3 : 2)) : ((NWG == 2 && BN == 64) ? 2 : 1))
+__global__ void __launch_bounds__(128 * NWG, (NWG == 1) ? (BN <= 64 ? (HD <= 64 ? 4 : 3) : (BN <= 96 ? 3 : 2)) : ((NWG == 2 && BN == 64) ? 2 : 1))
 relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
            u16* __restrict__ out,
@@ -98,7 +105,9 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     constexpr u32 QBYTES = BM * HD * 2;
     constexpr u32 TBYTES = BN * HD * 2;     // one K or V tile
 
-    constexpr int SW = (HD == 64) ? 1 : 0;  // 128-byte swizzle for 128-byte rows
+    constexpr bool SPL = (HD == 80);        // split tiles: 64 swizzled columns + 16 unswizzled
+    constexpr int SW = (HD == 64 || SPL) ? 1 : 0;   // 128-byte swizzle for 128-byte rows
+    constexpr int HDA = SPL ? 64 : HD;      // columns of the (first) K-major part
     // REL 1 / 3: k_w known at compile time (KWC), rel_w of a thread's columns
     // in registers, NU whole key rows per tile
     constexpr bool RREG = (REL == 1 || REL == 3);
@@ -184,10 +193,14 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
     float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
 
-    const u64 dQ = ra_desc(sQ + (u32)wg * 64u * HD * 2u, (u32)kq_lbo, (u32)kq_sbo, SW);
+    const u64 dQ = ra_desc(sQ + (u32)wg * 64u * HDA * 2u, (u32)kq_lbo, (u32)kq_sbo, SW);
+    // SPL: the 16-column part of this warpgroup's Q rows (no swizzle: core
+    // matrices 128 bytes apart along K, 8-row groups 256 bytes apart)
+    const u64 dQB = ra_desc(sQ + (u32)BM * 128u + (u32)wg * 64u * 32u, 128u, 256u, 0);
     // descriptor advance per 16 columns (K-major) and per 16 keys (V), 16-byte units
     constexpr u64 KSTEP = SW ? 2 : 16;
-    constexpr u64 VSTEP = 2 * CH * 8;
+    constexpr u64 VSTEP = 2 * (HDA / 8) * 8;
+    constexpr u64 VSTEPB = 2 * 2 * 8;       // SPL: 16 keys of the 16-column part
 
     for (int n = 0; n < ntiles; ++n) {
         const int j0 = n * BN;
@@ -220,8 +233,9 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
         const u64 dK = ra_desc(cur, (u32)kq_lbo, (u32)kq_sbo, SW);
         ra_wg_fence();
 #pragma unroll
-        for (int ks = 0; ks < HD / 16; ++ks)
+        for (int ks = 0; ks < HDA / 16; ++ks)
             RaWg<DT, BN>::ss(s, dQ + ks * KSTEP, dK + ks * KSTEP, ks > 0 ? 1 : 0);
+        if (SPL) RaWg<DT, BN>::ss(s, dQB, ra_desc(cur + (u32)BN * 128u, 128u, 256u, 0), 1);
         ra_wg_commit();
         ra_wg_wait<0>();
 
@@ -290,9 +304,20 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
         }
         const u64 dV = ra_desc(cur + TBYTES, (u32)v_lbo, (u32)v_sbo, SW);
         ra_wg_fence();
+        if (SPL) {
+            // N = 64 (swizzled part) and N = 16 (unswizzled part, N-major: 8-key
+            // groups 256 bytes apart, 8-column core matrices 128 apart)
+            const u64 dVB = ra_desc(cur + TBYTES + (u32)BN * 128u, 256u, 128u, 0);
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk)
-            RaWg<DT, HD>::rs(o, p[kk], dV + kk * VSTEP, 1);
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                RaWg<DT, 64>::rs(o, p[kk], dV + kk * VSTEP, 1);
+                RaWg<DT, 16>::rs(o + 32, p[kk], dVB + kk * VSTEPB, 1);
+            }
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                RaWg<DT, HD>::rs(o, p[kk], dV + kk * VSTEP, 1);
+        }
         ra_wg_commit();
         ra_wg_wait<0>();
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
