@@ -279,6 +279,13 @@ def _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
     return (arrays, type(q), q_size, k_size, type(scale), scale, backend, extra)
 
 
+def planned(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
+    """The plan a previous ``rel_pos_attention`` call with arrays of these
+    signatures left, as ``run(q, k, v, rel_pos_h, rel_pos_w)``, or None."""
+    key = _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend)
+    return None if key is None else _plans.get(key)
+
+
 def _gpu_key():
     return backends.get("cupy").plan_key()
 

@@ -352,6 +352,16 @@ class Attention:
             self._cache[key] = cached
         return cached
 
+    def _checked_input(self, x, window_size):
+        """x as an array checked against the layer, and the window size of the call."""
+        x = check_float_array("x", x, ndim=4)
+        if x.shape[3] != self.dim:
+            raise ValueError(f"x: expected shape (B, H, W, {self.dim}), got {tuple(x.shape)}")
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
+        ws = self.window_size if window_size is None else self._check_window("window_size", window_size)
+        return x, ws
+
     def __call__(self, x, window_size=None):
         """Run the layer on ``x`` of shape ``(B, H, W, dim)``; see :meth:`forward`."""
         return self.forward(x, window_size=window_size)
@@ -377,12 +387,10 @@ class Attention:
         from relattn._interop import wrap_result
 
         x, restore = wrap_result("x", x)
-        x = check_float_array("x", x, ndim=4)
-        if x.shape[3] != self.dim:
-            raise ValueError(f"x: expected shape (B, H, W, {self.dim}), got {tuple(x.shape)}")
-        if x.shape[1] < 1 or x.shape[2] < 1:
-            raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
-        ws = self.window_size if window_size is None else self._check_window("window_size", window_size)
+        plan = self._gpu_plan(x, window_size)
+        if plan is not None:
+            return restore(plan(x))
+        x, ws = self._checked_input(x, window_size)
         if ws:
             height, width = x.shape[1:3]
             windows, pad_hw = window_partition(x, ws)
@@ -390,6 +398,82 @@ class Attention:
         else:
             out = self._forward(x)
         return restore(out)
+
+    # ------------------------------------------------------------ GPU plans
+    # A float16 / bfloat16 CuPy call is planned per signature of x (shape,
+    # strides, dtype, device, 16-byte alignment) and window size: the window
+    # copies, both projections and the attention are decided once and a
+    # repeated call only allocates and launches. Plans live in self._cache,
+    # which every parameter change clears.
+    _MAX_PLANS = 32
+
+    def _gpu_plan(self, x, window_size):
+        """The plan for a half-precision CuPy ``x``, or None (any other call)."""
+        t = type(x)
+        if not (t.__name__ == "ndarray" and t.__module__.startswith("cupy")) or x.dtype.itemsize != 2 \
+                or x.ndim != 4 or (window_size is not None and type(window_size) is not int) \
+                or self.backend not in ("auto", "cupy"):
+            return None
+        from relattn.backends import cupy_gpu
+
+        if cupy_gpu.unavailable_reason() is not None:
+            return None
+        mem = x.data
+        key = ("plan", x.shape, x.strides, x.dtype, mem.device_id, mem.ptr & 15, window_size,
+               self.window_size, self.backend, self.scale, cupy_gpu.plan_key())
+        plan = self._cache.get(key)
+        if plan is None:
+            plan = self._build_gpu_plan(x, window_size)   # checks x as forward does; may raise
+            if sum(1 for k in self._cache if k[0] == "plan") >= self._MAX_PLANS:
+                for k in [k for k in self._cache if k[0] == "plan"]:
+                    del self._cache[k]
+            self._cache[key] = plan
+        return plan
+
+    def _build_gpu_plan(self, x, window_size):
+        import cupy
+
+        from relattn import functional
+        from relattn.backends import _window_gpu
+        from relattn.backends._cublas import contiguous, linear_half_plan
+
+        x, ws = self._checked_input(x, window_size)
+        B, H, W, C = (int(n) for n in x.shape)
+        if ws:
+            hp, wp = H + (-H) % ws, W + (-W) % ws
+            check_alloc("window_size", (B, hp, wp, C), x.dtype.itemsize,
+                        f"the input padded to multiples of window_size={ws}")
+            part = _window_gpu.partition_plan(x, ws, hp, wp)
+            batch, gh, gw = B * (hp // ws) * (wp // ws), ws, ws
+            unpart = _window_gpu.unpartition_plan(cupy.empty((batch, ws, ws, C), dtype=x.dtype), ws, hp, wp, H, W)
+        else:
+            part, unpart = contiguous, None
+            batch, gh, gw = B, H, W
+        n, heads, hd = batch * gh * gw, self.num_heads, self.head_dim
+        weights = self._device_params(cupy, x.dtype)
+        biases = self._device_params(cupy, np.dtype(np.float32))
+        qkv_lin = linear_half_plan(n, weights["qkv_weight"], biases["qkv_bias"], x.dtype)
+        proj_lin = linear_half_plan(n, weights["proj_weight"], biases["proj_bias"], x.dtype)
+        tables = (biases["rel_pos_h"], biases["rel_pos_w"]) if self.use_rel_pos else (None, None)
+        sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
+        scale, backend = self.scale, self.backend
+        attention = []   # the functional plan, taken after the first call made it
+
+        def run(x):
+            qkv = qkv_lin(part(x).reshape(n, C)).reshape(batch, gh * gw, 3, heads, hd)
+            q, k, v = qkv[:, :, 0].transpose(0, 2, 1, 3), qkv[:, :, 1].transpose(0, 2, 1, 3), \
+                qkv[:, :, 2].transpose(0, 2, 1, 3)
+            if attention:
+                out = attention[0](q, k, v, *tables)
+            else:
+                out = rel_pos_attention(q, k, v, *tables, *sizes, scale=scale, backend=backend)
+                planned = functional.planned(q, k, v, *tables, *sizes, scale, backend)
+                if planned is not None:
+                    attention.append(planned)
+            y = proj_lin(contiguous(out.transpose(0, 2, 1, 3)).reshape(n, C))
+            return y.reshape(B, H, W, C) if unpart is None else unpart(y.reshape(batch, gh, gw, C))
+
+        return run
 
     def _forward(self, x):
         xp = array_module(x)

@@ -231,3 +231,37 @@ def test_parameter_assignment_reaches_the_device_copies(dtype):
     layer.proj_bias = layer.proj_bias + 1
     after = relattn._arrays.astype(layer(x), np.float32).get()
     np.testing.assert_allclose(after, before + 1, rtol=0, atol=0.07 if dtype == "bfloat16" else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", ["global", "windowed", "padded", "strided", "override", "batch0"])
+def test_layer_plans(dtype, case, monkeypatch):
+    """Half-precision CuPy calls of the layer run a cached plan per signature
+    of x: built once, then the same bits on every call, float64-reference
+    accuracy, and a new plan after a parameter assignment."""
+    if dtype == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes missing")
+    shape, ws, call_ws = {"global": ((2, 14, 14, 64), 0, None), "windowed": ((1, 14, 14, 64), 7, None),
+                          "padded": ((2, 16, 19, 64), 7, None), "strided": ((1, 14, 14, 64), 7, None),
+                          "override": ((1, 14, 14, 64), 7, 0), "batch0": ((0, 14, 14, 64), 7, None)}[case]
+    layer = _layer(dtype, input_size=(7, 7) if ws else (14, 14), window_size=ws)
+    rng = np.random.default_rng(zlib.crc32(repr((dtype, case)).encode()))
+    x = rng.standard_normal(shape[:3] + (128 if case == "strided" else 64,)).astype(np.float32).astype(layer.dtype)
+    xd = cp.asarray(x)
+    if case == "strided":
+        x, xd = x[..., ::2], xd[..., ::2]
+    builds = []
+    build = type(layer)._build_gpu_plan
+    monkeypatch.setattr(type(layer), "_build_gpu_plan", lambda self, *a: builds.append(1) or build(self, *a))
+    outs = [relattn.backends._cublas.to_float32(layer(xd, window_size=call_ws)).get() for _ in range(3)]
+    assert len(builds) == 1
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    assert outs[0].shape == x.shape
+    if x.shape[0]:
+        ref = _reference(layer, np.asarray(x, dtype=np.float32), window_size=call_ws)
+        assert _rel_l2(outs[0], ref) <= (4e-3 if dtype == "bfloat16" else 1e-3)
+        layer.proj_bias = layer.proj_bias + 1   # clears the plans
+        again = relattn.backends._cublas.to_float32(layer(xd, window_size=call_ws)).get()
+        assert len(builds) == 2
+        np.testing.assert_allclose(again, outs[0] + 1, rtol=0, atol=0.07)

@@ -21,7 +21,9 @@ _CUBLAS_OP_N, _CUBLAS_OP_T = 0, 1
 
 _kernels: dict = {}
 _ONE = np.ones((), dtype=np.float32)
+_ONE_PTR = _ONE.ctypes.data    # host scalars for cuBLAS (module constants: never freed)
 _ZERO = np.zeros((), dtype=np.float32)
+_ZERO_PTR = _ZERO.ctypes.data
 
 # float32 (+ bias per column) -> one rounding to float16 / bfloat16, in one pass
 _ROUND_SRC = r"""
@@ -85,7 +87,7 @@ def linear(x2d, weight, bias=None):
         out[...] = bias
     if n == 0 or m == 0:
         return out
-    _gemm(x2d, weight, out, code, n, m, k, _ZERO if bias is None else _ONE)
+    _gemm(x2d, weight, out, code, n, m, k, _ZERO_PTR if bias is None else _ONE_PTR)
     return out
 
 
@@ -96,43 +98,59 @@ def linear_half(x2d, weight, bias, dtype):
     accumulation, float32 bias add, one rounding) with two launches: the
     cuBLAS product and one pass that adds the bias and rounds.
     """
+    x2d, n, m, k, code = _operands(x2d, weight)
+    return linear_half_plan(n, weight, bias, dtype)(x2d)
+
+
+def linear_half_plan(n, weight, bias, dtype):
+    """``run(x2d) -> x2d @ weight.T + bias`` as :func:`linear_half` does it, for
+    C-contiguous ``x2d`` of shape ``(n, k)`` and weight's dtype: the kernel, its
+    grid and scalar arguments and the cuBLAS operation decided once."""
     import cupy
 
-    x2d, n, m, k, code = _operands(x2d, weight)
-    acc = cupy.empty((n, m), dtype=np.float32)
-    out = cupy.empty((n, m), dtype=np.uint16)
+    m, k = (int(d) for d in weight.shape)
+    code = _type_code(weight.dtype)
     if n == 0 or m == 0:
-        return out.view(dtype)
-    _gemm(x2d, weight, acc, code, n, m, k, _ZERO)
+        return lambda x2d: cupy.empty((n, m), dtype=np.uint16).view(dtype)
     fn = _kernels.get("bias_round")
     if fn is None:
         fn = _kernels.setdefault("bias_round", cupy.RawKernel(_ROUND_SRC, "relattn_bias_round"))
     total = n * m
-    blocks = int(min((total + 255) // 256, 65536))
+    grid = (int(min((total + 255) // 256, 65536)),)
     has_bias = bias is not None
-    fn((blocks,), (256,), (acc, bias if has_bias else acc, out, np.int64(total), np.int32(m),
-                           np.int32(has_bias), np.int32(dtype_name(dtype) == "bfloat16")))
-    return out.view(dtype)
+    tail = (np.int64(total), np.int32(m), np.int32(has_bias), np.int32(dtype_name(dtype) == "bfloat16"))
+    f32, u16 = np.float32, np.uint16
+
+    def run(x2d):
+        acc = cupy.empty((n, m), dtype=f32)
+        out = cupy.empty((n, m), dtype=u16)
+        _gemm(x2d, weight, acc, code, n, m, k, _ZERO_PTR)
+        fn(grid, (256,), (acc, bias if has_bias else acc, out) + tail)
+        return out.view(dtype)
+
+    return run
 
 
 def _gemm(x2d, weight, out, code, n, m, k, beta):
+    """out = x2d @ weight.T (+ out when beta points at 1), float32 accumulation."""
     import cupy
     from cupy_backends.cuda.libs import cublas
 
-    alpha = _ONE
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, 0)  # host scalars
+    if mode != 0:
+        cublas.setPointerMode(handle, 0)  # host scalars
     try:
         # Row-major Y (n, m) is column-major Y^T (m, n) = W (m, k) @ X^T (k, n).
         cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
-                      alpha.ctypes.data, weight.data.ptr, code, k,
+                      _ONE_PTR, weight.data.ptr, code, k,
                       x2d.data.ptr, code, k,
-                      beta.ctypes.data, out.data.ptr, _CUDA_R_32F, m,
+                      beta, out.data.ptr, _CUDA_R_32F, m,
                       _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
     finally:
-        cublas.setPointerMode(handle, mode)
+        if mode != 0:
+            cublas.setPointerMode(handle, mode)
 
 
 def contiguous(x):

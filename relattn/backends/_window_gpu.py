@@ -38,23 +38,37 @@ def _kernel(direction: str, word: str):
     return fn
 
 
-def _copy(direction, src, out, H, W, ws, nh, nw):
-    """Launch one kernel moving ``src`` (contiguous) into ``out`` (new)."""
+def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
+    """``run(src) -> out``: one kernel moving ``src`` (any layout; made
+    contiguous first when it is not) into a new array of ``out_shape``,
+    decided from src's shape, dtype, contiguity and alignment."""
     import cupy
     import numpy as np
 
-    token = int(src.shape[-1]) * src.dtype.itemsize
-    total_bytes = out.size * out.dtype.itemsize
+    dtype = src.dtype
+    token = int(src.shape[-1]) * dtype.itemsize
+    dense = src.flags.c_contiguous
+    align = src.data.ptr if dense else 0   # a contiguous copy starts on 256 bytes
+    total_bytes = token
+    for n in out_shape[:-1]:
+        total_bytes *= int(n)
     if total_bytes == 0:
-        return out
-    size, word = next((n, w) for n, w in _WORDS
-                      if token % n == 0 and src.data.ptr % n == 0 and out.data.ptr % n == 0)
+        return lambda a: cupy.empty(out_shape, dtype=dtype)
+    size, word = next((n, w) for n, w in _WORDS if token % n == 0 and align % n == 0)
     total = total_bytes // size
-    blocks = int(min((total + 255) // 256, 1 << 20))
-    _kernel(direction, word)((blocks,), (256,), (
-        src.view(cupy.uint8), out.view(cupy.uint8), np.int64(total),
-        np.int32(H), np.int32(W), np.int32(ws), np.int32(nh), np.int32(nw), np.int32(token // size)))
-    return out
+    fn = _kernel(direction, word)
+    grid = (int(min((total + 255) // 256, 1 << 20)),)
+    tail = (np.int64(total), np.int32(H), np.int32(W), np.int32(ws), np.int32(nh), np.int32(nw),
+            np.int32(token // size))
+    u8 = cupy.uint8
+
+    def run(a):
+        out = cupy.empty(out_shape, dtype=dtype)
+        a = a if dense else _dense(a)
+        fn(grid, (256,), (a.view(u8), out.view(u8)) + tail)
+        return out
+
+    return run
 
 
 def _dense(x):
@@ -69,21 +83,26 @@ def _dense(x):
     return cupy.ascontiguousarray(x.view(bits)).view(x.dtype)
 
 
-def partition(x, ws: int, hp: int, wp: int):
-    """Windows (B * hp / ws * wp / ws, ws, ws, C) of x (B, H, W, C), zero-padded to (hp, wp)."""
-    import cupy
-
+def partition_plan(x, ws: int, hp: int, wp: int):
+    """``run(x) -> windows`` (B * hp / ws * wp / ws, ws, ws, C) of arrays with
+    x's signature (B, H, W, C), zero-padded to (hp, wp)."""
     B, H, W, C = (int(n) for n in x.shape)
     nh, nw = hp // ws, wp // ws
-    out = cupy.empty((B * nh * nw, ws, ws, C), dtype=x.dtype)
-    return _copy("partition", _dense(x), out, H, W, ws, nh, nw)
+    return _copy_plan("partition", x, (B * nh * nw, ws, ws, C), H, W, ws, nh, nw)
+
+
+def unpartition_plan(windows, ws: int, hp: int, wp: int, H: int, W: int):
+    """``run(windows) -> (B, H, W, C)`` for windows of a (B, hp, wp, C) map, the padding cropped."""
+    nh, nw = hp // ws, wp // ws
+    B, C = int(windows.shape[0]) // (nh * nw), int(windows.shape[3])
+    return _copy_plan("unpartition", windows, (B, H, W, C), H, W, ws, nh, nw)
+
+
+def partition(x, ws: int, hp: int, wp: int):
+    """Windows of x (B, H, W, C), zero-padded to (hp, wp)."""
+    return partition_plan(x, ws, hp, wp)(x)
 
 
 def unpartition(windows, ws: int, hp: int, wp: int, H: int, W: int):
     """(B, H, W, C) from the windows of a (B, hp, wp, C) map, the padding cropped."""
-    import cupy
-
-    nh, nw = hp // ws, wp // ws
-    B, C = int(windows.shape[0]) // (nh * nw), int(windows.shape[3])
-    out = cupy.empty((B, H, W, C), dtype=windows.dtype)
-    return _copy("unpartition", _dense(windows), out, H, W, ws, nh, nw)
+    return unpartition_plan(windows, ws, hp, wp, H, W)(windows)
