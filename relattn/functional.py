@@ -275,7 +275,7 @@ def _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
             return None
     if scale is not None and type(scale) not in (float, int):
         return None
-    extra = _GPU_KEY[0]() if type(q) is not np.ndarray else None
+    extra = _gpu_key() if type(q) is not np.ndarray else None
     return (arrays, type(q), q_size, k_size, type(scale), scale, backend, extra)
 
 
@@ -288,9 +288,6 @@ def planned(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
 
 def _gpu_key():
     return backends.get("cupy").plan_key()
-
-
-_GPU_KEY = [_gpu_key]
 
 
 def _remember(key, run):

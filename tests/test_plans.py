@@ -190,7 +190,6 @@ def test_moved_arrays_are_not_planned():
 
 
 def test_threads_share_plans(backend, xp):
-    rng = np.random.default_rng(8)
     sets = [_inputs(xp, np.random.default_rng(10 + i)) for i in range(4)]
     want = [_host(_fresh(*s, (3, 4), backend=backend)) for s in sets]
     errors = []
@@ -209,4 +208,3 @@ def test_threads_share_plans(backend, xp):
     for t in threads:
         t.join()
     assert not errors, errors
-    del rng
