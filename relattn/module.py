@@ -18,7 +18,7 @@ from relattn._arrays import (
     resolve_dtype,
 )
 from relattn.functional import rel_pos_attention
-from relattn.window import window_partition, window_unpartition
+from relattn.window import padded_size, window_partition, window_unpartition
 
 __all__ = ["Attention"]
 
@@ -440,9 +440,7 @@ class Attention:
         x, ws = self._checked_input(x, window_size)
         B, H, W, C = (int(n) for n in x.shape)
         if ws:
-            hp, wp = H + (-H) % ws, W + (-W) % ws
-            check_alloc("window_size", (B, hp, wp, C), x.dtype.itemsize,
-                        f"the input padded to multiples of window_size={ws}")
+            hp, wp = padded_size(x.shape, x.dtype.itemsize, ws)
             part = _window_gpu.partition_plan(x, ws, hp, wp)
             batch, gh, gw = B * (hp // ws) * (wp // ws), ws, ws
             unpart = _window_gpu.unpartition_plan(cupy.empty((batch, ws, ws, C), dtype=x.dtype), ws, hp, wp, H, W)

@@ -54,10 +54,8 @@ def window_partition(x, window_size):
     batch, height, width, channels = x.shape
     if height < 1 or width < 1:
         raise ValueError(f"x: expected H, W >= 1, got shape {tuple(x.shape)}")
-    pad_h, pad_w = (-height) % ws, (-width) % ws
-    check_alloc("window_size", (batch, height + pad_h, width + pad_w, channels), x.dtype.itemsize,
-                f"the input padded to multiples of window_size={ws}")
-    hp, wp = height + pad_h, width + pad_w
+    hp, wp = padded_size(x.shape, x.dtype.itemsize, ws)
+    pad_h, pad_w = hp - height, wp - width
     if xp is not np:  # one copy kernel on the GPU
         from relattn.backends import _window_gpu
 
@@ -69,6 +67,16 @@ def window_partition(x, window_size):
     if not (pad_h or pad_w):  # no padding copy was made: never hand back a view of x
         windows = _unshared(xp, windows, x)
     return windows, (hp, wp)
+
+
+def padded_size(shape, itemsize: int, ws: int) -> tuple[int, int]:
+    """(Hp, Wp): H and W of a (B, H, W, C) map rounded up to multiples of ws,
+    checked against ``MAX_ALLOC_BYTES`` for the padded map."""
+    batch, height, width, channels = shape
+    hp, wp = height + (-height) % ws, width + (-width) % ws
+    check_alloc("window_size", (batch, hp, wp, channels), itemsize,
+                f"the input padded to multiples of window_size={ws}")
+    return hp, wp
 
 
 @accepts_dlpack("windows")

@@ -154,12 +154,15 @@ def _gemm(x2d, weight, out, code, n, m, k, beta):
 
 
 def contiguous(x):
-    """A C-contiguous copy of any CuPy array, moving raw bits (works for bfloat16)."""
+    """x itself when C-contiguous, else a C-contiguous copy of the CuPy array,
+    moving raw bits (any dtype, bfloat16 too)."""
     import cupy
 
     if x.flags.c_contiguous:
         return x
-    bits = {2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[x.dtype.itemsize]
+    bits = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}.get(x.dtype.itemsize)
+    if bits is None:
+        return cupy.ascontiguousarray(x)
     return cupy.ascontiguousarray(x.view(bits)).view(x.dtype)
 
 

@@ -45,6 +45,8 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
     import cupy
     import numpy as np
 
+    from relattn.backends._cublas import contiguous
+
     dtype = src.dtype
     token = int(src.shape[-1]) * dtype.itemsize
     dense = src.flags.c_contiguous
@@ -64,23 +66,11 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
 
     def run(a):
         out = cupy.empty(out_shape, dtype=dtype)
-        a = a if dense else _dense(a)
+        a = a if dense else contiguous(a)
         fn(grid, (256,), (a.view(u8), out.view(u8)) + tail)
         return out
 
     return run
-
-
-def _dense(x):
-    """x as a C-contiguous array, copied as raw bits (any dtype, bfloat16 too)."""
-    import cupy
-
-    if x.flags.c_contiguous:
-        return x
-    bits = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}.get(x.dtype.itemsize)
-    if bits is None:
-        return cupy.ascontiguousarray(x)
-    return cupy.ascontiguousarray(x.view(bits)).view(x.dtype)
 
 
 def partition_plan(x, ws: int, hp: int, wp: int):
