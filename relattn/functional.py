@@ -232,9 +232,14 @@ def rel_pos_attention(
     q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     name, arrays, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
-    out = backends.get(name).attention(*arrays, k_size, scale)
-    if key is not None and arrays[0] is q:  # not moved to another array library
-        _remember(key, _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale))
+    moved = arrays[0] is not q  # to another array library
+    fused = None if moved else _fused_plan(name, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    if fused is not None:  # the same kernel as the planned calls: the same bits
+        out = fused(q, k, v, rel_pos_h, rel_pos_w)
+    else:
+        out = backends.get(name).attention(*arrays, k_size, scale)
+    if key is not None and not moved:
+        _remember(key, fused or _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale))
     return to_module(out, array_module(q))  # back to the caller's array type if it moved
 
 
@@ -295,6 +300,16 @@ def _remember(key, run):
         if len(_plans) >= _PLANS_MAX:
             del _plans[next(iter(_plans))]  # the oldest
         _plans[key] = run
+
+
+def _fused_plan(name, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
+    """The plan of a backend that computes the terms inside its attention
+    kernel (``fused_plan``; the CuPy backend for SAM-sized head_dim 64
+    grids), or None."""
+    make = getattr(backends.get(name), "fused_plan", None)
+    if make is None or rel_pos_h is None:
+        return None
+    return make(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
 
 
 def _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale):

@@ -292,14 +292,111 @@ def _ints(*values):
     return tuple(np.int32(x) for x in values)
 
 
-def _sm90_config(hd, Sq, Sk, kh, kw, has_rel):
-    """(nwg, bn, rel) of the Hopper wgmma kernel for this problem, or None
+def _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=False):
+    """(nwg, bn, rel, stages) of the Hopper wgmma kernel for this problem (with
+    ``ws``: (nc, bn, rel, stages, pp) of the warp-specialised one), or None
     (another GPU, RELATTN_SM90=0, or shared memory too small for the terms)."""
     from relattn.backends import _sm90
 
     if _sm90.unavailable_reason() is not None:
         return None
-    return _sm90.choose(hd, Sq, Sk, kh, kw, has_rel)
+    return (_sm90.choose_ws if ws else _sm90.choose)(hd, Sq, Sk, kh, kw, has_rel)
+
+
+def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
+    """The run function of relattn_ws (TMA loads: tensor maps built per call
+    from the operands' addresses), or None when it cannot serve these arrays.
+    ``rel_args(x, y)`` gives the kernel's nine arguments between the tensor
+    maps and ``out`` from the run function's last two arguments (rel_h / rel_w,
+    or with rel 4 the two tables)."""
+    import cupy
+
+    from relattn.backends import _sm90
+
+    B, H, Sq, D = (int(s) for s in q.shape)
+    nc, bn = cfg[:2]
+    (pq, qs), (pk, ks), (pv, vs) = qp, kp, vp
+    d8 = (D + 7) // 8 * 8
+    if not _sm90.ws_usable((16,), (qs, ks, vs), d8):
+        return None
+    try:
+        fn, grid, block, smem = _sm90.ws_launch_spec(B, H, Sq, dt, cfg)
+        _sm90.tensor_map(int(q.data.ptr) // 16 * 16, (B, H, Sq, d8), qs, 64 * nc)  # the driver takes these shapes
+    except (_sm90.BuildError, ValueError, OSError, AttributeError) as exc:
+        import warnings
+
+        warnings.warn(f"relattn: {exc}; using the wgmma kernel", RuntimeWarning, stacklevel=4)
+        return None
+    tail = _ints(H, Sq, Sk, d8, kh, kw)
+    shape, dtype, u16 = (B, H, Sq, D), q.dtype, cupy.uint16
+    padded = (B, H, Sq, d8) if d8 != D else None
+    tmap = _sm90.tensor_map
+
+    def run(q, k, v, x, y):
+        a, b, c = pq(q), pk(k), pv(v)
+        out = cupy.empty(shape, dtype=dtype)
+        ou = out.view(u16) if padded is None else cupy.empty(padded, dtype=u16)
+        args = (tmap(a.data.ptr, (B, H, Sq, d8), qs, 64 * nc), tmap(b.data.ptr, (B, H, Sk, d8), ks, bn),
+                tmap(c.data.ptr, (B, H, Sk, d8), vs, bn), *rel_args(x, y), ou, *tail, sc)
+        fn(grid, block, args, shared_mem=smem)
+        if padded is not None:
+            out.view(u16)[...] = ou[..., :D]
+        return out
+
+    return run
+
+
+def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
+    """``run(q, k, v, rel_pos_h, rel_pos_w) -> out`` with the relative terms
+    computed inside the attention kernel (relattn_ws, rel 4), or None when this
+    problem is not one it serves: float16 / bfloat16 q with tables of the same
+    dtype, head_dim 57..64 (a multiple of 8), k_w == 64, k_h <= 64 and tables
+    of at most 128 rows after SAM's resize. Same arithmetic as the separate
+    terms kernel on 16-bit tables (q . t in float32 on the tensor cores).
+    ``RELATTN_SM90_FUSE=0`` turns it off (the terms kernel runs first)."""
+    import cupy
+    import numpy as np
+
+    from relattn.relpos import _device_index32, resize_rel_pos
+
+    if os.environ.get("RELATTN_SM90_FUSE", "1") == "0":
+        return None
+    kind = _dtype_name(q)
+    (qh, qw), (kh, kw) = (int(n) for n in q_size), (int(n) for n in k_size)
+    B, H, Sq, D = (int(s) for s in q.shape)
+    Sk = int(k.shape[2])
+    if (kind not in _HALF_NAMES or _dtype_name(rel_pos_h) != kind or _dtype_name(rel_pos_w) != kind
+            or D % 8 or _pad16(D) != 64 or kw != 64 or kh > 64 or B * H * Sq == 0 or Sk == 0):
+        return None
+    Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
+    if Lh > 128 or Lw > 128:
+        return None
+    cfg = _sm90_config(64, Sq, Sk, kh, kw, True, ws=True)
+    if cfg is None:
+        return None
+    from relattn.backends import _sm90
+
+    cfg = cfg[:2] + (4,) + cfg[3:]
+    if _sm90.ws_smem_bytes(cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
+        return None
+    resize = (Lh if rel_pos_h.shape[0] != Lh else None, Lw if rel_pos_w.shape[0] != Lw else None)
+    ex_h = rel_pos_h if resize[0] is None else cupy.empty((Lh, D), dtype=rel_pos_h.dtype)
+    ex_w = rel_pos_w if resize[1] is None else cupy.empty((Lw, D), dtype=rel_pos_w.dtype)
+    ph, pw = _dense_prep(ex_h), _dense_prep(ex_w)
+    idx_h, idx_w = _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw)
+    dummy = cupy.zeros((1,), dtype=cupy.float32)
+    dt = 1 if kind == "bfloat16" else 0
+    lens = _ints(Lh, Lw, qw)
+
+    def tables(th, tw):
+        if resize[0] is not None:
+            th = resize_rel_pos(th, Lh)
+        if resize[1] is not None:
+            tw = resize_rel_pos(tw, Lw)
+        return (dummy, dummy, _u16(ph(th)), _u16(pw(tw)), idx_h, idx_w, *lens)
+
+    qp, kp, vp = (_operand_prep(x, D, 8) for x in (q, k, v))
+    return _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, np.float32(float(scale) * _LOG2E), dt, tables)
 
 
 def _win_config(hd, Sq, kh, kw):
@@ -322,7 +419,8 @@ def _win_config(hd, Sq, kh, kw):
 
 # The environment variables read while planning (developer switches): part of
 # the plan cache key, so changing one takes effect on the next call.
-_KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_SM90", "RELATTN_SM90_CFG")
+_KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_SM90", "RELATTN_SM90_CFG", "RELATTN_SM90_WS",
+          "RELATTN_SM90_FUSE")
 
 
 def plan_key():
@@ -419,6 +517,15 @@ def _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
         groups = -(-((Sq + 15) // 16) // spb)
         spec = (_get_kernel("win", hd, (dt, kwp), smem), (BH * groups,), (128,),
                 head + (sc, np.int32(groups), np.int32(spb)), smem)
+    ws = None if win is not None else _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=True)
+    if ws is not None:
+        def rel_args(rel_h, rel_w, zero=np.int32(0)):
+            rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
+            return rh, rw, rh, rw, rh, rw, zero, zero, zero   # rel 0 / 1: no tables
+
+        run = _ws_plan(ws, q, Sk, (pq, qs), (pk, ks), (pv, vs), kh, kw, sc, dt, rel_args)
+        if run is not None:
+            return run
     cfg = None if win is not None else _sm90_config(hd, Sq, Sk, kh, kw, has_rel)
     if cfg is not None:
         from relattn.backends import _sm90

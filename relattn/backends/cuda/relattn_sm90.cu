@@ -340,3 +340,342 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
         }
     }
 }
+
+// ===========================================================================
+// Warp-specialised kernel relattn_ws<DT, NC, BN, REL, ST, PP> (head_dim 64)
+//
+// NC consumer warpgroups (64 query rows each, BLOCK_M = 64 * NC) and one
+// producer warp. A single producer thread moves Q once and every K / V tile
+// with the tensor-memory accelerator (TMA: cp.async.bulk.tensor, 128-byte
+// swizzle, rows past the end zero-filled) into an ST-stage ring guarded by
+// mbarriers (full: the tile's bytes landed; empty: every consumer warp is done
+// with it). The consumers never issue a load. Per key tile n they issue
+//     S(n) = Q K(n)^T   and   O += P(n-1) V(n-1)       (wgmma, two groups)
+// then run the bias and the online softmax of S(n) while P V is still on the
+// tensor cores, and rescale O once it is done. PP = 1 makes the consumers'
+// issue of products a round robin (named barriers 1..NC). RG = 0: the
+// producer is one extra warp and every thread keeps the launch's registers
+// (at most 168 for NC = 2: 3 warps share one scheduler's register file);
+// RG > 0: the producer is a warpgroup that gives its registers up (setmaxnreg)
+// so that each consumer thread may hold RG (NC = 2: 240, NC = 3: 160).
+// REL 0 = no terms, 1 = k_w == 64 (rel_w in registers, rel_h one value per row
+// per 64 keys), 4 = as 1 with the terms computed in the kernel from the
+// 16-bit tables (at most 128 rows each; k_h <= 64) and the index tables of
+// get_rel_pos (idx_h (q_h, k_h), idx_w (q_w, 64)). Tensor maps (built by _sm90.tensor_map): dims (columns, rows,
+// heads, batch) of q, k, v; box 64 columns x BLOCK_M (q) or BN (k, v) rows.
+// ===========================================================================
+struct __align__(64) RaTmap { u64 w[16]; };
+
+__device__ __forceinline__ void ra_mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void ra_mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void ra_mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void ra_mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+// TMA: box at coordinates (c0 column, c1 row, c2, c3) of map -> dst; bar counts the bytes
+__device__ __forceinline__ void ra_tma_load(u32 dst, const RaTmap* map, u32 bar, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+        :: "r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void ra_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void ra_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+template <int R> __device__ __forceinline__ void ra_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }
+template <int R> __device__ __forceinline__ void ra_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R)); }
+
+template <int DT, int NC, int BN, int REL, int ST, int PP, int RG>
+__global__ void __launch_bounds__(128 * NC + (RG ? 128 : 32), 1)
+relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk, const __grid_constant__ RaTmap tv,
+           const float* __restrict__ rel_h, const float* __restrict__ rel_w,
+           const u16* __restrict__ th, const u16* __restrict__ tw,
+           const int* __restrict__ idx_h, const int* __restrict__ idx_w, int Lh, int Lw, int qw,
+           u16* __restrict__ out, int H, int Sq, int Sk, int D, int kh, int kw, float scale_log2)
+{
+    constexpr int BM = 64 * NC;
+    constexpr int NS = BN / 8;
+    constexpr u32 QBYTES = BM * 128;
+    constexpr u32 TBYTES = BN * 128;
+    constexpr bool RB = (REL == 1 || REL == 4);     // bias with k_w == 64
+    constexpr bool FT = (REL == 4);                 // terms computed here
+    constexpr int NU = RB ? BN / 64 : 1;            // key rows per tile
+    constexpr int GS = 136;                         // FT: row stride (floats) of the scratch
+    __shared__ __align__(8) u64 bars[2 * ST + 1];   // full[ST], empty[ST], Q
+    extern __shared__ __align__(128) unsigned char ra_smem_raw[];
+    const u32 sraw = ra_smem_addr(ra_smem_raw);
+    const u32 sbase = (sraw + 1023u) & ~1023u;
+    const u32 sQ = sbase, sKV = sbase + QBYTES;     // stage s: K at sKV + 2 s TBYTES, V after it
+    // FT: the two tables (128 rows x 64 columns, 16-bit, swizzled) after the
+    // stages, then a 64 x GS float32 scratch per consumer warpgroup
+    const u32 sT = sKV + 2u * ST * TBYTES;
+    const u32 bfull = ra_smem_addr(bars), bempty = bfull + 8u * ST, bq = bfull + 16u * ST;
+
+    const int tid = threadIdx.x;
+    const int mtiles = (Sq + BM - 1) / BM;
+    const int mt = blockIdx.x % mtiles, bh = blockIdx.x / mtiles;
+    const int b = bh / H, h = bh - b * H, m0 = mt * BM;
+    const int ntiles = (Sk + BN - 1) / BN;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < ST; ++s) {
+            ra_mbar_init(bfull + 8u * s, 1);
+            ra_mbar_init(bempty + 8u * s, NC * 4);
+        }
+        ra_mbar_init(bq, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (tid >= 128 * NC) {
+        // ---- producer: the block's last warp (RG: warpgroup), one thread
+        if (RG) ra_regs_dec<(NC == 2) ? 24 : 32>();
+        if (tid == 128 * NC) {
+            ra_mbar_expect(bq, QBYTES);
+            ra_tma_load(sQ, &tq, bq, 0, m0, h, b);
+            for (int n = 0; n < ntiles; ++n) {
+                const int s = n % ST;
+                if (n >= ST) ra_mbar_wait(bempty + 8u * s, ((n / ST) - 1) & 1);
+                const u32 dst = sKV + (u32)s * 2u * TBYTES;
+                ra_mbar_expect(bfull + 8u * s, 2u * TBYTES);
+                ra_tma_load(dst, &tk, bfull + 8u * s, 0, n * BN, h, b);
+                ra_tma_load(dst + TBYTES, &tv, bfull + 8u * s, 0, n * BN, h, b);
+            }
+        }
+        return;
+    }
+
+    // ---- consumers
+    if (RG) ra_regs_inc<RG>();
+    const int c = tid >> 7, wt = tid & 127;
+    const int wq = wt >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int lrow0 = c * 64 + wq * 16 + g;
+    const int rows[2] = {m0 + lrow0, m0 + lrow0 + 8};
+
+    const float* rh_row[2];
+    float rwc[2][RB ? 16 : 1];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int r = min(rows[rr], Sq - 1);
+        rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
+        if (REL == 1) {
+            const float* wrow = rel_w + ((long long)bh * Sq + r) * kw;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8 + 2 * t);
+                rwc[rr][RB ? 2 * j : 0] = w2.x * RA_LOG2E;
+                rwc[rr][RB ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
+            }
+        }
+    }
+
+    float o[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+    float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
+    u32 p[BN / 16][4];
+    const u64 dQ = ra_desc(sQ + (u32)c * 64u * 128u, 16u, 1024u, 1);
+    if (PP && c == NC - 1) ra_bar_arrive(1, 128 * 2);   // consumer 0 goes first
+
+    // FT: rel_w[i, kx] = q_i . Tw[idx_w[x_i, kx]] and rel_h likewise, as
+    // G = Q T^T over all table rows (wgmma, float32) gathered through the
+    // index tables; rel_w lands in registers, rel_h (scaled) in the scratch
+    float* sG = reinterpret_cast<float*>(ra_smem_raw + (sbase - sraw) + QBYTES + 2 * ST * TBYTES + 2 * 16384)
+                + c * 64 * GS;
+    float* gRow[2] = {sG + (wq * 16 + g) * GS, sG + (wq * 16 + g + 8) * GS};
+    if (FT) {
+        for (int i = tid; i < 2 * 128 * 8; i += 128 * NC) {
+            const int tb = i >> 10, r = (i >> 3) & 127, ch = i & 7;
+            const u16* src = tb ? tw : th;
+            const bool ok = r < (tb ? Lw : Lh) && ch * 8 < D;
+            ra_cp_async16(sT + (u32)tb * 16384u + (u32)r * 128u + (u32)((ch ^ (r & 7)) << 4),
+                          ok ? src + (long long)r * D + ch * 8 : src, ok ? 16 : 0);
+        }
+        ra_cp_commit();
+        ra_cp_wait<0>();
+        ra_fence_proxy_async();
+        ra_bar_sync(NC + 1, 128 * NC);   // both tables in place for every consumer
+        ra_mbar_wait(bq, 0);
+        int qy[2], qx[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = min(rows[rr], Sq - 1);
+            qy[rr] = r / qw;
+            qx[rr] = r - qy[rr] * qw;
+        }
+        auto gemm_to_scratch = [&](u32 table) {
+            float acc[64];
+            const u64 dT = ra_desc(table, 16u, 1024u, 1);
+            ra_wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < 4; ++ks) RaWg<DT, 128>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
+            ra_wg_commit();
+            ra_wg_wait<0>();
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+                    *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) =
+                        make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
+            ra_bar_sync(NC + 2 + c, 128);
+        };
+        gemm_to_scratch(sT + 16384u);
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const int kx = (j >> 1) * 8 + 2 * t + (j & 1);
+                rwc[rr][RB ? j : 0] = gRow[rr][__ldg(idx_w + qx[rr] * 64 + kx)] * RA_LOG2E;
+            }
+        ra_bar_sync(NC + 2 + c, 128);    // every read of the rel_w scratch is done
+        gemm_to_scratch(sT);
+        // a row of the scratch is read and rewritten by the 4 lanes that own it only
+        float hv[2][16];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int m = 0; m < 16; ++m) {
+                const int ky = t + 4 * m;
+                hv[rr][m] = (ky < kh) ? gRow[rr][__ldg(idx_h + qy[rr] * kh + ky)] * RA_LOG2E : 0.f;
+            }
+        __syncwarp();
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int m = 0; m < 16; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
+        __syncwarp();
+    } else {
+        ra_mbar_wait(bq, 0);
+    }
+
+    // bias, mask and online softmax of S(n) (log2 domain); alpha: the output's factor
+    auto softmax_tile = [&](float* s, int n, float* alpha) {
+        const int j0 = n * BN;
+        float rh1[2][NU];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int u = 0; u < NU; ++u)
+                rh1[rr][u] = FT ? gRow[rr][min(j0 / 64 + u, kh - 1)]
+                           : (REL == 1) ? __ldg(rh_row[rr] + min(j0 / 64 + u, kh - 1)) * RA_LOG2E : 0.f;
+#pragma unroll
+        for (int j = 0; j < NS; ++j)
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float bias = 0.f;
+                    if (RB) bias = rwc[rr][RB ? 2 * (j % 8) + e : 0];
+                    if (RB && NU > 1) bias += rh1[rr][j / 8];
+                    s[4 * j + 2 * rr + e] = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
+                }
+        if (j0 + BN > Sk) {
+#pragma unroll
+            for (int j = 0; j < NS; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    if (j0 + j * 8 + 2 * t + e >= Sk) {
+                        s[4 * j + e] = -RA_INF;
+                        s[4 * j + 2 + e] = -RA_INF;
+                    }
+        }
+        float off[2] = {0.f, 0.f};
+        if (RB && NU == 1) {
+            off[0] = rh1[0][0];
+            off[1] = rh1[1][0];
+        }
+        ra_online_softmax<NS>(s, off, m_run, l_run, alpha);
+    };
+    auto pack_p = [&](const float* s) {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            p[kk][0] = ra_pack<DT>(s[8 * kk + 0], s[8 * kk + 1]);
+            p[kk][1] = ra_pack<DT>(s[8 * kk + 2], s[8 * kk + 3]);
+            p[kk][2] = ra_pack<DT>(s[8 * kk + 4], s[8 * kk + 5]);
+            p[kk][3] = ra_pack<DT>(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto issue_s = [&](float* s, int n) {
+        const u64 dK = ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES, 16u, 1024u, 1);
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) RaWg<DT, BN>::ss(s, dQ + ks * 2, dK + ks * 2, ks > 0 ? 1 : 0);
+    };
+    auto issue_pv = [&](int n) {
+        const u64 dV = ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES + TBYTES, 8192u, 1024u, 1);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) RaWg<DT, 64>::rs(o, p[kk], dV + kk * 128, 1);
+    };
+    auto turn_wait = [&]() { if (PP) ra_bar_sync(1 + c, 128 * 2); };
+    auto turn_pass = [&](bool final_turn) {
+        if (PP && !(final_turn && c == NC - 1)) ra_bar_arrive(1 + (c + 1) % NC, 128 * 2);
+    };
+
+    // Tile 0: S(0) alone. Tile n > 0: S(n) = Q K(n)^T and O += P(n-1) V(n-1)
+    // as two commit groups; the softmax of S(n) runs while P V is still on the
+    // tensor cores (wait<1>), the output is rescaled after it (wait<0>). Then
+    // the trailing P V. (No branch around a wgmma: ptxas would serialise them.)
+    {
+        float s[BN / 2], alpha[2];
+        ra_mbar_wait(bfull, 0);
+        turn_wait();
+        ra_wg_fence();
+        issue_s(s, 0);
+        ra_wg_commit();
+        turn_pass(false);
+        ra_wg_wait<0>();
+        softmax_tile(s, 0, alpha);
+        pack_p(s);
+    }
+    for (int n = 1; n < ntiles; ++n) {
+        float s[BN / 2], alpha[2];
+        ra_mbar_wait(bfull + 8u * (u32)(n % ST), (u32)((n / ST) & 1));
+        turn_wait();
+        ra_wg_fence();
+        issue_s(s, n);
+        ra_wg_commit();
+        issue_pv(n - 1);
+        ra_wg_commit();
+        turn_pass(false);
+        ra_wg_wait<1>();
+        softmax_tile(s, n, alpha);
+        ra_wg_wait<0>();
+        // every wgmma of this warpgroup reading stage n - 1 is complete
+        __syncwarp();
+        if (lane == 0) ra_mbar_arrive(bempty + 8u * (u32)((n - 1) % ST));
+        ra_rescale<8>(o, alpha);
+        pack_p(s);
+    }
+    turn_wait();
+    ra_wg_fence();
+    issue_pv(ntiles - 1);
+    ra_wg_commit();
+    turn_pass(true);
+    ra_wg_wait<0>();
+
+    // ---- finalize and store
+    u16* ob = out + (long long)bh * Sq * D;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const float inv = ra_row_inv(l_run[rr]);
+        const int r = rows[rr];
+        if (r < Sq) {
+#pragma unroll
+            for (int d = 0; d < 8; ++d) {
+                const int col = d * 8 + 2 * t;
+                if (col < D)
+                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
+                        ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+            }
+        }
+    }
+}
