@@ -352,6 +352,23 @@ class Attention:
             self._cache[key] = cached
         return cached
 
+    def _gpu_tables(self, xp, dtype):
+        """The rel-pos tables for a half-precision GPU call: in the input's
+        dtype when that holds them exactly (the fused attention kernel reads
+        16-bit tables of q's dtype), else in float32. Cached with the params."""
+        if not self.use_rel_pos:
+            return None, None
+        key = ("tables", xp.__name__, xp.cuda.Device().id, dtype.str)
+        cached = self._cache.get(key)
+        if cached is None:
+            exact = all(
+                np.array_equal(t.astype(dtype).astype(np.float32), t.astype(np.float32))
+                for t in (self._params["rel_pos_h"], self._params["rel_pos_w"])
+            )
+            params = self._device_params(xp, dtype if exact else np.dtype(np.float32))
+            cached = self._cache[key] = (params["rel_pos_h"], params["rel_pos_w"])
+        return cached
+
     def _checked_input(self, x, window_size):
         """x as an array checked against the layer, and the window size of the call."""
         x = check_float_array("x", x, ndim=4)
@@ -452,7 +469,7 @@ class Attention:
         biases = self._device_params(cupy, np.dtype(np.float32))
         qkv_lin = linear_half_plan(n, weights["qkv_weight"], biases["qkv_bias"], x.dtype)
         proj_lin = linear_half_plan(n, weights["proj_weight"], biases["proj_bias"], x.dtype)
-        tables = (biases["rel_pos_h"], biases["rel_pos_w"]) if self.use_rel_pos else (None, None)
+        tables = self._gpu_tables(cupy, x.dtype)
         sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
         scale, backend = self.scale, self.backend
         attention = []   # the functional plan, taken after the first call made it
@@ -513,7 +530,7 @@ class Attention:
                           x.dtype)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        tables = (biases["rel_pos_h"], biases["rel_pos_w"]) if self.use_rel_pos else (None, None)
+        tables = self._gpu_tables(xp, x.dtype)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
         out = rel_pos_attention(q, k, v, *tables, *sizes, scale=self.scale, backend=self.backend)
         out = contiguous(astype(out, x.dtype).transpose(0, 2, 1, 3)).reshape(batch * tokens, dim)

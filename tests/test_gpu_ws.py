@@ -1,0 +1,238 @@
+"""The warp-specialised Hopper kernel relattn_ws and its fused relative terms
+(skipped without CuPy, a CUDA device or an sm_90a-capable one).
+
+Cases are compared with the float64 numpy evaluation of tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+try:
+    _NDEV = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver / no device
+    _NDEV = 0
+if _NDEV < 1:
+    pytest.skip("no usable CUDA device", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+import relattn  # noqa: E402
+from relattn import functional  # noqa: E402
+from relattn.backends import cupy_gpu as gpu  # noqa: E402
+from test_gpu import TOL, from_dev, make_case, reference, rel_l2, run_and_check, to_dev  # noqa: E402
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    from relattn.backends import _sm90
+
+    why = _sm90.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"sm_90a kernel unavailable: {why}")
+    for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE"):
+        monkeypatch.delenv(name, raising=False)
+    return _sm90
+
+
+WS_CFGS = ["3,64,4,1,160", "3,64,3,0,160", "2,128,3,1,240", "2,64,4,1,0", "2,64,2,0,0"]
+WS_SHAPES = [  # B, H, q grid, k grid, head_dim
+    (1, 2, (16, 64), (16, 64), 64),
+    (2, 3, (9, 64), (5, 64), 64),      # q/k grids of different sizes, partial tiles
+    (1, 2, (7, 64), (3, 64), 56),      # head_dim 56 read as 64 (zero columns)
+    (1, 1, (1, 64), (1, 64), 64),      # one key tile, one query row block
+    (1, 2, (3, 64), (11, 64), 64),     # more keys than queries
+]
+
+
+@pytest.mark.parametrize("cfg", WS_CFGS)
+@pytest.mark.parametrize("shape", WS_SHAPES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ws_kernel_configs(shape, dtype, cfg, sm90, monkeypatch):
+    """Every consumer / tile / stage / round-robin / register configuration,
+    with the terms (rel 1) and without (rel 0), against float64."""
+    monkeypatch.setenv("RELATTN_SM90_WS", cfg)
+    B, H, qg, kg, D = shape
+    nc, bn, st, pp, rg = (int(x) for x in cfg.split(","))
+    Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
+    assert gpu._sm90_config(64, Sq, Sk, kg[0], kg[1], True, ws=True) == (nc, bn, 1, st, pp, rg)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    q, k, v, _, _ = dev
+    plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)
+    assert rel_l2(from_dev(plain), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("sizes", [(1, 3), (300, 1000), (1000, 77), (64, 129)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ws_plain_attention_any_length(sizes, dtype, sm90):
+    """No terms: any Sq / Sk, key tiles past the end zero-filled by TMA and masked."""
+    Sq, Sk = sizes
+    rng = np.random.default_rng(zlib.crc32(repr((sizes, dtype)).encode()))
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, n, 64)), dtype) for n in (Sq, Sk, Sk))
+    assert gpu._sm90_config(64, Sq, Sk, 1, Sk, False, ws=True) is not None
+    out = gpu.attention(q, k, v, None, None, None, 0.125)
+    assert rel_l2(from_dev(out), reference(qr, kr, vr, None, None, None, 0.125)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["sam_qkv", "misaligned", "head_dim_slice"])
+def test_ws_operand_layouts(layout, sm90):
+    """Views of SAM's packed qkv (head stride below the row stride), inputs
+    one element off 16 bytes (copied first) and a head-dim slice (row stride
+    twice the width): the tensor maps describe each, the inputs stay as they were."""
+    rng = np.random.default_rng(zlib.crc32(layout.encode()))
+    B, H, g, D = 2, 3, (8, 64), 64
+    S = g[0] * g[1]
+    if layout == "sam_qkv":
+        qkv, qkvr = to_dev(rng.standard_normal((B, S, 3, H, D)), "bfloat16")
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        qr, kr, vr = (qkvr[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    elif layout == "misaligned":
+        from test_gpu import _misaligned
+
+        (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, S, D)), "bfloat16") for _ in range(3))
+        q, k, v = (_misaligned(a) for a in (q, k, v))
+        assert q.data.ptr % 16
+    else:
+        (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, S, 2 * D)), "bfloat16") for _ in range(3))
+        q, k, v, qr, kr, vr = (a[..., :D] for a in (q, k, v, qr, kr, vr))
+    before = [from_dev(a) for a in (q, k, v)]
+    (rh, rhr), (rw, rwr) = (to_dev(rng.standard_normal((B, H, S, n)), "float32") for n in g)
+    out = gpu.attention(q, k, v, rh, rw, g, D ** -0.5)
+    assert rel_l2(from_dev(out), reference(qr, kr, vr, rhr, rwr, g, D ** -0.5)) <= TOL["bfloat16"]
+    for a, b in zip(before, (q, k, v)):
+        np.testing.assert_array_equal(a, from_dev(b))
+
+
+# ------------------------------------------------------------ fused terms
+def _tables(rng, rows_h, rows_w, D, dtype):
+    return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
+
+
+FUSED_CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1)
+    (1, 2, (64, 64), (64, 64), 64, None),   # SAM-B global
+    (2, 3, (16, 64), (16, 64), 64, None),
+    (1, 2, (9, 64), (5, 64), 64, None),     # q/k grids of different sizes
+    (1, 2, (5, 64), (9, 64), 64, None),
+    (1, 2, (12, 64), (12, 64), 64, 40),     # tables resized (SAM's rule) first
+    (1, 2, (6, 64), (6, 64), 56, None),     # head_dim 56
+    (1, 1, (1, 64), (1, 64), 64, None),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"B{c[0]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}-d{c[4]}-r{c[5]}")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fused_terms(case, dtype, sm90, monkeypatch):
+    """rel_pos_attention with 16-bit tables of q's dtype runs the fused plan:
+    the first call and the planned ones give the same bits, within float64
+    accuracy (the reference takes the same resized 16-bit tables), and close
+    to the unfused kernels (RELATTN_SM90_FUSE=0)."""
+    from relattn.relpos import resize_rel_pos
+
+    B, H, qg, kg, D, rows = case
+    rng = np.random.default_rng(zlib.crc32(repr((case, dtype)).encode()))
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype)
+                                 for g in (qg, kg, kg))
+    Lh, Lw = 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1
+    (th, _), (tw, _) = _tables(rng, rows or Lh, rows or Lw, D, dtype)
+    functional._plans.clear()
+    assert functional._fused_plan("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is not None
+    first = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    for _ in range(2):
+        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)), from_dev(first))
+    rth = from_dev(resize_rel_pos(th, Lh) if rows else th)
+    rtw = from_dev(resize_rel_pos(tw, Lw) if rows else tw)
+    rh, rw = relattn.decomposed_rel_pos(qr, rth, rtw, qg, kg)
+    ref = reference(qr, kr, vr, rh, rw, kg, D ** -0.5)
+    assert rel_l2(from_dev(first), ref) <= TOL[dtype]
+    monkeypatch.setenv("RELATTN_SM90_FUSE", "0")
+    assert functional._fused_plan("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    unfused = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("why", ["float32_tables", "k_w_32", "k_h_65", "head_dim_80", "float32_q"])
+def test_fused_terms_not_taken(why, sm90):
+    """Problems the fused plan does not serve run the separate terms kernel."""
+    qg = kg = (8, 64)
+    D, dtype, tdtype = 64, "bfloat16", "bfloat16"
+    if why == "float32_tables":
+        tdtype = "float32"
+    elif why == "k_w_32":
+        qg = kg = (8, 32)
+    elif why == "k_h_65":
+        qg = kg = (65, 64)
+    elif why == "head_dim_80":
+        D = 80
+    else:
+        dtype = tdtype = "float32"
+    rng = np.random.default_rng(zlib.crc32(why.encode()))
+    S = qg[0] * qg[1]
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((1, 2, S, D)), dtype) for _ in range(3))
+    (th, thr), (tw, twr) = _tables(rng, 2 * qg[0] - 1, 2 * qg[1] - 1, D, tdtype)
+    assert functional._fused_plan("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    out = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, qg, kg)
+    assert rel_l2(from_dev(out), reference(qr, kr, vr, rh, rw, kg, D ** -0.5)) <= TOL[dtype]
+
+
+def test_fused_plan_follows_new_arrays(sm90):
+    """A plan built for one set of arrays serves others of the same signature:
+    the tensor maps are rebuilt from each call's addresses."""
+    rng = np.random.default_rng(41)
+    qg = (8, 64)
+    S = qg[0] * qg[1]
+    (th, thr), (tw, twr) = _tables(rng, 15, 127, 64, "bfloat16")
+    functional._plans.clear()
+    for _ in range(3):
+        (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, S, 64)), "bfloat16") for _ in range(3))
+        out = relattn.rel_pos_attention(q, k, v, th, tw, qg)
+        rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, qg, qg)
+        assert rel_l2(from_dev(out), reference(qr, kr, vr, rh, rw, qg, 0.125)) <= TOL["bfloat16"]
+    assert len(functional._plans) == 1
+
+
+def test_fused_call_captured_in_a_cuda_graph(sm90):
+    """The fused planned call (tensor maps passed by value) replays from a CUDA graph."""
+    rng = np.random.default_rng(43)
+    qg = (16, 64)
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((1, 2, 1024, 64)), "bfloat16") for _ in range(3))
+    (th, _), (tw, _) = _tables(rng, 31, 127, 64, "bfloat16")
+    first = relattn.rel_pos_attention(q, k, v, th, tw, qg)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        relattn.rel_pos_attention(q, k, v, th, tw, qg)
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            out = relattn.rel_pos_attention(q, k, v, th, tw, qg)
+        finally:
+            graph = stream.end_capture()
+        out.view(cupy.uint8).fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+    np.testing.assert_array_equal(from_dev(out), from_dev(first))
+
+
+def test_layer_on_the_fused_kernel(sm90):
+    """A bf16 layer of SAM's shape class (head_dim 64, 64-wide grid) runs the
+    fused plan and matches the float64 layer."""
+    layer = relattn.Attention(128, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(16, 64),
+                              dtype="bfloat16", rng=0)
+    layer.rel_pos_h = layer.rel_pos_h * 20  # make the bias matter
+    layer.rel_pos_w = layer.rel_pos_w * 20
+    x = np.random.default_rng(1).standard_normal((2, 16, 64, 128)).astype(np.float32)
+    xd, xr = to_dev(x, "bfloat16")
+    functional._plans.clear()
+    out = from_dev(layer(xd))
+    assert any(getattr(run, "__qualname__", "").startswith("_ws_plan") for run in functional._plans.values())
+    ref = relattn.Attention(128, 2, use_rel_pos=True, input_size=(16, 64), dtype="float64", backend="numpy")
+    ref.load_state_dict({name: np.asarray(from_dev(a) if hasattr(a, "get") else a, dtype=np.float64)
+                         for name, a in layer.state_dict().items()})
+    assert rel_l2(out, ref(xr)) <= 8e-3
