@@ -20,7 +20,7 @@ from sm90_dev import err, make, reference  # noqa: E402
 
 from relattn.backends import _sm90, cupy_gpu as gpu  # noqa: E402
 
-CFGS = ["3,64,4,1,160", "3,64,3,1,160", "2,128,3,1,240", "2,64,4,1,0"]
+CFGS = ["2,64,4,1,240", "2,64,4,0,240", "3,64,4,1,160", "3,64,3,1,160", "2,128,3,1,240", "2,64,2,1,240", "3,64,2,1,160"]
 
 
 def check(cfgs):
@@ -34,6 +34,10 @@ def check(cfgs):
         (1, 2, (33, 64), (33, 64), 56, True),
         (1, 2, (1, 64), (1, 64), 64, True),
         (1, 2, (1, 1), (7, 64), 64, True),
+        (1, 2, (64, 64), (64, 64), 80, True),
+        (2, 3, (9, 64), (5, 64), 80, True),
+        (1, 2, (7, 64), (3, 64), 72, True),
+        (1, 2, (15, 20), (10, 30), 80, False),
     ]
     bad = 0
     for c in cfgs:
@@ -70,8 +74,8 @@ def check(cfgs):
 
 
 def timing(cfgs):
-    cases = [("SAM-B global", 1, 12, 64, 64, 64, True), ("SAM-B global, no bias", 1, 12, 64, 64, 64, False),
-             ("SAM-B global B=4", 4, 12, 64, 64, 64, True)]
+    cases = [("SAM-B global", 1, 12, 64, 64, 64, True), ("SAM-H global", 1, 16, 64, 64, 80, True),
+             ("SAM-H global, no bias", 1, 16, 64, 64, 80, False)]
     for name, B, H, qh, qw, d, rel in cases:
         S = qh * qw
         scale = d ** -0.5
@@ -147,6 +151,9 @@ def check_fused():
         (1, 2, (33, 64), (33, 64), 56, None),
         (1, 1, (1, 64), (1, 64), 64, None),
         (1, 2, (5, 64), (9, 64), 64, None),
+        (1, 2, (64, 64), (64, 64), 80, None),
+        (2, 3, (9, 64), (5, 64), 80, None),
+        (1, 2, (12, 64), (12, 64), 72, 40),
     ]
     bad = 0
     for dt in ("bfloat16", "float16"):
@@ -171,7 +178,7 @@ def check_fused():
 def time_fused():
     import relattn
 
-    for name, B, H, g, d in (("SAM-B global", 1, 12, 64, 64), ("SAM-B global B=4", 4, 12, 64, 64)):
+    for name, B, H, g, d in (("SAM-B global", 1, 12, 64, 64), ("SAM-H global", 1, 16, 64, 80)):
         q, k, v, _, _ = make(B, H, (g, g), (g, g), d, "bfloat16")
         th, tw = _tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
         row = {}

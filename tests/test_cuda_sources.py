@@ -56,18 +56,19 @@ def test_choose(monkeypatch):
 
 
 def test_choose_ws(monkeypatch):
-    """The warp-specialised kernel: head_dim 64 with k_w == 64 or no terms, off
-    by RELATTN_SM90_WS=0 or an explicit relattn_wg configuration."""
+    """The warp-specialised kernel: head_dim 64 or 80 with k_w == 64 or no
+    terms, off by RELATTN_SM90_WS=0 or an explicit relattn_wg configuration."""
     for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG"):
         monkeypatch.delenv(name, raising=False)
-    assert _sm90.WS_DEFAULT == (3, 64, 4, 1, 160)
+    assert _sm90.WS_DEFAULT == {64: (3, 64, 4, 1, 160), 80: (2, 128, 3, 1, 240)}
     assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (3, 64, 1, 4, 1, 160)    # SAM-B global
+    assert _sm90.choose_ws(80, 4096, 4096, 64, 64, True) == (2, 128, 1, 3, 1, 240)   # SAM-H global
     assert _sm90.choose_ws(64, 1000, 300, 1, 300, False) == (3, 64, 0, 4, 1, 160)    # plain attention
     assert _sm90.choose_ws(64, 196, 196, 14, 14, True) is None                        # k_w != 64
-    assert _sm90.choose_ws(80, 4096, 4096, 64, 64, True) is None                      # SAM-H: relattn_wg
     assert _sm90.choose_ws(48, 4096, 4096, 64, 64, True) is None
-    monkeypatch.setenv("RELATTN_SM90_WS", "2,128,3,1,240")
-    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (2, 128, 1, 3, 1, 240)
+    assert _sm90.choose_ws(96, 4096, 4096, 64, 64, True) is None
+    monkeypatch.setenv("RELATTN_SM90_WS", "2,64,4,1,240")
+    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (2, 64, 1, 4, 1, 240)
     monkeypatch.setenv("RELATTN_SM90_WS", "2,128,8,1,240")                             # too much shared memory
     assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) is None
     monkeypatch.setenv("RELATTN_SM90_WS", "0")
@@ -81,18 +82,25 @@ def test_choose_ws(monkeypatch):
 
 def test_ws_shared_memory():
     # Q (3 x 64 rows), 4 stages of K and V, alignment; fused: two tables + 3 scratches
-    assert _sm90.ws_smem_bytes(3, 64, 4) == 3 * 64 * 128 + 4 * 2 * 64 * 128 + 1024
-    assert _sm90.ws_smem_bytes(3, 64, 4, True) == _sm90.ws_smem_bytes(3, 64, 4) + 2 * 16384 + 3 * 64 * 136 * 4
-    assert _sm90.ws_smem_bytes(3, 64, 4, True) <= _sm90.MAX_SMEM - 1024
-    assert _sm90.ws_smem_bytes(2, 128, 3, True) <= _sm90.MAX_SMEM - 1024
+    assert _sm90.ws_smem_bytes(64, 3, 64, 4) == 3 * 64 * 128 + 4 * 2 * 64 * 128 + 1024
+    # the whole 128-row scratch where it fits (SAM-B), else two passes over 64 rows (SAM-H)
+    assert _sm90.ws_smem_bytes(64, 3, 64, 4, True) == (_sm90.ws_smem_bytes(64, 3, 64, 4)
+                                                       + 2 * 128 * 128 + 3 * 64 * 136 * 4)
+    assert _sm90.ws_smem_bytes(80, 2, 128, 3, True) == (_sm90.ws_smem_bytes(80, 2, 128, 3)
+                                                        + 2 * 128 * 160 + 2 * 64 * 72 * 4)
+    assert _sm90.ws_smem_bytes(80, 2, 128, 3) == 2 * 64 * 160 + 3 * 2 * 128 * 160 + 1024
+    for hd, cfg in _sm90.WS_DEFAULT.items():   # the defaults fit with the fused terms
+        nc, bn, st = cfg[:3]
+        assert _sm90.ws_smem_bytes(hd, nc, bn, st, True) <= _sm90.MAX_SMEM - 1024
 
 
 def test_ws_usable():
     assert _sm90.ws_usable((0, 16), ([4096 * 64, 64, 3 * 768],), 64)
+    assert _sm90.ws_usable((0,), ([80, 80, 80],), 80)
     assert not _sm90.ws_usable((8,), ([64, 64, 64],), 64)          # base not 16-byte aligned
     assert not _sm90.ws_usable((0,), ([64, 64, 68],), 64)          # row stride not 16 bytes
     assert not _sm90.ws_usable((0,), ([64, 64, 64],), 60)          # head dim not a multiple of 8
-    assert not _sm90.ws_usable((0,), ([80, 80, 80],), 80)          # head dim > 64
+    assert not _sm90.ws_usable((0,), ([88, 88, 88],), 88)          # head dim > 80
 
 
 def test_small_grid_kernel_choice(monkeypatch):
@@ -164,9 +172,9 @@ def test_hopper_kernel_compiles(tmp_path):
              _sm90.kernel_name(1, 80, 2, 128, 2, 3), _sm90.kernel_name(1, 16, 3, 64, 2, 2),
              _sm90.kernel_name(1, 64, 1, 80, 3, 2), _sm90.kernel_name(0, 64, 1, 128, 3, 2),
              _sm90.kernel_name(1, 64, 1, 48, 3, 2),
-             # the warp-specialised kernel: default, fused terms, no terms, other configurations
-             _sm90.ws_kernel_name(1, 3, 64, 1, 4, 1, 160), _sm90.ws_kernel_name(1, 3, 64, 4, 4, 1, 160),
-             _sm90.ws_kernel_name(0, 3, 64, 0, 4, 1, 160), _sm90.ws_kernel_name(0, 2, 128, 4, 3, 1, 240),
-             _sm90.ws_kernel_name(1, 2, 64, 1, 2, 0, 0)]
+             # the warp-specialised kernel: defaults, fused terms, no terms, other configurations
+             _sm90.ws_kernel_name(1, 64, 3, 64, 1, 4, 1, 160), _sm90.ws_kernel_name(1, 64, 3, 64, 4, 4, 1, 160),
+             _sm90.ws_kernel_name(0, 64, 3, 64, 0, 4, 1, 160), _sm90.ws_kernel_name(1, 80, 2, 128, 4, 3, 1, 240),
+             _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])

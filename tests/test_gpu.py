@@ -7,6 +7,7 @@ a stable softmax, then ``@ v``.
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -321,11 +322,13 @@ def test_sm90_whole_key_row_tiles(shape, dtype):
                                    (1, 3, (3, 64), (4, 64), 80), (1, 1, (1, 64), (1, 64), 80),
                                    (1, 2, (5, 64), (7, 64), 66)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sm90_head_dim_80_split_tiles(shape, dtype):
+def test_sm90_head_dim_80_split_tiles(shape, dtype, monkeypatch):
     """head_dim 65..80 on the wgmma kernel (64 swizzled columns + 16
-    unswizzled ones per tile row), chosen automatically for k_w == 64; with and
-    without the rel terms, q/k grids of different sizes, partial tiles."""
+    unswizzled ones per tile row), chosen for k_w == 64 when the
+    warp-specialised kernel is off; with and without the rel terms, q/k grids
+    of different sizes, partial tiles."""
     _sm90()
+    monkeypatch.setenv("RELATTN_SM90_WS", "0")
     B, H, qg, kg, D = shape
     assert gpu._sm90_config(gpu._pad16(D), qg[0] * qg[1], kg[0] * kg[1], kg[0], kg[1], True) == (2, 64, 1, 2)
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, "split")).encode()))
@@ -343,6 +346,10 @@ def test_sm90_is_chosen_for_head_dim_64():
     assert gpu._sm90_config(80, 4096, 4096, 64, 64, True) == (2, 64, 1, 2)   # SAM-H: split tiles
     assert gpu._sm90_config(80, 196, 196, 14, 14, True) is None
     assert sm90.smem_bytes(64, 1, 64, 1, 64, 64) <= sm90.MAX_SMEM
+    # the warp-specialised kernel takes these first (unless RELATTN_SM90_WS=0)
+    if os.environ.get("RELATTN_SM90_WS") is None and os.environ.get("RELATTN_SM90_CFG") is None:
+        assert gpu._sm90_config(64, 4096, 4096, 64, 64, True, ws=True) == (3, 64, 1, 4, 1, 160)
+        assert gpu._sm90_config(80, 4096, 4096, 64, 64, True, ws=True) == (2, 128, 1, 3, 1, 240)
 
 
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float32"])

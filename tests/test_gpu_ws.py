@@ -47,6 +47,8 @@ WS_SHAPES = [  # B, H, q grid, k grid, head_dim
     (1, 2, (7, 64), (3, 64), 56),      # head_dim 56 read as 64 (zero columns)
     (1, 1, (1, 64), (1, 64), 64),      # one key tile, one query row block
     (1, 2, (3, 64), (11, 64), 64),     # more keys than queries
+    (1, 2, (16, 64), (16, 64), 80),    # SAM-H's head_dim: a second, unswizzled column part
+    (2, 1, (9, 64), (5, 64), 72),      # head_dim 72 read as 80
 ]
 
 
@@ -60,7 +62,7 @@ def test_ws_kernel_configs(shape, dtype, cfg, sm90, monkeypatch):
     B, H, qg, kg, D = shape
     nc, bn, st, pp, rg = (int(x) for x in cfg.split(","))
     Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
-    assert gpu._sm90_config(64, Sq, Sk, kg[0], kg[1], True, ws=True) == (nc, bn, 1, st, pp, rg)
+    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True) == (nc, bn, 1, st, pp, rg)
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
     run_and_check(dev, host, kg, D ** -0.5, dtype)
@@ -69,25 +71,27 @@ def test_ws_kernel_configs(shape, dtype, cfg, sm90, monkeypatch):
     assert rel_l2(from_dev(plain), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("D", [64, 80])
 @pytest.mark.parametrize("sizes", [(1, 3), (300, 1000), (1000, 77), (64, 129)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ws_plain_attention_any_length(sizes, dtype, sm90):
+def test_ws_plain_attention_any_length(sizes, dtype, D, sm90):
     """No terms: any Sq / Sk, key tiles past the end zero-filled by TMA and masked."""
     Sq, Sk = sizes
-    rng = np.random.default_rng(zlib.crc32(repr((sizes, dtype)).encode()))
-    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, n, 64)), dtype) for n in (Sq, Sk, Sk))
-    assert gpu._sm90_config(64, Sq, Sk, 1, Sk, False, ws=True) is not None
-    out = gpu.attention(q, k, v, None, None, None, 0.125)
-    assert rel_l2(from_dev(out), reference(qr, kr, vr, None, None, None, 0.125)) <= TOL[dtype]
+    rng = np.random.default_rng(zlib.crc32(repr((sizes, dtype, D)).encode()))
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, n, D)), dtype) for n in (Sq, Sk, Sk))
+    assert gpu._sm90_config(D, Sq, Sk, 1, Sk, False, ws=True) is not None
+    out = gpu.attention(q, k, v, None, None, None, D ** -0.5)
+    assert rel_l2(from_dev(out), reference(qr, kr, vr, None, None, None, D ** -0.5)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("D", [64, 80])
 @pytest.mark.parametrize("layout", ["sam_qkv", "misaligned", "head_dim_slice"])
-def test_ws_operand_layouts(layout, sm90):
+def test_ws_operand_layouts(layout, D, sm90):
     """Views of SAM's packed qkv (head stride below the row stride), inputs
     one element off 16 bytes (copied first) and a head-dim slice (row stride
     twice the width): the tensor maps describe each, the inputs stay as they were."""
-    rng = np.random.default_rng(zlib.crc32(layout.encode()))
-    B, H, g, D = 2, 3, (8, 64), 64
+    rng = np.random.default_rng(zlib.crc32(repr((layout, D)).encode()))
+    B, H, g = 2, 3, (8, 64)
     S = g[0] * g[1]
     if layout == "sam_qkv":
         qkv, qkvr = to_dev(rng.standard_normal((B, S, 3, H, D)), "bfloat16")
@@ -123,6 +127,9 @@ FUSED_CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1
     (1, 2, (12, 64), (12, 64), 64, 40),     # tables resized (SAM's rule) first
     (1, 2, (6, 64), (6, 64), 56, None),     # head_dim 56
     (1, 1, (1, 64), (1, 64), 64, None),
+    (1, 2, (64, 64), (64, 64), 80, None),   # SAM-H global
+    (1, 2, (9, 64), (5, 64), 72, None),
+    (1, 2, (12, 64), (12, 64), 80, 40),
 ]
 
 
@@ -157,7 +164,7 @@ def test_fused_terms(case, dtype, sm90, monkeypatch):
     assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("why", ["float32_tables", "k_w_32", "k_h_65", "head_dim_80", "float32_q"])
+@pytest.mark.parametrize("why", ["float32_tables", "k_w_32", "k_h_65", "head_dim_96", "float32_q"])
 def test_fused_terms_not_taken(why, sm90):
     """Problems the fused plan does not serve run the separate terms kernel."""
     qg = kg = (8, 64)
@@ -168,8 +175,8 @@ def test_fused_terms_not_taken(why, sm90):
         qg = kg = (8, 32)
     elif why == "k_h_65":
         qg = kg = (65, 64)
-    elif why == "head_dim_80":
-        D = 80
+    elif why == "head_dim_96":
+        D = 96
     else:
         dtype = tdtype = "float32"
     rng = np.random.default_rng(zlib.crc32(why.encode()))

@@ -278,42 +278,49 @@ def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg
 
 # ---------------------------------------------------------------- relattn_ws
 # The warp-specialised kernel (TMA producer, consumer warpgroups) for
-# head_dim 64. RELATTN_SM90_WS: "0" off, "nc,bn,stages,pp,rg" a configuration
-# (experiments); unset or "1": WS_DEFAULT.
-# (nc, bn, stages, pp, rg). Measured (H100, bf16, CUDA graph, SAM-B global
-# core without the terms): (3, 64, 4, 1, 160) 0.132 ms, (3, 64, 3, 1, 160)
-# 0.133, (3, 64, 4, 0, 160) 0.141, (2, 128, 3, 1, 240) 0.144, (2, 64, 4, 0, 0)
-# 0.155; relattn_wg 0.214
-WS_DEFAULT = (3, 64, 4, 1, 160)
+# head_dim 64 and 80. RELATTN_SM90_WS: "0" off, "nc,bn,stages,pp,rg" a
+# configuration (experiments); unset or "1": WS_DEFAULT.
+# (nc, bn, stages, pp, rg) per head_dim. Measured (H100, bf16, CUDA graph,
+# SAM-B global core without the terms): (3, 64, 4, 1, 160) 0.132 ms,
+# (3, 64, 3, 1, 160) 0.133, (3, 64, 4, 0, 160) 0.141, (2, 128, 3, 1, 240)
+# 0.144, (2, 64, 4, 0, 0) 0.155; relattn_wg 0.214.
+# SAM-H core: (2, 128, 3, 1, 240) 0.223 ms, (3, 64, 3, 1, 160) 0.229,
+# (2, 64, 4, 1, 240) 0.235; relattn_wg 0.319.
+WS_DEFAULT = {64: (3, 64, 4, 1, 160), 80: (2, 128, 3, 1, 240)}
 
 
 def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
     """(nc, bn, rel, stages, pp, rg) of relattn_ws for a problem, or None.
     An explicit RELATTN_SM90_CFG (a relattn_wg configuration) turns it off."""
     env = os.environ.get("RELATTN_SM90_WS")
-    if env == "0" or hd != 64 or (not env and os.environ.get("RELATTN_SM90_CFG")):
+    if env == "0" or hd not in WS_DEFAULT or (not env and os.environ.get("RELATTN_SM90_CFG")):
         return None
     if env and env != "1":
         nc, bn, st, pp, rg = (int(x) for x in env.split(","))
     else:
-        nc, bn, st, pp, rg = WS_DEFAULT
+        nc, bn, st, pp, rg = WS_DEFAULT[hd]
     if has_rel and kw != 64:
         return None
     rel = 1 if has_rel else 0
-    if ws_smem_bytes(nc, bn, st, True) > MAX_SMEM - 1024:
+    if ws_smem_bytes(hd, nc, bn, st) > MAX_SMEM - 1024:
         return None
     return nc, bn, rel, st, pp, rg
 
 
-def ws_smem_bytes(nc: int, bn: int, st: int, fused: bool = False) -> int:
+def ws_smem_bytes(hd: int, nc: int, bn: int, st: int, fused: bool = False) -> int:
     """Q, the K/V stages and 1024 bytes of alignment; with ``fused`` (rel 4)
-    the two tables and a 64 x 136 float32 scratch per consumer warpgroup."""
-    n = 64 * nc * 128 + st * 2 * bn * 128 + 1024
-    return n + (2 * 16384 + nc * 64 * 136 * 4 if fused else 0)
+    the two tables (128 rows each) and a float32 scratch per consumer
+    warpgroup: 64 x 136 when that fits, else 64 x 72 (the kernel then
+    computes the terms in two passes; the same rule as relattn_ws's NH)."""
+    n = 64 * nc * hd * 2 + st * 2 * bn * hd * 2 + 1024
+    if not fused:
+        return n
+    n += 2 * 128 * hd * 2
+    return n + nc * 64 * 136 * 4 if n + nc * 64 * 136 * 4 <= MAX_SMEM - 1024 else n + nc * 64 * 72 * 4
 
 
-def ws_kernel_name(dt: int, nc: int, bn: int, rel: int, st: int, pp: int, rg: int) -> str:
-    return f"relattn_ws<{dt}, {nc}, {bn}, {rel}, {st}, {pp}, {rg}>"
+def ws_kernel_name(dt: int, hd: int, nc: int, bn: int, rel: int, st: int, pp: int, rg: int) -> str:
+    return f"relattn_ws<{dt}, {hd}, {nc}, {bn}, {rel}, {st}, {pp}, {rg}>"
 
 
 _TMAP_ENCODE: list = []
@@ -335,12 +342,13 @@ def _tmap_encoder():
     return _TMAP_ENCODE[0]
 
 
-def tensor_map(ptr: int, shape, strides, box_rows: int):
+def tensor_map(ptr: int, shape, strides, box_rows: int, box_cols: int = 64, swizzle: bool = True):
     """A CUtensorMap (a one-element numpy array of 128 bytes, passed to the
     kernel by value) for 16-bit data of ``shape`` (B, H, S, D) with element
     ``strides`` (batch, head, row; columns contiguous): dims (D, S, H, B),
-    box 64 columns x ``box_rows`` rows, 128-byte swizzle, out-of-range
-    elements read as zeros. Raises ValueError when the driver refuses it."""
+    box ``box_cols`` columns x ``box_rows`` rows, 128-byte swizzle (or none),
+    out-of-range elements read as zeros. Raises ValueError when the driver
+    refuses it."""
     import numpy as np
 
     fn, ctypes, u32p, u64p = _tmap_encoder()
@@ -350,27 +358,28 @@ def tensor_map(ptr: int, shape, strides, box_rows: int):
     st = [ss * 2, (sh * 2) if H > 1 else 16, (sb * 2) if B > 1 else 16]
     dims = (ctypes.c_uint64 * 4)(D, S, H, B)
     gstr = (ctypes.c_uint64 * 3)(*st)
-    box = (ctypes.c_uint32 * 4)(64, box_rows, 1, 1)
+    box = (ctypes.c_uint32 * 4)(box_cols, box_rows, 1, 1)
     one = (ctypes.c_uint32 * 4)(1, 1, 1, 1)
     buf = np.zeros(16, dtype=np.uint64)
-    # UINT16 data, no interleave, 128-byte swizzle, 256-byte L2 promotion, zero fill
-    rc = fn(buf.ctypes.data, 1, 4, ctypes.c_void_p(ptr), dims, gstr, box, one, 0, 3, 3, 0)
+    # UINT16 data, no interleave, swizzle 128 B / none, 256-byte L2 promotion, zero fill
+    rc = fn(buf.ctypes.data, 1, 4, ctypes.c_void_p(ptr), dims, gstr, box, one, 0, 3 if swizzle else 0, 3, 0)
     if rc != 0:
         raise ValueError(f"cuTensorMapEncodeTiled refused shape {shape} strides {strides} (CUresult {rc})")
     return buf.view("V128")
 
 
 def ws_usable(ptrs, strides, D: int) -> bool:
-    """TMA needs 16-byte aligned bases and strides that are multiples of 16 bytes."""
-    if D % 8 or D > 64:
+    """TMA needs 16-byte aligned bases and strides that are multiples of 16
+    bytes; the kernel takes head dims up to 80, multiples of 8."""
+    if D % 8 or D > 80:
         return False
     return all(p % 16 == 0 for p in ptrs) and all(s % 8 == 0 for st in strides for s in st)
 
 
-def ws_launch_spec(B: int, H: int, Sq: int, dt: int, cfg):
+def ws_launch_spec(B: int, H: int, Sq: int, hd: int, dt: int, cfg):
     """(kernel, grid, block, shared bytes) of relattn_ws."""
     nc, bn, rel, st, pp, rg = cfg
-    fn = _get_named(ws_kernel_name(dt, nc, bn, rel, st, pp, rg))
+    fn = _get_named(ws_kernel_name(dt, hd, nc, bn, rel, st, pp, rg))
     bm = 64 * nc
     return (fn, (B * H * ((Sq + bm - 1) // bm),), (128 * nc + (128 if rg else 32),),
-            ws_smem_bytes(nc, bn, st, rel == 4))
+            ws_smem_bytes(hd, nc, bn, st, rel == 4))

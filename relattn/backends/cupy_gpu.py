@@ -317,10 +317,11 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
     nc, bn = cfg[:2]
     (pq, qs), (pk, ks), (pv, vs) = qp, kp, vp
     d8 = (D + 7) // 8 * 8
+    hd = _pad16(d8)
     if not _sm90.ws_usable((16,), (qs, ks, vs), d8):
         return None
     try:
-        fn, grid, block, smem = _sm90.ws_launch_spec(B, H, Sq, dt, cfg)
+        fn, grid, block, smem = _sm90.ws_launch_spec(B, H, Sq, hd, dt, cfg)
         _sm90.tensor_map(int(q.data.ptr) // 16 * 16, (B, H, Sq, d8), qs, 64 * nc)  # the driver takes these shapes
     except (_sm90.BuildError, ValueError, OSError, AttributeError) as exc:
         import warnings
@@ -334,23 +335,25 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
     # A tensor map depends on the operand's address only (shape, strides and
     # box are the plan's): the last few per operand are kept, since repeated
     # calls often get the same memory-pool blocks back.
+    # head_dim 80: a second map per operand for columns 64-79 (8-column boxes)
     maps = ({}, {}, {})
     specs = (((B, H, Sq, d8), qs, 64 * nc), ((B, H, Sk, d8), ks, bn), ((B, H, Sk, d8), vs, bn))
 
-    def tensor_map(i, ptr):
+    def tensor_maps(i, ptr):
         m = maps[i].get(ptr)
         if m is None:
             if len(maps[i]) >= 8:
                 maps[i].clear()
-            m = maps[i][ptr] = tmap(ptr, *specs[i])
+            m = maps[i][ptr] = (tmap(ptr, *specs[i]), tmap(ptr, *specs[i], box_cols=8, swizzle=False)) \
+                if hd == 80 else (tmap(ptr, *specs[i]),) * 2
         return m
 
     def run(q, k, v, x, y):
         a, b, c = pq(q), pk(k), pv(v)
         out = cupy.empty(shape, dtype=dtype)
         ou = out.view(u16) if padded is None else cupy.empty(padded, dtype=u16)
-        args = (tensor_map(0, a.data.ptr), tensor_map(1, b.data.ptr), tensor_map(2, c.data.ptr),
-                *rel_args(x, y), ou, *tail, sc)
+        (qa, qb), (ka, kb), (va, vb) = tensor_maps(0, a.data.ptr), tensor_maps(1, b.data.ptr), tensor_maps(2, c.data.ptr)
+        args = (qa, ka, va, qb, kb, vb, *rel_args(x, y), ou, *tail, sc)
         fn(grid, block, args, shared_mem=smem)
         if padded is not None:
             out.view(u16)[...] = ou[..., :D]
@@ -363,7 +366,7 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     """``run(q, k, v, rel_pos_h, rel_pos_w) -> out`` with the relative terms
     computed inside the attention kernel (relattn_ws, rel 4), or None when this
     problem is not one it serves: float16 / bfloat16 q with tables of the same
-    dtype, head_dim 57..64 (a multiple of 8), k_w == 64, k_h <= 64 and tables
+    dtype, head_dim 57..64 or 72..80 (a multiple of 8), k_w == 64, k_h <= 64 and tables
     of at most 128 rows after SAM's resize. Same arithmetic as the separate
     terms kernel on 16-bit tables (q . t in float32 on the tensor cores).
     ``RELATTN_SM90_FUSE=0`` turns it off (the terms kernel runs first)."""
@@ -378,19 +381,20 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     (qh, qw), (kh, kw) = (int(n) for n in q_size), (int(n) for n in k_size)
     B, H, Sq, D = (int(s) for s in q.shape)
     Sk = int(k.shape[2])
+    hd = _pad16(D)
     if (kind not in _HALF_NAMES or _dtype_name(rel_pos_h) != kind or _dtype_name(rel_pos_w) != kind
-            or D % 8 or _pad16(D) != 64 or kw != 64 or kh > 64 or B * H * Sq == 0 or Sk == 0):
+            or D % 8 or hd not in (64, 80) or kw != 64 or kh > 64 or B * H * Sq == 0 or Sk == 0):
         return None
     Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
     if Lh > 128 or Lw > 128:
         return None
-    cfg = _sm90_config(64, Sq, Sk, kh, kw, True, ws=True)
+    cfg = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
     if cfg is None:
         return None
     from relattn.backends import _sm90
 
     cfg = cfg[:2] + (4,) + cfg[3:]
-    if _sm90.ws_smem_bytes(cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
+    if _sm90.ws_smem_bytes(hd, cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
         return None
     resize = (Lh if rel_pos_h.shape[0] != Lh else None, Lw if rel_pos_w.shape[0] != Lw else None)
     ex_h = rel_pos_h if resize[0] is None else cupy.empty((Lh, D), dtype=rel_pos_h.dtype)

@@ -342,7 +342,7 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 }
 
 // ===========================================================================
-// Warp-specialised kernel relattn_ws<DT, NC, BN, REL, ST, PP> (head_dim 64)
+// Warp-specialised kernel relattn_ws<DT, HD, NC, BN, REL, ST, PP, RG> (head_dim 64 or 80)
 //
 // NC consumer warpgroups (64 query rows each, BLOCK_M = 64 * NC) and one
 // producer warp. A single producer thread moves Q once and every K / V tile
@@ -361,8 +361,12 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 // REL 0 = no terms, 1 = k_w == 64 (rel_w in registers, rel_h one value per row
 // per 64 keys), 4 = as 1 with the terms computed in the kernel from the
 // 16-bit tables (at most 128 rows each; k_h <= 64) and the index tables of
-// get_rel_pos (idx_h (q_h, k_h), idx_w (q_w, 64)). Tensor maps (built by _sm90.tensor_map): dims (columns, rows,
-// heads, batch) of q, k, v; box 64 columns x BLOCK_M (q) or BN (k, v) rows.
+// get_rel_pos (idx_h (q_h, k_h), idx_w (q_w, 64)).
+// Tensor maps (built by _sm90.tensor_map): dims (columns, rows, heads, batch)
+// of q, k, v; tq / tk / tv: box 64 columns x BLOCK_M (q) or BN (k, v) rows,
+// 128-byte swizzle. HD == 80 (SAM-H) adds tq2 / tk2 / tv2: box 8 columns,
+// no swizzle, loaded at columns 64 and 72, so a tile is its 64-column swizzled
+// part (ROWS x 128 bytes) followed by two ROWS x 16-byte column blocks.
 // ===========================================================================
 struct __align__(64) RaTmap { u64 w[16]; };
 
@@ -393,9 +397,10 @@ __device__ __forceinline__ void ra_bar_arrive(int id, int n) { asm volatile("bar
 template <int R> __device__ __forceinline__ void ra_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }
 template <int R> __device__ __forceinline__ void ra_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R)); }
 
-template <int DT, int NC, int BN, int REL, int ST, int PP, int RG>
+template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG>
 __global__ void __launch_bounds__(128 * NC + (RG ? 128 : 32), 1)
 relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk, const __grid_constant__ RaTmap tv,
+           const __grid_constant__ RaTmap tq2, const __grid_constant__ RaTmap tk2, const __grid_constant__ RaTmap tv2,
            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
            const u16* __restrict__ th, const u16* __restrict__ tw,
            const int* __restrict__ idx_h, const int* __restrict__ idx_w, int Lh, int Lw, int qw,
@@ -403,12 +408,20 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 {
     constexpr int BM = 64 * NC;
     constexpr int NS = BN / 8;
-    constexpr u32 QBYTES = BM * 128;
-    constexpr u32 TBYTES = BN * 128;
+    constexpr bool SPL = (HD == 80);                // columns 64-79 as a second, unswizzled part
+    constexpr u32 QBYTES = BM * HD * 2;
+    constexpr u32 TBYTES = BN * HD * 2;
+    constexpr u32 TABBYTES = 128 * HD * 2;          // FT: one table
     constexpr bool RB = (REL == 1 || REL == 4);     // bias with k_w == 64
     constexpr bool FT = (REL == 4);                 // terms computed here
     constexpr int NU = RB ? BN / 64 : 1;            // key rows per tile
-    constexpr int GS = 136;                         // FT: row stride (floats) of the scratch
+    // FT: G = Q T^T in NH passes of GN table rows (one pass when the scratch
+    // of 64 x (128 + 8) floats per consumer fits, else two of 64 + 8); GS:
+    // the scratch's row stride in floats (the same rule as _sm90.ws_smem_bytes)
+    constexpr int NH = (BM * HD * 2 + 2 * ST * BN * HD * 2 + 1024 + 2 * 128 * HD * 2 + NC * 64 * 136 * 4
+                        <= 227 * 1024 - 1024) ? 1 : 2;
+    constexpr int GN = 128 / NH;
+    constexpr int GS = GN + 8;
     __shared__ __align__(8) u64 bars[2 * ST + 1];   // full[ST], empty[ST], Q
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
@@ -442,6 +455,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         if (tid == 128 * NC) {
             ra_mbar_expect(bq, QBYTES);
             ra_tma_load(sQ, &tq, bq, 0, m0, h, b);
+            if (SPL) {   // columns 64-71 and 72-79: ROWS x 16 bytes each
+                ra_tma_load(sQ + BM * 128u, &tq2, bq, 64, m0, h, b);
+                ra_tma_load(sQ + BM * 144u, &tq2, bq, 72, m0, h, b);
+            }
             for (int n = 0; n < ntiles; ++n) {
                 const int s = n % ST;
                 if (n >= ST) ra_mbar_wait(bempty + 8u * s, ((n / ST) - 1) & 1);
@@ -449,6 +466,12 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                 ra_mbar_expect(bfull + 8u * s, 2u * TBYTES);
                 ra_tma_load(dst, &tk, bfull + 8u * s, 0, n * BN, h, b);
                 ra_tma_load(dst + TBYTES, &tv, bfull + 8u * s, 0, n * BN, h, b);
+                if (SPL) {
+                    ra_tma_load(dst + BN * 128u, &tk2, bfull + 8u * s, 64, n * BN, h, b);
+                    ra_tma_load(dst + BN * 144u, &tk2, bfull + 8u * s, 72, n * BN, h, b);
+                    ra_tma_load(dst + TBYTES + BN * 128u, &tv2, bfull + 8u * s, 64, n * BN, h, b);
+                    ra_tma_load(dst + TBYTES + BN * 144u, &tv2, bfull + 8u * s, 72, n * BN, h, b);
+                }
             }
         }
         return;
@@ -479,76 +502,100 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         }
     }
 
-    float o[32];
+    float o[HD / 2];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+    for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
     float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
     u32 p[BN / 16][4];
     const u64 dQ = ra_desc(sQ + (u32)c * 64u * 128u, 16u, 1024u, 1);
+    // SPL: this warpgroup's rows of the 16-column part (no swizzle: core
+    // matrices of 8 rows x 16 bytes, the two 8-column boxes BM * 16 bytes
+    // apart along K, 8-row groups 128 bytes apart)
+    const u64 dQB = ra_desc(sQ + BM * 128u + (u32)c * 64u * 16u, BM * 16u, 128u, 0);
     if (PP && c == NC - 1) ra_bar_arrive(1, 128 * 2);   // consumer 0 goes first
 
     // FT: rel_w[i, kx] = q_i . Tw[idx_w[x_i, kx]] and rel_h likewise, as
-    // G = Q T^T over all table rows (wgmma, float32) gathered through the
+    // G = Q T^T over the table rows (wgmma, float32) gathered through the
     // index tables; rel_w lands in registers, rel_h (scaled) in the scratch
-    float* sG = reinterpret_cast<float*>(ra_smem_raw + (sbase - sraw) + QBYTES + 2 * ST * TBYTES + 2 * 16384)
+    float* sG = reinterpret_cast<float*>(ra_smem_raw + (sbase - sraw) + QBYTES + 2 * ST * TBYTES + 2 * TABBYTES)
                 + c * 64 * GS;
     float* gRow[2] = {sG + (wq * 16 + g) * GS, sG + (wq * 16 + g + 8) * GS};
     if (FT) {
-        for (int i = tid; i < 2 * 128 * 8; i += 128 * NC) {
-            const int tb = i >> 10, r = (i >> 3) & 127, ch = i & 7;
+        constexpr int CH = HD / 8;
+        for (int i = tid; i < 2 * 128 * CH; i += 128 * NC) {
+            const int tb = i / (128 * CH), r = (i / CH) & 127, ch = i % CH;
             const u16* src = tb ? tw : th;
             const bool ok = r < (tb ? Lw : Lh) && ch * 8 < D;
-            ra_cp_async16(sT + (u32)tb * 16384u + (u32)r * 128u + (u32)((ch ^ (r & 7)) << 4),
-                          ok ? src + (long long)r * D + ch * 8 : src, ok ? 16 : 0);
+            const u32 off = (ch < 8) ? (u32)r * 128u + (u32)((ch ^ (r & 7)) << 4)
+                                     : 128u * 128u + (u32)(ch - 8) * 128u * 16u + (u32)r * 16u;
+            ra_cp_async16(sT + (u32)tb * TABBYTES + off, ok ? src + (long long)r * D + ch * 8 : src, ok ? 16 : 0);
         }
         ra_cp_commit();
+        // the table rows each value needs (index tables read while the tables land)
+        int cw[2][16], chh[2][16];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = min(rows[rr], Sq - 1);
+            const int qy = r / qw, qx = r - qy * qw;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                cw[rr][j] = __ldg(idx_w + qx * 64 + (j >> 1) * 8 + 2 * t + (j & 1));
+                const int ky = t + 4 * j;
+                chh[rr][j] = (ky < kh) ? __ldg(idx_h + qy * kh + ky) : -1;
+            }
+        }
         ra_cp_wait<0>();
         ra_fence_proxy_async();
         ra_bar_sync(NC + 1, 128 * NC);   // both tables in place for every consumer
         ra_mbar_wait(bq, 0);
-        int qy[2], qx[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int r = min(rows[rr], Sq - 1);
-            qy[rr] = r / qw;
-            qx[rr] = r - qy[rr] * qw;
-        }
-        auto gemm_to_scratch = [&](u32 table) {
-            float acc[64];
-            const u64 dT = ra_desc(table, 16u, 1024u, 1);
+        // G = Q T^T over GN table rows per pass (NH passes: the whole table, or
+        // halves when shared memory is short), each value gathered in the pass
+        // that holds its table row
+        auto gemm_part = [&](u32 table, int part) {
+            float acc[GN / 2];
+            const u64 dT = ra_desc(table + (u32)part * GN * 128u, 16u, 1024u, 1);
             ra_wg_fence();
 #pragma unroll
-            for (int ks = 0; ks < 4; ++ks) RaWg<DT, 128>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
+            for (int ks = 0; ks < 4; ++ks) RaWg<DT, GN>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
+            if (SPL) RaWg<DT, GN>::ss(acc, dQB, ra_desc(table + 128u * 128u + (u32)part * GN * 16u, 128u * 16u, 128u, 0), 1);
             ra_wg_commit();
             ra_wg_wait<0>();
+            if (NH > 1) ra_bar_sync(NC + 2 + c, 128);   // the previous pass's reads of the scratch are done
 #pragma unroll
-            for (int j = 0; j < 16; ++j)
+            for (int j = 0; j < GN / 8; ++j)
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
                     *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) =
                         make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
             ra_bar_sync(NC + 2 + c, 128);
         };
-        gemm_to_scratch(sT + 16384u);
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                const int kx = (j >> 1) * 8 + 2 * t + (j & 1);
-                rwc[rr][RB ? j : 0] = gRow[rr][__ldg(idx_w + qx[rr] * 64 + kx)] * RA_LOG2E;
-            }
-        ra_bar_sync(NC + 2 + c, 128);    // every read of the rel_w scratch is done
-        gemm_to_scratch(sT);
-        // a row of the scratch is read and rewritten by the 4 lanes that own it only
         float hv[2][16];
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr)
+        for (int part = 0; part < NH; ++part) {
+            gemm_part(sT + TABBYTES, part);   // rel_w: this thread's 16 columns
 #pragma unroll
-            for (int m = 0; m < 16; ++m) {
-                const int ky = t + 4 * m;
-                hv[rr][m] = (ky < kh) ? gRow[rr][__ldg(idx_h + qy[rr] * kh + ky)] * RA_LOG2E : 0.f;
-            }
-        __syncwarp();
+            for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                for (int j = 0; j < 16; ++j) {
+                    const int col = cw[rr][j];
+                    if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
+                }
+        }
+        if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
+#pragma unroll
+        for (int part = 0; part < NH; ++part) {
+            gemm_part(sT, part);              // rel_h: key rows t, t + 4, ...
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                for (int m = 0; m < 16; ++m) {
+                    const int col = chh[rr][m];
+                    if (part == 0) hv[rr][m] = 0.f;
+                    if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
+                }
+        }
+        ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
+        // rel_h (log2 domain) of each row in its scratch row, read per key tile
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
@@ -609,11 +656,19 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         const u64 dK = ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES, 16u, 1024u, 1);
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) RaWg<DT, BN>::ss(s, dQ + ks * 2, dK + ks * 2, ks > 0 ? 1 : 0);
+        if (SPL) RaWg<DT, BN>::ss(s, dQB, ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES + BN * 128u, BN * 16u, 128u, 0), 1);
     };
     auto issue_pv = [&](int n) {
-        const u64 dV = ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES + TBYTES, 8192u, 1024u, 1);
+        const u32 vb = sKV + (u32)(n % ST) * 2u * TBYTES + TBYTES;
+        const u64 dV = ra_desc(vb, 8192u, 1024u, 1);
+        // SPL: the 16-column part read N-major: 8-key groups 128 bytes apart,
+        // the two 8-column boxes BN * 16 bytes apart
+        const u64 dVB = ra_desc(vb + BN * 128u, 128u, BN * 16u, 0);
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) RaWg<DT, 64>::rs(o, p[kk], dV + kk * 128, 1);
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            RaWg<DT, 64>::rs(o, p[kk], dV + kk * 128, 1);
+            if (SPL) RaWg<DT, 16>::rs(o + 32, p[kk], dVB + kk * 16, 1);
+        }
     };
     auto turn_wait = [&]() { if (PP) ra_bar_sync(1 + c, 128 * 2); };
     auto turn_pass = [&](bool final_turn) {
@@ -652,7 +707,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         // every wgmma of this warpgroup reading stage n - 1 is complete
         __syncwarp();
         if (lane == 0) ra_mbar_arrive(bempty + 8u * (u32)((n - 1) % ST));
-        ra_rescale<8>(o, alpha);
+        ra_rescale<HD / 8>(o, alpha);
         pack_p(s);
     }
     turn_wait();
@@ -670,7 +725,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         const int r = rows[rr];
         if (r < Sq) {
 #pragma unroll
-            for (int d = 0; d < 8; ++d) {
+            for (int d = 0; d < HD / 8; ++d) {
                 const int col = d * 8 + 2 * t;
                 if (col < D)
                     *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
