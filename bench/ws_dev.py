@@ -161,7 +161,7 @@ def check_fused():
             q, k, v, _, _ = make(B, H, qhw, khw, d, dt, seed=100 + i)
             th, tw = _tables(cupy.random.RandomState(i), qhw, khw, d, dt, rows)
             functional._plans.clear()
-            fused = functional._fused_plan("cupy", q, k, v, th, tw, qhw, khw, d ** -0.5)
+            fused = functional._fused_first("cupy", q, k, v, th, tw, qhw, khw, d ** -0.5)
             first = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
             again = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
             ref = relattn.rel_pos_attention(*(as_f32(x) for x in (q, k, v, th, tw)), qhw, khw)

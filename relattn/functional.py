@@ -12,6 +12,7 @@ from relattn import backends
 from relattn._interop import accepts_dlpack
 from relattn._arrays import (
     array_module,
+    as_array,
     check_float_array,
     check_size2,
     dtype_name,
@@ -87,7 +88,7 @@ def _prepare_sizes(q_size, k_size, q_len, k_len):
 
 
 def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
-    """Validate everything; return arrays, sizes and the (un-computed) table info."""
+    """Validate everything; return the arrays (tables converted, not yet checked), scale and sizes."""
     q, k, v = _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[3])
     if q.dtype.itemsize < 8 and abs(scale) > 3.4028234663852886e38:  # computed in float32
@@ -99,10 +100,12 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     if q_size is not None or use_rel_pos:
         q_size, k_size = _prepare_sizes(q_size, k_size, q.shape[2], k.shape[2])
     if use_rel_pos:
+        # DLPack tables (a CUDA torch tensor) become CuPy / numpy arrays first
+        rel_pos_h, rel_pos_w = as_array("rel_pos_h", rel_pos_h), as_array("rel_pos_w", rel_pos_w)
         same_array_type({"q": q, "rel_pos_h": rel_pos_h, "rel_pos_w": rel_pos_w})
     if k_size is None:  # plain attention: backends still get a key grid
         k_size = (1, k.shape[2])
-    return q, k, v, scale, q_size, k_size
+    return q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size
 
 
 def _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size):
@@ -229,17 +232,19 @@ def rel_pos_attention(
         run = _plans.get(key)
         if run is not None:
             return run(q, k, v, rel_pos_h, rel_pos_w)
-    q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    fused = _fused_first(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    if fused is not None:  # the kernel computes the terms: none computed here
+        run, th, tw = fused
+        if key is not None:
+            _remember(key, run)
+        return run(q, k, v, th, tw)   # the same kernel as the planned calls: the same bits
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     name, arrays, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
-    moved = arrays[0] is not q  # to another array library
-    fused = None if moved else _fused_plan(name, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
-    if fused is not None:  # the same kernel as the planned calls: the same bits
-        out = fused(q, k, v, rel_pos_h, rel_pos_w)
-    else:
-        out = backends.get(name).attention(*arrays, k_size, scale)
-    if key is not None and not moved:
-        _remember(key, fused or _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale))
+    out = backends.get(name).attention(*arrays, k_size, scale)
+    if key is not None and arrays[0] is q:  # not moved to another array library
+        _remember(key, _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale))
     return to_module(out, array_module(q))  # back to the caller's array type if it moved
 
 
@@ -302,14 +307,25 @@ def _remember(key, run):
         _plans[key] = run
 
 
-def _fused_plan(name, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
-    """The plan of a backend that computes the terms inside its attention
-    kernel (``fused_plan``; the CuPy backend for SAM-sized head_dim 64
-    grids), or None."""
-    make = getattr(backends.get(name), "fused_plan", None)
-    if make is None or rel_pos_h is None:
+def _fused_first(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
+    """``(run, table_h, table_w)`` when the backend this call selects computes
+    the terms inside its attention kernel (``fused_plan``: the CuPy backend for
+    SAM's global grids, see cupy_gpu.fused_plan), with the checked tables;
+    else None. Checked before any terms are computed, so such a call (and
+    every call that cannot be planned) runs no separate terms kernel."""
+    if rel_pos_h is None or backend not in ("auto", "cupy") or array_module(q).__name__ != "cupy":
         return None
-    return make(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    from relattn.relpos import _check_table
+
+    th = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
+    tw = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
+    mod = backends.get("cupy")
+    make = getattr(mod, "fused_plan", None)
+    # "auto" takes the CuPy backend first for CuPy arrays: when it accepts them
+    if make is None or mod.unavailable_reason() is not None or mod.not_supported_reasons(q, k, v, th, tw, k_size):
+        return None
+    run = make(q, k, v, th, tw, q_size, k_size, scale)
+    return None if run is None else (run, th, tw)
 
 
 def _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale):
@@ -357,7 +373,8 @@ def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *
     >>> print(relattn.explain(q, q, q, backend="numpy"))
     backend 'numpy' runs these inputs
     """
-    q, k, v, scale, q_size, k_size = _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     name, _, refused = _select(backend, q, k, v, rel_h, rel_w, k_size)
     lines = [f"backend {name!r} runs these inputs"]

@@ -149,7 +149,7 @@ def test_fused_terms(case, dtype, sm90, monkeypatch):
     Lh, Lw = 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1
     (th, _), (tw, _) = _tables(rng, rows or Lh, rows or Lw, D, dtype)
     functional._plans.clear()
-    assert functional._fused_plan("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is not None
+    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is not None
     first = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
     for _ in range(2):
         np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)), from_dev(first))
@@ -159,7 +159,7 @@ def test_fused_terms(case, dtype, sm90, monkeypatch):
     ref = reference(qr, kr, vr, rh, rw, kg, D ** -0.5)
     assert rel_l2(from_dev(first), ref) <= TOL[dtype]
     monkeypatch.setenv("RELATTN_SM90_FUSE", "0")
-    assert functional._fused_plan("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
     unfused = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
     assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
 
@@ -183,10 +183,41 @@ def test_fused_terms_not_taken(why, sm90):
     S = qg[0] * qg[1]
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((1, 2, S, D)), dtype) for _ in range(3))
     (th, thr), (tw, twr) = _tables(rng, 2 * qg[0] - 1, 2 * qg[1] - 1, D, tdtype)
-    assert functional._fused_plan("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
     out = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
     rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, qg, kg)
     assert rel_l2(from_dev(out), reference(qr, kr, vr, rh, rw, kg, D ** -0.5)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("interop", ["cupy", "torch"])
+def test_fused_call_runs_no_terms_kernel(interop, sm90, monkeypatch):
+    """A call the fused kernel serves computes no separate terms, also on its
+    first (unplanned) call and when its arguments cannot be planned (DLPack
+    tensors): same bits as the planned CuPy call."""
+    rng = np.random.default_rng(47)
+    qg = (8, 64)
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((1, 2, 512, 64)), "bfloat16") for _ in range(3))
+    (th, _), (tw, _) = _tables(rng, 15, 127, 64, "bfloat16")
+    functional._plans.clear()
+    want = relattn.rel_pos_attention(q, k, v, th, tw, qg)
+    want = relattn.rel_pos_attention(q, k, v, th, tw, qg)   # the planned call
+
+    def no_terms(*args, **kwargs):
+        raise AssertionError("the separate terms kernel ran")
+
+    monkeypatch.setattr(gpu, "terms_plan", no_terms)
+    monkeypatch.setattr(gpu, "rel_terms", no_terms)
+    functional._plans.clear()
+    args = (q, k, v, th, tw)
+    if interop == "torch":
+        torch = pytest.importorskip("torch")
+        args = tuple(torch.from_dlpack(a.view(cupy.uint16)).view(torch.bfloat16) for a in args)
+    for _ in range(2):
+        got = relattn.rel_pos_attention(*args, qg)
+        if interop == "torch":
+            assert type(got).__module__.startswith("torch")
+            got = cupy.from_dlpack(got.view(torch.uint16)).view(q.dtype)
+        np.testing.assert_array_equal(from_dev(got), from_dev(want))
 
 
 def test_fused_plan_follows_new_arrays(sm90):
