@@ -19,7 +19,7 @@ from relattn._arrays import (
     same_array_type,
     to_module,
 )
-from relattn.relpos import decomposed_rel_pos
+from relattn.relpos import _check_table, decomposed_rel_pos
 
 __all__ = ["rel_pos_attention", "explain", "BackendError"]
 
@@ -88,7 +88,7 @@ def _prepare_sizes(q_size, k_size, q_len, k_len):
 
 
 def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
-    """Validate everything; return the arrays (tables converted, not yet checked), scale and sizes."""
+    """Validate everything; return the arrays (tables converted and checked), scale and sizes."""
     q, k, v = _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[3])
     if q.dtype.itemsize < 8 and abs(scale) > 3.4028234663852886e38:  # computed in float32
@@ -103,6 +103,8 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
         # DLPack tables (a CUDA torch tensor) become CuPy / numpy arrays first
         rel_pos_h, rel_pos_w = as_array("rel_pos_h", rel_pos_h), as_array("rel_pos_w", rel_pos_w)
         same_array_type({"q": q, "rel_pos_h": rel_pos_h, "rel_pos_w": rel_pos_w})
+        rel_pos_h = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
+        rel_pos_w = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
     if k_size is None:  # plain attention: backends still get a key grid
         k_size = (1, k.shape[2])
     return q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size
@@ -124,10 +126,6 @@ def _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size):
 def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
     if rel_pos_h is None:
         return None, None
-    from relattn.relpos import _check_table
-
-    rel_pos_h = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
-    rel_pos_w = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
     return _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)(q, rel_pos_h, rel_pos_w)
 
 
@@ -236,10 +234,9 @@ def rel_pos_attention(
         q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     fused = _fused_first(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     if fused is not None:  # the kernel computes the terms: none computed here
-        run, th, tw = fused
         if key is not None:
-            _remember(key, run)
-        return run(q, k, v, th, tw)   # the same kernel as the planned calls: the same bits
+            _remember(key, fused)
+        return fused(q, k, v, rel_pos_h, rel_pos_w)   # the same kernel as the planned calls: the same bits
     rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     name, arrays, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
     out = backends.get(name).attention(*arrays, k_size, scale)
@@ -308,24 +305,20 @@ def _remember(key, run):
 
 
 def _fused_first(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
-    """``(run, table_h, table_w)`` when the backend this call selects computes
-    the terms inside its attention kernel (``fused_plan``: the CuPy backend for
-    SAM's global grids, see cupy_gpu.fused_plan), with the checked tables;
-    else None. Checked before any terms are computed, so such a call (and
-    every call that cannot be planned) runs no separate terms kernel."""
+    """The plan ``run(q, k, v, rel_pos_h, rel_pos_w)`` when the backend this
+    call selects computes the terms inside its attention kernel (``fused_plan``:
+    the CuPy backend for SAM's global grids, see cupy_gpu.fused_plan), else
+    None. Asked before any terms are computed, so such a call (and every call
+    that cannot be planned) runs no separate terms kernel. Tables: checked."""
     if rel_pos_h is None or backend not in ("auto", "cupy") or array_module(q).__name__ != "cupy":
         return None
-    from relattn.relpos import _check_table
-
-    th = _check_table("rel_pos_h", rel_pos_h, q.shape[-1])
-    tw = _check_table("rel_pos_w", rel_pos_w, q.shape[-1])
     mod = backends.get("cupy")
     make = getattr(mod, "fused_plan", None)
     # "auto" takes the CuPy backend first for CuPy arrays: when it accepts them
-    if make is None or mod.unavailable_reason() is not None or mod.not_supported_reasons(q, k, v, th, tw, k_size):
+    if make is None or mod.unavailable_reason() is not None or \
+            mod.not_supported_reasons(q, k, v, rel_pos_h, rel_pos_w, k_size):
         return None
-    run = make(q, k, v, th, tw, q_size, k_size, scale)
-    return None if run is None else (run, th, tw)
+    return make(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
 
 
 def _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale):
