@@ -106,7 +106,7 @@ def test_ws_usable():
 def test_small_grid_kernel_choice(monkeypatch):
     monkeypatch.delenv("RELATTN_WIN", raising=False)
     monkeypatch.delenv("RELATTN_WIN_SPB", raising=False)
-    assert cupy_gpu._win_config(64, 196, 14, 14) == (16, 13, 2 * 14 * 16 * 72 * 2)   # SAM windows
+    assert cupy_gpu._win_config(64, 196, 14, 14) == (16, 13, (2 * 196 + 3) * 72 * 2)   # SAM windows: K, V, 3 zero rows
     assert cupy_gpu._win_config(64, 4096, 14, 14)[1] == 16
     assert cupy_gpu._win_config(80, 400, 8, 20)[0] == 32
     assert cupy_gpu._win_config(64, 4096, 64, 64) is None      # k_w > 32
@@ -115,6 +115,20 @@ def test_small_grid_kernel_choice(monkeypatch):
     assert cupy_gpu._win_config(64, 196, 14, 14)[1] == 4
     monkeypatch.setenv("RELATTN_WIN", "0")
     assert cupy_gpu._win_config(64, 196, 14, 14) is None
+
+
+def test_fused_small_grid_choice(monkeypatch):
+    for name in ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE"):
+        monkeypatch.delenv(name, raising=False)
+    smem = (2 * 196 + 3) * 72 * 2 + 2 * 32 * 72 * 2 + 4 * 16 * 32 * 4 + 512
+    assert cupy_gpu._win_fused_config(64, 196, 14, 14, 27, 27) == (13, smem)
+    assert smem + 1024 <= 228 * 1024 // 3   # SAM windows: 3 blocks per SM (H100)
+    assert cupy_gpu._win_fused_config(64, 256, 5, 11, 31, 31) is not None   # q grid 16 x 16
+    assert cupy_gpu._win_fused_config(64, 289, 14, 14, 33, 27) is None      # q_h 17: table of 33 rows
+    assert cupy_gpu._win_fused_config(64, 196, 14, 14, 27, 33) is None
+    assert cupy_gpu._win_fused_config(64, 160, 8, 20, 39, 39) is None       # k_w > 16: 32-slot rows
+    monkeypatch.setenv("RELATTN_WIN_FUSE", "0")
+    assert cupy_gpu._win_fused_config(64, 196, 14, 14, 27, 27) is None
 
 
 def test_smem_bytes_fit_the_device_limit():
@@ -159,7 +173,8 @@ def test_portable_kernels_compile(tmp_path):
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
         "relattn_tf32<64, 3, 1, 0>", "relattn_tf32<64, 3, 1, 1>", "relattn_tf32<80, 1, 2, 0>",
         "relattn_tf32<32, 3, 0, 1>", "relattn_tf32<128, 3, 2, 0>",
-        "relattn_win<1, 64, 16>", "relattn_win<0, 80, 32>", "relattn_win<1, 128, 16>",
+        "relattn_win<1, 64, 16, 0>", "relattn_win<0, 80, 32, 0>", "relattn_win<1, 128, 16, 0>",
+        "relattn_win<1, 64, 16, 1>", "relattn_win<0, 80, 16, 1>", "relattn_win<1, 128, 16, 1>",
     ]
     for n in names:  # every name is one the backend can ask NVRTC for
         kind = n.split("<")[0]

@@ -150,7 +150,8 @@ def _names(kind: str, hd: int):
         return {(split, rel, safe): f"relattn_tf32<{hd}, {split}, {rel}, {safe}>"
                 for split in (1, 3) for rel in (0, 1, 2) for safe in ((0, 1) if split == 3 else (0,))}
     if kind == "win":
-        return {(dt, kwp): f"relattn_win<{dt}, {hd}, {kwp}>" for dt in (0, 1) for kwp in (16, 32)}
+        return {(dt, kwp, fuse): f"relattn_win<{dt}, {hd}, {kwp}, {fuse}>"
+                for dt in (0, 1) for kwp in (16, 32) for fuse in ((0, 1) if kwp == 16 else (0,))}
     t = "float" if kind == "float32" else "double"
     return {rel: f"relattn_simt<{t}, {hd}, {rel}>" for rel in (0, 2)}
 
@@ -268,6 +269,15 @@ def _dense_prep(x, dtype=None):
     return lambda a: cupy.ascontiguousarray(a, dtype=dtype)
 
 
+def _table_prep(x):
+    """prep(a) -> a 16-bit table as a C-contiguous uint16 view with a 16-byte
+    aligned base (the fused kernels copy its rows with 16-byte cp.async),
+    decided from x: a copy when x is not one already."""
+    if x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        return _u16
+    return lambda a: _u16(a.copy())
+
+
 def _bf16_to_f32(t):
     import cupy
 
@@ -364,62 +374,98 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
 
 def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     """``run(q, k, v, rel_pos_h, rel_pos_w) -> out`` with the relative terms
-    computed inside the attention kernel (relattn_ws, rel 4), or None when this
-    problem is not one it serves: float16 / bfloat16 q with tables of the same
-    dtype, head_dim 57..64 or 72..80 (a multiple of 8), k_w == 64, k_h <= 64 and tables
-    of at most 128 rows after SAM's resize. Same arithmetic as the separate
-    terms kernel on 16-bit tables (q . t in float32 on the tensor cores).
-    ``RELATTN_SM90_FUSE=0`` turns it off (the terms kernel runs first)."""
+    computed inside the attention kernel, or None when this problem is not one
+    such a kernel serves. Both need float16 / bfloat16 q with tables of the same
+    dtype and head_dim a multiple of 8, and compute q . t in float32 on the
+    tensor cores (the arithmetic of the separate terms kernel on 16-bit tables):
+    relattn_win (FUSE 1) for small grids (q and key grids at most 16 x 16, key
+    grid within relattn_win's limits: SAM's 14 x 14 windows; ``RELATTN_WIN_FUSE=0``
+    turns it off), relattn_ws (rel 4) for SAM's global grids (head_dim 57..64
+    or 72..80, k_w == 64, k_h <= 64, tables of at most 128 rows after SAM's
+    resize; ``RELATTN_SM90_FUSE=0`` turns it off). Off, the terms kernel runs
+    first."""
     import cupy
     import numpy as np
 
     from relattn.relpos import _device_index32, resize_rel_pos
 
-    if os.environ.get("RELATTN_SM90_FUSE", "1") == "0":
-        return None
     kind = _dtype_name(q)
     (qh, qw), (kh, kw) = (int(n) for n in q_size), (int(n) for n in k_size)
     B, H, Sq, D = (int(s) for s in q.shape)
     Sk = int(k.shape[2])
     hd = _pad16(D)
     if (kind not in _HALF_NAMES or _dtype_name(rel_pos_h) != kind or _dtype_name(rel_pos_w) != kind
-            or D % 8 or hd not in (64, 80) or kw != 64 or kh > 64 or B * H * Sq == 0 or Sk == 0):
+            or D % 8 or B * H * Sq == 0 or Sk == 0):
         return None
     Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
-    if Lh > 128 or Lw > 128:
-        return None
-    cfg = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
-    if cfg is None:
-        return None
-    from relattn.backends import _sm90
+    win = _win_fused_config(hd, Sq, kh, kw, Lh, Lw)
+    cfg = None
+    if win is None:
+        if (os.environ.get("RELATTN_SM90_FUSE", "1") == "0" or hd not in (64, 80) or kw != 64 or kh > 64
+                or Lh > 128 or Lw > 128):
+            return None
+        cfg = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
+        if cfg is None:
+            return None
+        from relattn.backends import _sm90
 
-    cfg = cfg[:2] + (4,) + cfg[3:]
-    if _sm90.ws_smem_bytes(hd, cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
-        return None
+        cfg = cfg[:2] + (4,) + cfg[3:]
+        if _sm90.ws_smem_bytes(hd, cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
+            return None
     resize = (Lh if rel_pos_h.shape[0] != Lh else None, Lw if rel_pos_w.shape[0] != Lw else None)
     ex_h = rel_pos_h if resize[0] is None else cupy.empty((Lh, D), dtype=rel_pos_h.dtype)
     ex_w = rel_pos_w if resize[1] is None else cupy.empty((Lw, D), dtype=rel_pos_w.dtype)
-    ph, pw = _dense_prep(ex_h), _dense_prep(ex_w)
+    ph, pw = _table_prep(ex_h), _table_prep(ex_w)
     idx_h, idx_w = _device_index32(cupy, qh, kh), _device_index32(cupy, qw, kw)
     dummy = cupy.zeros((1,), dtype=cupy.float32)
     dt = 1 if kind == "bfloat16" else 0
     lens = _ints(Lh, Lw, qw)
+    sc = np.float32(float(scale) * _LOG2E)
 
     def tables(th, tw):
         if resize[0] is not None:
             th = resize_rel_pos(th, Lh)
         if resize[1] is not None:
             tw = resize_rel_pos(tw, Lw)
-        return (dummy, dummy, _u16(ph(th)), _u16(pw(tw)), idx_h, idx_w, *lens)
+        return (dummy, dummy, ph(th), pw(tw), idx_h, idx_w)
 
     qp, kp, vp = (_operand_prep(x, D, 8) for x in (q, k, v))
-    return _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, np.float32(float(scale) * _LOG2E), dt, tables)
+    if cfg is not None:
+        return _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, lambda th, tw: tables(th, tw) + lens)
+    spb, smem = win
+    groups = -(-((Sq + 15) // 16) // spb)
+    fn = _get_kernel("win", hd, (dt, 16, 1), smem)
+    (pq, qs), (pk, ks), (pv, vs) = qp, kp, vp
+    grid, tail = (B * H * groups,), _core_tail(H, Sq, Sk, D, kh, kw, (*qs, *ks, *vs)) + (sc, *_ints(groups, spb), *lens)
+    shape, dtype, u16 = (B, H, Sq, D), q.dtype, cupy.uint16
+
+    def run(q, k, v, th, tw):
+        out = cupy.empty(shape, dtype=dtype)
+        fn(grid, (128,), (pq(q), pk(k), pv(v), *tables(th, tw), out.view(u16)) + tail, shared_mem=smem)
+        return out
+
+    return run
+
+
+def _win_fused_config(hd, Sq, kh, kw, Lh, Lw):
+    """(slices per block, shared bytes) of relattn_win with the terms fused
+    (FUSE 1), or None: 16-slot key rows and tables of at most 32 rows (q and
+    key grids at most 16 x 16); shared memory = K / V + the two tables (32
+    rows each) + a 4 x 16 x 32 float32 scratch + 512 bytes of index tables."""
+    if os.environ.get("RELATTN_WIN_FUSE", "1") == "0" or Lh > 32 or Lw > 32:
+        return None
+    win = _win_config(hd, Sq, kh, kw)
+    if win is None or win[0] != 16:
+        return None
+    return win[1], win[2] + 2 * 32 * (hd + 8) * 2 + 4 * 16 * 32 * 4 + 512
 
 
 def _win_config(hd, Sq, kh, kw):
     """(kwp, slices per block, shared bytes) of the small-grid kernel
     relattn_win, or None: key rows of k_w <= 32 padded to kwp = 16 / 32 slots,
-    the whole key grid (k_h * kwp <= 256 slots) resident in shared memory.
+    the whole key grid (k_h * kwp <= 256 slots) resident in shared memory
+    (dense rows; a padding slot reads the next key row's key from K, masked,
+    and a zero row from V).
     ``RELATTN_WIN=0`` turns it off; ``RELATTN_WIN_SPB`` sets the 16-query
     slices per block (default: all of them, at most 16)."""
     if os.environ.get("RELATTN_WIN", "1") == "0" or kw > 32:
@@ -427,7 +473,7 @@ def _win_config(hd, Sq, kh, kw):
     kwp = 16 if kw <= 16 else 32
     if kh * kwp > 256:
         return None
-    smem = 2 * kh * kwp * (hd + 8) * 2
+    smem = (2 * kh * kw + kwp - kw + 1) * (hd + 8) * 2   # K (kwp - k_w zero rows after), V (one)
     nsl = (Sq + 15) // 16
     env = os.environ.get("RELATTN_WIN_SPB")
     spb = int(env) if env else min(nsl, 16)
@@ -436,8 +482,8 @@ def _win_config(hd, Sq, kh, kw):
 
 # The environment variables read while planning (developer switches): part of
 # the plan cache key, so changing one takes effect on the next call.
-_KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_SM90", "RELATTN_SM90_CFG", "RELATTN_SM90_WS",
-          "RELATTN_SM90_FUSE")
+_KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE", "RELATTN_SM90", "RELATTN_SM90_CFG",
+          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE")
 
 
 def plan_key():
@@ -527,13 +573,14 @@ def _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
     rel = (1 if (kw == 64 and Sk % 64 == 0) else 2) if has_rel else 0
     head = _core_tail(H, Sq, Sk, d8, kh, kw, (*qs, *ks, *vs))
     sc = np.float32(float(scale) * _LOG2E)
-    spec = None
+    spec, mid = None, ()
     win = _win_config(hd, Sq, kh, kw) if has_rel else None
     if win is not None:
         kwp, spb, smem = win
         groups = -(-((Sq + 15) // 16) // spb)
-        spec = (_get_kernel("win", hd, (dt, kwp), smem), (BH * groups,), (128,),
-                head + (sc, np.int32(groups), np.int32(spb)), smem)
+        spec = (_get_kernel("win", hd, (dt, kwp, 0), smem), (BH * groups,), (128,),
+                head + (sc, *_ints(groups, spb, 0, 0, 1)), smem)
+        mid = (cupy.zeros((8,), dtype=cupy.uint16),) * 2 + (cupy.zeros((1,), dtype=cupy.int32),) * 2  # no tables
     ws = None if win is not None else _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=True)
     if ws is not None:
         def rel_args(rel_h, rel_w, zero=np.int32(0)):
@@ -571,7 +618,7 @@ def _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
         out = cupy.empty(shape, dtype=dtype)
         ou = out.view(u16) if padded is None else cupy.empty(padded, dtype=u16)
         rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
-        fn(grid, block, (pq(q), pk(k), pv(v), rh, rw, ou) + tail, shared_mem=smem)
+        fn(grid, block, (pq(q), pk(k), pv(v), rh, rw, *mid, ou) + tail, shared_mem=smem)
         if padded is not None:
             out.view(u16)[...] = ou[..., :D]
         return out

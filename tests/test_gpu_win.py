@@ -1,0 +1,255 @@
+"""The small-grid kernel relattn_win with the relative terms computed inside it
+(FUSE 1: SAM's 14 x 14 windows). Skipped without CuPy or a CUDA device.
+
+Cases are compared with the float64 numpy evaluation of tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+try:
+    _NDEV = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver / no device
+    _NDEV = 0
+if _NDEV < 1:
+    pytest.skip("no usable CUDA device", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+import relattn  # noqa: E402
+from relattn import functional  # noqa: E402
+from relattn.backends import cupy_gpu as gpu  # noqa: E402
+from test_gpu import TOL, from_dev, reference, rel_l2, to_dev  # noqa: E402
+
+
+@pytest.fixture
+def win(monkeypatch):
+    if gpu.unavailable_reason() is not None:
+        pytest.skip(gpu.unavailable_reason())
+    if int(cupy.cuda.Device().compute_capability) < 80:
+        pytest.skip("bfloat16 mma.sync needs compute capability 8.0")
+    for name in ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _tables(rng, rows_h, rows_w, D, dtype):
+    return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
+
+
+def _is_window_plan(run):
+    return getattr(run, "__qualname__", "").startswith("fused_plan")
+
+
+CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1), RELATTN_WIN_SPB
+    (25, 2, (14, 14), (14, 14), 64, None, None),   # SAM-B windows
+    (2, 2, (14, 14), (14, 14), 80, None, None),    # SAM-H windows (head_dim 80)
+    (2, 3, (14, 14), (14, 14), 72, None, None),
+    (2, 2, (14, 14), (14, 14), 56, None, None),    # head_dim 56 read as 64
+    (2, 3, (14, 14), (14, 14), 64, 20, None),      # tables resized (SAM's rule) first
+    (2, 3, (7, 9), (14, 14), 64, None, None),      # q grid != key grid
+    (1, 2, (16, 16), (5, 11), 64, None, None),     # the largest q grid, a small key grid
+    (1, 2, (16, 16), (16, 16), 64, None, None),    # 256 key slots
+    (1, 2, (1, 1), (1, 1), 64, None, None),
+    (1, 2, (3, 5), (4, 2), 64, None, None),        # fewer than 4 query slices
+    (2, 2, (14, 14), (14, 14), 64, None, 4),       # 4 blocks per window
+    (2, 2, (14, 14), (14, 14), 64, None, 5),       # a partial second round of slices
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}x{c[3][1]}"
+                                                      f"-d{c[4]}-r{c[5]}-spb{c[6]}")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fused_window_terms(case, dtype, win, monkeypatch):
+    """rel_pos_attention with 16-bit tables on a small grid runs relattn_win with
+    the terms inside: first and planned calls give the same bits, within
+    float64 accuracy (the reference takes the same resized 16-bit tables),
+    close to the unfused path (terms kernel + relattn_win), inputs unmodified."""
+    from relattn.relpos import resize_rel_pos
+
+    B, H, qg, kg, D, rows, spb = case
+    if spb:
+        monkeypatch.setenv("RELATTN_WIN_SPB", str(spb))
+    rng = np.random.default_rng(zlib.crc32(repr((case, dtype)).encode()))
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype)
+                                 for g in (qg, kg, kg))
+    Lh, Lw = 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1
+    (th, _), (tw, _) = _tables(rng, rows or Lh, rows or Lw, D, dtype)
+    before = [from_dev(a).copy() for a in (q, k, v, th, tw)]
+    functional._plans.clear()
+    assert _is_window_plan(functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5))
+    first = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    for _ in range(2):
+        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)), from_dev(first))
+    rth = from_dev(resize_rel_pos(th, Lh) if rows else th)
+    rtw = from_dev(resize_rel_pos(tw, Lw) if rows else tw)
+    rh, rw = relattn.decomposed_rel_pos(qr, rth, rtw, qg, kg)
+    ref = reference(qr, kr, vr, rh, rw, kg, D ** -0.5)
+    assert rel_l2(from_dev(first), ref) <= TOL[dtype]
+    for a, b in zip((q, k, v, th, tw), before):
+        np.testing.assert_array_equal(from_dev(a), b)
+    monkeypatch.setenv("RELATTN_WIN_FUSE", "0")
+    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    unfused = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    assert rel_l2(from_dev(unfused), ref) <= TOL[dtype]
+    assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
+
+
+def test_fused_window_logits_near_float16_overflow(win):
+    """bf16 inputs whose logits reach ~1e4 (bias included): finite and exact
+    to bf16 accuracy."""
+    rng = np.random.default_rng(5)
+    g, D = (14, 14), 64
+    (q, qr), (k, kr), (v, vr) = (to_dev(x, "bfloat16") for x in
+                                 (30 * rng.standard_normal((2, 2, 196, D)), 30 * rng.standard_normal((2, 2, 196, D)),
+                                  rng.standard_normal((2, 2, 196, D))))
+    (th, thr), (tw, twr) = (to_dev(40 * rng.standard_normal((27, D)), "bfloat16") for _ in range(2))
+    out = from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g))
+    rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, g, g)
+    assert np.abs(rh).max() > 1e4
+    assert np.isfinite(out).all()
+    assert rel_l2(out, reference(qr, kr, vr, rh, rw, g, D ** -0.5)) <= TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("why", ["q_grid_17", "k_w_20", "float32_tables", "float16_tables_bf16_q"])
+def test_fused_window_not_taken(why, win):
+    """Small grids the fused window kernel does not serve run the terms kernel
+    first (tables over 32 rows, 32-slot key rows, tables of another dtype)."""
+    qg, kg, D = (14, 14), (14, 14), 64
+    dtype, tdtype = "bfloat16", "bfloat16"
+    if why == "q_grid_17":
+        qg = (17, 14)
+    elif why == "k_w_20":
+        qg = kg = (8, 20)
+    elif why == "float32_tables":
+        tdtype = "float32"
+    else:
+        tdtype = "float16"
+    rng = np.random.default_rng(zlib.crc32(why.encode()))
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, g[0] * g[1], D)), dtype) for g in (qg, kg, kg))
+    (th, thr), (tw, twr) = _tables(rng, 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1, D, tdtype)
+    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    out = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, qg, kg)
+    assert rel_l2(from_dev(out), reference(qr, kr, vr, rh, rw, kg, D ** -0.5)) <= TOL[dtype]
+
+
+def test_fused_window_runs_no_terms_kernel(win, monkeypatch):
+    """First, planned and DLPack (unplannable) calls compute no separate terms
+    and give the same bits."""
+    rng = np.random.default_rng(7)
+    g = (14, 14)
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((4, 2, 196, 64)), "bfloat16") for _ in range(3))
+    (th, _), (tw, _) = _tables(rng, 27, 27, 64, "bfloat16")
+    functional._plans.clear()
+    relattn.rel_pos_attention(q, k, v, th, tw, g)
+    want = from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g))
+
+    def no_terms(*args, **kwargs):
+        raise AssertionError("the separate terms kernel ran")
+
+    monkeypatch.setattr(gpu, "terms_plan", no_terms)
+    monkeypatch.setattr(gpu, "rel_terms", no_terms)
+    functional._plans.clear()
+    for _ in range(2):
+        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g)), want)
+    torch = pytest.importorskip("torch")
+    args = tuple(torch.from_dlpack(a.view(cupy.uint16)).view(torch.bfloat16) for a in (q, k, v, th, tw))
+    got = relattn.rel_pos_attention(*args, g)
+    assert type(got).__module__.startswith("torch")
+    np.testing.assert_array_equal(from_dev(cupy.from_dlpack(got.view(torch.uint16)).view(q.dtype)), want)
+
+
+def test_fused_window_strided_views(win):
+    """q / k / v as views of a packed qkv buffer (row stride 3 * heads * d)."""
+    rng = np.random.default_rng(9)
+    B, H, D, g = 3, 2, 64, (14, 14)
+    qkv, qkvr = to_dev(rng.standard_normal((B, 196, 3, H, D)), "bfloat16")
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    qr, kr, vr = (qkvr[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    (th, thr), (tw, twr) = _tables(rng, 27, 27, D, "bfloat16")
+    assert _is_window_plan(functional._fused_first("cupy", q, k, v, th, tw, g, g, D ** -0.5))
+    out = from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g))
+    rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, g, g)
+    assert rel_l2(out, reference(qr, kr, vr, rh, rw, g, D ** -0.5)) <= TOL["bfloat16"]
+
+
+def test_fused_window_captured_in_a_cuda_graph(win):
+    rng = np.random.default_rng(11)
+    g = (14, 14)
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((3, 2, 196, 64)), "bfloat16") for _ in range(3))
+    (th, _), (tw, _) = _tables(rng, 27, 27, 64, "bfloat16")
+    first = relattn.rel_pos_attention(q, k, v, th, tw, g)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        relattn.rel_pos_attention(q, k, v, th, tw, g)
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            out = relattn.rel_pos_attention(q, k, v, th, tw, g)
+        finally:
+            graph = stream.end_capture()
+        out.view(cupy.uint8).fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+    np.testing.assert_array_equal(from_dev(out), from_dev(first))
+
+
+def test_windowed_layer_on_the_fused_kernel(win):
+    """A bf16 windowed layer (SAM's 14 x 14 windows, padded 30 x 30 input)
+    runs the fused window plan and matches the float64 layer."""
+    layer = relattn.Attention(128, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(14, 14),
+                              window_size=14, dtype="bfloat16", rng=0)
+    layer.rel_pos_h = layer.rel_pos_h * 20  # make the bias matter
+    layer.rel_pos_w = layer.rel_pos_w * 20
+    x = np.random.default_rng(1).standard_normal((1, 30, 30, 128)).astype(np.float32)
+    xd, xr = to_dev(x, "bfloat16")
+    functional._plans.clear()
+    out = from_dev(layer(xd))
+    assert any(_is_window_plan(run) for run in functional._plans.values())
+    ref = relattn.Attention(128, 2, use_rel_pos=True, input_size=(14, 14), window_size=14, dtype="float64",
+                            backend="numpy")
+    ref.load_state_dict({name: np.asarray(from_dev(a) if hasattr(a, "get") else a, dtype=np.float64)
+                         for name, a in layer.state_dict().items()})
+    assert rel_l2(out, ref(xr)) <= 8e-3
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (8, 64)], ids=["window", "global"])
+def test_fused_tables_misaligned(grid, win):
+    """Tables that are contiguous views at an address not 16-byte aligned (the
+    fused kernels copy table rows 16 bytes at a time) are copied first: no
+    misaligned access, the same result as aligned tables."""
+    rng = np.random.default_rng(13)
+    D = 64
+    L = [2 * n - 1 for n in grid]
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((2, 2, grid[0] * grid[1], D)), "bfloat16") for _ in range(3))
+    flat = [to_dev(0.5 * rng.standard_normal(n * D + 1), "bfloat16")[0] for n in L]
+    th, tw = (f[1:].reshape(n, D) for f, n in zip(flat, L))
+    assert th.data.ptr % 16 == 2 and th.flags.c_contiguous
+    want = from_dev(relattn.rel_pos_attention(q, k, v, th.copy(), tw.copy(), grid))
+    for _ in range(2):   # first and planned calls
+        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, grid)), want)
+
+
+@pytest.mark.parametrize("fuse", ["1", "0"])
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_window_nonfinite_value_poisons_its_column(bad, fuse, win, monkeypatch):
+    """A non-finite value in V (key 14: the first of the second key row, which
+    sits next to row 0's padding slots) reaches every output row of its
+    column as +inf / NaN, as in the reference; the other columns stay finite."""
+    monkeypatch.setenv("RELATTN_WIN_FUSE", fuse)
+    rng = np.random.default_rng(17)
+    g, D = (14, 14), 64
+    q, k, v = (rng.standard_normal((1, 2, 196, D)) for _ in range(3))
+    v[0, 0, 14, 2] = bad
+    (qd, _), (kd, _), (vd, _) = (to_dev(x, "bfloat16") for x in (q, k, v))
+    (th, _), (tw, _) = _tables(rng, 27, 27, D, "bfloat16")
+    out = from_dev(relattn.rel_pos_attention(qd, kd, vd, th, tw, g)).astype(np.float64)
+    col = out[0, 0, :, 2]
+    assert (np.isnan(col) if np.isnan(bad) else np.isposinf(col)).all()
+    assert np.isfinite(np.delete(out[0, 0], 2, axis=1)).all() and np.isfinite(out[0, 1]).all()
