@@ -59,6 +59,25 @@ def from_dev(a):
     return a.get().astype(np.float64)
 
 
+def replayed_from_graph(call):
+    """Run ``call`` once on a side stream, capture a second call as a CUDA
+    graph, clear that call's output and replay the graph: the output as the
+    replay wrote it."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        call()
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            out = call()
+        finally:
+            graph = stream.end_capture()
+        out.view(cupy.uint8).fill(0)
+        graph.launch(stream)
+        stream.synchronize()
+    return out
+
+
 def reference(q, k, v, rh, rw, k_size, scale):
     """float64 numpy: materialized logits + stable softmax."""
     B, H, Sq, _ = q.shape
@@ -663,16 +682,5 @@ def test_planned_call_captured_in_a_cuda_graph(dtype):
     (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((1, 2, 1024, 64)), dtype) for _ in range(3))
     th, tw = (cupy.asarray(rng.standard_normal((63, 64)).astype(np.float32)) for _ in range(2))
     first = relattn.rel_pos_attention(q, k, v, th, tw, (32, 32))
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        relattn.rel_pos_attention(q, k, v, th, tw, (32, 32))
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            out = relattn.rel_pos_attention(q, k, v, th, tw, (32, 32))
-        finally:
-            graph = stream.end_capture()
-        out.view(cupy.uint8).fill(0)
-        graph.launch(stream)
-        stream.synchronize()
+    out = replayed_from_graph(lambda: relattn.rel_pos_attention(q, k, v, th, tw, (32, 32)))
     np.testing.assert_array_equal(from_dev(out), from_dev(first))

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.gpu
 import relattn  # noqa: E402
 from relattn import functional  # noqa: E402
 from relattn.backends import cupy_gpu as gpu  # noqa: E402
-from test_gpu import TOL, from_dev, reference, rel_l2, to_dev  # noqa: E402
+from test_gpu import TOL, from_dev, replayed_from_graph, reference, rel_l2, to_dev  # noqa: E402
+from test_gpu_ws import _tables  # noqa: E402
 
 
 @pytest.fixture
@@ -36,10 +37,6 @@ def win(monkeypatch):
         pytest.skip("bfloat16 mma.sync needs compute capability 8.0")
     for name in ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE"):
         monkeypatch.delenv(name, raising=False)
-
-
-def _tables(rng, rows_h, rows_w, D, dtype):
-    return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
 
 
 def _is_window_plan(run):
@@ -185,18 +182,7 @@ def test_fused_window_captured_in_a_cuda_graph(win):
     (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((3, 2, 196, 64)), "bfloat16") for _ in range(3))
     (th, _), (tw, _) = _tables(rng, 27, 27, 64, "bfloat16")
     first = relattn.rel_pos_attention(q, k, v, th, tw, g)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        relattn.rel_pos_attention(q, k, v, th, tw, g)
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            out = relattn.rel_pos_attention(q, k, v, th, tw, g)
-        finally:
-            graph = stream.end_capture()
-        out.view(cupy.uint8).fill(0)
-        graph.launch(stream)
-        stream.synchronize()
+    out = replayed_from_graph(lambda: relattn.rel_pos_attention(q, k, v, th, tw, g))
     np.testing.assert_array_equal(from_dev(out), from_dev(first))
 
 

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.gpu
 import relattn  # noqa: E402
 from relattn import functional  # noqa: E402
 from relattn.backends import cupy_gpu as gpu  # noqa: E402
-from test_gpu import TOL, from_dev, make_case, reference, rel_l2, run_and_check, to_dev  # noqa: E402
+from test_gpu import (TOL, from_dev, make_case, reference, rel_l2, replayed_from_graph,  # noqa: E402
+                      run_and_check, to_dev)
 
 
 @pytest.fixture
@@ -243,18 +244,7 @@ def test_fused_call_captured_in_a_cuda_graph(sm90):
     (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((1, 2, 1024, 64)), "bfloat16") for _ in range(3))
     (th, _), (tw, _) = _tables(rng, 31, 127, 64, "bfloat16")
     first = relattn.rel_pos_attention(q, k, v, th, tw, qg)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        relattn.rel_pos_attention(q, k, v, th, tw, qg)
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            out = relattn.rel_pos_attention(q, k, v, th, tw, qg)
-        finally:
-            graph = stream.end_capture()
-        out.view(cupy.uint8).fill(0)
-        graph.launch(stream)
-        stream.synchronize()
+    out = replayed_from_graph(lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg))
     np.testing.assert_array_equal(from_dev(out), from_dev(first))
 
 
