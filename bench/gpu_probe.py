@@ -2,7 +2,7 @@
 split variants timed and checked.
 
     ncu --launch-skip 4 --launch-count 2 python bench/gpu_probe.py window bfloat16
-    python bench/gpu_probe.py splits
+    python bench/gpu_probe.py splits     (float32: the terms kernel, then the core per split)
 """
 import sys
 
@@ -41,6 +41,8 @@ if sys.argv[1] == "splits":
         q, k, v, rh, rw, gs = make(case, "float32")
         ref = relattn.rel_pos_attention(*(x.astype(cupy.float64) for x in (q, k, v, rh, rw)), gs).get()
         rel_h, rel_w = gpu.rel_terms_from_tables(q, rh, rw, gs, gs)
+        terms = gpu.terms_plan(q, rh, rw, gs, gs)
+        print(f"{case:7s} terms kernel: {gputime(lambda: terms(q, rh, rw)):.4f} ms (events)")
         D = q.shape[-1]
         for split in (3, 1):
             run = gpu._tf32_plan(q, k, v, rel_h, rel_w, gs[0], gs[1], True, D ** -0.5, split)

@@ -169,7 +169,7 @@ def test_portable_kernels_compile(tmp_path):
     names = [
         "relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>",
         "relattn_simt<float, 64, 2>", "relattn_simt<double, 80, 0>",
-        "relattn_relterms<1>", "relattn_relterms<2>",
+        "relattn_relterms<1, 64>", "relattn_relterms<2, 16>", "relattn_relterms<0, 32>",
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
         "relattn_tf32<64, 3, 1, 0>", "relattn_tf32<64, 3, 1, 1>", "relattn_tf32<80, 1, 2, 0>",
         "relattn_tf32<32, 3, 0, 1>", "relattn_tf32<128, 3, 2, 0>",

@@ -374,7 +374,9 @@ def test_sm90_is_chosen_for_head_dim_64():
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("grids", [((64, 64), (64, 64)), ((14, 14), (14, 14)), ((8, 12), (4, 6)),
-                                   ((6, 6), (6, 6), 15), ((1, 7), (1, 7))])
+                                   ((6, 6), (6, 6), 15), ((1, 7), (1, 7)),
+                                   # the float32 kernel's tiles: 32 columns; 16 columns over 2 row tiles
+                                   ((20, 24), (18, 30)), ((9, 40), (9, 12))])
 def test_rel_terms_from_tables(grids, dtype, tdtype):
     """The kernel's own table gather (and the resize when the table length
     differs from 2*max-1) equals rel_terms on get_rel_pos's tables."""

@@ -140,7 +140,7 @@ def read_cuda(name: str) -> str:
 
 def _names(kind: str, hd: int):
     if kind == "relterms":
-        return {dt: f"relattn_relterms<{dt}>" for dt in (0, 1, 2)}
+        return {(dt, bn): f"relattn_relterms<{dt}, {bn}>" for dt in (0, 1, 2) for bn in (16, 32, 64)}
     if kind == "relterms_mma":
         return {(dt, tt): f"relattn_relterms_mma<{dt}, {hd}, {tt}>" for dt in (0, 1) for tt in (0, 1, 2)}
     if kind in _HALF_NAMES:
@@ -775,6 +775,12 @@ def _table_preps(th, tw, mma):
     return ph, pw, _TABLE_TT[names[0]], aligned
 
 
+def _relterms_tile(k: int):
+    """(rows, columns) of relattn_relterms's output tile for key grids up to k
+    (the kernel's BM for its BN)."""
+    return (128, 16) if k <= 16 else (64, 32) if k <= 32 else (64, 64)
+
+
 def _terms_run(q, th, tw, q_size, k_size, idx_h, idx_w, resize=(None, None)):
     """``run(q, th, tw) -> (rel_h, rel_w)``: the terms kernel reading the rows of
     the (L, d) tables th / tw through the int32 index tables idx_h (qh, kh) and
@@ -798,8 +804,10 @@ def _terms_run(q, th, tw, q_size, k_size, idx_h, idx_w, resize=(None, None)):
     ex_w = tw if resize[1] is None else cupy.empty((resize[1], D), dtype=tw.dtype)
     ph, pw, tt, aligned = _table_preps(ex_h, ex_w, mma)
     BH = B * H
-    nblk_h = qh * ((BH * qw + 63) // 64) * ((kh + 63) // 64)
-    nblk_w = qw * ((BH * qh + 63) // 64) * ((kw + 63) // 64)
+    # output tile (rows, columns): the SIMT kernel narrows its columns for small grids
+    bm, bn = (64, 64) if mma else _relterms_tile(max(kh, kw))
+    nblk_h = qh * ((BH * qw + bm - 1) // bm) * ((kh + bn - 1) // bn)
+    nblk_w = qw * ((BH * qh + bm - 1) // bm) * ((kw + bn - 1) // bn)
     head = _ints(H, qh, qw, D, kh, kw) + tuple(_i64(s) for s in st) + _ints(BH, nblk_h)
     if mma:
         fn = _get_kernel("relterms_mma", _pad16(D), (dt, tt), 0)
@@ -807,7 +815,7 @@ def _terms_run(q, th, tw, q_size, k_size, idx_h, idx_w, resize=(None, None)):
         vec = D % 8 == 0 and all(s % 8 == 0 for s in st) and (pq is not _u16 or q.data.ptr % 16 == 0) and aligned
         tail, block = head + (np.int32(vec),), (128,)
     else:
-        fn = _get_kernel("relterms", 0, dt, 0)
+        fn = _get_kernel("relterms", 0, (dt, bn), 0)
         tail, block = head, (256,)
     grid = (nblk_h + nblk_w,)
     f32 = cupy.float32

@@ -906,7 +906,9 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
 // contiguous (rows, D), row kk of group grp at idx[grp * K + kk] (the int32
 // index table of get_rel_pos, or an identity index for gathered tables).
 // Grouped GEMM: group = y (rel_h, rows (bh, x)) or x (rel_w,
-// rows (bh, y)); 64 x 64 output tiles, 256 threads, 4 x 4 per thread.
+// rows (bh, y)); output tiles of BM x BN, 256 threads, 4 x CN per thread.
+// BN = 64 (BM 64) for large grids; 32 (BM 64) or 16 (BM 128) for small ones
+// (SAM's 14 x 14 windows: a 64-column tile would be 78% padding).
 template <int DT>
 __device__ __forceinline__ float ra_load_f32(const void* p, long long i) {
     if (DT == 2) return reinterpret_cast<const float*>(p)[i];
@@ -917,7 +919,7 @@ __device__ __forceinline__ float ra_load_f32(const void* p, long long i) {
     return f;
 }
 
-template <int DT>
+template <int DT, int BN>
 __global__ void __launch_bounds__(256)
 relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const float* __restrict__ Rw,
                  const int* __restrict__ idx_h, const int* __restrict__ idx_w,
@@ -925,9 +927,13 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
                  int H, int qh, int qw, int D, int kh, int kw,
                  long long qsb, long long qsh, long long qss, int BH, int nblk_h)
 {
-    __shared__ __align__(16) float sA[32][68];
-    __shared__ __align__(16) float sB[32][68];
-    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    constexpr int CN = (BN >= 64) ? 4 : 2;      // columns per thread
+    constexpr int TX = BN / CN, TY = 256 / TX;  // thread grid
+    constexpr int BM = 4 * TY;                  // rows per tile, 4 per thread
+    static_assert(TX * CN == BN && TX * TY == 256, "tile");
+    __shared__ __align__(16) float sA[32][BM + 4];
+    __shared__ __align__(16) float sB[32][BN + 4];
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
     const int Sq = qh * qw;
     int blk = blockIdx.x;
     const bool is_h = blk < nblk_h;
@@ -936,20 +942,20 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
     const int inner = is_h ? qw : qh;        // rows per bh within a group
     const int M = BH * inner;
     const int K = is_h ? kh : kw;
-    const int mtiles = (M + 63) / 64, ntiles = (K + 63) / 64;
+    const int mtiles = (M + BM - 1) / BM, ntiles = (K + BN - 1) / BN;
     const int grp = blk / (mtiles * ntiles);
     const int rem = blk - grp * (mtiles * ntiles);
-    const int m0 = (rem / ntiles) * 64, n0 = (rem % ntiles) * 64;
+    const int m0 = (rem / ntiles) * BM, n0 = (rem % ntiles) * BN;
     if (grp >= G) return;
     const float* T = is_h ? Rh : Rw;
     const int* idx = (is_h ? idx_h : idx_w) + (long long)grp * K;
     float* outp = is_h ? rel_h : rel_w;
 
     // q element offset / output offset of each block row (-1: past the end)
-    __shared__ long long sQoff[64];
-    __shared__ long long sOoff[64];
-    if (tid < 64) {
-        const int mr = m0 + tid;
+    __shared__ long long sQoff[BM];
+    __shared__ long long sOoff[BM];
+    for (int r = tid; r < BM; r += 256) {
+        const int mr = m0 + r;
         long long qo = -1, oo = -1;
         if (mr < M) {
             const int bh = mr / inner, w = mr - (mr / inner) * inner;
@@ -958,37 +964,47 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
             qo = b * qsb + h * qsh + (long long)i * qss;
             oo = ((long long)bh * Sq + i) * K;
         }
-        sQoff[tid] = qo;
-        sOoff[tid] = oo;
+        sQoff[r] = qo;
+        sOoff[r] = oo;
     }
 
-    float acc[4][4];
+    float acc[4][CN];
 #pragma unroll
     for (int a = 0; a < 4; ++a)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
+        for (int c = 0; c < CN; ++c) acc[a][c] = 0.f;
 
     for (int d0 = 0; d0 < D; d0 += 32) {
         __syncthreads();
+        const int dd = tid & 31, d = d0 + dd;
 #pragma unroll
-        for (int it = 0; it < 8; ++it) {
-            const int r = (tid >> 5) + it * 8, dd = tid & 31, d = d0 + dd;
+        for (int it = 0; it < BM / 8; ++it) {
+            const int r = (tid >> 5) + it * 8;
             const long long qo = sQoff[r];
             sA[dd][r] = (d < D && qo >= 0) ? ra_load_f32<DT>(q, qo + d) : 0.f;
-            const int kk = n0 + r;
+        }
+#pragma unroll
+        for (int it = 0; it < BN / 8; ++it) {
+            const int r = (tid >> 5) + it * 8, kk = n0 + r;
             sB[dd][r] = (d < D && kk < K) ? __ldg(T + (long long)__ldg(idx + kk) * D + d) : 0.f;
         }
         __syncthreads();
 #pragma unroll 8
-        for (int dd = 0; dd < 32; ++dd) {
-            const float4 a4 = *reinterpret_cast<const float4*>(&sA[dd][ty * 4]);
-            const float4 b4 = *reinterpret_cast<const float4*>(&sB[dd][tx * 4]);
+        for (int e = 0; e < 32; ++e) {
+            const float4 a4 = *reinterpret_cast<const float4*>(&sA[e][ty * 4]);
+            float bv[CN];
+            if constexpr (CN == 4) {
+                const float4 b4 = *reinterpret_cast<const float4*>(&sB[e][tx * 4]);
+                bv[0] = b4.x; bv[1] = b4.y; bv[2] = b4.z; bv[3] = b4.w;
+            } else {
+                const float2 b2 = *reinterpret_cast<const float2*>(&sB[e][tx * 2]);
+                bv[0] = b2.x; bv[1] = b2.y;
+            }
             const float av[4] = {a4.x, a4.y, a4.z, a4.w};
-            const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
             for (int a = 0; a < 4; ++a)
 #pragma unroll
-                for (int c = 0; c < 4; ++c) acc[a][c] = fmaf(av[a], bv[c], acc[a][c]);
+                for (int c = 0; c < CN; ++c) acc[a][c] = fmaf(av[a], bv[c], acc[a][c]);
         }
     }
     __syncthreads();
@@ -997,8 +1013,8 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
         const long long oo = sOoff[ty * 4 + a];
         if (oo < 0) continue;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int kk = n0 + tx * 4 + c;
+        for (int c = 0; c < CN; ++c) {
+            const int kk = n0 + tx * CN + c;
             if (kk < K) outp[oo + kk] = acc[a][c];
         }
     }
