@@ -36,7 +36,7 @@ def sm90(monkeypatch):
     why = _sm90.unavailable_reason()
     if why is not None:
         pytest.skip(f"sm_90a kernel unavailable: {why}")
-    for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE"):
+    for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST"):
         monkeypatch.delenv(name, raising=False)
     return _sm90
 
@@ -118,6 +118,53 @@ def test_ws_operand_layouts(layout, D, sm90):
 # ------------------------------------------------------------ fused terms
 def _tables(rng, rows_h, rows_w, D, dtype):
     return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
+
+PERSIST_CASES = [  # RELATTN_SM90_WS (None: default), B, H, q grid, k grid, head_dim, fused terms
+    (None, 2, 3, (9, 64), (5, 64), 64, False),          # partial row and key tiles
+    ("2,64,2,0,0", 2, 3, (9, 64), (7, 64), 64, False),  # 2 stages, 7 key tiles: ring positions cross tiles
+    ("2,128,3,1,240", 1, 3, (16, 64), (5, 64), 80, False),
+    ("3,64,4,1,160", 1, 2, (9, 64), (9, 64), 64, None),  # no terms
+    (None, 1, 2, (16, 64), (16, 64), 64, True),          # fused: tables loaded once per block
+    (None, 2, 2, (9, 64), (5, 64), 72, True),            # head_dim 72 read as 80 (two table passes)
+]
+
+
+@pytest.mark.parametrize("blocks", ["2", "3"])
+@pytest.mark.parametrize("case", PERSIST_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}-q{c[3][0]}-k{c[4][0]}-d{c[5]}-{c[6]}")
+def test_ws_persistent_blocks(case, blocks, sm90, monkeypatch):
+    """Blocks that loop over several row tiles (the K/V ring, Q's mbarriers,
+    the round robin and the fused tables carried from tile to tile; the
+    RELATTN_WS_PERSIST cap forces it on small problems) give the bits of one
+    block per tile, and the float64 result."""
+    cfg, B, H, qg, kg, D, fused = case
+    if cfg:
+        monkeypatch.setenv("RELATTN_SM90_WS", cfg)
+    dtype = "bfloat16"
+    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype) for g in (qg, kg, kg))
+    scale = D ** -0.5
+    if fused:
+        (th, _), (tw, _) = _tables(rng, 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1, D, dtype)
+        assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, scale) is not None
+        call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)  # noqa: E731
+        rh, rw = relattn.decomposed_rel_pos(qr, from_dev(th), from_dev(tw), qg, kg)
+    else:
+        hd = gpu._pad16(D)
+        assert gpu._sm90_config(hd, q.shape[2], k.shape[2], kg[0], kg[1], fused is not None, ws=True) is not None
+        if fused is None:
+            call = lambda: gpu.attention(q, k, v, None, None, kg, scale)  # noqa: E731
+            rh = rw = None
+        else:
+            (rhd, rh), (rwd, rw) = (to_dev(rng.standard_normal((B, H, q.shape[2], n)), "float32") for n in kg)
+            call = lambda: gpu.attention(q, k, v, rhd, rwd, kg, scale)  # noqa: E731
+    outs = {}
+    for p in ("0", blocks):
+        monkeypatch.setenv("RELATTN_WS_PERSIST", p)
+        functional._plans.clear()
+        outs[p] = from_dev(call())
+    np.testing.assert_array_equal(outs[blocks], outs["0"])
+    assert rel_l2(outs[blocks], reference(qr, kr, vr, rh, rw, kg, scale)) <= TOL[dtype]
+
 
 
 FUSED_CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1)

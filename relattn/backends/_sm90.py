@@ -377,9 +377,26 @@ def ws_usable(ptrs, strides, D: int) -> bool:
 
 
 def ws_launch_spec(B: int, H: int, Sq: int, hd: int, dt: int, cfg):
-    """(kernel, grid, block, shared bytes) of relattn_ws."""
+    """(kernel, grid, block, shared bytes, row tiles) of relattn_ws. The kernel
+    is persistent: each block loops over the row tiles blockIdx.x, + gridDim.x,
+    ...; the grid is one block per SM. RELATTN_WS_PERSIST (developers, tests):
+    "0" one block per tile, an integer n >= 2 at most n blocks."""
     nc, bn, rel, st, pp, rg = cfg
     fn = _get_named(ws_kernel_name(dt, hd, nc, bn, rel, st, pp, rg))
     bm = 64 * nc
-    return (fn, (B * H * ((Sq + bm - 1) // bm),), (128 * nc + (128 if rg else 32),),
-            ws_smem_bytes(hd, nc, bn, st, rel == 4))
+    ntot = B * H * ((Sq + bm - 1) // bm)
+    env = os.environ.get("RELATTN_WS_PERSIST", "1")
+    cap = ntot if env == "0" else int(env) if env.isdigit() and int(env) >= 2 else _sm_count()
+    grid = max(1, min(ntot, cap))
+    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel == 4), ntot
+
+
+def _sm_count() -> int:
+    """Multiprocessors of the current device (relattn_ws runs one block per SM)."""
+    import cupy
+
+    dev = cupy.cuda.Device()
+    n = _status.get(("sms", dev.id))
+    if n is None:
+        n = _status[("sms", dev.id)] = int(dev.attributes["MultiProcessorCount"])
+    return n

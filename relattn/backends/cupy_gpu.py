@@ -331,7 +331,7 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
     if not _sm90.ws_usable((16,), (qs, ks, vs), d8):
         return None
     try:
-        fn, grid, block, smem = _sm90.ws_launch_spec(B, H, Sq, hd, dt, cfg)
+        fn, grid, block, smem, ntot = _sm90.ws_launch_spec(B, H, Sq, hd, dt, cfg)
         _sm90.tensor_map(int(q.data.ptr) // 16 * 16, (B, H, Sq, d8), qs, 64 * nc)  # the driver takes these shapes
     except (_sm90.BuildError, ValueError, OSError, AttributeError) as exc:
         import warnings
@@ -339,6 +339,7 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
         warnings.warn(f"relattn: {exc}; using the wgmma kernel", RuntimeWarning, stacklevel=4)
         return None
     tail = _ints(H, Sq, Sk, d8, kh, kw)
+    ntot = _ints(ntot)[0]
     shape, dtype, u16 = (B, H, Sq, D), q.dtype, cupy.uint16
     padded = (B, H, Sq, d8) if d8 != D else None
     tmap = _sm90.tensor_map
@@ -363,7 +364,7 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
         out = cupy.empty(shape, dtype=dtype)
         ou = out.view(u16) if padded is None else cupy.empty(padded, dtype=u16)
         (qa, qb), (ka, kb), (va, vb) = tensor_maps(0, a.data.ptr), tensor_maps(1, b.data.ptr), tensor_maps(2, c.data.ptr)
-        args = (qa, ka, va, qb, kb, vb, *rel_args(x, y), ou, *tail, sc)
+        args = (qa, ka, va, qb, kb, vb, *rel_args(x, y), ou, *tail, sc, ntot)
         fn(grid, block, args, shared_mem=smem)
         if padded is not None:
             out.view(u16)[...] = ou[..., :D]
@@ -483,7 +484,7 @@ def _win_config(hd, Sq, kh, kw):
 # The environment variables read while planning (developer switches): part of
 # the plan cache key, so changing one takes effect on the next call.
 _KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE", "RELATTN_SM90", "RELATTN_SM90_CFG",
-          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE")
+          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST")
 
 
 def plan_key():

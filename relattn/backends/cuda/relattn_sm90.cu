@@ -367,6 +367,11 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 // 128-byte swizzle. HD == 80 (SAM-H) adds tq2 / tk2 / tv2: box 8 columns,
 // no swizzle, loaded at columns 64 and 72, so a tile is its 64-column swizzled
 // part (ROWS x 128 bytes) followed by two ROWS x 16-byte column blocks.
+// Persistent: block i computes the row tiles i, i + gridDim.x, ... of the ntot
+// (batch, head, row block) tiles (a grid of ntot blocks: one each). The K/V
+// ring runs on across a block's tiles, so the producer loads the next tile's
+// first K/V stages while the consumers finish the last one, and its Q once
+// they release Q (a fourth mbarrier); fused tables are loaded once per block.
 // ===========================================================================
 struct __align__(64) RaTmap { u64 w[16]; };
 
@@ -404,7 +409,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
            const u16* __restrict__ th, const u16* __restrict__ tw,
            const int* __restrict__ idx_h, const int* __restrict__ idx_w, int Lh, int Lw, int qw,
-           u16* __restrict__ out, int H, int Sq, int Sk, int D, int kh, int kw, float scale_log2)
+           u16* __restrict__ out, int H, int Sq, int Sk, int D, int kh, int kw, float scale_log2, int ntot)
 {
     constexpr int BM = 64 * NC;
     constexpr int NS = BN / 8;
@@ -422,7 +427,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         <= 227 * 1024 - 1024) ? 1 : 2;
     constexpr int GN = 128 / NH;
     constexpr int GS = GN + 8;
-    __shared__ __align__(8) u64 bars[2 * ST + 1];   // full[ST], empty[ST], Q
+    __shared__ __align__(8) u64 bars[2 * ST + 2];   // full[ST], empty[ST], Q full, Q empty
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
     const u32 sbase = (sraw + 1023u) & ~1023u;
@@ -430,12 +435,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // FT: the two tables (128 rows x 64 columns, 16-bit, swizzled) after the
     // stages, then a 64 x GS float32 scratch per consumer warpgroup
     const u32 sT = sKV + 2u * ST * TBYTES;
-    const u32 bfull = ra_smem_addr(bars), bempty = bfull + 8u * ST, bq = bfull + 16u * ST;
+    const u32 bfull = ra_smem_addr(bars), bempty = bfull + 8u * ST, bq = bfull + 16u * ST, bqe = bq + 8u;
 
     const int tid = threadIdx.x;
     const int mtiles = (Sq + BM - 1) / BM;
-    const int mt = blockIdx.x % mtiles, bh = blockIdx.x / mtiles;
-    const int b = bh / H, h = bh - b * H, m0 = mt * BM;
     const int ntiles = (Sk + BN - 1) / BN;
 
     if (tid == 0) {
@@ -445,6 +448,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             ra_mbar_init(bempty + 8u * s, NC * 4);
         }
         ra_mbar_init(bq, 1);
+        ra_mbar_init(bqe, NC * 4);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -453,25 +457,44 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         // ---- producer: the block's last warp (RG: warpgroup), one thread
         if (RG) ra_regs_dec<(NC == 2) ? 24 : 32>();
         if (tid == 128 * NC) {
-            ra_mbar_expect(bq, QBYTES);
-            ra_tma_load(sQ, &tq, bq, 0, m0, h, b);
-            if (SPL) {   // columns 64-71 and 72-79: ROWS x 16 bytes each
-                ra_tma_load(sQ + BM * 128u, &tq2, bq, 64, m0, h, b);
-                ra_tma_load(sQ + BM * 144u, &tq2, bq, 72, m0, h, b);
-            }
-            for (int n = 0; n < ntiles; ++n) {
-                const int s = n % ST;
-                if (n >= ST) ra_mbar_wait(bempty + 8u * s, ((n / ST) - 1) & 1);
-                const u32 dst = sKV + (u32)s * 2u * TBYTES;
-                ra_mbar_expect(bfull + 8u * s, 2u * TBYTES);
-                ra_tma_load(dst, &tk, bfull + 8u * s, 0, n * BN, h, b);
-                ra_tma_load(dst + TBYTES, &tv, bfull + 8u * s, 0, n * BN, h, b);
-                if (SPL) {
-                    ra_tma_load(dst + BN * 128u, &tk2, bfull + 8u * s, 64, n * BN, h, b);
-                    ra_tma_load(dst + BN * 144u, &tk2, bfull + 8u * s, 72, n * BN, h, b);
-                    ra_tma_load(dst + TBYTES + BN * 128u, &tv2, bfull + 8u * s, 64, n * BN, h, b);
-                    ra_tma_load(dst + TBYTES + BN * 144u, &tv2, bfull + 8u * s, 72, n * BN, h, b);
+            int it = 0;   // K/V tiles issued by this block (the ring's position)
+            int tc = 0;
+            for (int tile = blockIdx.x; tile < ntot; tile += gridDim.x, ++tc) {
+                const int mt = tile % mtiles, bh = tile / mtiles;
+                const int b = bh / H, h = bh - b * H, m0 = mt * BM;
+                auto load_kv = [&](int n) {
+                    const int gi = it + n, s = gi % ST;
+                    if (gi >= ST) ra_mbar_wait(bempty + 8u * s, ((gi / ST) - 1) & 1);
+                    const u32 dst = sKV + (u32)s * 2u * TBYTES;
+                    ra_mbar_expect(bfull + 8u * s, 2u * TBYTES);
+                    ra_tma_load(dst, &tk, bfull + 8u * s, 0, n * BN, h, b);
+                    ra_tma_load(dst + TBYTES, &tv, bfull + 8u * s, 0, n * BN, h, b);
+                    if (SPL) {
+                        ra_tma_load(dst + BN * 128u, &tk2, bfull + 8u * s, 64, n * BN, h, b);
+                        ra_tma_load(dst + BN * 144u, &tk2, bfull + 8u * s, 72, n * BN, h, b);
+                        ra_tma_load(dst + TBYTES + BN * 128u, &tv2, bfull + 8u * s, 64, n * BN, h, b);
+                        ra_tma_load(dst + TBYTES + BN * 144u, &tv2, bfull + 8u * s, 72, n * BN, h, b);
+                    }
+                };
+                auto load_q = [&]() {
+                    ra_mbar_expect(bq, QBYTES);
+                    ra_tma_load(sQ, &tq, bq, 0, m0, h, b);
+                    if (SPL) {   // columns 64-71 and 72-79: ROWS x 16 bytes each
+                        ra_tma_load(sQ + BM * 128u, &tq2, bq, 64, m0, h, b);
+                        ra_tma_load(sQ + BM * 144u, &tq2, bq, 72, m0, h, b);
+                    }
+                };
+                // later tiles: the first stages as soon as the ring has room,
+                // Q once the consumers released the previous tile's
+                const int pre = tc ? min(ntiles, ST) : 0;
+                if (!tc) load_q();
+                for (int n = 0; n < pre; ++n) load_kv(n);
+                if (tc) {
+                    ra_mbar_wait(bqe, (tc - 1) & 1);
+                    load_q();
                 }
+                for (int n = pre; n < ntiles; ++n) load_kv(n);
+                it += ntiles;
             }
         }
         return;
@@ -483,36 +506,20 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     const int wq = wt >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int lrow0 = c * 64 + wq * 16 + g;
-    const int rows[2] = {m0 + lrow0, m0 + lrow0 + 8};
 
+    // per row tile: the rows, their rel_h rows, rel_w (log2 domain), the output
+    // and the softmax statistics
+    int rows[2];
     const float* rh_row[2];
     float rwc[2][RB ? 16 : 1];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const int r = min(rows[rr], Sq - 1);
-        rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
-        if (REL == 1) {
-            const float* wrow = rel_w + ((long long)bh * Sq + r) * kw;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8 + 2 * t);
-                rwc[rr][RB ? 2 * j : 0] = w2.x * RA_LOG2E;
-                rwc[rr][RB ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
-            }
-        }
-    }
-
     float o[HD / 2];
-#pragma unroll
-    for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
-    float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
+    float m_run[2], l_run[2];
     u32 p[BN / 16][4];
     const u64 dQ = ra_desc(sQ + (u32)c * 64u * 128u, 16u, 1024u, 1);
     // SPL: this warpgroup's rows of the 16-column part (no swizzle: core
     // matrices of 8 rows x 16 bytes, the two 8-column boxes BM * 16 bytes
     // apart along K, 8-row groups 128 bytes apart)
     const u64 dQB = ra_desc(sQ + BM * 128u + (u32)c * 64u * 16u, BM * 16u, 128u, 0);
-    if (PP && c == NC - 1) ra_bar_arrive(1, 128 * 2);   // consumer 0 goes first
 
     // FT: rel_w[i, kx] = q_i . Tw[idx_w[x_i, kx]] and rel_h likewise, as
     // G = Q T^T over the table rows (wgmma, float32) gathered through the
@@ -520,7 +527,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     float* sG = reinterpret_cast<float*>(ra_smem_raw + (sbase - sraw) + QBYTES + 2 * ST * TBYTES + 2 * TABBYTES)
                 + c * 64 * GS;
     float* gRow[2] = {sG + (wq * 16 + g) * GS, sG + (wq * 16 + g + 8) * GS};
-    if (FT) {
+    if (FT) {   // the two tables, once per block
         constexpr int CH = HD / 8;
         for (int i = tid; i < 2 * 128 * CH; i += 128 * NC) {
             const int tb = i / (128 * CH), r = (i / CH) & 127, ch = i % CH;
@@ -531,79 +538,32 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             ra_cp_async16(sT + (u32)tb * TABBYTES + off, ok ? src + (long long)r * D + ch * 8 : src, ok ? 16 : 0);
         }
         ra_cp_commit();
-        // the table rows each value needs (index tables read while the tables land)
-        int cw[2][16], chh[2][16];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const int r = min(rows[rr], Sq - 1);
-            const int qy = r / qw, qx = r - qy * qw;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                cw[rr][j] = __ldg(idx_w + qx * 64 + (j >> 1) * 8 + 2 * t + (j & 1));
-                const int ky = t + 4 * j;
-                chh[rr][j] = (ky < kh) ? __ldg(idx_h + qy * kh + ky) : -1;
-            }
-        }
         ra_cp_wait<0>();
         ra_fence_proxy_async();
         ra_bar_sync(NC + 1, 128 * NC);   // both tables in place for every consumer
-        ra_mbar_wait(bq, 0);
-        // G = Q T^T over GN table rows per pass (NH passes: the whole table, or
-        // halves when shared memory is short), each value gathered in the pass
-        // that holds its table row
-        auto gemm_part = [&](u32 table, int part) {
-            float acc[GN / 2];
-            const u64 dT = ra_desc(table + (u32)part * GN * 128u, 16u, 1024u, 1);
-            ra_wg_fence();
-#pragma unroll
-            for (int ks = 0; ks < 4; ++ks) RaWg<DT, GN>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
-            if (SPL) RaWg<DT, GN>::ss(acc, dQB, ra_desc(table + 128u * 128u + (u32)part * GN * 16u, 128u * 16u, 128u, 0), 1);
-            ra_wg_commit();
-            ra_wg_wait<0>();
-            if (NH > 1) ra_bar_sync(NC + 2 + c, 128);   // the previous pass's reads of the scratch are done
-#pragma unroll
-            for (int j = 0; j < GN / 8; ++j)
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr)
-                    *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) =
-                        make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
-            ra_bar_sync(NC + 2 + c, 128);
-        };
-        float hv[2][16];
-#pragma unroll
-        for (int part = 0; part < NH; ++part) {
-            gemm_part(sT + TABBYTES, part);   // rel_w: this thread's 16 columns
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    const int col = cw[rr][j];
-                    if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
-                }
-        }
-        if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
-#pragma unroll
-        for (int part = 0; part < NH; ++part) {
-            gemm_part(sT, part);              // rel_h: key rows t, t + 4, ...
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                for (int m = 0; m < 16; ++m) {
-                    const int col = chh[rr][m];
-                    if (part == 0) hv[rr][m] = 0.f;
-                    if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
-                }
-        }
-        ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
-        // rel_h (log2 domain) of each row in its scratch row, read per key tile
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-            for (int m = 0; m < 16; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
-        __syncwarp();
-    } else {
-        ra_mbar_wait(bq, 0);
     }
+
+    // G = Q T^T over GN table rows per pass (NH passes: the whole table, or
+    // halves when shared memory is short), each value gathered in the pass
+    // that holds its table row
+    auto gemm_part = [&](u32 table, int part) {
+        float acc[GN / 2];
+        const u64 dT = ra_desc(table + (u32)part * GN * 128u, 16u, 1024u, 1);
+        ra_wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) RaWg<DT, GN>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
+        if (SPL) RaWg<DT, GN>::ss(acc, dQB, ra_desc(table + 128u * 128u + (u32)part * GN * 16u, 128u * 16u, 128u, 0), 1);
+        ra_wg_commit();
+        ra_wg_wait<0>();
+        if (NH > 1) ra_bar_sync(NC + 2 + c, 128);   // the previous pass's reads of the scratch are done
+#pragma unroll
+        for (int j = 0; j < GN / 8; ++j)
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+                *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) =
+                    make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
+        ra_bar_sync(NC + 2 + c, 128);
+    };
 
     // bias, mask and online softmax of S(n) (log2 domain); alpha: the output's factor
     auto softmax_tile = [&](float* s, int n, float* alpha) {
@@ -652,14 +612,15 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             p[kk][3] = ra_pack<DT>(s[8 * kk + 6], s[8 * kk + 7]);
         }
     };
-    auto issue_s = [&](float* s, int n) {
-        const u64 dK = ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES, 16u, 1024u, 1);
+    // gi: the K/V tile's position in the block's ring sequence
+    auto issue_s = [&](float* s, int gi) {
+        const u64 dK = ra_desc(sKV + (u32)(gi % ST) * 2u * TBYTES, 16u, 1024u, 1);
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) RaWg<DT, BN>::ss(s, dQ + ks * 2, dK + ks * 2, ks > 0 ? 1 : 0);
-        if (SPL) RaWg<DT, BN>::ss(s, dQB, ra_desc(sKV + (u32)(n % ST) * 2u * TBYTES + BN * 128u, BN * 16u, 128u, 0), 1);
+        if (SPL) RaWg<DT, BN>::ss(s, dQB, ra_desc(sKV + (u32)(gi % ST) * 2u * TBYTES + BN * 128u, BN * 16u, 128u, 0), 1);
     };
-    auto issue_pv = [&](int n) {
-        const u32 vb = sKV + (u32)(n % ST) * 2u * TBYTES + TBYTES;
+    auto issue_pv = [&](int gi) {
+        const u32 vb = sKV + (u32)(gi % ST) * 2u * TBYTES + TBYTES;
         const u64 dV = ra_desc(vb, 8192u, 1024u, 1);
         // SPL: the 16-column part read N-major: 8-key groups 128 bytes apart,
         // the two 8-column boxes BN * 16 bytes apart
@@ -670,66 +631,156 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             if (SPL) RaWg<DT, 16>::rs(o + 32, p[kk], dVB + kk * 16, 1);
         }
     };
+    auto release = [&](u32 bar) {   // one arrival per consumer warp
+        __syncwarp();
+        if (lane == 0) ra_mbar_arrive(bar);
+    };
     auto turn_wait = [&]() { if (PP) ra_bar_sync(1 + c, 128 * 2); };
     auto turn_pass = [&](bool final_turn) {
         if (PP && !(final_turn && c == NC - 1)) ra_bar_arrive(1 + (c + 1) % NC, 128 * 2);
     };
 
-    // Tile 0: S(0) alone. Tile n > 0: S(n) = Q K(n)^T and O += P(n-1) V(n-1)
-    // as two commit groups; the softmax of S(n) runs while P V is still on the
-    // tensor cores (wait<1>), the output is rescaled after it (wait<0>). Then
-    // the trailing P V. (No branch around a wgmma: ptxas would serialise them.)
-    {
-        float s[BN / 2], alpha[2];
-        ra_mbar_wait(bfull, 0);
-        turn_wait();
-        ra_wg_fence();
-        issue_s(s, 0);
-        ra_wg_commit();
-        turn_pass(false);
-        ra_wg_wait<0>();
-        softmax_tile(s, 0, alpha);
-        pack_p(s);
-    }
-    for (int n = 1; n < ntiles; ++n) {
-        float s[BN / 2], alpha[2];
-        ra_mbar_wait(bfull + 8u * (u32)(n % ST), (u32)((n / ST) & 1));
-        turn_wait();
-        ra_wg_fence();
-        issue_s(s, n);
-        ra_wg_commit();
-        issue_pv(n - 1);
-        ra_wg_commit();
-        turn_pass(false);
-        ra_wg_wait<1>();
-        softmax_tile(s, n, alpha);
-        ra_wg_wait<0>();
-        // every wgmma of this warpgroup reading stage n - 1 is complete
-        __syncwarp();
-        if (lane == 0) ra_mbar_arrive(bempty + 8u * (u32)((n - 1) % ST));
-        ra_rescale<HD / 8>(o, alpha);
-        pack_p(s);
-    }
-    turn_wait();
-    ra_wg_fence();
-    issue_pv(ntiles - 1);
-    ra_wg_commit();
-    turn_pass(true);
-    ra_wg_wait<0>();
+    int it = 0;   // K/V tiles consumed by this block
+    int tc = 0;
+    for (int tile = blockIdx.x; tile < ntot; tile += gridDim.x, ++tc) {
+        const int mt = tile % mtiles, bh = tile / mtiles, m0 = mt * BM;
+        rows[0] = m0 + lrow0;
+        rows[1] = m0 + lrow0 + 8;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = min(rows[rr], Sq - 1);
+            rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
+            if (REL == 1) {
+                const float* wrow = rel_w + ((long long)bh * Sq + r) * kw;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8 + 2 * t);
+                    rwc[rr][RB ? 2 * j : 0] = w2.x * RA_LOG2E;
+                    rwc[rr][RB ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            m_run[rr] = -RA_INF;
+            l_run[rr] = 0.f;
+        }
+        if (PP && c == NC - 1) ra_bar_arrive(1, 128 * 2);   // consumer 0 goes first
 
-    // ---- finalize and store
-    u16* ob = out + (long long)bh * Sq * D;
+        if (FT) {
+            // the table rows each value needs (index tables read while Q lands)
+            int cw[2][16], chh[2][16];
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const float inv = ra_row_inv(l_run[rr]);
-        const int r = rows[rr];
-        if (r < Sq) {
+            for (int rr = 0; rr < 2; ++rr) {
+                const int r = min(rows[rr], Sq - 1);
+                const int qy = r / qw, qx = r - qy * qw;
 #pragma unroll
-            for (int d = 0; d < HD / 8; ++d) {
-                const int col = d * 8 + 2 * t;
-                if (col < D)
-                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
-                        ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+                for (int j = 0; j < 16; ++j) {
+                    cw[rr][j] = __ldg(idx_w + qx * 64 + (j >> 1) * 8 + 2 * t + (j & 1));
+                    const int ky = t + 4 * j;
+                    chh[rr][j] = (ky < kh) ? __ldg(idx_h + qy * kh + ky) : -1;
+                }
+            }
+            ra_mbar_wait(bq, tc & 1);
+            float hv[2][16];
+#pragma unroll
+            for (int part = 0; part < NH; ++part) {
+                gemm_part(sT + TABBYTES, part);   // rel_w: this thread's 16 columns
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int j = 0; j < 16; ++j) {
+                        const int col = cw[rr][j];
+                        if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
+                    }
+            }
+            if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
+#pragma unroll
+            for (int part = 0; part < NH; ++part) {
+                gemm_part(sT, part);              // rel_h: key rows t, t + 4, ...
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int m = 0; m < 16; ++m) {
+                        const int col = chh[rr][m];
+                        if (part == 0) hv[rr][m] = 0.f;
+                        if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
+                    }
+            }
+            ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
+            // rel_h (log2 domain) of each row in its scratch row, read per key tile
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                for (int m = 0; m < 16; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
+            __syncwarp();
+        } else {
+            ra_mbar_wait(bq, tc & 1);
+        }
+
+        // Tile 0: S(0) alone. Tile n > 0: S(n) = Q K(n)^T and O += P(n-1) V(n-1)
+        // as two commit groups; the softmax of S(n) runs while P V is still on the
+        // tensor cores (wait<1>), the output is rescaled after it (wait<0>). Then
+        // the trailing P V. (No branch around a wgmma: ptxas would serialise them.)
+        {
+            float s[BN / 2], alpha[2];
+            ra_mbar_wait(bfull + 8u * (u32)(it % ST), (u32)((it / ST) & 1));
+            turn_wait();
+            ra_wg_fence();
+            issue_s(s, it);
+            ra_wg_commit();
+            turn_pass(false);
+            ra_wg_wait<0>();
+            softmax_tile(s, 0, alpha);
+            pack_p(s);
+        }
+        for (int n = 1; n < ntiles; ++n) {
+            const int gi = it + n;
+            float s[BN / 2], alpha[2];
+            ra_mbar_wait(bfull + 8u * (u32)(gi % ST), (u32)((gi / ST) & 1));
+            turn_wait();
+            ra_wg_fence();
+            issue_s(s, gi);
+            ra_wg_commit();
+            issue_pv(gi - 1);
+            ra_wg_commit();
+            turn_pass(false);
+            ra_wg_wait<1>();
+            softmax_tile(s, n, alpha);
+            ra_wg_wait<0>();
+            // every wgmma of this warpgroup reading the previous stage is complete
+            release(bempty + 8u * (u32)((gi - 1) % ST));
+            ra_rescale<HD / 8>(o, alpha);
+            pack_p(s);
+        }
+        turn_wait();
+        ra_wg_fence();
+        issue_pv(it + ntiles - 1);
+        ra_wg_commit();
+        turn_pass(true);
+        ra_wg_wait<0>();
+        // the last stage and Q are free: the producer may refill them while
+        // this tile's output is stored
+        release(bempty + 8u * (u32)((it + ntiles - 1) % ST));
+        release(bqe);
+        it += ntiles;
+
+        // ---- finalize and store
+        u16* ob = out + (long long)bh * Sq * D;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const float inv = ra_row_inv(l_run[rr]);
+            const int r = rows[rr];
+            if (r < Sq) {
+#pragma unroll
+                for (int d = 0; d < HD / 8; ++d) {
+                    const int col = d * 8 + 2 * t;
+                    if (col < D)
+                        *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
+                            ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+                }
             }
         }
     }
