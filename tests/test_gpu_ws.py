@@ -11,14 +11,8 @@ import zlib
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-
-try:
-    _NDEV = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver / no device
-    _NDEV = 0
-if _NDEV < 1:
-    pytest.skip("no usable CUDA device", allow_module_level=True)
+# test_gpu skips the whole module where CuPy or a CUDA device is missing
+from test_gpu import cupy  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

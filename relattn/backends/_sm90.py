@@ -324,7 +324,6 @@ def ws_kernel_name(dt: int, hd: int, nc: int, bn: int, rel: int, st: int, pp: in
 
 
 _TMAP_ENCODE: list = []
-_TMAP_DTYPE = None
 
 
 def _tmap_encoder():

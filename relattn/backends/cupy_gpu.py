@@ -304,7 +304,7 @@ def _ints(*values):
 
 def _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=False):
     """(nwg, bn, rel, stages) of the Hopper wgmma kernel for this problem (with
-    ``ws``: (nc, bn, rel, stages, pp) of the warp-specialised one), or None
+    ``ws``: (nc, bn, rel, stages, pp, rg) of the warp-specialised one), or None
     (another GPU, RELATTN_SM90=0, or shared memory too small for the terms)."""
     from relattn.backends import _sm90
 
