@@ -184,12 +184,16 @@ def time_fused():
         row = {}
         for label, env in (("fused", {}), ("ws+terms", {"RELATTN_SM90_FUSE": "0"}),
                            ("wg+terms", {"RELATTN_SM90_WS": "0"})):
+            saved = {key: os.environ.get(key) for key in env}
             os.environ.update(env)
             call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g))  # noqa: E731
             call()
             row[label] = graph_time_cupy(call)
-            for key in env:
-                os.environ.pop(key)
+            for key, val in saved.items():
+                if val is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = val
         tq, tk, tv = (torch.randn(B, H, g * g, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         row["flash"] = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
         print(f"[time-fused] {name}: " + ", ".join(f"{kk}={vv:.4f}" for kk, vv in row.items())
