@@ -54,35 +54,46 @@ __device__ __forceinline__ void ra_split_key(int key, int kw, float inv_kw, int&
 // ---- online softmax, shared by the tensor-core attention kernels
 // A thread holds two query rows (rr = 0, 1) of an m16 mma fragment: scores
 // s[4 j + 2 rr + e] for j < NB blocks of 8 keys (e = 0, 1), in the log2
-// domain but still without off[rr], a per-row constant part of the logit
-// (rel_h when the tile is one key row: added to the row maximum here rather
-// than to every score). The rest of a row lives in the lanes sharing lane / 4.
-// Updates the running maximum and sum, overwrites s with the probabilities
-// exp2(s + off - m) and returns in alpha[rr] the factor for the running
-// output: exactly 1 when the row maximum did not change.
-template <int NB>
+// domain but still without off[rr * NU + u], a constant part of the logit of
+// row rr over the blocks u * NB / NU ... (u + 1) * NB / NU - 1 (rel_h when
+// those keys are one key row: added to the unit's maximum and shift here
+// rather than to every score). The rest of a row lives in the lanes sharing
+// lane / 4. Updates the running maximum and sum, overwrites s with the
+// probabilities exp2(s + off - m) and returns in alpha[rr] the factor for the
+// running output: exactly 1 when the row maximum did not change.
+template <int NB, int NU = 1>
 __device__ __forceinline__ void ra_online_softmax(float* s, const float* off, float* m_run, float* l_run,
                                                   float* alpha) {
+    constexpr int JU = NB / NU;   // blocks per unit
+    static_assert(JU * NU == NB, "units of whole 8-key blocks");
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         float mx = -RA_INF;
 #pragma unroll
-        for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * rr], s[4 * j + 2 * rr + 1]));
+        for (int u = 0; u < NU; ++u) {
+            float mu = -RA_INF;
+#pragma unroll
+            for (int j = u * JU; j < (u + 1) * JU; ++j) mu = fmaxf(mu, fmaxf(s[4 * j + 2 * rr], s[4 * j + 2 * rr + 1]));
+            mx = fmaxf(mx, mu + off[rr * NU + u]);
+        }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[rr], mx + off[rr]);
+        const float m_new = fmaxf(m_run[rr], mx);
         const float m_use = (m_new == -RA_INF) ? 0.f : m_new;
         alpha[rr] = (m_new == m_run[rr]) ? 1.f : ra_exp2(m_run[rr] - m_use);
         m_run[rr] = m_new;
-        const float shift = m_use - off[rr];
         float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < NB; ++j) {
-            const float p0 = ra_exp2(s[4 * j + 2 * rr] - shift);
-            const float p1 = ra_exp2(s[4 * j + 2 * rr + 1] - shift);
-            s[4 * j + 2 * rr] = p0;
-            s[4 * j + 2 * rr + 1] = p1;
-            sum += p0 + p1;
+        for (int u = 0; u < NU; ++u) {
+            const float shift = m_use - off[rr * NU + u];
+#pragma unroll
+            for (int j = u * JU; j < (u + 1) * JU; ++j) {
+                const float p0 = ra_exp2(s[4 * j + 2 * rr] - shift);
+                const float p1 = ra_exp2(s[4 * j + 2 * rr + 1] - shift);
+                s[4 * j + 2 * rr] = p0;
+                s[4 * j + 2 * rr + 1] = p1;
+                sum += p0 + p1;
+            }
         }
         l_run[rr] = l_run[rr] * alpha[rr] + sum;
     }

@@ -269,7 +269,6 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
                     for (int e = 0; e < 2; ++e) {
                         float bias = 0.f;
                         if (RREG) bias = rwc[rr][RREG ? 2 * (j % RW8) + e : 0];
-                        if (RREG && NU > 1) bias += rh1[rr][RREG ? j / RW8 : 0];
                         s[4 * j + 2 * rr + e] = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
                     }
             if (j0 + BN > Sk) {
@@ -284,13 +283,15 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
             }
         }
 
-        // ---- online softmax (a row's scores live in the 4 lanes sharing g)
-        float off[2] = {0.f, 0.f}, alpha[2];
-        if (RREG && NU == 1) {
-            off[0] = rh1[0][0];
-            off[1] = rh1[1][0];
-        }
-        ra_online_softmax<NS>(s, off, m_run, l_run, alpha);
+        // ---- online softmax (a row's scores live in the 4 lanes sharing g);
+        // REL 2 carries rel_h in the scores, REL 1 / 3 per key row in off
+        constexpr int NUO = (REL == 2) ? 1 : NU;
+        float off[2 * NUO], alpha[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int u = 0; u < NUO; ++u) off[rr * NUO + u] = RREG ? rh1[rr][u] : 0.f;
+        ra_online_softmax<NS, NUO>(s, off, m_run, l_run, alpha);
         ra_rescale<HD / 8>(o, alpha);
 
         // ---- O += P V
@@ -583,7 +584,6 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                 for (int e = 0; e < 2; ++e) {
                     float bias = 0.f;
                     if (RB) bias = rwc[rr][RB ? 2 * (j % 8) + e : 0];
-                    if (RB && NU > 1) bias += rh1[rr][j / 8];
                     s[4 * j + 2 * rr + e] = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
                 }
         if (j0 + BN > Sk) {
@@ -596,12 +596,13 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         s[4 * j + 2 + e] = -RA_INF;
                     }
         }
-        float off[2] = {0.f, 0.f};
-        if (RB && NU == 1) {
-            off[0] = rh1[0][0];
-            off[1] = rh1[1][0];
-        }
-        ra_online_softmax<NS>(s, off, m_run, l_run, alpha);
+        // rel_h per key row of the tile: added to the maximum and the shift
+        float off[2 * NU];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int u = 0; u < NU; ++u) off[rr * NU + u] = RB ? rh1[rr][u] : 0.f;
+        ra_online_softmax<NS, NU>(s, off, m_run, l_run, alpha);
     };
     auto pack_p = [&](const float* s) {
 #pragma unroll
