@@ -171,8 +171,9 @@ def test_portable_kernels_compile(tmp_path):
         "relattn_simt<float, 64, 2>", "relattn_simt<double, 80, 0>",
         "relattn_relterms<1, 64>", "relattn_relterms<2, 16>", "relattn_relterms<0, 32>",
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
-        "relattn_tf32<64, 3, 1, 0>", "relattn_tf32<64, 3, 1, 1>", "relattn_tf32<80, 1, 2, 0>",
-        "relattn_tf32<32, 3, 0, 1>", "relattn_tf32<128, 3, 2, 0>",
+        "relattn_tf32<64, 3, 1, 0, 0>", "relattn_tf32<64, 3, 1, 1, 0>", "relattn_tf32<80, 1, 2, 0, 0>",
+        "relattn_tf32<32, 3, 0, 1, 0>", "relattn_tf32<128, 3, 2, 0, 0>",
+        "relattn_tf32<64, 3, 1, 0, 1>", "relattn_tf32<80, 3, 2, 0, 1>", "relattn_tf32<96, 3, 0, 0, 1>",
         "relattn_win<1, 64, 16, 0>", "relattn_win<0, 80, 32, 0>", "relattn_win<1, 128, 16, 0>",
         "relattn_win<1, 64, 16, 1>", "relattn_win<0, 80, 16, 1>", "relattn_win<1, 128, 16, 1>",
     ]

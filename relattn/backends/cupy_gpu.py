@@ -147,8 +147,9 @@ def _names(kind: str, hd: int):
         dt = 1 if kind == "bfloat16" else 0
         return {(rel, mw): f"relattn_mma<{dt}, {hd}, {mw}, {rel}>" for rel in (0, 1, 2) for mw in (1, 2)}
     if kind == "tf32":
-        return {(split, rel, safe): f"relattn_tf32<{hd}, {split}, {rel}, {safe}>"
-                for split in (1, 3) for rel in (0, 1, 2) for safe in ((0, 1) if split == 3 else (0,))}
+        return {(split, rel, safe, sh): f"relattn_tf32<{hd}, {split}, {rel}, {safe}, {sh}>"
+                for split in (1, 3) for rel in (0, 1, 2) for safe in ((0, 1) if split == 3 else (0,))
+                for sh in ((0, 1) if split == 3 and not safe and hd <= _TF32_SH_MAX_HD else (0,))}
     if kind == "win":
         return {(dt, kwp, fuse): f"relattn_win<{dt}, {hd}, {kwp}, {fuse}>"
                 for dt in (0, 1) for kwp in (16, 32) for fuse in ((0, 1) if kwp == 16 else (0,))}
@@ -484,7 +485,7 @@ def _win_config(hd, Sq, kh, kw):
 # The environment variables read while planning (developer switches): part of
 # the plan cache key, so changing one takes effect on the next call.
 _KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE", "RELATTN_SM90", "RELATTN_SM90_CFG",
-          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST")
+          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST", "RELATTN_TF32_SH")
 
 
 def plan_key():
@@ -672,8 +673,24 @@ def _tf32_ok():
 _TF32_OK: dict = {}
 
 
+# relattn_tf32's SH variant (8 warps, K / V split once per block into shared
+# memory) up to this padded head_dim (its shared memory: 208 KB at 96)
+_TF32_SH_MAX_HD = 96
+
+
+def tf32_smem_bytes(hd: int, sh: int) -> int:
+    """Shared memory of relattn_tf32: Q and two raw K/V stages (rows padded as
+    in the kernel), or with ``sh`` 128 Q rows, one raw stage and the split
+    stage (uint4 rows of hd / 2 + 4 per key, hd + 2 per key pair)."""
+    raw = 64 * (hd + 8) + 64 * (hd + 4)
+    if not sh:
+        return (64 * (hd + 8) + 2 * raw) * 4
+    return (128 * (hd + 8) + raw) * 4 + (64 * (hd // 2 + 4) + 32 * (hd + 2)) * 16
+
+
 def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
-    """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1)."""
+    """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1).
+    3xTF32 runs the SH variant where it fits (RELATTN_TF32_SH=0: never)."""
     import cupy
     import numpy as np
 
@@ -684,12 +701,16 @@ def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     (pq, qs), (pk, ks), (pv, vs) = (_operand_prep(x, d4, 4) for x in (q, k, v))
     ph, pw, dummy = _rel_preps(rel_h, rel_w, has_rel, "float32")
     rel = (1 if kw == 64 else 2) if has_rel else 0
-    # Q + two K/V stages, float32 rows padded as in relattn_tf32
-    smem = (64 * (hd + 8) + 2 * (64 * (hd + 8) + 64 * (hd + 4))) * 4
+    sh = int(split == 3 and hd <= _TF32_SH_MAX_HD and os.environ.get("RELATTN_TF32_SH") != "0")
+    smem = tf32_smem_bytes(hd, 0)
     nblocks = B * H * ((Sq + 63) // 64)
     # 3xTF32: a second, IEEE-safe pass over the blocks the first one flagged
-    # (non-finite inputs; see relattn_tf32); the flags need no clearing
-    fns = [_get_kernel("tf32", hd, (split, rel, safe), smem) for safe in ((0, 1) if split == 3 else (0,))]
+    # (non-finite inputs; see relattn_tf32; flags per 64 rows either way); the
+    # flags need no clearing
+    launches = [(_get_kernel("tf32", hd, (split, rel, 0, sh), tf32_smem_bytes(hd, sh)),
+                 B * H * ((Sq + 127) // 128) if sh else nblocks, 256 if sh else 128, tf32_smem_bytes(hd, sh))]
+    if split == 3:
+        launches.append((_get_kernel("tf32", hd, (split, rel, 1, 0), smem), nblocks, 128, smem))
     tail = _core_tail(H, Sq, Sk, d4, kh, kw, (*qs, *ks, *vs)) + (
         np.float32(float(scale) * _LOG2E), np.float32(1.0 / kw))
     shape = (B, H, Sq, D)
@@ -702,8 +723,8 @@ def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
         flags = cupy.empty((nblocks,), dtype=i32) if split == 3 else of
         rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
         args = (pq(q), pk(k), pv(v), rh, rw, of, flags) + tail
-        for fn in fns:
-            fn((nblocks,), (128,), args, shared_mem=smem)
+        for fn, grid, nt, sm in launches:
+            fn((grid,), (nt,), args, shared_mem=sm)
         if padded is not None:
             out[...] = of[..., :D]
         return out

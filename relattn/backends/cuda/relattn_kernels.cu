@@ -1277,8 +1277,15 @@ __device__ __forceinline__ void ra_mma_split(float (*c)[4], const u32* ab, const
 // first pass writes flags[block] (also when the true result is non-finite:
 // the second pass then reproduces it exactly); the second pass leaves
 // unflagged blocks at once.
-template <int HD, int SPLIT, int REL, int SAFE>
-__global__ void __launch_bounds__(128)
+// SH (SPLIT 3, not SAFE): 8 warps x 16 rows per block, and each K / V tile is
+// split once per block into shared memory (the warps of SH 0 each split every
+// element they read): the raw tile lands by cp.async, the block splits it
+// into a stage of uint4 fragments (K: big c, big c + 1, small c, small c + 1
+// per key and column pair; V: big, big, small, small of keys 2 t, 2 t + 1 per
+// key pair and column), then loads the next raw tile while it computes. The
+// flags are written per 64 rows, as the SH 0 grid of the SAFE pass reads them.
+template <int HD, int SPLIT, int REL, int SAFE, int SH>
+__global__ void __launch_bounds__(SH ? 256 : 128)
 relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
              const float* __restrict__ rel_h, const float* __restrict__ rel_w,
              float* __restrict__ out, int* __restrict__ flags,
@@ -1288,17 +1295,25 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
              long long vsb, long long vsh, long long vss,
              float scale_log2, float inv_kw)
 {
-    constexpr int BM = 64, BN = 64;
+    static_assert(!SH || (SPLIT == 3 && !SAFE), "SH: the fast 3xTF32 pass");
+    constexpr int NT = SH ? 256 : 128;
+    constexpr int BM = NT / 2, BN = 64;    // 16 rows per warp
     constexpr int QROW = HD + 8;           // Q / K rows: float2 fragments on distinct banks
     constexpr int VROW = HD + 4;           // V rows: banks 8 t + g
     constexpr int KT = BN * QROW, VT = BN * VROW;
     constexpr int ND = HD / 8;             // output column blocks
+    // SH: split stage rows in uint4, padded so a quarter warp's 16-byte loads
+    // meet distinct banks (K: rows g, g + 1 64 bytes apart mod 128; V: key
+    // pairs t 32 bytes apart)
+    constexpr int KSROW = HD / 2 + 4, VSROW = HD + 2;
 
     if (SAFE && flags[blockIdx.x] == 0) return;
 
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     float* sQ = reinterpret_cast<float*>(ra_smem_raw);
-    float* sKV = sQ + BM * QROW;           // stage s: K at sKV + s (KT + VT), V after it
+    float* sKV = sQ + BM * QROW;           // stage s: K at sKV + s (KT + VT), V after it (SH: one stage)
+    uint4* sKs = reinterpret_cast<uint4*>(sKV + (SH ? 1 : 2) * (KT + VT));
+    uint4* sVs = sKs + BN * KSROW;
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
@@ -1313,9 +1328,10 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
     const float* kb = k + b * ksb + h * ksh;
     const float* vb = v + b * vsb + h * vsh;
 
-    auto load_rows = [&](float* dst, int drow, const float* src, long long sstride, int row0, int nrows) {
+    auto load_rows = [&](float* dst, int drow, const float* src, long long sstride, int row0, int nrows,
+                         int count = 64) {
         constexpr int CH = HD / 4;         // 16-byte chunks per row
-        for (int c = tid; c < 64 * CH; c += 128) {
+        for (int c = tid; c < count * CH; c += NT) {
             const int r = c / CH, col = (c - (c / CH) * CH) * 4;
             const int row = row0 + r;
             const bool ok = (row < nrows) && (col < D);
@@ -1330,8 +1346,27 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
         ra_cp_commit();
     };
 
-    load_rows(sQ, QROW, qb, qss, m0, Sq);
+    load_rows(sQ, QROW, qb, qss, m0, Sq, BM);
     load_tile(0, 0);   // the Q copies join this commit group
+    // SH: the raw tile -> the split stage (every element once per block)
+    auto split_tile = [&]() {
+        constexpr int CP = HD / 2;
+        for (int i = tid; i < BN * CP; i += NT) {
+            const int key = i / CP, cp = i - (i / CP) * CP;
+            const float2 x2 = *reinterpret_cast<const float2*>(sKV + key * QROW + 2 * cp);
+            const float x[2] = {x2.x, x2.y};
+            u32 bg[2], sm[2];
+            ra_split_tf32<3, 2>(x, bg, sm);
+            sKs[key * KSROW + cp] = make_uint4(bg[0], bg[1], sm[0], sm[1]);
+        }
+        for (int i = tid; i < (BN / 2) * HD; i += NT) {
+            const int kp = i / HD, c = i - (i / HD) * HD;
+            const float x[2] = {sKV[KT + 2 * kp * VROW + c], sKV[KT + (2 * kp + 1) * VROW + c]};
+            u32 bg[2], sm[2];
+            ra_split_tf32<3, 2>(x, bg, sm);
+            sVs[kp * VSROW + c] = make_uint4(bg[0], bg[1], sm[0], sm[1]);
+        }
+    };
 
     int rows[2] = {m0 + warp * 16 + g, m0 + warp * 16 + g + 8};
     const float* rh_row[2];
@@ -1371,14 +1406,20 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) rh1[rr] = __ldg(rh_row[rr] + min(n, kh - 1)) * RA_LOG2E;
         }
-        if (n + 1 < ntiles) {
+        if (SH) {
+            ra_cp_wait<0>();
+            __syncthreads();   // raw tile n landed; every warp is done with tile n - 1's split stage
+            split_tile();
+            __syncthreads();
+            if (n + 1 < ntiles) load_tile(0, j0 + BN);
+        } else if (n + 1 < ntiles) {
             load_tile((n + 1) & 1, j0 + BN);
             ra_cp_wait<1>();
         } else {
             ra_cp_wait<0>();
         }
-        __syncthreads();
-        const float* cK = sKV + (n & 1) * (KT + VT);
+        if (!SH) __syncthreads();
+        const float* cK = sKV + (SH ? 0 : (n & 1) * (KT + VT));
         const float* cV = cK + KT;
 
         // ---- S = Q K^T
@@ -1400,9 +1441,17 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
                 u32 bb[NG][2], bs[NG][2], bbx[SAFE ? NG : 1][2];
 #pragma unroll
                 for (int i = 0; i < NG; ++i) {
-                    const float2 k2 = *reinterpret_cast<const float2*>(cK + ((n0 + i) * 8 + g) * QROW + ks * 8 + 2 * t);
-                    const float bk[2] = {k2.x, k2.y};
-                    ra_split_tf32<SPLIT, 2, SAFE != 0>(bk, bb[i], bs[i], bbx[SAFE ? i : 0]);
+                    if (SH) {
+                        const uint4 kq = sKs[((n0 + i) * 8 + g) * KSROW + ks * 4 + t];
+                        bb[i][0] = kq.x;
+                        bb[i][1] = kq.y;
+                        bs[i][0] = kq.z;
+                        bs[i][1] = kq.w;
+                    } else {
+                        const float2 k2 = *reinterpret_cast<const float2*>(cK + ((n0 + i) * 8 + g) * QROW + ks * 8 + 2 * t);
+                        const float bk[2] = {k2.x, k2.y};
+                        ra_split_tf32<SPLIT, 2, SAFE != 0>(bk, bb[i], bs[i], bbx[SAFE ? i : 0]);
+                    }
                 }
                 ra_mma_split<SPLIT, NG>(s + n0, ab, as, bb, bs, SAFE ? abx : ab, SAFE ? bbx : bb);
             }
@@ -1462,8 +1511,16 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
 #pragma unroll
                 for (int i = 0; i < G8; ++i) {
                     const int d = min(d0 + i, ND - 1);
-                    const float bv[2] = {vr[d * 8], vr[VROW + d * 8]};
-                    ra_split_tf32<SPLIT, 2, SAFE != 0>(bv, bb[i], bs[i], bbx[SAFE ? i : 0]);
+                    if (SH) {
+                        const uint4 vq = sVs[(nb * 4 + t) * VSROW + d * 8 + g];
+                        bb[i][0] = vq.x;
+                        bb[i][1] = vq.y;
+                        bs[i][0] = vq.z;
+                        bs[i][1] = vq.w;
+                    } else {
+                        const float bv[2] = {vr[d * 8], vr[VROW + d * 8]};
+                        ra_split_tf32<SPLIT, 2, SAFE != 0>(bv, bb[i], bs[i], bbx[SAFE ? i : 0]);
+                    }
                 }
                 if (d0 + G8 <= ND) {
                     ra_mma_split<SPLIT, G8>(ot + d0, ab, as, bb, bs, SAFE ? abx : ab, SAFE ? bbx : bb);
@@ -1477,7 +1534,7 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
         for (int d = 0; d < ND; ++d)
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[d][e] = fmaf(o[d][e], alpha_r[e >> 1], ot[d][e]);
-        __syncthreads();   // this stage is refilled by the next iteration's prefetch
+        if (!SH) __syncthreads();   // this stage is refilled by the next iteration's prefetch
     }
 
     if (!SAFE && SPLIT == 3) {
@@ -1488,8 +1545,14 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
         for (int d = 0; d < ND; ++d)
 #pragma unroll
             for (int e = 0; e < 4; ++e) bad |= !(fabsf(o[d][e]) < RA_INF);
-        bad = __syncthreads_or(bad);
-        if (tid == 0) flags[blockIdx.x] = bad ? 1 : 0;
+        if (SH) {   // one flag per 64 rows (warps 0-3, 4-7): the SAFE pass's blocks
+            const int b0 = __syncthreads_or(bad && warp < 4), b1 = __syncthreads_or(bad && warp >= 4);
+            const int mt64 = (Sq + 63) / 64;
+            if (tid < 2 && 2 * mt + tid < mt64) flags[bh * mt64 + 2 * mt + tid] = (tid ? b1 : b0) ? 1 : 0;
+        } else {
+            bad = __syncthreads_or(bad);
+            if (tid == 0) flags[blockIdx.x] = bad ? 1 : 0;
+        }
     }
 
     float* ob = out + (long long)bh * Sq * D;
