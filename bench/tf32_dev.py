@@ -78,16 +78,20 @@ def check():
     return bad
 
 
-def timing():
-    cases = [("SAM-B windowed", 25, 12, 14, 64), ("SAM-B global", 1, 12, 64, 64), ("SAM-H global", 1, 16, 64, 80)]
-    for name, B, H, g, d in cases:
-        q, k, v, rh, rw = make(B, H, (g, g), (g, g), d)
+def timing(more=False):
+    cases = [("SAM-B windowed", 25, 12, 14, 14, 64), ("SAM-B global", 1, 12, 64, 64, 64),
+             ("SAM-H global", 1, 16, 64, 64, 80)]
+    if more:   # other head dims: MViTv2-like (96, pooled keys), small heads
+        cases += [("d96 56x56 -> 14x14", 2, 2, 56, 14, 96), ("d96 32x32", 1, 8, 32, 32, 96),
+                  ("d48 64x64", 1, 16, 64, 64, 48), ("d32 64x64", 1, 16, 64, 64, 32)]
+    for name, B, H, g, gk, d in cases:
+        q, k, v, rh, rw = make(B, H, (g, g), (gk, gk), d)
         row = {}
         for rep in range(2):
             for sh in (0, 1):
                 os.environ["RELATTN_TF32_SH"] = str(sh)
                 row.setdefault(f"sh{sh}", []).append(
-                    graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (g, g), d ** -0.5)))
+                    graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (gk, gk), d ** -0.5)))
         os.environ.pop("RELATTN_TF32_SH")
         print(f"[time] {name} core (3xTF32, graph ms): " + ", ".join(
             f"{kk}={'/'.join(f'{x:.4f}' for x in vv)}" for kk, vv in row.items()), flush=True)
@@ -97,10 +101,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--time", action="store_true")
+    ap.add_argument("--more", action="store_true", help="also time other head dims")
     a = ap.parse_args()
     bad = check() if a.check else 0
     if a.time:
-        timing()
+        timing(a.more)
     return 1 if bad else 0
 
 

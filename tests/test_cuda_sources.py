@@ -194,3 +194,30 @@ def test_hopper_kernel_compiles(tmp_path):
              _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
+
+
+def test_tf32_shared_split_choice(monkeypatch):
+    """When the 3xTF32 call takes relattn_tf32's SH variant (8 warps, one split
+    per block): head_dim 48..96 with a grid that fills the device, or where
+    the 64-row layout would need more than one wave; RELATTN_TF32_SH forces."""
+    monkeypatch.setattr(_sm90, "_sm_count", lambda: 132)
+    monkeypatch.delenv("RELATTN_TF32_SH", raising=False)
+    choose = cupy_gpu._tf32_shared_split
+    assert choose(64, 12 * 32, 12 * 64)          # SAM-B global
+    assert choose(80, 16 * 32, 16 * 64)          # SAM-H global
+    assert choose(64, 300 * 2, 300 * 4)          # SAM-B windows
+    assert not choose(32, 16 * 32, 16 * 64)      # head_dim 32: measured slower
+    assert not choose(96, 64, 128)               # half the SMs idle; the 64-row grid fits one wave
+    assert choose(96, 100, 196)                  # the 64-row grid needs 2 waves (1 block per SM)
+    assert not choose(64, 64, 128)               # 2 blocks per SM of the 64-row layout: one wave
+    assert choose(64, 100, 300)
+    assert not choose(112, 10 ** 4, 2 * 10 ** 4)  # shared memory too small
+    monkeypatch.setenv("RELATTN_TF32_SH", "1")
+    assert choose(16, 1, 2) and choose(96, 1, 2) and not choose(112, 1, 2)
+    monkeypatch.setenv("RELATTN_TF32_SH", "0")
+    assert not choose(64, 12 * 32, 12 * 64)
+    # shared memory of either layout as the kernel lays it out
+    assert cupy_gpu.tf32_smem_bytes(64, 0) == (64 * 72 + 2 * (64 * 72 + 64 * 68)) * 4
+    assert cupy_gpu.tf32_smem_bytes(80, 1) == (128 * 88 + 64 * 88 + 64 * 84) * 4 + (64 * 44 + 32 * 82) * 16
+    assert cupy_gpu.tf32_smem_bytes(96, 1) <= 227 * 1024 < cupy_gpu.tf32_smem_bytes(112, 1)
+

@@ -474,6 +474,39 @@ def test_float32_tensor_core_modes(shape, mode, tol):
     assert relattn.get_gpu_float32_mode() == "3xtf32"
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, (64, 64), (64, 64), 64), (1, 2, (16, 64), (16, 64), 80),
+                                   (3, 2, (14, 14), (14, 14), 64), (1, 2, (9, 20), (5, 30), 48),
+                                   (1, 1, (11, 13), (7, 9), 96), (2, 2, (7, 7), (7, 7), 20),
+                                   (1, 1, (1, 1), (1, 3), 64)])
+def test_3xtf32_shared_split_same_bits(monkeypatch, shape, nonfinite):
+    """relattn_tf32's SH variant (K / V split once per 8-warp block; forced by
+    RELATTN_TF32_SH=1) gives the bits of the per-warp split (=0): partial row
+    and key tiles, rows past the end of the last 128-row block, q/k grids of
+    different sizes, padded head dims, and an infinite key that sends blocks
+    through the IEEE-safe second pass (whose flags are per 64 rows)."""
+    B, H, qg, kg, D = shape
+    rng = np.random.default_rng(zlib.crc32(repr(shape).encode()))
+    (q, k, v, rh, rw), (qr, kr, vr, rhr, rwr) = make_case(rng, B, H, qg, kg, D, "float32")
+    if nonfinite:   # +inf logits (NaN rows) for the rows with q[..., 1] > 0, at least row 0
+        qr, kr = qr.copy(), kr.copy()
+        qr[0, -1, 0, 1] = np.float32(abs(qr[0, -1, 0, 1]) + 0.5)
+        kr[0, -1, min(3, kr.shape[2] - 1), 1] = np.inf
+        q, k = cupy.asarray(qr.astype(np.float32)), cupy.asarray(kr.astype(np.float32))
+    outs = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("RELATTN_TF32_SH", env)
+        outs[env] = gpu.attention(q, k, v, rh, rw, kg, D ** -0.5)
+    assert bool((outs["1"].view(cupy.uint32) == outs["0"].view(cupy.uint32)).all())
+    with np.errstate(invalid="ignore"):
+        got, ref = from_dev(outs["1"]), reference(qr, kr, vr, rhr, rwr, kg, D ** -0.5)
+    assert (np.isnan(got) == np.isnan(ref)).all()
+    if nonfinite:
+        assert np.isnan(got).any()
+    fin = np.isfinite(ref)
+    assert rel_l2(got[fin], ref[fin]) <= 1e-5
+
+
 def test_float32_tensor_core_strided_views_and_public_call():
     import relattn
 

@@ -678,6 +678,29 @@ _TF32_OK: dict = {}
 _TF32_SH_MAX_HD = 96
 
 
+def _tf32_shared_split(hd: int, nb_sh: int, nb0: int) -> bool:
+    """Whether the 3xTF32 call runs relattn_tf32's SH variant. RELATTN_TF32_SH:
+    "0" never, "1" wherever it compiles; unset: head_dim 48..96 when its grid
+    (nb_sh blocks of 128 rows, one per SM) fills the device or the older
+    layout's (nb0 blocks of 64 rows) would take more than one wave. Measured
+    on the H100 (core, 3xTF32): SAM-B global 1.088 -> 1.003-1.014 ms, SAM-H
+    1.78 -> 1.64, head_dim 48 1.113 -> 1.080, 96 with 56 x 56 queries on 14 x 14
+    keys 0.072 -> 0.053; slower with few blocks (head_dim 96, 8 heads of 32 x
+    32: 0.147 -> 0.244, 64 blocks on 132 SMs) and at head_dim 32 (0.761 -> 0.896)."""
+    env = os.environ.get("RELATTN_TF32_SH")
+    if env == "0" or hd > _TF32_SH_MAX_HD:
+        return False
+    if env == "1":
+        return True
+    if hd < 48:
+        return False
+    from relattn.backends import _sm90
+
+    n_sm = _sm90._sm_count()
+    per_sm0 = max(1, min(2, (227 * 1024) // tf32_smem_bytes(hd, 0)))   # 2 at most: registers
+    return nb_sh >= n_sm or nb0 > n_sm * per_sm0
+
+
 def tf32_smem_bytes(hd: int, sh: int) -> int:
     """Shared memory of relattn_tf32: Q and two raw K/V stages (rows padded as
     in the kernel), or with ``sh`` 128 Q rows, one raw stage and the split
@@ -689,8 +712,8 @@ def tf32_smem_bytes(hd: int, sh: int) -> int:
 
 
 def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
-    """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1).
-    3xTF32 runs the SH variant where it fits (RELATTN_TF32_SH=0: never)."""
+    """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1);
+    3xTF32 in relattn_tf32's SH variant where that pays (_tf32_shared_split)."""
     import cupy
     import numpy as np
 
@@ -701,14 +724,15 @@ def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     (pq, qs), (pk, ks), (pv, vs) = (_operand_prep(x, d4, 4) for x in (q, k, v))
     ph, pw, dummy = _rel_preps(rel_h, rel_w, has_rel, "float32")
     rel = (1 if kw == 64 else 2) if has_rel else 0
-    sh = int(split == 3 and hd <= _TF32_SH_MAX_HD and os.environ.get("RELATTN_TF32_SH") != "0")
     smem = tf32_smem_bytes(hd, 0)
     nblocks = B * H * ((Sq + 63) // 64)
+    nb_sh = B * H * ((Sq + 127) // 128)
+    sh = int(split == 3 and _tf32_shared_split(hd, nb_sh, nblocks))
     # 3xTF32: a second, IEEE-safe pass over the blocks the first one flagged
     # (non-finite inputs; see relattn_tf32; flags per 64 rows either way); the
     # flags need no clearing
     launches = [(_get_kernel("tf32", hd, (split, rel, 0, sh), tf32_smem_bytes(hd, sh)),
-                 B * H * ((Sq + 127) // 128) if sh else nblocks, 256 if sh else 128, tf32_smem_bytes(hd, sh))]
+                 nb_sh if sh else nblocks, 256 if sh else 128, tf32_smem_bytes(hd, sh))]
     if split == 3:
         launches.append((_get_kernel("tf32", hd, (split, rel, 1, 0), smem), nblocks, 128, smem))
     tail = _core_tail(H, Sq, Sk, d4, kh, kw, (*qs, *ks, *vs)) + (

@@ -1419,6 +1419,8 @@ relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const flo
             ra_cp_wait<0>();
         }
         if (!SH) __syncthreads();
+        // SH: a warp whose 16 rows all lie past Sq only splits and meets the barriers
+        if (SH && m0 + warp * 16 >= Sq) continue;
         const float* cK = sKV + (SH ? 0 : (n & 1) * (KT + VT));
         const float* cV = cK + KT;
 
