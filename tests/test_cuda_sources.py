@@ -201,6 +201,7 @@ def test_tf32_shared_split_choice(monkeypatch):
     per block): head_dim 48..96 with a grid that fills the device, or where
     the 64-row layout would need more than one wave; RELATTN_TF32_SH forces."""
     monkeypatch.setattr(_sm90, "_sm_count", lambda: 132)
+    monkeypatch.setattr(cupy_gpu, "_smem_optin", lambda: 227 * 1024)   # H100
     monkeypatch.delenv("RELATTN_TF32_SH", raising=False)
     choose = cupy_gpu._tf32_shared_split
     assert choose(64, 12 * 32, 12 * 64)          # SAM-B global
@@ -216,6 +217,12 @@ def test_tf32_shared_split_choice(monkeypatch):
     assert choose(16, 1, 2) and choose(96, 1, 2) and not choose(112, 1, 2)
     monkeypatch.setenv("RELATTN_TF32_SH", "0")
     assert not choose(64, 12 * 32, 12 * 64)
+    # a device with less shared memory per block (A100: 163 KB): never a layout that does not fit
+    monkeypatch.setattr(cupy_gpu, "_smem_optin", lambda: 163 * 1024)
+    monkeypatch.setenv("RELATTN_TF32_SH", "1")
+    assert choose(64, 1, 2) and not choose(80, 1, 2) and not choose(96, 1, 2)
+    monkeypatch.delenv("RELATTN_TF32_SH")
+    assert choose(64, 12 * 32, 12 * 64) and not choose(80, 16 * 32, 16 * 64)
     # shared memory of either layout as the kernel lays it out
     assert cupy_gpu.tf32_smem_bytes(64, 0) == (64 * 72 + 2 * (64 * 72 + 64 * 68)) * 4
     assert cupy_gpu.tf32_smem_bytes(80, 1) == (128 * 88 + 64 * 88 + 64 * 84) * 4 + (64 * 44 + 32 * 82) * 16

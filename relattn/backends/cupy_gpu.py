@@ -539,7 +539,9 @@ def core_plan(q, k, v, rel_h, rel_w, k_size, scale):
 
         mode = get_gpu_float32_mode()
         if mode != "fma" and _tf32_ok():
-            return _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, 3 if mode == "3xtf32" else 1)
+            run = _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, 3 if mode == "3xtf32" else 1)
+            if run is not None:
+                return run
     return _simt_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale)
 
 
@@ -671,6 +673,24 @@ def _tf32_ok():
 
 
 _TF32_OK: dict = {}
+_SMEM_OPTIN: dict = {}
+
+
+def _smem_optin() -> int:
+    """The current device's largest dynamic shared memory per block (opt-in),
+    bytes: 227 KB on Hopper, 163 KB on A100, 99 KB on sm_86 / sm_89."""
+    import cupy
+
+    dev = cupy.cuda.Device()
+    n = _SMEM_OPTIN.get(dev.id)
+    if n is None:
+        try:
+            n = int(dev.attributes["MaxSharedMemoryPerBlockOptin"])
+        except Exception:   # an attribute table without it: the documented limits
+            cc = int(dev.compute_capability)
+            n = 227 * 1024 if cc >= 90 else 163 * 1024 if cc in (80, 87) else 99 * 1024
+        _SMEM_OPTIN[dev.id] = n
+    return n
 
 
 # relattn_tf32's SH variant (8 warps, K / V split once per block into shared
@@ -688,7 +708,7 @@ def _tf32_shared_split(hd: int, nb_sh: int, nb0: int) -> bool:
     keys 0.072 -> 0.053; slower with few blocks (head_dim 96, 8 heads of 32 x
     32: 0.147 -> 0.244, 64 blocks on 132 SMs) and at head_dim 32 (0.761 -> 0.896)."""
     env = os.environ.get("RELATTN_TF32_SH")
-    if env == "0" or hd > _TF32_SH_MAX_HD:
+    if env == "0" or hd > _TF32_SH_MAX_HD or tf32_smem_bytes(hd, 1) > _smem_optin():
         return False
     if env == "1":
         return True
@@ -697,7 +717,7 @@ def _tf32_shared_split(hd: int, nb_sh: int, nb0: int) -> bool:
     from relattn.backends import _sm90
 
     n_sm = _sm90._sm_count()
-    per_sm0 = max(1, min(2, (227 * 1024) // tf32_smem_bytes(hd, 0)))   # 2 at most: registers
+    per_sm0 = max(1, min(2, _smem_optin() // tf32_smem_bytes(hd, 0)))   # 2 at most: registers
     return nb_sh >= n_sm or nb0 > n_sm * per_sm0
 
 
@@ -713,7 +733,9 @@ def tf32_smem_bytes(hd: int, sh: int) -> int:
 
 def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1);
-    3xTF32 in relattn_tf32's SH variant where that pays (_tf32_shared_split)."""
+    3xTF32 in relattn_tf32's SH variant where that pays (_tf32_shared_split).
+    None where even the 64-row layout needs more shared memory than the device
+    gives a block (head_dim 112-128 before Hopper): the FMA kernel runs."""
     import cupy
     import numpy as np
 
@@ -725,6 +747,8 @@ def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     ph, pw, dummy = _rel_preps(rel_h, rel_w, has_rel, "float32")
     rel = (1 if kw == 64 else 2) if has_rel else 0
     smem = tf32_smem_bytes(hd, 0)
+    if smem > _smem_optin():
+        return None
     nblocks = B * H * ((Sq + 63) // 64)
     nb_sh = B * H * ((Sq + 127) // 128)
     sh = int(split == 3 and _tf32_shared_split(hd, nb_sh, nblocks))
