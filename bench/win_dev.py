@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu_dev import as_f32, graph_time_cupy, graph_time_torch  # noqa: E402
+from bench_gpu_dev import graph_time_cupy, graph_time_torch  # noqa: E402
 from sm90_dev import err, make, reference  # noqa: E402
-from ws_dev import _tables  # noqa: E402
+from ws_dev import _tables, fused_calls  # noqa: E402
 
 import relattn  # noqa: E402
 from relattn import functional  # noqa: E402
@@ -46,13 +46,8 @@ def check():
                 os.environ["RELATTN_WIN_SPB"] = str(spb)
             q, k, v, _, _ = make(B, H, qhw, khw, d, dt, seed=200 + i)
             th, tw = _tables(cupy.random.RandomState(i), qhw, khw, d, dt, rows)
-            functional._plans.clear()
-            fused = functional._fused_first("cupy", q, k, v, th, tw, qhw, khw, d ** -0.5)
-            first = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
-            again = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
-            ref = relattn.rel_pos_attention(*(as_f32(x) for x in (q, k, v, th, tw)), qhw, khw)
+            fused, first, ref, same = fused_calls(q, k, v, th, tw, qhw, khw, d)
             e = err(first, ref)
-            same = bool((first.view(cupy.uint16) == again.view(cupy.uint16)).all())
             # the unfused path (terms kernel + relattn_win FUSE 0) on the same inputs
             os.environ["RELATTN_WIN_FUSE"] = "0"
             functional._plans.clear()
@@ -60,9 +55,9 @@ def check():
             os.environ.pop("RELATTN_WIN_FUSE")
             os.environ.pop("RELATTN_WIN_SPB", None)
             tol = 8e-3 if dt == "bfloat16" else 2e-3
-            ok = fused is not None and same and e < tol and e0 < tol
+            ok = fused and same and e < tol and e0 < tol
             bad += not ok
-            print(f"[win] {dt:8} B={B} H={H} q={qhw} k={khw} d={d} rows={rows} spb={spb}: fused={fused is not None} "
+            print(f"[win] {dt:8} B={B} H={H} q={qhw} k={khw} d={d} rows={rows} spb={spb}: fused={fused} "
                   f"same bits={same} err {e:.2e} (unfused {e0:.2e}) {'ok' if ok else 'FAIL'}", flush=True)
     # given rel_h / rel_w (FUSE 0) against the dense reference
     for dt in ("bfloat16", "float16"):

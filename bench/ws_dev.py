@@ -136,13 +136,25 @@ def _tables(rs, qhw, khw, d, dt, rows=None):
     return cv(th), cv(tw)
 
 
+def fused_calls(q, k, v, th, tw, qhw, khw, d):
+    """rel_pos_attention with 16-bit tables on a cleared plan cache: (whether
+    its first call takes a fused plan, that call's output, the float32 call on
+    the same rounded inputs, whether the planned repeat gives the same bits)."""
+    import relattn
+    from relattn import functional
+
+    functional._plans.clear()
+    fused = functional._fused_first("cupy", q, k, v, th, tw, qhw, khw, d ** -0.5) is not None
+    first = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
+    again = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
+    ref = relattn.rel_pos_attention(*(as_f32(x) for x in (q, k, v, th, tw)), qhw, khw)
+    return fused, first, ref, bool((first.view(cupy.uint16) == again.view(cupy.uint16)).all())
+
+
 def check_fused():
     """rel_pos_attention with 16-bit tables: the terms inside relattn_ws (rel 4)
     against a float32 (3xTF32) call on the same rounded inputs, and the same
     bits for the first (unplanned) and later (planned) calls."""
-    import relattn
-    from relattn import functional
-
     cases = [  # B, H, q grid, k grid, d, table rows (None: 2 * max - 1)
         (1, 2, (64, 64), (64, 64), 64, None),
         (2, 3, (32, 64), (32, 64), 64, None),
@@ -160,16 +172,11 @@ def check_fused():
         for i, (B, H, qhw, khw, d, rows) in enumerate(cases):
             q, k, v, _, _ = make(B, H, qhw, khw, d, dt, seed=100 + i)
             th, tw = _tables(cupy.random.RandomState(i), qhw, khw, d, dt, rows)
-            functional._plans.clear()
-            fused = functional._fused_first("cupy", q, k, v, th, tw, qhw, khw, d ** -0.5)
-            first = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
-            again = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
-            ref = relattn.rel_pos_attention(*(as_f32(x) for x in (q, k, v, th, tw)), qhw, khw)
+            fused, first, ref, same = fused_calls(q, k, v, th, tw, qhw, khw, d)
             e = err(first, ref)
-            same = bool((first.view(cupy.uint16) == again.view(cupy.uint16)).all())
-            ok = fused is not None and same and e < (8e-3 if dt == "bfloat16" else 2e-3)
+            ok = fused and same and e < (8e-3 if dt == "bfloat16" else 2e-3)
             bad += not ok
-            print(f"[fused] {dt:8} B={B} H={H} q={qhw} k={khw} d={d} rows={rows}: fused={fused is not None} "
+            print(f"[fused] {dt:8} B={B} H={H} q={qhw} k={khw} d={d} rows={rows}: fused={fused} "
                   f"same bits={same} err {e:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     print(f"[fused] failures: {bad}", flush=True)
     return bad

@@ -755,8 +755,8 @@ def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     # 3xTF32: a second, IEEE-safe pass over the blocks the first one flagged
     # (non-finite inputs; see relattn_tf32; flags per 64 rows either way); the
     # flags need no clearing
-    launches = [(_get_kernel("tf32", hd, (split, rel, 0, sh), tf32_smem_bytes(hd, sh)),
-                 nb_sh if sh else nblocks, 256 if sh else 128, tf32_smem_bytes(hd, sh))]
+    sm1 = tf32_smem_bytes(hd, sh)
+    launches = [(_get_kernel("tf32", hd, (split, rel, 0, sh), sm1), nb_sh if sh else nblocks, 256 if sh else 128, sm1)]
     if split == 3:
         launches.append((_get_kernel("tf32", hd, (split, rel, 1, 0), smem), nblocks, 128, smem))
     tail = _core_tail(H, Sq, Sk, d4, kh, kw, (*qs, *ks, *vs)) + (

@@ -285,13 +285,12 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 
         // ---- online softmax (a row's scores live in the 4 lanes sharing g);
         // REL 2 carries rel_h in the scores, REL 1 / 3 per key row in off
-        constexpr int NUO = (REL == 2) ? 1 : NU;
-        float off[2 * NUO], alpha[2];
+        float off[2 * NU], alpha[2];
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-            for (int u = 0; u < NUO; ++u) off[rr * NUO + u] = RREG ? rh1[rr][u] : 0.f;
-        ra_online_softmax<NS, NUO>(s, off, m_run, l_run, alpha);
+            for (int u = 0; u < NU; ++u) off[rr * NU + u] = RREG ? rh1[rr][u] : 0.f;
+        ra_online_softmax<NS, NU>(s, off, m_run, l_run, alpha);
         ra_rescale<HD / 8>(o, alpha);
 
         // ---- O += P V
