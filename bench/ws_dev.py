@@ -108,11 +108,87 @@ def timing(cfgs):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
+def check_win():
+    """relattn_ws in 16-slot key rows (small key grids, rel 5 / 6) against
+    float32 references, and a non-finite key in one window that must not reach
+    the others (the slots past k_w and the key rows past k_h of a stage)."""
+    import relattn
+    from relattn import functional
+
+    cases = [  # B, H, q grid, k grid, d
+        (25, 3, (14, 14), (14, 14), 64), (25, 2, (14, 14), (14, 14), 80), (2, 2, (10, 10), (10, 10), 64),
+        (3, 2, (16, 16), (16, 16), 64), (2, 2, (7, 9), (7, 9), 64), (1, 2, (14, 14), (5, 16), 64),
+        (2, 2, (3, 3), (1, 1), 64), (2, 3, (12, 12), (13, 11), 72), (1, 1, (1, 1), (1, 1), 64),
+    ]
+    bad = 0
+    for dt in ("bfloat16", "float16"):
+        for i, (B, H, qhw, khw, d) in enumerate(cases):
+            q, k, v, rh, rw = make(B, H, qhw, khw, d, dt, seed=200 + i)
+            scale = d ** -0.5
+            cfg = gpu._sm90_config(max(16, ((d + 15) // 16) * 16), q.shape[2], k.shape[2], khw[0], khw[1], True, ws=True)
+            ref = reference(q, k, v, rh, rw, khw, scale)
+            e1 = err(gpu.attention(q, k, v, rh, rw, khw, scale), ref)
+            th, tw = _tables(cupy.random.RandomState(i), qhw, khw, d, dt)
+            functional._plans.clear()
+            fused = functional._fused_first("cupy", q, k, v, th, tw, qhw, khw, d ** -0.5)
+            first = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
+            again = relattn.rel_pos_attention(q, k, v, th, tw, qhw, khw)
+            f32 = relattn.rel_pos_attention(*(as_f32(x) for x in (q, k, v, th, tw)), qhw, khw)
+            e2 = err(first, f32)
+            same = bool((first.view(cupy.uint16) == again.view(cupy.uint16)).all())
+            tol = 8e-3 if dt == "bfloat16" else 2e-3
+            ok = cfg is not None and cfg[2] == 5 and e1 < tol and e2 < tol and same and fused is not None
+            bad += not ok
+            print(f"[win] {dt:8} B={B} H={H} q={qhw} k={khw} d={d} cfg={cfg}: terms given err {e1:.2e}, "
+                  f"fused={fused is not None} err {e2:.2e} same bits={same} {'ok' if ok else 'FAIL'}", flush=True)
+    # an infinite key in window 0: the other windows stay finite and equal relattn_win's
+    q, k, v, rh, rw = make(25, 2, (14, 14), (14, 14), 64, "bfloat16", seed=7)
+    k = k.copy()
+    k.view(cupy.uint16)[0, 0, 5, 3] = 0x7F80   # bfloat16 +inf
+    a = gpu.attention(q, k, v, rh, rw, (14, 14), 0.125)
+    os.environ["RELATTN_SM90_WSWIN"] = "0"
+    b = gpu.attention(q, k, v, rh, rw, (14, 14), 0.125)
+    os.environ.pop("RELATTN_SM90_WSWIN")
+    rest = err(a[1:], as_f32(b[1:]))
+    nan_same = bool((cupy.isnan(as_f32(a)) == cupy.isnan(as_f32(b))).all())
+    ok = rest < 8e-3 and nan_same
+    bad += not ok
+    print(f"[win] infinite key in window 0: other windows err vs relattn_win {rest:.2e}, NaN pattern same={nan_same} "
+          f"{'ok' if ok else 'FAIL'}", flush=True)
+    print(f"[win] failures: {bad}", flush=True)
+    return bad
+
+
+def time_win():
+    import relattn
+
+    for name, B, H, d in (("SAM-B windowed", 25, 12, 64), ("SAM-H windowed", 25, 16, 80)):
+        q, k, v, rh, rw = make(B, H, (14, 14), (14, 14), d, "bfloat16")
+        th, tw = _tables(cupy.random.RandomState(0), (14, 14), (14, 14), d, "bfloat16")
+        row = {}
+        for label, env in (("ws fused", {}), ("win fused", {"RELATTN_SM90_WSWIN": "0"}),
+                           ("ws core", {}), ("win core", {"RELATTN_SM90_WSWIN": "0"})):
+            os.environ.update(env)
+            if "fused" in label:
+                call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))  # noqa: E731
+            else:
+                call = lambda: gpu.attention(q, k, v, rh, rw, (14, 14), d ** -0.5)  # noqa: E731
+            call()
+            row[label] = graph_time_cupy(call)
+            for key in env:
+                os.environ.pop(key)
+        tq, tk, tv = (torch.randn(B, H, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        row["flash"] = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
+        print(f"[time-win] {name}: " + ", ".join(f"{kk}={vv:.4f}" for kk, vv in row.items())
+              + f"  ws fused/flash={row['ws fused'] / row['flash']:.2f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--time", action="store_true")
     ap.add_argument("--fused", action="store_true", help="check and time the fused terms (rel 4)")
+    ap.add_argument("--win", action="store_true", help="check and time 16-slot key rows (small key grids)")
     ap.add_argument("--cfgs", nargs="*", default=CFGS)
     a = ap.parse_args()
     print(f"[ws] {torch.cuda.get_device_name()}, cupy {cupy.__version__}, sm90: {_sm90.unavailable_reason()}", flush=True)
@@ -120,6 +196,9 @@ def main():
     if a.fused:
         bad += check_fused()
         time_fused()
+    if a.win:
+        bad += check_win()
+        time_win()
     if a.time:
         timing(a.cfgs)
     return 1 if bad else 0

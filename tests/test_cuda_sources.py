@@ -64,7 +64,17 @@ def test_choose_ws(monkeypatch):
     assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (3, 64, 1, 4, 1, 160)    # SAM-B global
     assert _sm90.choose_ws(80, 4096, 4096, 64, 64, True) == (2, 128, 1, 3, 1, 240)   # SAM-H global
     assert _sm90.choose_ws(64, 1000, 300, 1, 300, False) == (3, 64, 0, 4, 1, 160)    # plain attention
-    assert _sm90.choose_ws(64, 196, 196, 14, 14, True) is None                        # k_w != 64
+    # small key grids in 16-slot key rows (rel 5; experimental)
+    assert _sm90.choose_ws(64, 196, 196, 14, 14, True) == (2, 64, 5, 4, 1, 240)       # SAM's windows
+    assert _sm90.choose_ws(80, 196, 196, 14, 14, True) == (2, 64, 5, 4, 1, 240)
+    assert _sm90.choose_ws(64, 300, 100, 10, 10, True) == (2, 64, 5, 4, 1, 240)
+    assert _sm90.choose_ws(64, 196, 196, 14, 14, False) == (3, 64, 0, 4, 1, 160)      # no terms
+    assert _sm90.choose_ws(64, 1024, 1024, 32, 32, True) is None                      # k_w 17..63
+    assert _sm90.choose_ws(64, 400, 400, 20, 20, True) is None
+    assert _sm90.choose_ws(64, 196, 195, 14, 14, True) is None                        # not a k_h x k_w grid
+    monkeypatch.setenv("RELATTN_SM90_WSWIN", "0")
+    assert _sm90.choose_ws(64, 196, 196, 14, 14, True) is None
+    monkeypatch.delenv("RELATTN_SM90_WSWIN")
     assert _sm90.choose_ws(48, 4096, 4096, 64, 64, True) is None
     assert _sm90.choose_ws(96, 4096, 4096, 64, 64, True) is None
     monkeypatch.setenv("RELATTN_SM90_WS", "2,64,4,1,240")
@@ -191,7 +201,9 @@ def test_hopper_kernel_compiles(tmp_path):
              # the warp-specialised kernel: defaults, fused terms, no terms, other configurations
              _sm90.ws_kernel_name(1, 64, 3, 64, 1, 4, 1, 160), _sm90.ws_kernel_name(1, 64, 3, 64, 4, 4, 1, 160),
              _sm90.ws_kernel_name(0, 64, 3, 64, 0, 4, 1, 160), _sm90.ws_kernel_name(1, 80, 2, 128, 4, 3, 1, 240),
-             _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0)]
+             _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0),
+             # 16-slot key rows (small key grids): given and fused terms
+             _sm90.ws_kernel_name(1, 64, 2, 64, 5, 4, 1, 240), _sm90.ws_kernel_name(0, 80, 2, 64, 6, 4, 1, 240)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
 

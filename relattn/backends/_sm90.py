@@ -287,6 +287,16 @@ def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg
 # SAM-H core: (2, 128, 3, 1, 240) 0.223 ms, (3, 64, 3, 1, 160) 0.229,
 # (2, 64, 4, 1, 240) 0.235; relattn_wg 0.319.
 WS_DEFAULT = {64: (3, 64, 4, 1, 160), 80: (2, 128, 3, 1, 240)}
+# Small key grids (k_w <= 16, k_h <= 16: SAM's 14 x 14 windows) in 16-slot key
+# rows (rel 5 / 6; EXPERIMENTAL, branch wip/ws-windows: not yet run on a GPU).
+# RELATTN_SM90_WSWIN=0 leaves them to relattn_win.
+WS_WIN_DEFAULT = {64: (2, 64, 4, 1, 240), 80: (2, 64, 4, 1, 240)}
+
+
+def ws_window_ok(Sk: int, kh: int, kw: int) -> bool:
+    """relattn_ws's 16-slot key rows serve this key grid."""
+    return (os.environ.get("RELATTN_SM90_WSWIN", "1") != "0" and 1 <= kw <= 16 and 1 <= kh <= 16
+            and kh * kw == Sk)
 
 
 def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
@@ -295,13 +305,14 @@ def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
     env = os.environ.get("RELATTN_SM90_WS")
     if env == "0" or hd not in WS_DEFAULT or (not env and os.environ.get("RELATTN_SM90_CFG")):
         return None
+    window = has_rel and kw != 64 and ws_window_ok(Sk, kh, kw)
     if env and env != "1":
         nc, bn, st, pp, rg = (int(x) for x in env.split(","))
     else:
-        nc, bn, st, pp, rg = WS_DEFAULT[hd]
-    if has_rel and kw != 64:
+        nc, bn, st, pp, rg = (WS_WIN_DEFAULT if window else WS_DEFAULT)[hd]
+    if has_rel and kw != 64 and not window:
         return None
-    rel = 1 if has_rel else 0
+    rel = (5 if window else 1) if has_rel else 0
     if ws_smem_bytes(hd, nc, bn, st) > MAX_SMEM - 1024:
         return None
     return nc, bn, rel, st, pp, rg

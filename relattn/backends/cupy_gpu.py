@@ -349,7 +349,8 @@ def _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, rel_args):
     # calls often get the same memory-pool blocks back.
     # head_dim 80: a second map per operand for columns 64-79 (8-column boxes)
     maps = ({}, {}, {})
-    specs = (((B, H, Sq, d8), qs, 64 * nc), ((B, H, Sk, d8), ks, bn), ((B, H, Sk, d8), vs, bn))
+    kv_rows = kw if cfg[2] in (5, 6) else bn   # 16-slot key rows: one box per key row
+    specs = (((B, H, Sq, d8), qs, 64 * nc), ((B, H, Sk, d8), ks, kv_rows), ((B, H, Sk, d8), vs, kv_rows))
 
     def tensor_maps(i, ptr):
         m = maps[i].get(ptr)
@@ -400,9 +401,16 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
             or D % 8 or B * H * Sq == 0 or Sk == 0):
         return None
     Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
-    win = _win_fused_config(hd, Sq, kh, kw, Lh, Lw)
     cfg = None
-    if win is None:
+    if (os.environ.get("RELATTN_SM90_FUSE", "1") != "0" and hd in (64, 80) and kw <= 16 and Lh <= 32
+            and Lw <= 32):   # relattn_ws in 16-slot key rows (experimental)
+        cfg = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
+        if cfg is not None and cfg[2] == 5:
+            cfg = cfg[:2] + (6,) + cfg[3:]
+        else:
+            cfg = None
+    win = None if cfg is not None else _win_fused_config(hd, Sq, kh, kw, Lh, Lw)
+    if win is None and cfg is None:
         if (os.environ.get("RELATTN_SM90_FUSE", "1") == "0" or hd not in (64, 80) or kw != 64 or kh > 64
                 or Lh > 128 or Lw > 128):
             return None
@@ -485,7 +493,7 @@ def _win_config(hd, Sq, kh, kw):
 # The environment variables read while planning (developer switches): part of
 # the plan cache key, so changing one takes effect on the next call.
 _KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE", "RELATTN_SM90", "RELATTN_SM90_CFG",
-          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST", "RELATTN_TF32_SH")
+          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST", "RELATTN_TF32_SH", "RELATTN_SM90_WSWIN")
 
 
 def plan_key():
@@ -578,22 +586,24 @@ def _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
     head = _core_tail(H, Sq, Sk, d8, kh, kw, (*qs, *ks, *vs))
     sc = np.float32(float(scale) * _LOG2E)
     spec, mid = None, ()
+    ws = _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=True)
     win = _win_config(hd, Sq, kh, kw) if has_rel else None
+    # relattn_ws: k_w == 64 or no terms; small key grids in 16-slot key rows
+    # (rel 5, experimental) ahead of relattn_win, which serves them otherwise
+    if ws is not None and (win is None or ws[2] == 5):
+        def rel_args(rel_h, rel_w, zero=np.int32(0)):
+            rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
+            return rh, rw, rh, rw, rh, rw, zero, zero, zero   # rel 0 / 1 / 5: no tables
+
+        run = _ws_plan(ws, q, Sk, (pq, qs), (pk, ks), (pv, vs), kh, kw, sc, dt, rel_args)
+        if run is not None:
+            return run
     if win is not None:
         kwp, spb, smem = win
         groups = -(-((Sq + 15) // 16) // spb)
         spec = (_get_kernel("win", hd, (dt, kwp, 0), smem), (BH * groups,), (128,),
                 head + (sc, *_ints(groups, spb, 0, 0, 1)), smem)
         mid = (cupy.zeros((8,), dtype=cupy.uint16),) * 2 + (cupy.zeros((1,), dtype=cupy.int32),) * 2  # no tables
-    ws = None if win is not None else _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=True)
-    if ws is not None:
-        def rel_args(rel_h, rel_w, zero=np.int32(0)):
-            rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
-            return rh, rw, rh, rw, rh, rw, zero, zero, zero   # rel 0 / 1: no tables
-
-        run = _ws_plan(ws, q, Sk, (pq, qs), (pk, ks), (pv, vs), kh, kw, sc, dt, rel_args)
-        if run is not None:
-            return run
     cfg = None if win is not None else _sm90_config(hd, Sq, Sk, kh, kw, has_rel)
     if cfg is not None:
         from relattn.backends import _sm90

@@ -417,15 +417,25 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     constexpr u32 QBYTES = BM * HD * 2;
     constexpr u32 TBYTES = BN * HD * 2;
     constexpr u32 TABBYTES = 128 * HD * 2;          // FT: one table
-    constexpr bool RB = (REL == 1 || REL == 4);     // bias with k_w == 64
-    constexpr bool FT = (REL == 4);                 // terms computed here
-    constexpr int NU = RB ? BN / 64 : 1;            // key rows per tile
+    // WIN (REL 5 / 6, small key grids: k_w <= 16, k_h * 16 slots): every key
+    // row occupies KP = 16 slots of a tile (TMA boxes of k_w rows; slots past
+    // k_w stay zero and get rel_w = -inf), so a slot's kx is fixed per
+    // register as with k_w == 64 (KP = 64, where slots are keys)
+    constexpr bool WIN = (REL == 5 || REL == 6);
+    constexpr int KP = WIN ? 16 : 64;               // key slots per key row
+    constexpr bool RB = (REL == 1 || REL == 4 || WIN);   // rel_w in registers, rel_h per key row
+    constexpr bool FT = (REL == 4 || REL == 6);     // terms computed here
+    constexpr int NU = RB ? BN / KP : 1;            // key rows per tile
+    constexpr int NW = KP / 4;                      // rel_w values per row and thread
+    constexpr int KHM = WIN ? 16 : 64;              // k_h at most (FT's rel_h gather)
     // FT: G = Q T^T in NH passes of GN table rows (one pass when the scratch
-    // of 64 x (128 + 8) floats per consumer fits, else two of 64 + 8); GS:
-    // the scratch's row stride in floats (the same rule as _sm90.ws_smem_bytes)
-    constexpr int NH = (BM * HD * 2 + 2 * ST * BN * HD * 2 + 1024 + 2 * 128 * HD * 2 + NC * 64 * 136 * 4
+    // of 64 x (128 + 8) floats per consumer fits, else two of 64 + 8; WIN: one
+    // of 32, its tables have at most 31 rows); GS: the scratch's row stride in
+    // floats (the same rule as _sm90.ws_smem_bytes)
+    constexpr int NH = (WIN || BM * HD * 2 + 2 * ST * BN * HD * 2 + 1024 + 2 * 128 * HD * 2 + NC * 64 * 136 * 4
                         <= 227 * 1024 - 1024) ? 1 : 2;
-    constexpr int GN = 128 / NH;
+    constexpr int GN = WIN ? 32 : 128 / NH;
+    constexpr int TR = WIN ? 32 : 128;              // table rows copied
     constexpr int GS = GN + 8;
     __shared__ __align__(8) u64 bars[2 * ST + 2];   // full[ST], empty[ST], Q full, Q empty
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
@@ -439,8 +449,13 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 
     const int tid = threadIdx.x;
     const int mtiles = (Sq + BM - 1) / BM;
-    const int ntiles = (Sk + BN - 1) / BN;
+    const int ntiles = WIN ? (kh * KP + BN - 1) / BN : (Sk + BN - 1) / BN;
 
+    if (WIN) {   // the slots no TMA box writes (k_w .. 15 of each key row) stay zero
+        for (u32 i = tid; i < 2u * ST * TBYTES / 16u; i += blockDim.x)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(sKV + 16u * i), "r"(0u) : "memory");
+        ra_fence_proxy_async();
+    }
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < ST; ++s) {
@@ -466,6 +481,24 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                     const int gi = it + n, s = gi % ST;
                     if (gi >= ST) ra_mbar_wait(bempty + 8u * s, ((gi / ST) - 1) & 1);
                     const u32 dst = sKV + (u32)s * 2u * TBYTES;
+                    if (WIN) {   // NU key rows of k_w keys (boxes of k_w rows), 16 slots each
+                        ra_mbar_expect(bfull + 8u * s, 2u * NU * (u32)kw * HD * 2u);
+#pragma unroll
+                        for (int u = 0; u < NU; ++u) {
+                            const int r0 = (n * NU + u) * kw;
+                            const u32 du = dst + (u32)u * KP * 128u;
+                            ra_tma_load(du, &tk, bfull + 8u * s, 0, r0, h, b);
+                            ra_tma_load(du + TBYTES, &tv, bfull + 8u * s, 0, r0, h, b);
+                            if (SPL) {
+                                const u32 d2 = dst + BN * 128u + (u32)u * KP * 16u;
+                                ra_tma_load(d2, &tk2, bfull + 8u * s, 64, r0, h, b);
+                                ra_tma_load(d2 + BN * 16u, &tk2, bfull + 8u * s, 72, r0, h, b);
+                                ra_tma_load(d2 + TBYTES, &tv2, bfull + 8u * s, 64, r0, h, b);
+                                ra_tma_load(d2 + TBYTES + BN * 16u, &tv2, bfull + 8u * s, 72, r0, h, b);
+                            }
+                        }
+                        return;
+                    }
                     ra_mbar_expect(bfull + 8u * s, 2u * TBYTES);
                     ra_tma_load(dst, &tk, bfull + 8u * s, 0, n * BN, h, b);
                     ra_tma_load(dst + TBYTES, &tv, bfull + 8u * s, 0, n * BN, h, b);
@@ -511,7 +544,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // and the softmax statistics
     int rows[2];
     const float* rh_row[2];
-    float rwc[2][RB ? 16 : 1];
+    float rwc[2][RB ? NW : 1];
     float o[HD / 2];
     float m_run[2], l_run[2];
     u32 p[BN / 16][4];
@@ -529,8 +562,8 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     float* gRow[2] = {sG + (wq * 16 + g) * GS, sG + (wq * 16 + g + 8) * GS};
     if (FT) {   // the two tables, once per block
         constexpr int CH = HD / 8;
-        for (int i = tid; i < 2 * 128 * CH; i += 128 * NC) {
-            const int tb = i / (128 * CH), r = (i / CH) & 127, ch = i % CH;
+        for (int i = tid; i < 2 * TR * CH; i += 128 * NC) {
+            const int tb = i / (TR * CH), r = (i / CH) % TR, ch = i % CH;
             const u16* src = tb ? tw : th;
             const bool ok = r < (tb ? Lw : Lh) && ch * 8 < D;
             const u32 off = (ch < 8) ? (u32)r * 128u + (u32)((ch ^ (r & 7)) << 4)
@@ -572,9 +605,12 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-            for (int u = 0; u < NU; ++u)
-                rh1[rr][u] = FT ? gRow[rr][min(j0 / 64 + u, kh - 1)]
-                           : (REL == 1) ? __ldg(rh_row[rr] + min(j0 / 64 + u, kh - 1)) * RA_LOG2E : 0.f;
+            for (int u = 0; u < NU; ++u) {
+                const int ky = j0 / KP + u;
+                if (WIN && ky >= kh) rh1[rr][u] = -RA_INF;   // key rows past k_h: empty slots
+                else rh1[rr][u] = FT ? gRow[rr][min(ky, kh - 1)]
+                                : RB ? __ldg(rh_row[rr] + min(ky, kh - 1)) * RA_LOG2E : 0.f;
+            }
 #pragma unroll
         for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -582,10 +618,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float bias = 0.f;
-                    if (RB) bias = rwc[rr][RB ? 2 * (j % 8) + e : 0];
+                    if (RB) bias = rwc[rr][RB ? 2 * (j % (KP / 8)) + e : 0];
                     s[4 * j + 2 * rr + e] = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
                 }
-        if (j0 + BN > Sk) {
+        if (!WIN && j0 + BN > Sk) {
 #pragma unroll
             for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -650,14 +686,15 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         for (int rr = 0; rr < 2; ++rr) {
             const int r = min(rows[rr], Sq - 1);
             rh_row[rr] = rel_h + ((long long)bh * Sq + r) * kh;
-            if (REL == 1) {
+            if (REL == 1 || REL == 5) {   // rel_w of this thread's key columns; WIN: -inf past k_w
                 const float* wrow = rel_w + ((long long)bh * Sq + r) * kw;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float2 w2 = *reinterpret_cast<const float2*>(wrow + j * 8 + 2 * t);
-                    rwc[rr][RB ? 2 * j : 0] = w2.x * RA_LOG2E;
-                    rwc[rr][RB ? 2 * j + 1 : 0] = w2.y * RA_LOG2E;
-                }
+                for (int j = 0; j < KP / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int kx = j * 8 + 2 * t + e;
+                        rwc[rr][RB ? 2 * j + e : 0] = (!WIN || kx < kw) ? wrow[kx] * RA_LOG2E : -RA_INF;
+                    }
             }
         }
 #pragma unroll
@@ -671,29 +708,35 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 
         if (FT) {
             // the table rows each value needs (index tables read while Q lands)
-            int cw[2][16], chh[2][16];
+            // (WIN: -1 for the slots past k_w, whose rel_w is -inf)
+            int cw[2][NW], chh[2][KHM / 4];
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
                 const int r = min(rows[rr], Sq - 1);
                 const int qy = r / qw, qx = r - qy * qw;
 #pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    cw[rr][j] = __ldg(idx_w + qx * 64 + (j >> 1) * 8 + 2 * t + (j & 1));
+                for (int j = 0; j < NW; ++j) {
+                    const int kx = (j >> 1) * 8 + 2 * t + (j & 1);
+                    cw[rr][j] = (!WIN || kx < kw) ? __ldg(idx_w + qx * kw + kx) : -1;
+                }
+#pragma unroll
+                for (int j = 0; j < KHM / 4; ++j) {
                     const int ky = t + 4 * j;
                     chh[rr][j] = (ky < kh) ? __ldg(idx_h + qy * kh + ky) : -1;
                 }
             }
             ra_mbar_wait(bq, tc & 1);
-            float hv[2][16];
+            float hv[2][KHM / 4];
 #pragma unroll
             for (int part = 0; part < NH; ++part) {
                 gemm_part(sT + TABBYTES, part);   // rel_w: this thread's 16 columns
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-                    for (int j = 0; j < 16; ++j) {
+                    for (int j = 0; j < NW; ++j) {
                         const int col = cw[rr][j];
-                        if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
+                        if (WIN && col < 0) rwc[rr][RB ? j : 0] = -RA_INF;
+                        else if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
                     }
             }
             if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
@@ -703,7 +746,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-                    for (int m = 0; m < 16; ++m) {
+                    for (int m = 0; m < KHM / 4; ++m) {
                         const int col = chh[rr][m];
                         if (part == 0) hv[rr][m] = 0.f;
                         if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
@@ -714,7 +757,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
-                for (int m = 0; m < 16; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
+                for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
             __syncwarp();
         } else {
             ra_mbar_wait(bq, tc & 1);
