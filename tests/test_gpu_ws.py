@@ -30,7 +30,8 @@ def sm90(monkeypatch):
     why = _sm90.unavailable_reason()
     if why is not None:
         pytest.skip(f"sm_90a kernel unavailable: {why}")
-    for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST"):
+    for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST",
+                 "RELATTN_SM90_WSWIN"):
         monkeypatch.delenv(name, raising=False)
     return _sm90
 
@@ -109,6 +110,56 @@ def test_ws_operand_layouts(layout, D, sm90):
         np.testing.assert_array_equal(a, from_dev(b))
 
 
+# ------------------------------------------- small key grids (16-slot key rows)
+WIN_SHAPES = [  # B, H, q grid, k grid, head_dim
+    (3, 2, (14, 14), (14, 14), 64),    # SAM's windows: 4 key tiles, the last with 2 key rows
+    (2, 2, (14, 14), (14, 14), 80),
+    (2, 3, (10, 10), (10, 10), 64),    # 3 key tiles
+    (1, 2, (16, 16), (16, 16), 64),    # k_w == 16: no padding slot
+    (2, 2, (7, 9), (7, 9), 64),
+    (1, 2, (14, 14), (5, 16), 64),     # q and key grids of different sizes
+    (2, 2, (3, 3), (1, 1), 64),        # one key
+    (2, 1, (12, 12), (13, 11), 72),    # head_dim 72 read as 80
+]
+
+
+@pytest.mark.parametrize("blocks", ["1", "2"])
+@pytest.mark.parametrize("shape", WIN_SHAPES, ids=lambda c: f"B{c[0]}H{c[1]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}x{c[3][1]}-d{c[4]}")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ws_small_key_grids(shape, dtype, blocks, sm90, monkeypatch):
+    """k_w <= 16: every key row in 16 slots (rel 5), terms given, against
+    float64; with RELATTN_WS_PERSIST=2 the two blocks loop over the row tiles."""
+    B, H, qg, kg, D = shape
+    Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
+    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True)[2] == 5
+    if blocks == "2":
+        monkeypatch.setenv("RELATTN_WS_PERSIST", "2")
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+
+
+@pytest.mark.parametrize("bad", ["k_inf", "v_nan"])
+def test_ws_small_key_grids_nonfinite_stays_in_its_window(bad, sm90, monkeypatch):
+    """A non-finite key or value of one window (batch element) does not reach
+    the other windows through the ring's stages (the slots past k_w, the key
+    rows past k_h): they equal the results without it."""
+    rng = np.random.default_rng(3)
+    dev, host = make_case(rng, 6, 2, (14, 14), (14, 14), 64, "bfloat16")
+    q, k, v, rh, rw = dev
+    clean = from_dev(gpu.attention(q, k, v, rh, rw, (14, 14), 0.125))
+    k2, v2 = k.copy(), v.copy()
+    if bad == "k_inf":
+        k2.view(cupy.uint16)[0, 1, 100, 3] = 0x7F80
+    else:
+        v2.view(cupy.uint16)[0, 1, 100, 3] = 0x7FC0
+    monkeypatch.setenv("RELATTN_WS_PERSIST", "2")   # blocks carry stages from window to window
+    got = from_dev(gpu.attention(q, k2, v2, rh, rw, (14, 14), 0.125))
+    np.testing.assert_array_equal(got[1:], clean[1:])
+    np.testing.assert_array_equal(got[0, 0], clean[0, 0])
+    assert np.isnan(got[0, 1]).any()
+
+
 # ------------------------------------------------------------ fused terms
 def _tables(rng, rows_h, rows_w, D, dtype):
     return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
@@ -172,6 +223,10 @@ FUSED_CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1
     (1, 2, (64, 64), (64, 64), 80, None),   # SAM-H global
     (1, 2, (9, 64), (5, 64), 72, None),
     (1, 2, (12, 64), (12, 64), 80, 40),
+    (3, 2, (14, 14), (14, 14), 64, None),   # SAM's windows: 16-slot key rows (rel 6)
+    (2, 2, (14, 14), (14, 14), 80, None),
+    (1, 2, (14, 14), (5, 16), 64, None),
+    (2, 2, (10, 10), (10, 10), 72, 15),     # tables resized from 15 to 19 rows
 ]
 
 
