@@ -398,7 +398,7 @@ def ws_launch_spec(B: int, H: int, Sq: int, hd: int, dt: int, cfg):
     env = os.environ.get("RELATTN_WS_PERSIST", "1")
     cap = ntot if env == "0" else int(env) if env.isdigit() and int(env) >= 2 else _sm_count()
     grid = max(1, min(ntot, cap))
-    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel == 4), ntot
+    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel in (4, 6)), ntot
 
 
 def _sm_count() -> int:

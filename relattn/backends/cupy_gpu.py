@@ -401,16 +401,14 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
             or D % 8 or B * H * Sq == 0 or Sk == 0):
         return None
     Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
-    cfg = None
+    cfg = wscfg = None
     if (os.environ.get("RELATTN_SM90_FUSE", "1") != "0" and hd in (64, 80) and kw <= 16 and Lh <= 32
-            and Lw <= 32):   # relattn_ws in 16-slot key rows (experimental)
-        cfg = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
-        if cfg is not None and cfg[2] == 5:
-            cfg = cfg[:2] + (6,) + cfg[3:]
-        else:
-            cfg = None
-    win = None if cfg is not None else _win_fused_config(hd, Sq, kh, kw, Lh, Lw)
-    if win is None and cfg is None:
+            and Lw <= 32):   # relattn_ws in 16-slot key rows (experimental), ahead of relattn_win
+        c = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
+        if c is not None and c[2] == 5:
+            wscfg = c[:2] + (6,) + c[3:]
+    win = _win_fused_config(hd, Sq, kh, kw, Lh, Lw)
+    if win is None and wscfg is None:
         if (os.environ.get("RELATTN_SM90_FUSE", "1") == "0" or hd not in (64, 80) or kw != 64 or kh > 64
                 or Lh > 128 or Lw > 128):
             return None
@@ -440,6 +438,10 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
         return (dummy, dummy, ph(th), pw(tw), idx_h, idx_w)
 
     qp, kp, vp = (_operand_prep(x, D, 8) for x in (q, k, v))
+    if wscfg is not None:
+        run = _ws_plan(wscfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, lambda th, tw: tables(th, tw) + lens)
+        if run is not None or win is None:
+            return run
     if cfg is not None:
         return _ws_plan(cfg, q, Sk, qp, kp, vp, kh, kw, sc, dt, lambda th, tw: tables(th, tw) + lens)
     spb, smem = win
