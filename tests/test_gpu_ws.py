@@ -256,6 +256,7 @@ def test_fused_terms(case, dtype, sm90, monkeypatch):
     ref = reference(qr, kr, vr, rh, rw, kg, D ** -0.5)
     assert rel_l2(from_dev(first), ref) <= TOL[dtype]
     monkeypatch.setenv("RELATTN_SM90_FUSE", "0")
+    monkeypatch.setenv("RELATTN_WIN_FUSE", "0")   # the windows' other fused kernel (relattn_win)
     assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
     unfused = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
     assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
