@@ -108,7 +108,7 @@ def timing(cfgs):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def check_win():
+def check_win(bf16_only=False):
     """relattn_ws in 16-slot key rows (small key grids, rel 5 / 6) against
     float32 references, and a non-finite key in one window that must not reach
     the others (the slots past k_w and the key rows past k_h of a stage)."""
@@ -121,7 +121,7 @@ def check_win():
         (2, 2, (3, 3), (1, 1), 64), (2, 3, (12, 12), (13, 11), 72), (1, 1, (1, 1), (1, 1), 64),
     ]
     bad = 0
-    for dt in ("bfloat16", "float16"):
+    for dt in ("bfloat16",) if bf16_only else ("bfloat16", "float16"):
         for i, (B, H, qhw, khw, d) in enumerate(cases):
             q, k, v, rh, rw = make(B, H, qhw, khw, d, dt, seed=200 + i)
             scale = d ** -0.5
@@ -159,15 +159,20 @@ def check_win():
     return bad
 
 
-def time_win():
+def time_win(wincfgs=()):
+    """SAM's windows: relattn_ws in 16-slot key rows (its default and each of
+    ``wincfgs``, "nc,bn,st,pp,rg,mb"), relattn_win and no-bias SDPA."""
     import relattn
 
+    runs = [("ws fused", {}), ("win fused", {"RELATTN_SM90_WSWIN": "0"}),
+            ("ws core", {}), ("win core", {"RELATTN_SM90_WSWIN": "0"})]
+    for c in wincfgs:
+        runs += [(f"ws fused {c}", {"RELATTN_SM90_WS": c}), (f"ws core {c}", {"RELATTN_SM90_WS": c})]
     for name, B, H, d in (("SAM-B windowed", 25, 12, 64), ("SAM-H windowed", 25, 16, 80)):
         q, k, v, rh, rw = make(B, H, (14, 14), (14, 14), d, "bfloat16")
         th, tw = _tables(cupy.random.RandomState(0), (14, 14), (14, 14), d, "bfloat16")
         row = {}
-        for label, env in (("ws fused", {}), ("win fused", {"RELATTN_SM90_WSWIN": "0"}),
-                           ("ws core", {}), ("win core", {"RELATTN_SM90_WSWIN": "0"})):
+        for label, env in runs:
             os.environ.update(env)
             if "fused" in label:
                 call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))  # noqa: E731
@@ -190,6 +195,7 @@ def main():
     ap.add_argument("--fused", action="store_true", help="check and time the fused terms (rel 4)")
     ap.add_argument("--win", action="store_true", help="check and time 16-slot key rows (small key grids)")
     ap.add_argument("--cfgs", nargs="*", default=CFGS)
+    ap.add_argument("--wincfgs", nargs="*", default=[], help="--win: configurations nc,bn,st,pp,rg,mb to check and time")
     a = ap.parse_args()
     print(f"[ws] {torch.cuda.get_device_name()}, cupy {cupy.__version__}, sm90: {_sm90.unavailable_reason()}", flush=True)
     bad = check(a.cfgs) if a.check else 0
@@ -197,8 +203,12 @@ def main():
         bad += check_fused()
         time_fused()
     if a.win:
-        bad += check_win()
-        time_win()
+        for c in [None] + a.wincfgs:
+            if c:
+                os.environ["RELATTN_SM90_WS"] = c
+            bad += check_win(bf16_only=c is not None)
+            os.environ.pop("RELATTN_SM90_WS", None)
+        time_win(a.wincfgs)
     if a.time:
         timing(a.cfgs)
     return 1 if bad else 0

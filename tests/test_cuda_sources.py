@@ -60,15 +60,15 @@ def test_choose_ws(monkeypatch):
     terms, off by RELATTN_SM90_WS=0 or an explicit relattn_wg configuration."""
     for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG"):
         monkeypatch.delenv(name, raising=False)
-    assert _sm90.WS_DEFAULT == {64: (3, 64, 4, 1, 160), 80: (2, 128, 3, 1, 240)}
-    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (3, 64, 1, 4, 1, 160)    # SAM-B global
-    assert _sm90.choose_ws(80, 4096, 4096, 64, 64, True) == (2, 128, 1, 3, 1, 240)   # SAM-H global
-    assert _sm90.choose_ws(64, 1000, 300, 1, 300, False) == (3, 64, 0, 4, 1, 160)    # plain attention
-    # small key grids in 16-slot key rows (rel 5; experimental)
-    assert _sm90.choose_ws(64, 196, 196, 14, 14, True) == (2, 64, 5, 4, 1, 240)       # SAM's windows
-    assert _sm90.choose_ws(80, 196, 196, 14, 14, True) == (2, 64, 5, 4, 1, 240)
-    assert _sm90.choose_ws(64, 300, 100, 10, 10, True) == (2, 64, 5, 4, 1, 240)
-    assert _sm90.choose_ws(64, 196, 196, 14, 14, False) == (3, 64, 0, 4, 1, 160)      # no terms
+    assert _sm90.WS_DEFAULT == {64: (3, 64, 4, 1, 160, 1), 80: (2, 128, 3, 1, 240, 1)}
+    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (3, 64, 1, 4, 1, 160, 1)    # SAM-B global
+    assert _sm90.choose_ws(80, 4096, 4096, 64, 64, True) == (2, 128, 1, 3, 1, 240, 1)   # SAM-H global
+    assert _sm90.choose_ws(64, 1000, 300, 1, 300, False) == (3, 64, 0, 4, 1, 160, 1)    # plain attention
+    # small key grids in 16-slot key rows (rel 5): one consumer, three blocks per SM
+    assert _sm90.choose_ws(64, 196, 196, 14, 14, True) == (1, 64, 5, 3, 0, 0, 3)       # SAM's windows
+    assert _sm90.choose_ws(80, 196, 196, 14, 14, True) == (1, 64, 5, 2, 0, 0, 3)
+    assert _sm90.choose_ws(64, 300, 100, 10, 10, True) == (1, 64, 5, 3, 0, 0, 3)
+    assert _sm90.choose_ws(64, 196, 196, 14, 14, False) == (3, 64, 0, 4, 1, 160, 1)      # no terms
     assert _sm90.choose_ws(64, 1024, 1024, 32, 32, True) is None                      # k_w 17..63
     assert _sm90.choose_ws(64, 400, 400, 20, 20, True) is None
     assert _sm90.choose_ws(64, 196, 195, 14, 14, True) is None                        # not a k_h x k_w grid
@@ -78,7 +78,9 @@ def test_choose_ws(monkeypatch):
     assert _sm90.choose_ws(48, 4096, 4096, 64, 64, True) is None
     assert _sm90.choose_ws(96, 4096, 4096, 64, 64, True) is None
     monkeypatch.setenv("RELATTN_SM90_WS", "2,64,4,1,240")
-    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (2, 64, 1, 4, 1, 240)
+    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (2, 64, 1, 4, 1, 240, 1)
+    monkeypatch.setenv("RELATTN_SM90_WS", "1,64,3,0,0,3")                              # blocks per SM last
+    assert _sm90.choose_ws(64, 196, 196, 14, 14, True) == (1, 64, 5, 3, 0, 0, 3)
     monkeypatch.setenv("RELATTN_SM90_WS", "2,128,8,1,240")                             # too much shared memory
     assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) is None
     monkeypatch.setenv("RELATTN_SM90_WS", "0")
@@ -87,7 +89,7 @@ def test_choose_ws(monkeypatch):
     monkeypatch.setenv("RELATTN_SM90_CFG", "1,64")
     assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) is None
     monkeypatch.setenv("RELATTN_SM90_WS", "1")                                         # both: ws wins
-    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (3, 64, 1, 4, 1, 160)
+    assert _sm90.choose_ws(64, 4096, 4096, 64, 64, True) == (3, 64, 1, 4, 1, 160, 1)
 
 
 def test_ws_shared_memory():
@@ -99,9 +101,16 @@ def test_ws_shared_memory():
     assert _sm90.ws_smem_bytes(80, 2, 128, 3, True) == (_sm90.ws_smem_bytes(80, 2, 128, 3)
                                                         + 2 * 128 * 160 + 2 * 64 * 72 * 4)
     assert _sm90.ws_smem_bytes(80, 2, 128, 3) == 2 * 64 * 160 + 3 * 2 * 128 * 160 + 1024
+    # 16-slot key rows, fused (rel 6): tables of 32 rows, a 64 x 36 scratch per consumer
+    assert _sm90.ws_smem_bytes(64, 1, 64, 3, True, True) == (_sm90.ws_smem_bytes(64, 1, 64, 3)
+                                                             + 2 * 32 * 128 + 64 * 36 * 4)
     for hd, cfg in _sm90.WS_DEFAULT.items():   # the defaults fit with the fused terms
         nc, bn, st = cfg[:3]
         assert _sm90.ws_smem_bytes(hd, nc, bn, st, True) <= _sm90.MAX_SMEM - 1024
+    for hd, cfg in _sm90.WS_WIN_DEFAULT.items():   # three blocks of the window defaults fit an SM (228 KB;
+        nc, bn, st, _, _, mb = cfg                  # 1 KB reserved and 8-byte barriers per block)
+        per_block = _sm90.ws_smem_bytes(hd, nc, bn, st, True, True) + 1024 + 8 * (2 * st + 2)
+        assert mb * per_block <= 228 * 1024
 
 
 def test_ws_usable():
@@ -203,7 +212,8 @@ def test_hopper_kernel_compiles(tmp_path):
              _sm90.ws_kernel_name(0, 64, 3, 64, 0, 4, 1, 160), _sm90.ws_kernel_name(1, 80, 2, 128, 4, 3, 1, 240),
              _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0),
              # 16-slot key rows (small key grids): given and fused terms
-             _sm90.ws_kernel_name(1, 64, 2, 64, 5, 4, 1, 240), _sm90.ws_kernel_name(0, 80, 2, 64, 6, 4, 1, 240)]
+             _sm90.ws_kernel_name(1, 64, 2, 64, 5, 4, 1, 240), _sm90.ws_kernel_name(0, 80, 2, 64, 6, 4, 1, 240),
+             _sm90.ws_kernel_name(1, 64, 1, 64, 6, 3, 0, 0, 3)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
 

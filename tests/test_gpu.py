@@ -367,8 +367,8 @@ def test_sm90_is_chosen_for_head_dim_64():
     assert sm90.smem_bytes(64, 1, 64, 1, 64, 64) <= sm90.MAX_SMEM
     # the warp-specialised kernel takes these first (unless RELATTN_SM90_WS=0)
     if os.environ.get("RELATTN_SM90_WS") is None and os.environ.get("RELATTN_SM90_CFG") is None:
-        assert gpu._sm90_config(64, 4096, 4096, 64, 64, True, ws=True) == (3, 64, 1, 4, 1, 160)
-        assert gpu._sm90_config(80, 4096, 4096, 64, 64, True, ws=True) == (2, 128, 1, 3, 1, 240)
+        assert gpu._sm90_config(64, 4096, 4096, 64, 64, True, ws=True) == (3, 64, 1, 4, 1, 160, 1)
+        assert gpu._sm90_config(80, 4096, 4096, 64, 64, True, ws=True) == (2, 128, 1, 3, 1, 240, 1)
 
 
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float32"])

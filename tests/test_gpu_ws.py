@@ -56,9 +56,9 @@ def test_ws_kernel_configs(shape, dtype, cfg, sm90, monkeypatch):
     with the terms (rel 1) and without (rel 0), against float64."""
     monkeypatch.setenv("RELATTN_SM90_WS", cfg)
     B, H, qg, kg, D = shape
-    nc, bn, st, pp, rg = (int(x) for x in cfg.split(","))
+    nc, bn, st, pp, rg, *mb = (int(x) for x in cfg.split(","))
     Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
-    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True) == (nc, bn, 1, st, pp, rg)
+    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True) == (nc, bn, 1, st, pp, rg, mb[0] if mb else 1)
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
     run_and_check(dev, host, kg, D ** -0.5, dtype)
@@ -123,12 +123,16 @@ WIN_SHAPES = [  # B, H, q grid, k grid, head_dim
 ]
 
 
+@pytest.mark.parametrize("cfg", [None, "2,64,4,1,240,1"])
 @pytest.mark.parametrize("blocks", ["1", "2"])
 @pytest.mark.parametrize("shape", WIN_SHAPES, ids=lambda c: f"B{c[0]}H{c[1]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}x{c[3][1]}-d{c[4]}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ws_small_key_grids(shape, dtype, blocks, sm90, monkeypatch):
+def test_ws_small_key_grids(shape, dtype, blocks, cfg, sm90, monkeypatch):
     """k_w <= 16: every key row in 16 slots (rel 5), terms given, against
-    float64; with RELATTN_WS_PERSIST=2 the two blocks loop over the row tiles."""
+    float64, for the default and another configuration; with
+    RELATTN_WS_PERSIST=2 the two blocks loop over the row tiles."""
+    if cfg:
+        monkeypatch.setenv("RELATTN_SM90_WS", cfg)
     B, H, qg, kg, D = shape
     Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
     assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True)[2] == 5
@@ -171,6 +175,8 @@ PERSIST_CASES = [  # RELATTN_SM90_WS (None: default), B, H, q grid, k grid, head
     ("3,64,4,1,160", 1, 2, (9, 64), (9, 64), 64, None),  # no terms
     (None, 1, 2, (16, 64), (16, 64), 64, True),          # fused: tables loaded once per block
     (None, 2, 2, (9, 64), (5, 64), 72, True),            # head_dim 72 read as 80 (two table passes)
+    (None, 3, 2, (14, 14), (14, 14), 64, True),          # SAM's windows, fused (rel 6)
+    ("2,64,4,1,240,1", 3, 2, (14, 14), (14, 14), 80, True),
 ]
 
 

@@ -278,7 +278,7 @@ def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg
 
 # ---------------------------------------------------------------- relattn_ws
 # The warp-specialised kernel (TMA producer, consumer warpgroups) for
-# head_dim 64 and 80. RELATTN_SM90_WS: "0" off, "nc,bn,stages,pp,rg" a
+# head_dim 64 and 80. RELATTN_SM90_WS: "0" off, "nc,bn,stages,pp,rg[,mb]" a
 # configuration (experiments); unset or "1": WS_DEFAULT.
 # (nc, bn, stages, pp, rg) per head_dim. Measured (H100, bf16, CUDA graph,
 # SAM-B global core without the terms): (3, 64, 4, 1, 160) 0.132 ms,
@@ -286,11 +286,19 @@ def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg
 # 0.144, (2, 64, 4, 0, 0) 0.155; relattn_wg 0.214.
 # SAM-H core: (2, 128, 3, 1, 240) 0.223 ms, (3, 64, 3, 1, 160) 0.229,
 # (2, 64, 4, 1, 240) 0.235; relattn_wg 0.319.
-WS_DEFAULT = {64: (3, 64, 4, 1, 160), 80: (2, 128, 3, 1, 240)}
+WS_DEFAULT = {64: (3, 64, 4, 1, 160, 1), 80: (2, 128, 3, 1, 240, 1)}
 # Small key grids (k_w <= 16, k_h <= 16: SAM's 14 x 14 windows) in 16-slot key
-# rows (rel 5 / 6; EXPERIMENTAL, branch wip/ws-windows: not yet run on a GPU).
+# rows (rel 5 / 6): one consumer warpgroup, three blocks per SM (the registers
+# capped at 136: no spills), so that one block's prologue and epilogue overlap
+# the others' products. H200, bf16, CUDA graph, SAM-B windowed fused (no-bias
+# SDPA 0.0214 ms): (1, 64, 3, 0, 0, 3) 0.0266 ms, (1, 64, 2, 0, 0, 3)
+# 0.0277-0.0285, (2, 64, 4, 1, 240, 1) 0.0299-0.0306, (1, 64, 4, 0, 0, 2) 0.0295,
+# (2, 128, 2, 1, 240, 1) 0.0306, (1, 128, 2, 0, 0, 2) 0.0318; relattn_win 0.042.
+# SAM-H windowed (head_dim 80; (1, 64, 3) fits only two blocks per SM):
+# (1, 64, 2, 0, 0, 3) 0.0528-0.0554, (2, 64, 4, 1, 240, 1) 0.0558-0.0565,
+# (1, 64, 3, 0, 0, 3) 0.0627-0.0638; relattn_win 0.075; SDPA 0.038.
 # RELATTN_SM90_WSWIN=0 leaves them to relattn_win.
-WS_WIN_DEFAULT = {64: (2, 64, 4, 1, 240), 80: (2, 64, 4, 1, 240)}
+WS_WIN_DEFAULT = {64: (1, 64, 3, 0, 0, 3), 80: (1, 64, 2, 0, 0, 3)}
 
 
 def ws_window_ok(Sk: int, kh: int, kw: int) -> bool:
@@ -300,38 +308,42 @@ def ws_window_ok(Sk: int, kh: int, kw: int) -> bool:
 
 
 def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
-    """(nc, bn, rel, stages, pp, rg) of relattn_ws for a problem, or None.
+    """(nc, bn, rel, stages, pp, rg, mb) of relattn_ws for a problem, or None.
     An explicit RELATTN_SM90_CFG (a relattn_wg configuration) turns it off."""
     env = os.environ.get("RELATTN_SM90_WS")
     if env == "0" or hd not in WS_DEFAULT or (not env and os.environ.get("RELATTN_SM90_CFG")):
         return None
     window = has_rel and kw != 64 and ws_window_ok(Sk, kh, kw)
     if env and env != "1":
-        nc, bn, st, pp, rg = (int(x) for x in env.split(","))
+        nc, bn, st, pp, rg, *mb = (int(x) for x in env.split(","))
+        mb = mb[0] if mb else 1
     else:
-        nc, bn, st, pp, rg = (WS_WIN_DEFAULT if window else WS_DEFAULT)[hd]
+        nc, bn, st, pp, rg, mb = (WS_WIN_DEFAULT if window else WS_DEFAULT)[hd]
     if has_rel and kw != 64 and not window:
         return None
     rel = (5 if window else 1) if has_rel else 0
     if ws_smem_bytes(hd, nc, bn, st) > MAX_SMEM - 1024:
         return None
-    return nc, bn, rel, st, pp, rg
+    return nc, bn, rel, st, pp, rg, mb
 
 
-def ws_smem_bytes(hd: int, nc: int, bn: int, st: int, fused: bool = False) -> int:
+def ws_smem_bytes(hd: int, nc: int, bn: int, st: int, fused: bool = False, window: bool = False) -> int:
     """Q, the K/V stages and 1024 bytes of alignment; with ``fused`` (rel 4)
     the two tables (128 rows each) and a float32 scratch per consumer
     warpgroup: 64 x 136 when that fits, else 64 x 72 (the kernel then
-    computes the terms in two passes; the same rule as relattn_ws's NH)."""
+    computes the terms in two passes; the same rule as relattn_ws's NH);
+    ``fused`` and ``window`` (rel 6): tables of 32 rows, a 64 x 36 scratch."""
     n = 64 * nc * hd * 2 + st * 2 * bn * hd * 2 + 1024
     if not fused:
         return n
+    if window:
+        return n + 2 * 32 * hd * 2 + nc * 64 * 36 * 4
     n += 2 * 128 * hd * 2
     return n + nc * 64 * 136 * 4 if n + nc * 64 * 136 * 4 <= MAX_SMEM - 1024 else n + nc * 64 * 72 * 4
 
 
-def ws_kernel_name(dt: int, hd: int, nc: int, bn: int, rel: int, st: int, pp: int, rg: int) -> str:
-    return f"relattn_ws<{dt}, {hd}, {nc}, {bn}, {rel}, {st}, {pp}, {rg}>"
+def ws_kernel_name(dt: int, hd: int, nc: int, bn: int, rel: int, st: int, pp: int, rg: int, mb: int = 1) -> str:
+    return f"relattn_ws<{dt}, {hd}, {nc}, {bn}, {rel}, {st}, {pp}, {rg}, {mb}>"
 
 
 _TMAP_ENCODE: list = []
@@ -391,14 +403,14 @@ def ws_launch_spec(B: int, H: int, Sq: int, hd: int, dt: int, cfg):
     is persistent: each block loops over the row tiles blockIdx.x, + gridDim.x,
     ...; the grid is one block per SM. RELATTN_WS_PERSIST (developers, tests):
     "0" one block per tile, an integer n >= 2 at most n blocks."""
-    nc, bn, rel, st, pp, rg = cfg
-    fn = _get_named(ws_kernel_name(dt, hd, nc, bn, rel, st, pp, rg))
+    nc, bn, rel, st, pp, rg, mb = cfg
+    fn = _get_named(ws_kernel_name(dt, hd, nc, bn, rel, st, pp, rg, mb))
     bm = 64 * nc
     ntot = B * H * ((Sq + bm - 1) // bm)
     env = os.environ.get("RELATTN_WS_PERSIST", "1")
-    cap = ntot if env == "0" else int(env) if env.isdigit() and int(env) >= 2 else _sm_count()
+    cap = ntot if env == "0" else int(env) if env.isdigit() and int(env) >= 2 else _sm_count() * mb
     grid = max(1, min(ntot, cap))
-    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel in (4, 6)), ntot
+    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel in (4, 6), rel == 6), ntot
 
 
 def _sm_count() -> int:

@@ -401,11 +401,14 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
             or D % 8 or B * H * Sq == 0 or Sk == 0):
         return None
     Lh, Lw = 2 * max(qh, kh) - 1, 2 * max(qw, kw) - 1
+    from relattn.backends import _sm90
+
     cfg = wscfg = None
     if (os.environ.get("RELATTN_SM90_FUSE", "1") != "0" and hd in (64, 80) and kw <= 16 and Lh <= 32
-            and Lw <= 32):   # relattn_ws in 16-slot key rows (experimental), ahead of relattn_win
+            and Lw <= 32):   # relattn_ws in 16-slot key rows, ahead of relattn_win
         c = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
-        if c is not None and c[2] == 5:
+        if (c is not None and c[2] == 5
+                and _sm90.ws_smem_bytes(hd, c[0], c[1], c[3], True, True) <= _sm90.MAX_SMEM - 1024):
             wscfg = c[:2] + (6,) + c[3:]
     win = _win_fused_config(hd, Sq, kh, kw, Lh, Lw)
     if win is None and wscfg is None:
@@ -415,8 +418,6 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
         cfg = _sm90_config(hd, Sq, Sk, kh, kw, True, ws=True)
         if cfg is None:
             return None
-        from relattn.backends import _sm90
-
         cfg = cfg[:2] + (4,) + cfg[3:]
         if _sm90.ws_smem_bytes(hd, cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
             return None

@@ -342,7 +342,7 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 }
 
 // ===========================================================================
-// Warp-specialised kernel relattn_ws<DT, HD, NC, BN, REL, ST, PP, RG> (head_dim 64 or 80)
+// Warp-specialised kernel relattn_ws<DT, HD, NC, BN, REL, ST, PP, RG, MB> (head_dim 64 or 80)
 //
 // NC consumer warpgroups (64 query rows each, BLOCK_M = 64 * NC) and one
 // producer warp. A single producer thread moves Q once and every K / V tile
@@ -358,6 +358,9 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 // (at most 168 for NC = 2: 3 warps share one scheduler's register file);
 // RG > 0: the producer is a warpgroup that gives its registers up (setmaxnreg)
 // so that each consumer thread may hold RG (NC = 2: 240, NC = 3: 160).
+// MB: blocks per SM the registers are capped for (__launch_bounds__); the
+// persistent grid is MB blocks per SM, so one block's prologue (Q, the
+// fused terms) and epilogue overlap another's products (small key grids).
 // REL 0 = no terms, 1 = k_w == 64 (rel_w in registers, rel_h one value per row
 // per 64 keys), 4 = as 1 with the terms computed in the kernel from the
 // 16-bit tables (at most 128 rows each; k_h <= 64) and the index tables of
@@ -371,7 +374,9 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 // (batch, head, row block) tiles (a grid of ntot blocks: one each). The K/V
 // ring runs on across a block's tiles, so the producer loads the next tile's
 // first K/V stages while the consumers finish the last one, and its Q once
-// they release Q (a fourth mbarrier); fused tables are loaded once per block.
+// every consumer's last S of a tile is done (a fourth mbarrier, released
+// before that tile's softmax, last P V and store); fused tables are loaded
+// once per block.
 // ===========================================================================
 struct __align__(64) RaTmap { u64 w[16]; };
 
@@ -402,8 +407,8 @@ __device__ __forceinline__ void ra_bar_arrive(int id, int n) { asm volatile("bar
 template <int R> __device__ __forceinline__ void ra_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }
 template <int R> __device__ __forceinline__ void ra_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R)); }
 
-template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG>
-__global__ void __launch_bounds__(128 * NC + (RG ? 128 : 32), 1)
+template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG, int MB>
+__global__ void __launch_bounds__(128 * NC + (RG ? 128 : 32), MB)
 relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk, const __grid_constant__ RaTmap tv,
            const __grid_constant__ RaTmap tq2, const __grid_constant__ RaTmap tk2, const __grid_constant__ RaTmap tv2,
            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
@@ -416,7 +421,6 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     constexpr bool SPL = (HD == 80);                // columns 64-79 as a second, unswizzled part
     constexpr u32 QBYTES = BM * HD * 2;
     constexpr u32 TBYTES = BN * HD * 2;
-    constexpr u32 TABBYTES = 128 * HD * 2;          // FT: one table
     // WIN (REL 5 / 6, small key grids: k_w <= 16, k_h * 16 slots): every key
     // row occupies KP = 16 slots of a tile (TMA boxes of k_w rows; slots past
     // k_w stay zero and get rel_w = -inf), so a slot's kx is fixed per
@@ -436,7 +440,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         <= 227 * 1024 - 1024) ? 1 : 2;
     constexpr int GN = WIN ? 32 : 128 / NH;
     constexpr int TR = WIN ? 32 : 128;              // table rows copied
-    constexpr int GS = GN + 8;
+    constexpr u32 TABBYTES = TR * HD * 2;           // FT: one table
+    // (WIN: 36, so that the 8 rows a warp reads per key row hit 8 banks, and
+    // three blocks of (1, 64, 3) fit an SM)
+    constexpr int GS = WIN ? 36 : GN + 8;
     __shared__ __align__(8) u64 bars[2 * ST + 2];   // full[ST], empty[ST], Q full, Q empty
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
@@ -517,15 +524,13 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         ra_tma_load(sQ + BM * 144u, &tq2, bq, 72, m0, h, b);
                     }
                 };
-                // later tiles: the first stages as soon as the ring has room,
-                // Q once the consumers released the previous tile's
-                const int pre = tc ? min(ntiles, ST) : 0;
-                if (!tc) load_q();
+                // later tiles, in the order the consumers free the buffers:
+                // the stages the previous tile released before its last S
+                // (or never used), Q once that last S is done, then the rest
+                const int pre = tc ? min(ntiles, max(ST - 2, ST - ntiles)) : 0;
                 for (int n = 0; n < pre; ++n) load_kv(n);
-                if (tc) {
-                    ra_mbar_wait(bqe, (tc - 1) & 1);
-                    load_q();
-                }
+                if (tc) ra_mbar_wait(bqe, (tc - 1) & 1);
+                load_q();
                 for (int n = pre; n < ntiles; ++n) load_kv(n);
                 it += ntiles;
             }
@@ -567,7 +572,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             const u16* src = tb ? tw : th;
             const bool ok = r < (tb ? Lw : Lh) && ch * 8 < D;
             const u32 off = (ch < 8) ? (u32)r * 128u + (u32)((ch ^ (r & 7)) << 4)
-                                     : 128u * 128u + (u32)(ch - 8) * 128u * 16u + (u32)r * 16u;
+                                     : TR * 128u + (u32)(ch - 8) * TR * 16u + (u32)r * 16u;
             ra_cp_async16(sT + (u32)tb * TABBYTES + off, ok ? src + (long long)r * D + ch * 8 : src, ok ? 16 : 0);
         }
         ra_cp_commit();
@@ -585,7 +590,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         ra_wg_fence();
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) RaWg<DT, GN>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
-        if (SPL) RaWg<DT, GN>::ss(acc, dQB, ra_desc(table + 128u * 128u + (u32)part * GN * 16u, 128u * 16u, 128u, 0), 1);
+        if (SPL) RaWg<DT, GN>::ss(acc, dQB, ra_desc(table + TR * 128u + (u32)part * GN * 16u, TR * 16u, 128u, 0), 1);
         ra_wg_commit();
         ra_wg_wait<0>();
         if (NH > 1) ra_bar_sync(NC + 2 + c, 128);   // the previous pass's reads of the scratch are done
@@ -776,6 +781,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             ra_wg_commit();
             turn_pass(false);
             ra_wg_wait<0>();
+            if (ntiles == 1) release(bqe);   // Q's last reader is done
             softmax_tile(s, 0, alpha);
             pack_p(s);
         }
@@ -791,6 +797,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             ra_wg_commit();
             turn_pass(false);
             ra_wg_wait<1>();
+            if (n == ntiles - 1) release(bqe);   // S(n) done: Q's last reader (the producer may load the next Q)
             softmax_tile(s, n, alpha);
             ra_wg_wait<0>();
             // every wgmma of this warpgroup reading the previous stage is complete
@@ -804,10 +811,9 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         ra_wg_commit();
         turn_pass(true);
         ra_wg_wait<0>();
-        // the last stage and Q are free: the producer may refill them while
-        // this tile's output is stored
+        // the last stage is free: the producer may refill it while this
+        // tile's output is stored
         release(bempty + 8u * (u32)((it + ntiles - 1) % ST));
-        release(bqe);
         it += ntiles;
 
         // ---- finalize and store
