@@ -66,7 +66,7 @@ def test_choose_ws(monkeypatch):
     assert _sm90.choose_ws(64, 1000, 300, 1, 300, False) == (3, 64, 0, 4, 1, 160, 1)    # plain attention
     # small key grids in 16-slot key rows (rel 5): one consumer, three blocks per SM
     assert _sm90.choose_ws(64, 196, 196, 14, 14, True) == (1, 64, 5, 3, 0, 0, 3)       # SAM's windows
-    assert _sm90.choose_ws(80, 196, 196, 14, 14, True) == (1, 64, 5, 2, 0, 0, 3)
+    assert _sm90.choose_ws(80, 196, 196, 14, 14, True) == (1, 32, 5, 3, 0, 0, 3)   # 32-key tiles
     assert _sm90.choose_ws(64, 300, 100, 10, 10, True) == (1, 64, 5, 3, 0, 0, 3)
     assert _sm90.choose_ws(64, 196, 196, 14, 14, False) == (3, 64, 0, 4, 1, 160, 1)      # no terms
     assert _sm90.choose_ws(64, 1024, 1024, 32, 32, True) is None                      # k_w 17..63
@@ -213,7 +213,7 @@ def test_hopper_kernel_compiles(tmp_path):
              _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0),
              # 16-slot key rows (small key grids): given and fused terms
              _sm90.ws_kernel_name(1, 64, 2, 64, 5, 4, 1, 240), _sm90.ws_kernel_name(0, 80, 2, 64, 6, 4, 1, 240),
-             _sm90.ws_kernel_name(1, 64, 1, 64, 6, 3, 0, 0, 3)]
+             _sm90.ws_kernel_name(1, 64, 1, 64, 6, 3, 0, 0, 3), _sm90.ws_kernel_name(1, 80, 1, 32, 6, 3, 0, 0, 3)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
 

@@ -1,0 +1,43 @@
+"""Graph-timed fused rel_pos_attention (bf16) on SAM's four attention shapes, one
+line per run, for A/B rounds on the device (old and new packages alternate):
+
+    for r in 1 2 3; do for side in old new; do
+      PYTHONPATH=/tmp/site:<tree> python3 bench/ab_fused.py $side; done; done
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cupy
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu_dev import graph_time_cupy, graph_time_torch  # noqa: E402
+from sm90_dev import make  # noqa: E402
+from ws_dev import _tables  # noqa: E402
+
+import relattn  # noqa: E402
+
+CASES = (("B-global", 1, 12, 64, 64), ("H-global", 1, 16, 64, 80), ("B-window", 25, 12, 14, 64), ("H-window", 25, 16, 14, 80))
+
+
+def main(label):
+    out = []
+    pick = os.environ.get("AB_CASES")   # e.g. "B-window,H-window"
+    for name, B, H, g, d in CASES:
+        if pick and name not in pick.split(","):
+            continue
+        q, k, v, _, _ = make(B, H, (g, g), (g, g), d, "bfloat16")
+        th, tw = _tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
+        t = graph_time_cupy(lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g)))
+        tq, tk, tv = (torch.randn(B, H, g * g, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
+        out.append(f"{name} {t:.4f} ({t / f:.3f}x)")
+    print(f"{label}: " + ", ".join(out), f"[{relattn.__file__.split('/relattn/')[0][-12:]}]", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "run")
