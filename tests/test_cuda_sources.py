@@ -213,7 +213,8 @@ def test_hopper_kernel_compiles(tmp_path):
              _sm90.ws_kernel_name(1, 80, 2, 128, 1, 3, 1, 240), _sm90.ws_kernel_name(1, 64, 2, 64, 1, 2, 0, 0),
              # 16-slot key rows (small key grids): given and fused terms
              _sm90.ws_kernel_name(1, 64, 2, 64, 5, 4, 1, 240), _sm90.ws_kernel_name(0, 80, 2, 64, 6, 4, 1, 240),
-             _sm90.ws_kernel_name(1, 64, 1, 64, 6, 3, 0, 0, 3), _sm90.ws_kernel_name(1, 80, 1, 32, 6, 3, 0, 0, 3)]
+             _sm90.ws_kernel_name(1, 64, 1, 64, 6, 3, 0, 0, 3), _sm90.ws_kernel_name(1, 80, 1, 32, 6, 3, 0, 0, 3),
+             _sm90.ws_kernel_name(1, 80, 2, 128, 7, 3, 1, 240)]
     _nvcc_compile(tmp_path, _sm90.source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
 
@@ -250,3 +251,20 @@ def test_tf32_shared_split_choice(monkeypatch):
     assert cupy_gpu.tf32_smem_bytes(80, 1) == (128 * 88 + 64 * 88 + 64 * 84) * 4 + (64 * 44 + 32 * 82) * 16
     assert cupy_gpu.tf32_smem_bytes(96, 1) <= 227 * 1024 < cupy_gpu.tf32_smem_bytes(112, 1)
 
+
+
+def test_rel_h_one_pass(monkeypatch):
+    """relattn_ws rel 7 (rel_h of the fused terms in one pass of 72 table
+    rows): where the tables take two passes (head_dim 80) and every 64-row
+    warpgroup's rel_h rows lie in 72 rows from the kernel's base."""
+    from relattn.backends import cupy_gpu
+
+    monkeypatch.delenv("RELATTN_WS_H72", raising=False)
+    sam_h = (2, 128, 4, 3, 1, 240, 1)
+    assert cupy_gpu._rel_h_one_pass(80, sam_h, 64, 64, 64, 4096)                 # SAM-H: one query row per warpgroup
+    assert cupy_gpu._rel_h_one_pass(80, sam_h, 64, 64, 32, 2048)                 # two query rows: 65 table rows
+    assert cupy_gpu._rel_h_one_pass(80, sam_h, 9, 5, 64, 9 * 64)                 # q / k grids of different sizes
+    assert not cupy_gpu._rel_h_one_pass(80, sam_h, 64, 64, 4, 256)               # 16 query rows: 78 table rows
+    assert not cupy_gpu._rel_h_one_pass(64, (3, 64, 4, 4, 1, 160, 1), 64, 64, 64, 4096)   # one pass already
+    monkeypatch.setenv("RELATTN_WS_H72", "0")
+    assert not cupy_gpu._rel_h_one_pass(80, sam_h, 64, 64, 64, 4096)

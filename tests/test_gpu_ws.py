@@ -236,16 +236,27 @@ FUSED_CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1
 ]
 
 
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"B{c[0]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}-d{c[4]}-r{c[5]}")
+# head_dim 72 / 80 on global grids: rel 7 by default, rel 4 with RELATTN_WS_H72=0
+FUSED_RUNS = [(c, "1") for c in FUSED_CASES] + [(c, "0") for c in FUSED_CASES if c[4] > 64 and c[3][1] == 64]
+
+
+@pytest.mark.parametrize("case,h72", FUSED_RUNS,
+                         ids=lambda c: f"B{c[0]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}-d{c[4]}-r{c[5]}" if isinstance(c, tuple)
+                         else f"h72_{c}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_fused_terms(case, dtype, sm90, monkeypatch):
+def test_fused_terms(case, h72, dtype, sm90, monkeypatch):
     """rel_pos_attention with 16-bit tables of q's dtype runs the fused plan:
     the first call and the planned ones give the same bits, within float64
     accuracy (the reference takes the same resized 16-bit tables), and close
-    to the unfused kernels (RELATTN_SM90_FUSE=0)."""
+    to the unfused kernels (RELATTN_SM90_FUSE=0). Head dims 72 / 80 on global
+    grids run rel 7 (rel_h in one pass of 72 table rows) and, with
+    RELATTN_WS_H72=0, rel 4's two passes."""
     from relattn.relpos import resize_rel_pos
 
     B, H, qg, kg, D, rows = case
+    monkeypatch.setenv("RELATTN_WS_H72", h72)
+    if D > 64 and kg[1] == 64:
+        assert gpu._rel_h_one_pass(80, (2, 128, 4, 3, 1, 240, 1), qg[0], kg[0], qg[1], qg[0] * qg[1]) is (h72 == "1")
     rng = np.random.default_rng(zlib.crc32(repr((case, dtype)).encode()))
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype)
                                  for g in (qg, kg, kg))

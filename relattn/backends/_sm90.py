@@ -41,7 +41,7 @@ def _wrappers() -> str:
     ``rs`` (A from registers, B N-major from shared memory) wgmma m64nNk16."""
     out = ["template <int DT, int N> struct RaWg;"]
     for dt, tn in ((0, "f16"), (1, "bf16")):
-        for n in sorted(set(_BNS) | set(_HDS)):
+        for n in sorted(set(_BNS) | set(_HDS) | {72}):   # 72: relattn_ws rel 7's rel_h pass
             nr = n // 2
             dl = ", ".join(f"%{i}" for i in range(nr))
             cons = ", ".join(f'"+f"(d[{i}])' for i in range(nr))
@@ -330,18 +330,22 @@ def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
     return nc, bn, rel, st, pp, rg, mb
 
 
-def ws_smem_bytes(hd: int, nc: int, bn: int, st: int, fused: bool = False, window: bool = False) -> int:
+def ws_smem_bytes(hd: int, nc: int, bn: int, st: int, fused: bool = False, window: bool = False,
+                  h72: bool = False) -> int:
     """Q, the K/V stages and 1024 bytes of alignment; with ``fused`` (rel 4)
     the two tables (128 rows each) and a float32 scratch per consumer
     warpgroup: 64 x 136 when that fits, else 64 x 72 (the kernel then
     computes the terms in two passes; the same rule as relattn_ws's NH);
-    ``fused`` and ``window`` (rel 6): tables of 32 rows, a 64 x 36 scratch."""
+    ``fused`` and ``window`` (rel 6): tables of 32 rows, a 64 x 36 scratch;
+    ``h72`` (rel 7: two passes, rel_h in one of 72 rows): a 64 x 80 scratch."""
     n = 64 * nc * hd * 2 + st * 2 * bn * hd * 2 + 1024
     if not fused:
         return n
     if window:
         return n + 2 * 32 * hd * 2 + nc * 64 * 36 * 4
     n += 2 * 128 * hd * 2
+    if h72:
+        return n + nc * 64 * 80 * 4
     return n + nc * 64 * 136 * 4 if n + nc * 64 * 136 * 4 <= MAX_SMEM - 1024 else n + nc * 64 * 72 * 4
 
 
@@ -413,7 +417,7 @@ def ws_launch_spec(B: int, H: int, Sq: int, hd: int, dt: int, cfg):
     env = os.environ.get("RELATTN_WS_PERSIST", "1")
     cap = ntot if env == "0" else int(env) if env.isdigit() and int(env) >= 2 else _sm_count() * mb
     grid = max(1, min(ntot, cap))
-    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel in (4, 6), rel == 6), ntot
+    return fn, (grid,), (128 * nc + (128 if rg else 32),), ws_smem_bytes(hd, nc, bn, st, rel in (4, 6, 7), rel == 6, rel == 7), ntot
 
 
 def _sm_count() -> int:

@@ -421,6 +421,8 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
         cfg = cfg[:2] + (4,) + cfg[3:]
         if _sm90.ws_smem_bytes(hd, cfg[0], cfg[1], cfg[3], True) > _sm90.MAX_SMEM - 1024:
             return None
+        if _rel_h_one_pass(hd, cfg, qh, kh, qw, Sq):
+            cfg = cfg[:2] + (7,) + cfg[3:]
     resize = (Lh if rel_pos_h.shape[0] != Lh else None, Lw if rel_pos_w.shape[0] != Lw else None)
     ex_h = rel_pos_h if resize[0] is None else cupy.empty((Lh, D), dtype=rel_pos_h.dtype)
     ex_w = rel_pos_w if resize[1] is None else cupy.empty((Lw, D), dtype=rel_pos_w.dtype)
@@ -460,6 +462,34 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     return run
 
 
+def _rel_h_one_pass(hd, cfg, qh, kh, qw, Sq) -> bool:
+    """relattn_ws rel 7: where the fused terms take two passes over 64 table
+    rows (shared memory too short for one of 128: SAM-H's head_dim 80), rel_h
+    in one pass of 72 rows instead, when every 64-row warpgroup's rel_h rows
+    lie within 72 rows from the kernel's base (the index of its first row's
+    last key row, rounded down to 8) inside the 128 rows held.
+    ``RELATTN_WS_H72=0`` turns it off."""
+    import numpy as np
+
+    from relattn.backends import _sm90
+    from relattn.relpos import _relative_index
+
+    nc, bn, _, st = cfg[:4]
+    if (os.environ.get("RELATTN_WS_H72", "1") == "0"
+            or _sm90.ws_smem_bytes(hd, nc, bn, st, True) != _sm90.ws_smem_bytes(hd, nc, bn, st) + 2 * 128 * hd * 2
+            + nc * 64 * 72 * 4
+            or _sm90.ws_smem_bytes(hd, nc, bn, st, True, False, True) > _sm90.MAX_SMEM - 1024):
+        return False
+    idx = _relative_index(qh, kh)
+    for r0 in range(0, -(-Sq // 64) * 64, 64):
+        qys = np.arange(r0, min(r0 + 64, Sq)) // qw
+        rows = idx[qys[0]:qys[-1] + 1]
+        base = int(idx[qys[0], kh - 1]) & ~7
+        if int(rows.min()) < base or int(rows.max()) - base >= 72 or base + 72 > 128:
+            return False
+    return True
+
+
 def _win_fused_config(hd, Sq, kh, kw, Lh, Lw):
     """(slices per block, shared bytes) of relattn_win with the terms fused
     (FUSE 1), or None: 16-slot key rows and tables of at most 32 rows (q and
@@ -496,7 +526,8 @@ def _win_config(hd, Sq, kh, kw):
 # The environment variables read while planning (developer switches): part of
 # the plan cache key, so changing one takes effect on the next call.
 _KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE", "RELATTN_SM90", "RELATTN_SM90_CFG",
-          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST", "RELATTN_TF32_SH", "RELATTN_SM90_WSWIN")
+          "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST", "RELATTN_TF32_SH", "RELATTN_SM90_WSWIN",
+          "RELATTN_WS_H72")
 
 
 def plan_key():

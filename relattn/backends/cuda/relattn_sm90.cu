@@ -364,7 +364,9 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 // REL 0 = no terms, 1 = k_w == 64 (rel_w in registers, rel_h one value per row
 // per 64 keys), 4 = as 1 with the terms computed in the kernel from the
 // 16-bit tables (at most 128 rows each; k_h <= 64) and the index tables of
-// get_rel_pos (idx_h (q_h, k_h), idx_w (q_w, 64)).
+// get_rel_pos (idx_h (q_h, k_h), idx_w (q_w, 64)), 7 = 4 where the tables
+// take two passes (SAM-H) but each warpgroup's rel_h needs at most 72 table
+// rows: those in one pass, 5 / 6 = 1 / 4 for small key grids (16-slot key rows).
 // Tensor maps (built by _sm90.tensor_map): dims (columns, rows, heads, batch)
 // of q, k, v; tq / tk / tv: box 64 columns x BLOCK_M (q) or BN (k, v) rows,
 // 128-byte swizzle. HD == 80 (SAM-H) adds tq2 / tk2 / tv2: box 8 columns,
@@ -407,6 +409,31 @@ __device__ __forceinline__ void ra_bar_arrive(int id, int n) { asm volatile("bar
 template <int R> __device__ __forceinline__ void ra_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }
 template <int R> __device__ __forceinline__ void ra_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R)); }
 
+// relattn_ws's fused terms: G = Q T^T over table rows row0 .. row0 + N - 1
+// (row0 a multiple of 8; T: TR rows, 64 columns 128-byte swizzled, SPL: a
+// 16-column part after them) into this warpgroup's float32 scratch rows
+// gRow (the thread's rows g and g + 8), between named barriers on bar (WAIT:
+// also before writing, so that the previous pass's reads are done)
+template <int DT, int N, bool SPL, bool WAIT>
+__device__ __forceinline__ void ra_ws_gemm_rows(u32 table, int row0, int TR, u64 dQ, u64 dQB, float* const* gRow,
+                                                int t, int bar) {
+    float acc[N / 2];
+    const u64 dT = ra_desc(table + (u32)row0 * 128u, 16u, 1024u, 1);
+    ra_wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) RaWg<DT, N>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
+    if (SPL) RaWg<DT, N>::ss(acc, dQB, ra_desc(table + (u32)TR * 128u + (u32)row0 * 16u, (u32)TR * 16u, 128u, 0), 1);
+    ra_wg_commit();
+    ra_wg_wait<0>();
+    if (WAIT) ra_bar_sync(bar, 128);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+            *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) = make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
+    ra_bar_sync(bar, 128);
+}
+
 template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG, int MB>
 __global__ void __launch_bounds__(128 * NC + (RG ? 128 : 32), MB)
 relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk, const __grid_constant__ RaTmap tv,
@@ -427,8 +454,12 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // register as with k_w == 64 (KP = 64, where slots are keys)
     constexpr bool WIN = (REL == 5 || REL == 6);
     constexpr int KP = WIN ? 16 : 64;               // key slots per key row
-    constexpr bool RB = (REL == 1 || REL == 4 || WIN);   // rel_w in registers, rel_h per key row
-    constexpr bool FT = (REL == 4 || REL == 6);     // terms computed here
+    constexpr bool RB = (REL == 1 || REL == 4 || REL == 7 || WIN);   // rel_w in registers, rel_h per key row
+    constexpr bool FT = (REL == 4 || REL == 6 || REL == 7);   // terms computed here
+    // REL 7: as 4 in two passes, but rel_h in one pass of 72 table rows from
+    // this warpgroup's first row's smallest index (rounded down to 8); the
+    // host takes it where every warpgroup's rows need at most those 72 rows
+    constexpr bool HB = (REL == 7);
     constexpr int NU = RB ? BN / KP : 1;            // key rows per tile
     constexpr int NW = KP / 4;                      // rel_w values per row and thread
     constexpr int KHM = WIN ? 16 : 64;              // k_h at most (FT's rel_h gather)
@@ -436,14 +467,15 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // of 64 x (128 + 8) floats per consumer fits, else two of 64 + 8; WIN: one
     // of 32, its tables have at most 31 rows); GS: the scratch's row stride in
     // floats (the same rule as _sm90.ws_smem_bytes)
-    constexpr int NH = (WIN || BM * HD * 2 + 2 * ST * BN * HD * 2 + 1024 + 2 * 128 * HD * 2 + NC * 64 * 136 * 4
+    constexpr int NH = HB ? 2 : (WIN || BM * HD * 2 + 2 * ST * BN * HD * 2 + 1024 + 2 * 128 * HD * 2 + NC * 64 * 136 * 4
                         <= 227 * 1024 - 1024) ? 1 : 2;
+    constexpr int HN = 72;                          // HB: rel_h's table rows
     constexpr int GN = WIN ? 32 : 128 / NH;
     constexpr int TR = WIN ? 32 : 128;              // table rows copied
     constexpr u32 TABBYTES = TR * HD * 2;           // FT: one table
     // (WIN: 36, so that the 8 rows a warp reads per key row hit 8 banks, and
     // three blocks of (1, 64, 3) fit an SM)
-    constexpr int GS = WIN ? 36 : GN + 8;
+    constexpr int GS = WIN ? 36 : HB ? HN + 8 : GN + 8;
     __shared__ __align__(8) u64 bars[2 * ST + 2];   // full[ST], empty[ST], Q full, Q empty
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
@@ -584,23 +616,9 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // G = Q T^T over GN table rows per pass (NH passes: the whole table, or
     // halves when shared memory is short), each value gathered in the pass
     // that holds its table row
-    auto gemm_part = [&](u32 table, int part) {
-        float acc[GN / 2];
-        const u64 dT = ra_desc(table + (u32)part * GN * 128u, 16u, 1024u, 1);
-        ra_wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) RaWg<DT, GN>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
-        if (SPL) RaWg<DT, GN>::ss(acc, dQB, ra_desc(table + TR * 128u + (u32)part * GN * 16u, TR * 16u, 128u, 0), 1);
-        ra_wg_commit();
-        ra_wg_wait<0>();
-        if (NH > 1) ra_bar_sync(NC + 2 + c, 128);   // the previous pass's reads of the scratch are done
-#pragma unroll
-        for (int j = 0; j < GN / 8; ++j)
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-                *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) =
-                    make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
-        ra_bar_sync(NC + 2 + c, 128);
+    // (rows row0 .. row0 + N - 1 of the table, row0 a multiple of 8: ra_ws_gemm_rows)
+    auto gemm_part = [&](u32 table, int row0) {
+        ra_ws_gemm_rows<DT, GN, SPL, (NH > 1)>(table, row0, TR, dQ, dQB, gRow, t, NC + 2 + c);
     };
 
     // bias, mask and online softmax of S(n) (log2 domain); alpha: the output's factor
@@ -734,7 +752,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             float hv[2][KHM / 4];
 #pragma unroll
             for (int part = 0; part < NH; ++part) {
-                gemm_part(sT + TABBYTES, part);   // rel_w: this thread's 16 columns
+                gemm_part(sT + TABBYTES, part * GN);   // rel_w: this thread's 16 columns
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
@@ -745,17 +763,29 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                     }
             }
             if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
-#pragma unroll
-            for (int part = 0; part < NH; ++part) {
-                gemm_part(sT, part);              // rel_h: key rows t, t + 4, ...
+            if (HB) {   // rel_h: the 72 table rows from hb
+                const int hb = __ldg(idx_h + (min(m0 + c * 64, Sq - 1) / qw) * kh + kh - 1) & ~7;
+                ra_ws_gemm_rows<DT, HN, SPL, true>(sT, hb, TR, dQ, dQB, gRow, t, NC + 2 + c);
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
                     for (int m = 0; m < KHM / 4; ++m) {
                         const int col = chh[rr][m];
-                        if (part == 0) hv[rr][m] = 0.f;
-                        if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
+                        hv[rr][m] = col >= 0 ? gRow[rr][col - hb] * RA_LOG2E : 0.f;
                     }
+            } else {
+#pragma unroll
+                for (int part = 0; part < NH; ++part) {
+                    gemm_part(sT, part * GN);   // rel_h: key rows t, t + 4, ...
+#pragma unroll
+                    for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                        for (int m = 0; m < KHM / 4; ++m) {
+                            const int col = chh[rr][m];
+                            if (part == 0) hv[rr][m] = 0.f;
+                            if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
+                        }
+                }
             }
             ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
             // rel_h (log2 domain) of each row in its scratch row, read per key tile
