@@ -623,7 +623,7 @@ def _half_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale):
     ws = _sm90_config(hd, Sq, Sk, kh, kw, has_rel, ws=True)
     win = _win_config(hd, Sq, kh, kw) if has_rel else None
     # relattn_ws: k_w == 64 or no terms; small key grids in 16-slot key rows
-    # (rel 5, experimental) ahead of relattn_win, which serves them otherwise
+    # (rel 5) ahead of relattn_win, which serves them otherwise (RELATTN_SM90_WSWIN=0)
     if ws is not None and (win is None or ws[2] == 5):
         def rel_args(rel_h, rel_w, zero=np.int32(0)):
             rh, rw = (ph(rel_h), pw(rel_w)) if dummy is None else (dummy, dummy)
