@@ -622,18 +622,22 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     };
 
     // bias, mask and online softmax of S(n) (log2 domain); alpha: the output's factor
-    auto softmax_tile = [&](float* s, int n, float* alpha) {
-        const int j0 = n * BN;
-        float rh1[2][NU];
+    // rel_h of the key rows of tile n (log2 domain), read before the wait for
+    // S(n) so that the loads overlap the products (the asm waits are barriers
+    // to the compiler: it would not move them up itself)
+    auto rel_h_tile = [&](int n, float (&rh1)[2][NU]) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
             for (int u = 0; u < NU; ++u) {
-                const int ky = j0 / KP + u;
+                const int ky = n * BN / KP + u;
                 if (WIN && ky >= kh) rh1[rr][u] = -RA_INF;   // key rows past k_h: empty slots
                 else rh1[rr][u] = FT ? gRow[rr][min(ky, kh - 1)]
                                 : RB ? __ldg(rh_row[rr] + min(ky, kh - 1)) * RA_LOG2E : 0.f;
             }
+    };
+    auto softmax_tile = [&](float* s, int n, float* alpha, const float (&rh1)[2][NU]) {
+        const int j0 = n * BN;
 #pragma unroll
         for (int j = 0; j < NS; ++j)
 #pragma unroll
@@ -810,9 +814,11 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             issue_s(s, it);
             ra_wg_commit();
             turn_pass(false);
+            float rh1[2][NU];
+            rel_h_tile(0, rh1);
             ra_wg_wait<0>();
             if (ntiles == 1) release(bqe);   // Q's last reader is done
-            softmax_tile(s, 0, alpha);
+            softmax_tile(s, 0, alpha, rh1);
             pack_p(s);
         }
         for (int n = 1; n < ntiles; ++n) {
@@ -826,9 +832,11 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             issue_pv(gi - 1);
             ra_wg_commit();
             turn_pass(false);
+            float rh1[2][NU];
+            rel_h_tile(n, rh1);
             ra_wg_wait<1>();
             if (n == ntiles - 1) release(bqe);   // S(n) done: Q's last reader (the producer may load the next Q)
-            softmax_tile(s, n, alpha);
+            softmax_tile(s, n, alpha, rh1);
             ra_wg_wait<0>();
             // every wgmma of this warpgroup reading the previous stage is complete
             release(bempty + 8u * (u32)((gi - 1) % ST));
