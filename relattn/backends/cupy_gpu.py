@@ -481,8 +481,9 @@ def _rel_h_one_pass(hd, cfg, qh, kh, qw, Sq) -> bool:
             or _sm90.ws_smem_bytes(hd, nc, bn, st, True, False, True) > _sm90.MAX_SMEM - 1024):
         return False
     idx = _relative_index(qh, kh)
-    for r0 in range(0, -(-Sq // 64) * 64, 64):
-        qys = np.arange(r0, min(r0 + 64, Sq)) // qw
+    bm = 64 * nc   # every warpgroup of every row tile, rows past the end read as the last (as the kernel does)
+    for r0 in range(0, -(-Sq // bm) * bm, 64):
+        qys = np.minimum(np.arange(r0, r0 + 64), Sq - 1) // qw
         rows = idx[qys[0]:qys[-1] + 1]
         base = int(idx[qys[0], kh - 1]) & ~7
         if int(rows.min()) < base or int(rows.max()) - base >= 72 or base + 72 > 128:
