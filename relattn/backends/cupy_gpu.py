@@ -381,12 +381,14 @@ def fused_plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     such a kernel serves. Both need float16 / bfloat16 q with tables of the same
     dtype and head_dim a multiple of 8, and compute q . t in float32 on the
     tensor cores (the arithmetic of the separate terms kernel on 16-bit tables):
-    relattn_win (FUSE 1) for small grids (q and key grids at most 16 x 16, key
-    grid within relattn_win's limits: SAM's 14 x 14 windows; ``RELATTN_WIN_FUSE=0``
-    turns it off), relattn_ws (rel 4) for SAM's global grids (head_dim 57..64
-    or 72..80, k_w == 64, k_h <= 64, tables of at most 128 rows after SAM's
-    resize; ``RELATTN_SM90_FUSE=0`` turns it off). Off, the terms kernel runs
-    first."""
+    for small grids (q and key grids at most 16 x 16: SAM's 14 x 14 windows)
+    relattn_ws in 16-slot key rows (rel 6; Hopper, head_dim 64 / 80;
+    ``RELATTN_SM90_WSWIN=0`` or ``RELATTN_SM90_FUSE=0`` turn it off), else
+    relattn_win (FUSE 1, key grid within its limits; ``RELATTN_WIN_FUSE=0``
+    turns it off); relattn_ws (rel 4, or rel 7 with rel_h in one pass) for
+    SAM's global grids (head_dim 57..64 or 72..80, k_w == 64, k_h <= 64,
+    tables of at most 128 rows after SAM's resize; ``RELATTN_SM90_FUSE=0``
+    turns it off). Off, the terms kernel runs first."""
     import cupy
     import numpy as np
 
