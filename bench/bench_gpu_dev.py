@@ -102,6 +102,23 @@ def time_cupy(fn, reps=15, inner=20, warm=5):
     return statistics.median(ts)
 
 
+def graph_time_env(fn, env):
+    """graph_time_cupy(fn) after one warm-up call, with the environment
+    variables in ``env`` set (RELATTN_* switches: plans are keyed on them)
+    and the previous values restored afterwards."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        fn()
+        return graph_time_cupy(fn)
+    finally:
+        for key, val in saved.items():
+            if val is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = val
+
+
 def graph_time_cupy(fn, reps=15, inner=20):
     """Median per-call GPU time of fn replayed from a captured CUDA graph (None if capture fails)."""
     try:

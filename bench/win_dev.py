@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu_dev import graph_time_cupy, graph_time_torch  # noqa: E402
+from bench_gpu_dev import graph_time_env, graph_time_torch  # noqa: E402
 from sm90_dev import err, make, reference  # noqa: E402
 from ws_dev import _tables, fused_calls  # noqa: E402
 
@@ -77,13 +77,8 @@ def timing():
         th, tw = _tables(cupy.random.RandomState(0), g, g, d, "bfloat16")
         row = {}
         for label, env in (("fused", {}), ("terms+win", {"RELATTN_WIN_FUSE": "0"})):
-            os.environ.update(env)
             functional._plans.clear()
-            call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, g)  # noqa: E731
-            call()
-            row[label] = graph_time_cupy(call)
-            for key in env:
-                os.environ.pop(key)
+            row[label] = graph_time_env(lambda: relattn.rel_pos_attention(q, k, v, th, tw, g), env)
         tq, tk, tv = (torch.randn(B, H, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         row["flash"] = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
         print(f"[time-win] {name}: " + ", ".join(f"{kk}={vv:.4f}" for kk, vv in row.items())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu_dev import as_f32, get_rel_pos_t, graph_time_cupy, graph_time_torch, to_cupy  # noqa: E402
+from bench_gpu_dev import as_f32, get_rel_pos_t, graph_time_cupy, graph_time_env, graph_time_torch, to_cupy  # noqa: E402
 from sm90_dev import err, make, reference  # noqa: E402
 
 from relattn.backends import _sm90, cupy_gpu as gpu  # noqa: E402
@@ -173,15 +173,11 @@ def time_win(wincfgs=()):
         th, tw = _tables(cupy.random.RandomState(0), (14, 14), (14, 14), d, "bfloat16")
         row = {}
         for label, env in runs:
-            os.environ.update(env)
             if "fused" in label:
                 call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))  # noqa: E731
             else:
                 call = lambda: gpu.attention(q, k, v, rh, rw, (14, 14), d ** -0.5)  # noqa: E731
-            call()
-            row[label] = graph_time_cupy(call)
-            for key in env:
-                os.environ.pop(key)
+            row[label] = graph_time_env(call, env)
         tq, tk, tv = (torch.randn(B, H, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         row["flash"] = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
         print(f"[time-win] {name}: " + ", ".join(f"{kk}={vv:.4f}" for kk, vv in row.items())
@@ -280,16 +276,7 @@ def time_fused():
         row = {}
         for label, env in (("fused", {}), ("ws+terms", {"RELATTN_SM90_FUSE": "0"}),
                            ("wg+terms", {"RELATTN_SM90_WS": "0"})):
-            saved = {key: os.environ.get(key) for key in env}
-            os.environ.update(env)
-            call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g))  # noqa: E731
-            call()
-            row[label] = graph_time_cupy(call)
-            for key, val in saved.items():
-                if val is None:
-                    os.environ.pop(key)
-                else:
-                    os.environ[key] = val
+            row[label] = graph_time_env(lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g)), env)
         tq, tk, tv = (torch.randn(B, H, g * g, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         row["flash"] = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
         print(f"[time-fused] {name}: " + ", ".join(f"{kk}={vv:.4f}" for kk, vv in row.items())

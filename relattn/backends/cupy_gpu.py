@@ -477,9 +477,7 @@ def _rel_h_one_pass(hd, cfg, qh, kh, qw, Sq) -> bool:
     from relattn.relpos import _relative_index
 
     nc, bn, _, st = cfg[:4]
-    if (os.environ.get("RELATTN_WS_H72", "1") == "0"
-            or _sm90.ws_smem_bytes(hd, nc, bn, st, True) != _sm90.ws_smem_bytes(hd, nc, bn, st) + 2 * 128 * hd * 2
-            + nc * 64 * 72 * 4
+    if (os.environ.get("RELATTN_WS_H72", "1") == "0" or _sm90.ws_table_passes(hd, nc, bn, st) != 2
             or _sm90.ws_smem_bytes(hd, nc, bn, st, True, False, True) > _sm90.MAX_SMEM - 1024):
         return False
     idx = _relative_index(qh, kh)

@@ -86,6 +86,29 @@ __device__ __forceinline__ void ra_load_tile(u32 dst, const u16* base, long long
 // rel_h: (B*H, Sq, kh) float32, rel_w: (B*H, Sq, kw) float32, contiguous.
 // out: (B*H, Sq, D) contiguous. lbo/sbo: descriptor strides (bytes) of the
 // K-major operands (Q, K) and of the N-major V.
+// A warpgroup's finished output rows (this thread's rows g and g + 8 of its
+// warp, wgmma accumulator layout: o[4 d + 2 rr + e] is column 8 d + 2 t + e of
+// row rr) divided by their softmax sums and stored as DT; rows past Sq and
+// columns past D are skipped. ob: this (batch, head)'s output.
+template <int DT, int HD>
+__device__ __forceinline__ void ra_wg_store_rows(u16* ob, const float* o, const float* l_run, const int* rows,
+                                                 int Sq, int D, int t) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const float inv = ra_row_inv(l_run[rr]);
+        const int r = rows[rr];
+        if (r < Sq) {
+#pragma unroll
+            for (int d = 0; d < HD / 8; ++d) {
+                const int col = d * 8 + 2 * t;
+                if (col < D)
+                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
+                        ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+            }
+        }
+    }
+}
+
 template <int DT, int HD, int NWG, int BN, int REL, int ST>
 __global__ void __launch_bounds__(128 * NWG, (NWG == 1) ? (BN <= 64 ? (HD <= 64 ? 4 : 3) : (BN <= 96 ? 3 : 2)) : ((NWG == 2 && BN == 64) ? 2 : 1))
 relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
@@ -324,21 +347,7 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     }
 
     // ---- finalize and store
-    u16* ob = out + (long long)bh * Sq * D;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const float inv = ra_row_inv(l_run[rr]);
-        const int r = rows[rr];
-        if (r < Sq) {
-#pragma unroll
-            for (int d = 0; d < HD / 8; ++d) {
-                const int col = d * 8 + 2 * t;
-                if (col < D)
-                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
-                        ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
-            }
-        }
-    }
+    ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, l_run, rows, Sq, D, t);
 }
 
 // ===========================================================================
@@ -466,7 +475,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // FT: G = Q T^T in NH passes of GN table rows (one pass when the scratch
     // of 64 x (128 + 8) floats per consumer fits, else two of 64 + 8; WIN: one
     // of 32, its tables have at most 31 rows); GS: the scratch's row stride in
-    // floats (the same rule as _sm90.ws_smem_bytes)
+    // floats (NH: the same rule as _sm90.ws_table_passes)
     constexpr int NH = HB ? 2 : (WIN || BM * HD * 2 + 2 * ST * BN * HD * 2 + 1024 + 2 * 128 * HD * 2 + NC * 64 * 136 * 4
                         <= 227 * 1024 - 1024) ? 1 : 2;
     constexpr int HN = 72;                          // HB: rel_h's table rows
@@ -855,20 +864,6 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         it += ntiles;
 
         // ---- finalize and store
-        u16* ob = out + (long long)bh * Sq * D;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const float inv = ra_row_inv(l_run[rr]);
-            const int r = rows[rr];
-            if (r < Sq) {
-#pragma unroll
-                for (int d = 0; d < HD / 8; ++d) {
-                    const int col = d * 8 + 2 * t;
-                    if (col < D)
-                        *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
-                            ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
-                }
-            }
-        }
+        ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, l_run, rows, Sq, D, t);
     }
 }
