@@ -423,17 +423,17 @@ template <int R> __device__ __forceinline__ void ra_regs_inc() { asm volatile("s
 // 16-column part after them) into this warpgroup's float32 scratch rows
 // gRow (the thread's rows g and g + 8), between named barriers on bar (WAIT:
 // also before writing, so that the previous pass's reads are done)
-template <int DT, int N, bool SPL, bool WAIT>
-__device__ __forceinline__ void ra_ws_gemm_rows(u32 table, int row0, int TR, u64 dQ, u64 dQB, float* const* gRow,
-                                                int t, int bar) {
-    float acc[N / 2];
+// (issue only: the caller fences before and commits / waits after)
+template <int DT, int N, bool SPL>
+__device__ __forceinline__ void ra_ws_g_issue(float* acc, u32 table, int row0, int TR, u64 dQ, u64 dQB) {
     const u64 dT = ra_desc(table + (u32)row0 * 128u, 16u, 1024u, 1);
-    ra_wg_fence();
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) RaWg<DT, N>::ss(acc, dQ + ks * 2, dT + ks * 2, ks > 0 ? 1 : 0);
     if (SPL) RaWg<DT, N>::ss(acc, dQB, ra_desc(table + (u32)TR * 128u + (u32)row0 * 16u, (u32)TR * 16u, 128u, 0), 1);
-    ra_wg_commit();
-    ra_wg_wait<0>();
+}
+// (the finished products into the scratch rows, then a barrier)
+template <int N, bool WAIT>
+__device__ __forceinline__ void ra_ws_g_store(const float* acc, float* const* gRow, int t, int bar) {
     if (WAIT) ra_bar_sync(bar, 128);
 #pragma unroll
     for (int j = 0; j < N / 8; ++j)
@@ -441,6 +441,16 @@ __device__ __forceinline__ void ra_ws_gemm_rows(u32 table, int row0, int TR, u64
         for (int rr = 0; rr < 2; ++rr)
             *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) = make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
     ra_bar_sync(bar, 128);
+}
+template <int DT, int N, bool SPL, bool WAIT>
+__device__ __forceinline__ void ra_ws_gemm_rows(u32 table, int row0, int TR, u64 dQ, u64 dQB, float* const* gRow,
+                                                int t, int bar) {
+    float acc[N / 2];
+    ra_wg_fence();
+    ra_ws_g_issue<DT, N, SPL>(acc, table, row0, TR, dQ, dQB);
+    ra_wg_commit();
+    ra_wg_wait<0>();
+    ra_ws_g_store<N, WAIT>(acc, gRow, t, bar);
 }
 
 template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG, int MB>
@@ -469,6 +479,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // this warpgroup's first row's smallest index (rounded down to 8); the
     // host takes it where every warpgroup's rows need at most those 72 rows
     constexpr bool HB = (REL == 7);
+    // G1 (rel 6): both G products are issued with S(0) in one commit group, so
+    // a row tile pays one round trip to the tensor cores before its first
+    // softmax instead of three
+    constexpr bool G1 = (REL == 6);
     constexpr int NU = RB ? BN / KP : 1;            // key rows per tile
     constexpr int NW = KP / 4;                      // rel_w values per row and thread
     constexpr int KHM = WIN ? 16 : 64;              // k_h at most (FT's rel_h gather)
@@ -742,10 +756,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         }
         if (PP && c == NC - 1) ra_bar_arrive(1, 128 * 2);   // consumer 0 goes first
 
+        // FT: the table rows each value needs (index tables read while Q lands)
+        // (WIN: -1 for the slots past k_w, whose rel_w is -inf)
+        int cw[2][NW], chh[2][KHM / 4];
         if (FT) {
-            // the table rows each value needs (index tables read while Q lands)
-            // (WIN: -1 for the slots past k_w, whose rel_w is -inf)
-            int cw[2][NW], chh[2][KHM / 4];
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
                 const int r = min(rows[rr], Sq - 1);
@@ -763,50 +777,52 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             }
             ra_mbar_wait(bq, tc & 1);
             float hv[2][KHM / 4];
-#pragma unroll
-            for (int part = 0; part < NH; ++part) {
-                gemm_part(sT + TABBYTES, part * GN);   // rel_w: this thread's 16 columns
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                    for (int j = 0; j < NW; ++j) {
-                        const int col = cw[rr][j];
-                        if (WIN && col < 0) rwc[rr][RB ? j : 0] = -RA_INF;
-                        else if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
-                    }
-            }
-            if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
-            if (HB) {   // rel_h: the 72 table rows from hb
-                const int hb = __ldg(idx_h + (min(m0 + c * 64, Sq - 1) / qw) * kh + kh - 1) & ~7;
-                ra_ws_gemm_rows<DT, HN, SPL, true>(sT, hb, TR, dQ, dQB, gRow, t, NC + 2 + c);
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                    for (int m = 0; m < KHM / 4; ++m) {
-                        const int col = chh[rr][m];
-                        hv[rr][m] = col >= 0 ? gRow[rr][col - hb] * RA_LOG2E : 0.f;
-                    }
-            } else {
-#pragma unroll
+            if (!G1) {   // (G1: the G products come with S(0) below)
+    #pragma unroll
                 for (int part = 0; part < NH; ++part) {
-                    gemm_part(sT, part * GN);   // rel_h: key rows t, t + 4, ...
-#pragma unroll
+                    gemm_part(sT + TABBYTES, part * GN);   // rel_w: this thread's 16 columns
+    #pragma unroll
                     for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                        for (int m = 0; m < KHM / 4; ++m) {
-                            const int col = chh[rr][m];
-                            if (part == 0) hv[rr][m] = 0.f;
-                            if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
+    #pragma unroll
+                        for (int j = 0; j < NW; ++j) {
+                            const int col = cw[rr][j];
+                            if (WIN && col < 0) rwc[rr][RB ? j : 0] = -RA_INF;
+                            else if (NH == 1 || col / GN == part) rwc[rr][RB ? j : 0] = gRow[rr][col % GN] * RA_LOG2E;
                         }
                 }
+                if (NH == 1) ra_bar_sync(NC + 2 + c, 128);   // every read of the rel_w scratch is done
+                if (HB) {   // rel_h: the 72 table rows from hb
+                    const int hb = __ldg(idx_h + (min(m0 + c * 64, Sq - 1) / qw) * kh + kh - 1) & ~7;
+                    ra_ws_gemm_rows<DT, HN, SPL, true>(sT, hb, TR, dQ, dQB, gRow, t, NC + 2 + c);
+    #pragma unroll
+                    for (int rr = 0; rr < 2; ++rr)
+    #pragma unroll
+                        for (int m = 0; m < KHM / 4; ++m) {
+                            const int col = chh[rr][m];
+                            hv[rr][m] = col >= 0 ? gRow[rr][col - hb] * RA_LOG2E : 0.f;
+                        }
+                } else {
+    #pragma unroll
+                    for (int part = 0; part < NH; ++part) {
+                        gemm_part(sT, part * GN);   // rel_h: key rows t, t + 4, ...
+    #pragma unroll
+                        for (int rr = 0; rr < 2; ++rr)
+    #pragma unroll
+                            for (int m = 0; m < KHM / 4; ++m) {
+                                const int col = chh[rr][m];
+                                if (part == 0) hv[rr][m] = 0.f;
+                                if (col >= 0 && (NH == 1 || col / GN == part)) hv[rr][m] = gRow[rr][col % GN] * RA_LOG2E;
+                            }
+                    }
+                }
+                ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
+                // rel_h (log2 domain) of each row in its scratch row, read per key tile
+    #pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+    #pragma unroll
+                    for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
+                __syncwarp();
             }
-            ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
-            // rel_h (log2 domain) of each row in its scratch row, read per key tile
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
-            __syncwarp();
         } else {
             ra_mbar_wait(bq, tc & 1);
         }
@@ -817,17 +833,54 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         // the trailing P V. (No branch around a wgmma: ptxas would serialise them.)
         {
             float s[BN / 2], alpha[2];
+            float gw[G1 ? GN / 2 : 1], gh[G1 ? GN / 2 : 1];
             ra_mbar_wait(bfull + 8u * (u32)(it % ST), (u32)((it / ST) & 1));
             turn_wait();
             ra_wg_fence();
+            if (G1) {   // G = Q T^T for both tables (GN = 32 rows each) with S(0)
+                ra_ws_g_issue<DT, GN, SPL>(gw, sT + TABBYTES, 0, TR, dQ, dQB);
+                ra_ws_g_issue<DT, GN, SPL>(gh, sT, 0, TR, dQ, dQB);
+            }
             issue_s(s, it);
             ra_wg_commit();
             turn_pass(false);
-            float rh1[2][NU];
-            rel_h_tile(0, rh1);
-            ra_wg_wait<0>();
-            if (ntiles == 1) release(bqe);   // Q's last reader is done
-            softmax_tile(s, 0, alpha, rh1);
+            if (!G1) {
+                float rh1[2][NU];
+                rel_h_tile(0, rh1);
+                ra_wg_wait<0>();
+                if (ntiles == 1) release(bqe);   // Q's last reader is done
+                softmax_tile(s, 0, alpha, rh1);
+            } else {
+                ra_wg_wait<0>();
+                if (ntiles == 1) release(bqe);   // Q's last reader is done
+                // rel_w into registers, then rel_h into this row's scratch row
+                ra_ws_g_store<GN, false>(gw, gRow, t, NC + 2 + c);
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int j = 0; j < NW; ++j) {
+                        const int col = cw[rr][j];
+                        rwc[rr][RB ? j : 0] = col < 0 ? -RA_INF : gRow[rr][col] * RA_LOG2E;
+                    }
+                float hv[2][KHM / 4];
+                ra_ws_g_store<GN, true>(gh, gRow, t, NC + 2 + c);   // after every rel_w read
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int m = 0; m < KHM / 4; ++m) {
+                        const int col = chh[rr][m];
+                        hv[rr][m] = col >= 0 ? gRow[rr][col] * RA_LOG2E : 0.f;
+                    }
+                ra_bar_sync(NC + 2 + c, 128);   // every read of the scratch is done
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+                    for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
+                __syncwarp();
+                float rh1[2][NU];
+                rel_h_tile(0, rh1);
+                softmax_tile(s, 0, alpha, rh1);
+            }
             pack_p(s);
         }
         for (int n = 1; n < ntiles; ++n) {
