@@ -1,0 +1,55 @@
+"""How SAM's windows fill the GPU: graph-timed fused rel_pos_attention (bf16,
+14 x 14 windows, 12 heads) for several window counts, persistent grid sizes
+(RELATTN_WS_PERSIST) and relattn_ws configurations (RELATTN_SM90_WS), beside
+no-bias SDPA on the same shape. On the device:
+
+    PYTHONPATH=/tmp/site:$PWD python3 bench/win_tail_dev.py [nc,bn,st,pp,rg,mb ...]
+
+A window has four 64-row tiles (the fourth holds 4 of its 196 rows), so 25
+windows x 12 heads make 1,200 tiles for 132 SMs x 3 blocks = 396 persistent
+blocks: 12 of them run a fourth tile. Times that grow by more than the window
+count between 24 and 26 windows show that tail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cupy
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu_dev import graph_time_env, graph_time_torch  # noqa: E402
+from sm90_dev import make  # noqa: E402
+from ws_dev import _tables  # noqa: E402
+
+import relattn  # noqa: E402
+
+
+def row(nw, heads=12, d=64, runs=(("default", {}),)):
+    q, k, v, _, _ = make(nw, heads, (14, 14), (14, 14), d, "bfloat16")
+    th, tw = _tables(cupy.random.RandomState(0), (14, 14), (14, 14), d, "bfloat16")
+    call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))  # noqa: E731
+    tq, tk, tv = (torch.randn(nw, heads, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
+    out = []
+    for label, env in runs:
+        t = graph_time_env(call, env)
+        out.append(f"{label} {t:.4f} ({t / f:.3f}x)")
+    print(f"[tail] {nw} windows x {heads} heads, d={d}: sdpa {f:.4f}; " + ", ".join(out), flush=True)
+
+
+def main(cfgs):
+    for nw in (24, 25, 26, 33):
+        row(nw)
+    grids = [("default", {})] + [(f"grid {g}", {"RELATTN_WS_PERSIST": str(g)}) for g in (264, 300, 400, 1200)]
+    row(25, runs=grids)
+    if cfgs:
+        row(25, runs=[("default", {})] + [(c, {"RELATTN_SM90_WS": c}) for c in cfgs])
+        row(25, heads=16, d=80, runs=[("default", {})] + [(c, {"RELATTN_SM90_WS": c}) for c in cfgs])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
