@@ -513,11 +513,6 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     const int mtiles = (Sq + BM - 1) / BM;
     const int ntiles = WIN ? (kh * KP + BN - 1) / BN : (Sk + BN - 1) / BN;
 
-    if (WIN) {   // the slots no TMA box writes (k_w .. 15 of each key row) stay zero
-        for (u32 i = tid; i < 2u * ST * TBYTES / 16u; i += blockDim.x)
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(sKV + 16u * i), "r"(0u) : "memory");
-        ra_fence_proxy_async();
-    }
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < ST; ++s) {
@@ -620,6 +615,26 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     float* sG = reinterpret_cast<float*>(ra_smem_raw + (sbase - sraw) + QBYTES + 2 * ST * TBYTES + 2 * TABBYTES)
                 + c * 64 * GS;
     float* gRow[2] = {sG + (wq * 16 + g) * GS, sG + (wq * 16 + g + 8) * GS};
+    if (WIN) {
+        // the slots no TMA box writes (k_w .. 15 of each key row) are zeroed
+        // once per block, while the producer's first loads are in flight (they
+        // write other bytes): each slot's 128-byte swizzled row (a row keeps
+        // its 128-byte line under the swizzle) and, SPL, its 16 bytes in
+        // each of the two 8-column boxes
+        constexpr int CPR = SPL ? 10 : 8;           // 16-byte chunks per slot
+        const int pad = KP - kw;
+        for (int i = tid; i < 2 * ST * NU * pad * CPR; i += 128 * NC) {
+            const int ch = i % CPR, r = kw + (i / CPR) % pad, u = (i / (CPR * pad)) % NU;
+            const u32 base = sKV + (u32)(i / (CPR * pad * NU)) * TBYTES;   // K / V of a stage
+            const u32 slot = (u32)(u * KP + r);
+            const u32 a = ch < 8 ? base + slot * 128u + (u32)ch * 16u : base + BN * 128u + (u32)(ch - 8) * BN * 16u + slot * 16u;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(a), "r"(0u) : "memory");
+        }
+        if (!FT) {
+            ra_fence_proxy_async();
+            ra_bar_sync(NC + 1, 128 * NC);   // every zero in place for every consumer's products
+        }
+    }
     if (FT) {   // the two tables, once per block
         constexpr int CH = HD / 8;
         for (int i = tid; i < 2 * TR * CH; i += 128 * NC) {
@@ -633,7 +648,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         ra_cp_commit();
         ra_cp_wait<0>();
         ra_fence_proxy_async();
-        ra_bar_sync(NC + 1, 128 * NC);   // both tables in place for every consumer
+        ra_bar_sync(NC + 1, 128 * NC);   // both tables (WIN: and the zeros) in place for every consumer
     }
 
     // G = Q T^T over GN table rows per pass (NH passes: the whole table, or
