@@ -434,15 +434,21 @@ __device__ __forceinline__ void ra_ws_g_issue(float* acc, u32 table, int row0, i
     if (SPL) RaWg<DT, N>::ss(acc, dQB, ra_desc(table + (u32)TR * 128u + (u32)row0 * 16u, (u32)TR * 16u, 128u, 0), 1);
 }
 // (the finished products into the scratch rows, then a barrier)
-template <int N, bool WAIT>
+// (SW: __syncwarp() instead: a scratch row is written and read only by the
+// quad of threads that holds its accumulator row)
+template <int N, bool WAIT, bool SW = false>
 __device__ __forceinline__ void ra_ws_g_store(const float* acc, float* const* gRow, int t, int bar) {
-    if (WAIT) ra_bar_sync(bar, 128);
+    if (WAIT) {
+        if (SW) __syncwarp();
+        else ra_bar_sync(bar, 128);
+    }
 #pragma unroll
     for (int j = 0; j < N / 8; ++j)
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
             *reinterpret_cast<float2*>(gRow[rr] + j * 8 + 2 * t) = make_float2(acc[4 * j + 2 * rr], acc[4 * j + 2 * rr + 1]);
-    ra_bar_sync(bar, 128);
+    if (SW) __syncwarp();
+    else ra_bar_sync(bar, 128);
 }
 template <int DT, int N, bool SPL, bool WAIT>
 __device__ __forceinline__ void ra_ws_gemm_rows(u32 table, int row0, int TR, u64 dQ, u64 dQB, float* const* gRow,
@@ -875,7 +881,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                 ra_wg_wait<0>();
                 if (ntiles == 1) release(bqe);   // Q's last reader is done
                 // rel_w into registers, then rel_h into this row's scratch row
-                ra_ws_g_store<GN, false>(gw, gRow, t, NC + 2 + c);
+                ra_ws_g_store<GN, false, true>(gw, gRow, t, NC + 2 + c);
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
@@ -884,7 +890,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         rwc[rr][RB ? j : 0] = col < 0 ? -RA_INF : gRow[rr][col] * RA_LOG2E;
                     }
                 float hv[2][KHM / 4];
-                ra_ws_g_store<GN, true>(gh, gRow, t, NC + 2 + c);   // after every rel_w read
+                ra_ws_g_store<GN, true, true>(gh, gRow, t, NC + 2 + c);   // after every rel_w read
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
@@ -892,7 +898,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         const int col = chh[rr][m];
                         hv[rr][m] = col >= 0 ? gRow[rr][col] * RA_LOG2E : 0.f;
                     }
-                ra_bar_sync(NC + 2 + c, 128);   // every read of the scratch is done
+                __syncwarp();   // every read of this warp's scratch rows is done
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
 #pragma unroll
