@@ -41,7 +41,44 @@ def row(nw, heads=12, d=64, runs=(("default", {}),)):
     print(f"[tail] {nw} windows x {heads} heads, d={d}: sdpa {f:.4f}; " + ", ".join(out), flush=True)
 
 
+def _clocks():
+    import subprocess
+
+    q = "clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active"
+    return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def heat(seconds=8.0):
+    """SAM-B windowed before and after `seconds` of back-to-back SAM-B global
+    calls, with the SM clock, temperature, power and throttle reasons."""
+    import time
+
+    import cupy
+
+    print(f"[heat] idle: {_clocks()}", flush=True)
+    row(25)
+    q, k, v, _, _ = make(1, 12, (64, 64), (64, 64), 64, "bfloat16")
+    th, tw = _tables(cupy.random.RandomState(0), (64, 64), (64, 64), 64, "bfloat16")
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(200):
+            relattn.rel_pos_attention(q, k, v, th, tw, (64, 64))
+        cupy.cuda.Device().synchronize()
+        n += 200
+    print(f"[heat] after {n} global calls: {_clocks()}", flush=True)
+    row(25)
+    print(f"[heat] then: {_clocks()}", flush=True)
+    time.sleep(5)
+    print(f"[heat] 5 s idle: {_clocks()}", flush=True)
+    row(25)
+
+
 def main(cfgs):
+    if cfgs[:1] == ["--heat"]:
+        heat()
+        return
     for nw in (24, 25, 26, 33):
         row(nw)
     grids = [("default", {})] + [(f"grid {g}", {"RELATTN_WS_PERSIST": str(g)}) for g in (264, 300, 400, 1200)]
