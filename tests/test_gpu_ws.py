@@ -164,6 +164,71 @@ def test_ws_small_key_grids_nonfinite_stays_in_its_window(bad, sm90, monkeypatch
     assert np.isnan(got[0, 1]).any()
 
 
+_POISON_SRC = r"""
+extern "C" __global__ void poison_smem(unsigned int n) {
+    extern __shared__ unsigned int sm[];
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) sm[i] = 0xFFFFFFFFu;
+    __syncthreads();
+}
+extern "C" __global__ void probe_smem(unsigned int n, unsigned int* out) {
+    extern __shared__ unsigned int sm[];
+    unsigned int bad = 0;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) bad |= (sm[i] == 0xFFFFFFFFu);
+    if (bad) atomicAdd(out, 1u);
+}
+"""
+
+
+def _poison_shared_memory(check=False):
+    """Fill the shared memory of every SM with all-ones words (NaN in bf16 /
+    fp16); with ``check``, whether a later kernel's uninitialised shared
+    memory still holds them."""
+    from relattn.backends import _sm90
+
+    poison, probe = (cupy.RawKernel(_POISON_SRC, name) for name in ("poison_smem", "probe_smem"))
+    n_sm = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    nbytes = _sm90.MAX_SMEM   # one block takes a whole SM's shared memory
+    for fn in (poison, probe):
+        fn.max_dynamic_shared_size_bytes = nbytes
+    poison((2 * n_sm,), (1024,), (np.uint32(nbytes // 4),), shared_mem=nbytes)
+    if not check:
+        return True
+    out = cupy.zeros((1,), dtype=cupy.uint32)
+    probe((2 * n_sm,), (1024,), (np.uint32(nbytes // 4), out), shared_mem=nbytes)
+    return int(out.get()[0]) > 0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_ws_small_key_grids_stale_nan_shared_memory(fused, sm90, monkeypatch):
+    """Shared memory left full of NaN bits by an earlier kernel does not reach
+    the output: relattn_ws zeroes the key rows' padding slots (k_w .. 15),
+    which no TMA box writes and whose rel_w is -inf (0 x NaN would be NaN),
+    once per block. Same bits as the run on clean shared memory."""
+    if not _poison_shared_memory(check=True):
+        pytest.skip("this device clears shared memory between kernels: nothing stale to guard against")
+    rng = np.random.default_rng(11)
+    B, H, g, D = 6, 2, (14, 14), 64
+    (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((B, H, 196, D)), "bfloat16") for _ in range(3))
+    if fused:
+        (th, _), (tw, _) = _tables(rng, 27, 27, D, "bfloat16")
+        assert functional._fused_first("cupy", q, k, v, th, tw, g, g, D ** -0.5) is not None
+        call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, g, g)  # noqa: E731
+    else:
+        (rh, _), (rw, _) = (to_dev(rng.standard_normal((B, H, 196, 14)), "float32") for _ in range(2))
+        call = lambda: gpu.attention(q, k, v, rh, rw, g, D ** -0.5)  # noqa: E731
+    for blocks in ("1", "2"):
+        monkeypatch.setenv("RELATTN_WS_PERSIST", blocks)
+        functional._plans.clear()
+        clean = from_dev(call())
+        outs = []
+        for _ in range(3):
+            _poison_shared_memory()
+            outs.append(from_dev(call()))
+        assert np.isfinite(clean).all()
+        for out in outs:
+            np.testing.assert_array_equal(out, clean)
+
+
 # ------------------------------------------------------------ fused terms
 def _tables(rng, rows_h, rows_w, D, dtype):
     return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
