@@ -780,9 +780,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         if (PP && c == NC - 1) ra_bar_arrive(1, 128 * 2);   // consumer 0 goes first
 
         // FT: the table rows each value needs (index tables read while Q lands;
-        // equal q and key grids of the global kernels: SAM's index is q - k +
-        // k_size - 1, computed (H100: SAM-B 0.1337-0.1348 -> 0.1306-0.1317 ms,
-        // SAM-H 0.2149-0.2173 -> 0.2114-0.2140); the windows ran 3% slower so)
+        // where the global kernels' q and key grids are equal, SAM's index
+        // q - k + k_size - 1 is computed instead: H100, SAM-B 0.1337-0.1348 ->
+        // 0.1306-0.1317 ms, SAM-H 0.2149-0.2173 -> 0.2114-0.2140; the windows
+        // keep the loads, with which they ran 3% faster)
         // (WIN: -1 for the slots past k_w, whose rel_w is -inf)
         int cw[2][NW], chh[2][KHM / 4];
         if (FT) {
@@ -805,12 +806,12 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             ra_mbar_wait(bq, tc & 1);
             float hv[2][KHM / 4];
             if (!G1) {   // (G1: the G products come with S(0) below)
-    #pragma unroll
+#pragma unroll
                 for (int part = 0; part < NH; ++part) {
                     gemm_part(sT + TABBYTES, part * GN);   // rel_w: this thread's 16 columns
-    #pragma unroll
+#pragma unroll
                     for (int rr = 0; rr < 2; ++rr)
-    #pragma unroll
+#pragma unroll
                         for (int j = 0; j < NW; ++j) {
                             const int col = cw[rr][j];
                             if (WIN && col < 0) rwc[rr][RB ? j : 0] = -RA_INF;
@@ -821,20 +822,20 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                 if (HB) {   // rel_h: the 72 table rows from hb
                     const int hb = __ldg(idx_h + (min(m0 + c * 64, Sq - 1) / qw) * kh + kh - 1) & ~7;
                     ra_ws_gemm_rows<DT, HN, SPL, true>(sT, hb, TR, dQ, dQB, gRow, t, NC + 2 + c);
-    #pragma unroll
+#pragma unroll
                     for (int rr = 0; rr < 2; ++rr)
-    #pragma unroll
+#pragma unroll
                         for (int m = 0; m < KHM / 4; ++m) {
                             const int col = chh[rr][m];
                             hv[rr][m] = col >= 0 ? gRow[rr][col - hb] * RA_LOG2E : 0.f;
                         }
                 } else {
-    #pragma unroll
+#pragma unroll
                     for (int part = 0; part < NH; ++part) {
                         gemm_part(sT, part * GN);   // rel_h: key rows t, t + 4, ...
-    #pragma unroll
+#pragma unroll
                         for (int rr = 0; rr < 2; ++rr)
-    #pragma unroll
+#pragma unroll
                             for (int m = 0; m < KHM / 4; ++m) {
                                 const int col = chh[rr][m];
                                 if (part == 0) hv[rr][m] = 0.f;
@@ -844,9 +845,9 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                 }
                 ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
                 // rel_h (log2 domain) of each row in its scratch row, read per key tile
-    #pragma unroll
+#pragma unroll
                 for (int rr = 0; rr < 2; ++rr)
-    #pragma unroll
+#pragma unroll
                     for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
                 __syncwarp();
             }
