@@ -6,6 +6,7 @@ Cases are compared with the float64 numpy evaluation of tests/test_gpu.py.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -179,17 +180,25 @@ extern "C" __global__ void probe_smem(unsigned int n, unsigned int* out) {
 """
 
 
+@functools.lru_cache(maxsize=None)
+def _poison_kernels():
+    from relattn.backends import _sm90
+
+    kernels = tuple(cupy.RawKernel(_POISON_SRC, name) for name in ("poison_smem", "probe_smem"))
+    for fn in kernels:
+        fn.max_dynamic_shared_size_bytes = _sm90.MAX_SMEM   # one block takes a whole SM's shared memory
+    return kernels
+
+
 def _poison_shared_memory(check=False):
     """Fill the shared memory of every SM with all-ones words (NaN in bf16 /
     fp16); with ``check``, whether a later kernel's uninitialised shared
     memory still holds them."""
     from relattn.backends import _sm90
 
-    poison, probe = (cupy.RawKernel(_POISON_SRC, name) for name in ("poison_smem", "probe_smem"))
+    poison, probe = _poison_kernels()
     n_sm = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-    nbytes = _sm90.MAX_SMEM   # one block takes a whole SM's shared memory
-    for fn in (poison, probe):
-        fn.max_dynamic_shared_size_bytes = nbytes
+    nbytes = _sm90.MAX_SMEM
     poison((2 * n_sm,), (1024,), (np.uint32(nbytes // 4),), shared_mem=nbytes)
     if not check:
         return True

@@ -353,7 +353,7 @@ def ws_table_passes(hd: int, nc: int, bn: int, st: int) -> int:
     """Passes of relattn_ws's fused G = Q T^T over 128-row tables (rel 4): one
     when a 64 x 136 float32 scratch per consumer fits beside Q, the stages and
     the tables, else two of 64 rows (relattn_ws's NH)."""
-    n = 64 * nc * hd * 2 + st * 2 * bn * hd * 2 + 1024 + 2 * 128 * hd * 2
+    n = ws_smem_bytes(hd, nc, bn, st) + 2 * 128 * hd * 2
     return 1 if n + nc * 64 * 136 * 4 <= MAX_SMEM - 1024 else 2
 
 

@@ -638,10 +638,6 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             const u32 a = ch < 8 ? base + slot * 128u + (u32)ch * 16u : base + BN * 128u + (u32)(ch - 8) * BN * 16u + slot * 16u;
             asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(a), "r"(0u) : "memory");
         }
-        if (!FT) {
-            ra_fence_proxy_async();
-            ra_bar_sync(NC + 1, 128 * NC);   // every zero in place for every consumer's products
-        }
     }
     if (FT) {   // the two tables, once per block
         constexpr int CH = HD / 8;
@@ -655,14 +651,28 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         }
         ra_cp_commit();
         ra_cp_wait<0>();
+    }
+    if (WIN || FT) {
         ra_fence_proxy_async();
-        ra_bar_sync(NC + 1, 128 * NC);   // both tables (WIN: and the zeros) in place for every consumer
+        ra_bar_sync(NC + 1, 128 * NC);   // the zeros and the tables in place for every consumer's products
     }
 
     // G = Q T^T over GN table rows per pass (NH passes: the whole table, or
     // halves when shared memory is short), each value gathered in the pass
     // that holds its table row
     // (rows row0 .. row0 + N - 1 of the table, row0 a multiple of 8: ra_ws_gemm_rows)
+    // rel_h (log2 domain) of each row into its scratch row, read per key tile
+    // (after every read of the scratch: __syncwarp for the G1 path's reads,
+    // a warpgroup barrier for the others)
+    auto put_rel_h = [&](const float (&hv)[2][KHM / 4]) {
+        if (G1) __syncwarp();
+        else ra_bar_sync(NC + 2 + c, 128);
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+#pragma unroll
+            for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
+        __syncwarp();
+    };
     auto gemm_part = [&](u32 table, int row0) {
         ra_ws_gemm_rows<DT, GN, SPL, (NH > 1)>(table, row0, TR, dQ, dQB, gRow, t, NC + 2 + c);
     };
@@ -843,13 +853,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                             }
                     }
                 }
-                ra_bar_sync(NC + 2 + c, 128);         // every read of the scratch is done
-                // rel_h (log2 domain) of each row in its scratch row, read per key tile
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                    for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
-                __syncwarp();
+                put_rel_h(hv);
             }
         } else {
             ra_mbar_wait(bq, tc & 1);
@@ -899,12 +903,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                         const int col = chh[rr][m];
                         hv[rr][m] = col >= 0 ? gRow[rr][col] * RA_LOG2E : 0.f;
                     }
-                __syncwarp();   // every read of this warp's scratch rows is done
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr)
-#pragma unroll
-                    for (int m = 0; m < KHM / 4; ++m) gRow[rr][t + 4 * m] = hv[rr][m];
-                __syncwarp();
+                put_rel_h(hv);
                 float rh1[2][NU];
                 rel_h_tile(0, rh1);
                 softmax_tile(s, 0, alpha, rh1);
