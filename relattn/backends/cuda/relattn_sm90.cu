@@ -929,7 +929,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
             ra_wg_wait<0>();
             // every wgmma of this warpgroup reading the previous stage is complete
             release(bempty + 8u * (u32)((gi - 1) % ST));
-            ra_rescale<HD / 8>(o, alpha);
+            ra_rescale<HD / 8, true>(o, alpha);
             pack_p(s);
         }
         turn_wait();
