@@ -4,6 +4,8 @@
 no-bias SDPA on the same shape. On the device:
 
     PYTHONPATH=/tmp/site:$PWD python3 bench/win_tail_dev.py [nc,bn,st,pp,rg,mb ...]
+    ... win_tail_dev.py --heat    (windows after seconds of global calls, with clocks)
+    ... win_tail_dev.py --rows    (the cost of each window's fourth, 4-row tile)
 
 A window has four 64-row tiles (the fourth holds 4 of its 196 rows), so 25
 windows x 12 heads make 1,200 tiles for 132 SMs x 3 blocks = 396 persistent
@@ -75,9 +77,32 @@ def heat(seconds=8.0):
     row(25)
 
 
+def rows_cost(nw=25, heads=12, d=64):
+    """What the fourth, 4-row tile of each 196-row window costs: the fused call
+    on q grids of 192 rows (three tiles), 196 (four, the last with 4 rows) and
+    256 (four full tiles) against the same 14 x 14 key grid, beside no-bias
+    SDPA on the same shapes. A 192-row time near 3/4 of the 196-row one says
+    a cheaper form of the remainder rows would pay that much."""
+    import cupy
+
+    for qg in ((12, 16), (14, 14), (16, 16)):
+        q, k, v, _, _ = make(nw, heads, qg, (14, 14), d, "bfloat16")
+        th, tw = _tables(cupy.random.RandomState(0), qg, (14, 14), d, "bfloat16")
+        t = graph_time_env(lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, (14, 14)), {})  # noqa: B023
+        tq = torch.randn(nw, heads, qg[0] * qg[1], d, device="cuda", dtype=torch.bfloat16)
+        tk, tv = (torch.randn(nw, heads, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))  # noqa: B023
+        print(f"[rows] q {qg[0]}x{qg[1]} ({qg[0] * qg[1]} rows), k 14x14, {nw} windows x {heads} heads, d={d}: "
+              f"fused {t:.4f} ms, sdpa {f:.4f} ms ({t / f:.3f}x)", flush=True)
+
+
 def main(cfgs):
     if cfgs[:1] == ["--heat"]:
         heat()
+        return
+    if cfgs[:1] == ["--rows"]:
+        rows_cost()
+        rows_cost(heads=16, d=80)
         return
     for nw in (24, 25, 26, 33):
         row(nw)
