@@ -1,0 +1,120 @@
+"""Offline look at relattn_ws instantiations, no GPU needed: compiles them with
+nvcc (sm_90a, the package's NVRTC options) and prints, per configuration,
+ptxas's registers / spills and its wgmma notes (C7513 / C7515: serialised
+products, C7519: an injected arrive), then for each loop that issues products
+the order of its wgmmas (G), waits ([wait N]), exponentials (E), P packs (p)
+and instruction count. Session 11 found with it that ptxas puts the wait for
+P V (n - 1) before the softmax's exponentials (it packs P into the registers
+that product reads, so it must wait first).
+
+    python3 bench/sass_dev.py "(1,64,3,64,4,4,1,160,1)" ...   # ws_kernel_name's arguments
+    python3 bench/sass_dev.py --tree <other checkout> "(...)"  # another tree's kernels
+    python3 bench/sass_dev.py --dump out.sass "(...)"          # keep the SASS
+
+Needs nvcc and cuobjdump (CUDA 12.3+ for sm_90a): cuobjdump comes with the
+toolkit or from PyPI, e.g. `pip download --no-deps nvidia-cuda-cuobjdump` and
+unzip the wheel; set CUOBJDUMP to its path if it is not on PATH.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+
+def build(tree: str, cfgs, workdir: str):
+    sys.path.insert(0, tree)
+    from relattn.backends import _sm90
+
+    src = _sm90.source()
+    params = re.search(r"relattn_ws\((.*?)\)\s*\{", src, re.S).group(1)
+    inst = "".join(f"template __global__ void {_sm90.ws_kernel_name(*c)}({params});\n" for c in cfgs)
+    cu, obj = os.path.join(workdir, "ws.cu"), os.path.join(workdir, "ws.o")
+    with open(cu, "w") as f:
+        f.write(src + "\n" + inst)
+    opts = [o for o in _sm90._OPTIONS if not o.startswith("-arch")]
+    r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", *opts, "-c", "-Xptxas", "-v", cu, "-o", obj],
+                       capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(r.stderr[-4000:])
+    return obj, r.stderr.splitlines()
+
+
+def ptxas_notes(lines):
+    for i, line in enumerate(lines):
+        if re.search(r"\(C75\d\d\)", line):
+            print("  " + line.strip()[:240])
+        if "Compiling entry function" in line:
+            name = line.split("'")[1]
+            info = " ".join(x.strip() for x in lines[i + 1:i + 4] if "registers" in x or "spill" in x)
+            print(f"{name[:70]}\n  {info[:200]}")
+
+
+def loops(sass: str):
+    text = sass.splitlines()
+    ins = []
+    for line in text:
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    back = []
+    for a, t in ins:
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) <= a:
+            back.append((int(m.group(1), 16), a))
+    for s, e in back:
+        body = [t for a, t in ins if s <= a <= e]
+        if sum("HGMMA" in t for t in body) < 4:
+            continue
+        seq = []
+        for t in body:
+            if "WARPGROUP.DEPBAR" in t:
+                seq.append(f" [wait {t.split()[-1]}] ")
+            elif "MUFU.EX2" in t:
+                seq.append("E")
+            elif "HGMMA" in t:
+                seq.append("G")
+            elif "F2FP" in t:
+                seq.append("p")
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+        top = ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
+        print(f"  loop {s:#x}-{e:#x}: {len(body)} instructions ({top})\n    {''.join(seq)}")
+
+
+def main(argv):
+    tree, dump = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), None
+    while argv and argv[0].startswith("--"):
+        flag, val, argv = argv[0], argv[1], argv[2:]
+        if flag == "--tree":
+            tree = val
+        elif flag == "--dump":
+            dump = val
+    cfgs = [tuple(ast.literal_eval(a)) for a in argv]
+    if not cfgs:
+        sys.exit(__doc__)
+    cuobjdump = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
+    with tempfile.TemporaryDirectory() as work:
+        obj, lines = build(tree, cfgs, work)
+        ptxas_notes(lines)
+        if not cuobjdump:
+            print("(no cuobjdump: set CUOBJDUMP for the loop summaries)")
+            return
+        for c in cfgs:
+            # one instantiation per object, so that each summary is its own
+            o1, _ = build(tree, [c], work)
+            sass = subprocess.run([cuobjdump, "-sass", o1], capture_output=True, text=True).stdout
+            if dump:
+                with open(dump, "a") as f:
+                    f.write(sass)
+            print(f"{c}:")
+            loops(sass)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
