@@ -28,17 +28,14 @@ import sys
 import tempfile
 
 
-def build(tree: str, cfgs, workdir: str):
-    sys.path.insert(0, tree)
-    from relattn.backends import _sm90
-
-    src = _sm90.source()
+def build(sm90, cfg, workdir: str):
+    """One instantiation compiled to an object: (its path, ptxas's output lines)."""
+    src = sm90.source()
     params = re.search(r"relattn_ws\((.*?)\)\s*\{", src, re.S).group(1)
-    inst = "".join(f"template __global__ void {_sm90.ws_kernel_name(*c)}({params});\n" for c in cfgs)
     cu, obj = os.path.join(workdir, "ws.cu"), os.path.join(workdir, "ws.o")
     with open(cu, "w") as f:
-        f.write(src + "\n" + inst)
-    opts = [o for o in _sm90._OPTIONS if not o.startswith("-arch")]
+        f.write(src + f"\ntemplate __global__ void {sm90.ws_kernel_name(*cfg)}({params});\n")
+    opts = [o for o in sm90._OPTIONS if not o.startswith("-arch")]
     r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", *opts, "-c", "-Xptxas", "-v", cu, "-o", obj],
                        capture_output=True, text=True)
     if r.returncode:
@@ -98,21 +95,23 @@ def main(argv):
     cfgs = [tuple(ast.literal_eval(a)) for a in argv]
     if not cfgs:
         sys.exit(__doc__)
+    sys.path.insert(0, tree)
+    from relattn.backends import _sm90
+
     cuobjdump = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
+    if not cuobjdump:
+        print("(no cuobjdump: set CUOBJDUMP for the loop summaries)")
     with tempfile.TemporaryDirectory() as work:
-        obj, lines = build(tree, cfgs, work)
-        ptxas_notes(lines)
-        if not cuobjdump:
-            print("(no cuobjdump: set CUOBJDUMP for the loop summaries)")
-            return
-        for c in cfgs:
-            # one instantiation per object, so that each summary is its own
-            o1, _ = build(tree, [c], work)
-            sass = subprocess.run([cuobjdump, "-sass", o1], capture_output=True, text=True).stdout
+        for c in cfgs:   # one instantiation per object, so that each summary is its own
+            obj, lines = build(_sm90, c, work)
+            print(f"{c}:")
+            ptxas_notes(lines)
+            if not cuobjdump:
+                continue
+            sass = subprocess.run([cuobjdump, "-sass", obj], capture_output=True, text=True).stdout
             if dump:
                 with open(dump, "a") as f:
                     f.write(sass)
-            print(f"{c}:")
             loops(sass)
 
 

@@ -30,17 +30,21 @@ from ws_dev import _tables  # noqa: E402
 import relattn  # noqa: E402
 
 
-def row(nw, heads=12, d=64, runs=(("default", {}),)):
-    q, k, v, _, _ = make(nw, heads, (14, 14), (14, 14), d, "bfloat16")
-    th, tw = _tables(cupy.random.RandomState(0), (14, 14), (14, 14), d, "bfloat16")
-    call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))  # noqa: E731
-    tq, tk, tv = (torch.randn(nw, heads, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def row(nw, heads=12, d=64, runs=(("default", {}),), qg=(14, 14)):
+    """One line: the fused call on nw windows (q grid qg, 14 x 14 keys) under
+    each (label, environment) of runs, beside no-bias SDPA on the same shapes."""
+    q, k, v, _, _ = make(nw, heads, qg, (14, 14), d, "bfloat16")
+    th, tw = _tables(cupy.random.RandomState(0), qg, (14, 14), d, "bfloat16")
+    call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, (14, 14))  # noqa: E731
+    tq = torch.randn(nw, heads, qg[0] * qg[1], d, device="cuda", dtype=torch.bfloat16)
+    tk, tv = (torch.randn(nw, heads, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
     out = []
     for label, env in runs:
         t = graph_time_env(call, env)
         out.append(f"{label} {t:.4f} ({t / f:.3f}x)")
-    print(f"[tail] {nw} windows x {heads} heads, d={d}: sdpa {f:.4f}; " + ", ".join(out), flush=True)
+    print(f"[tail] {nw} windows x {heads} heads, q {qg[0]}x{qg[1]}, d={d}: sdpa {f:.4f}; " + ", ".join(out),
+          flush=True)
 
 
 def _clocks():
@@ -78,22 +82,12 @@ def heat(seconds=8.0):
 
 
 def rows_cost(nw=25, heads=12, d=64):
-    """What the fourth, 4-row tile of each 196-row window costs: the fused call
-    on q grids of 192 rows (three tiles), 196 (four, the last with 4 rows) and
-    256 (four full tiles) against the same 14 x 14 key grid, beside no-bias
-    SDPA on the same shapes. A 192-row time near 3/4 of the 196-row one says
-    a cheaper form of the remainder rows would pay that much."""
-    import cupy
-
+    """What the fourth, 4-row tile of each 196-row window costs: q grids of 192
+    rows (three tiles), 196 (four, the last with 4 rows) and 256 (four full
+    tiles) against the same 14 x 14 key grid. A 192-row time near 3/4 of the
+    196-row one says a cheaper form of the remainder rows would pay that much."""
     for qg in ((12, 16), (14, 14), (16, 16)):
-        q, k, v, _, _ = make(nw, heads, qg, (14, 14), d, "bfloat16")
-        th, tw = _tables(cupy.random.RandomState(0), qg, (14, 14), d, "bfloat16")
-        t = graph_time_env(lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, (14, 14)), {})  # noqa: B023
-        tq = torch.randn(nw, heads, qg[0] * qg[1], d, device="cuda", dtype=torch.bfloat16)
-        tk, tv = (torch.randn(nw, heads, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))  # noqa: B023
-        print(f"[rows] q {qg[0]}x{qg[1]} ({qg[0] * qg[1]} rows), k 14x14, {nw} windows x {heads} heads, d={d}: "
-              f"fused {t:.4f} ms, sdpa {f:.4f} ms ({t / f:.3f}x)", flush=True)
+        row(nw, heads, d, qg=qg)
 
 
 def main(cfgs):
