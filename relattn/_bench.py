@@ -4,7 +4,9 @@ Each case times the attention core (``rel_pos_attention`` including the rel_h /
 rel_w terms) on every available backend and, when PyTorch is importable, the
 PyTorch seed form (einsum terms + materialized S x S mask + SDPA) as the anchor
 measured in the same run, plus PyTorch SDPA with no bias as the plain-kernel
-ceiling.
+ceiling: on CUDA twice, as SDPA dispatches by default (PyTorch 2.11 on the H100
+picks cuDNN's fused attention) and restricted to its flash backend (the kernel
+issue 4's anchor names).
 """
 
 from __future__ import annotations
@@ -208,8 +210,11 @@ def graph_time(fn, replays=50):
         return None
 
 
-def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, with_bias=True, device="cpu"):
-    """The PyTorch seed form (or SDPA with no bias), on ``device``, same inputs."""
+def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, with_bias=True, device="cpu",
+                 sdpa_backend=None):
+    """The PyTorch seed form (or SDPA with no bias), on ``device``, same inputs.
+    ``sdpa_backend`` ("flash", no bias only): SDPA restricted to that backend
+    instead of its default dispatch."""
     import torch
     import torch.nn.functional as F
 
@@ -231,7 +236,12 @@ def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, wit
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def plain():
-        return F.scaled_dot_product_attention(q, k, v)
+        if sdpa_backend is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION}[sdpa_backend]]):
+            return F.scaled_dot_product_attention(q, k, v)
 
     fn = seed_form if with_bias else plain
     with torch.no_grad():
@@ -249,7 +259,7 @@ def torch_anchor(case: Case, inputs, dtype_name, threads, ref, budget_s=3.0, wit
             peak = torch.cuda.max_memory_allocated() - base
     peak = None if peak is None else max(0.0, (peak - out.numel() * out.element_size()) / 2**20)
     err = _rel_err(out.float().cpu().numpy(), ref) if (ref is not None and with_bias) else None
-    name = "torch-seed-form" if with_bias else "torch-sdpa-nobias"
+    name = "torch-seed-form" if with_bias else f"torch-sdpa-{sdpa_backend + '-' if sdpa_backend else ''}nobias"
     if device != "cpu":
         name += "-cuda"
     return Result(case.name, name, dtype_name, t, case.flops / t / 1e9, peak, err,
@@ -313,9 +323,18 @@ def run_case(case: Case, backend_names, dtype="float32", with_torch=True, budget
         if gpu and any(backends.get(n).ARRAY_MODULE == "numpy" for n in backend_names):
             devices.append("cpu")
     for device in devices:
-        for with_bias in (True, False):
-            log(f"[{case.name}] torch {'seed form' if with_bias else 'SDPA no bias'} ({device}) ...")
-            results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias, device))
+        for with_bias, sdpa_backend in ((True, None), (False, None), (False, "flash")):
+            if sdpa_backend and (device == "cpu" or np.dtype(dt).name not in ("float16", "bfloat16")):
+                continue   # (the flash backend: CUDA, 16-bit only)
+            label = "seed form" if with_bias else f"SDPA {sdpa_backend or 'default'} no bias"
+            log(f"[{case.name}] torch {label} ({device}) ...")
+            try:
+                results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias, device,
+                                            sdpa_backend))
+            except RuntimeError as exc:  # e.g. no flash kernel for this dtype / card
+                if not sdpa_backend:
+                    raise
+                log(f"[{case.name}] torch SDPA {sdpa_backend}: not available ({str(exc).splitlines()[0][:80]})")
     for name in backend_names:
         log(f"[{case.name}] {name} ...")
         results.append(run_backend(case, name, inputs, dt, ref, budget_s))
@@ -355,7 +374,7 @@ def _threads():
 
 
 def format_table(results) -> str:
-    head = (f"{'case':<20}{'impl':<24}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}"
+    head = (f"{'case':<20}{'impl':<30}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}"
             f"{'x seed':>8}{'graph':>11}")
     lines = [head, "-" * len(head)]
     for r in results:
@@ -364,7 +383,7 @@ def format_table(results) -> str:
         err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
         ratio = "-" if r.vs_anchor is None else f"{r.vs_anchor:.2f}"
         graph = "-" if r.gpu_time_s is None else f"{r.gpu_time_s * 1e3:.3f} ms"
-        lines.append(f"{r.case:<20}{r.impl:<24}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}"
+        lines.append(f"{r.case:<20}{r.impl:<30}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}"
                      f"{graph:>11}")
     return "\n".join(lines)
 

@@ -166,7 +166,7 @@ def cmd_bench(args) -> int:
             print("--plot: needs matplotlib (pip install relattn[plot])", file=sys.stderr)
             return 2
     with_torch = not args.no_torch
-    steps = len(names) * (1 + len(chosen) + 4 * with_torch)
+    steps = len(names) * (1 + len(chosen) + 5 * with_torch)
     grids = [int(g) for g in args.sweep_grids.split(",")] if args.plot else []
     steps += len(grids) * (len(chosen) + 2 * with_torch)
     progress = _bench.Progress(steps)
