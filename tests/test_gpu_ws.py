@@ -32,7 +32,7 @@ def sm90(monkeypatch):
     if why is not None:
         pytest.skip(f"sm_90a kernel unavailable: {why}")
     for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST",
-                 "RELATTN_SM90_WSWIN"):
+                 "RELATTN_SM90_WSWIN", "RELATTN_SM90_WS80"):
         monkeypatch.delenv(name, raising=False)
     return _sm90
 
@@ -66,6 +66,53 @@ def test_ws_kernel_configs(shape, dtype, cfg, sm90, monkeypatch):
     q, k, v, _, _ = dev
     plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)
     assert rel_l2(from_dev(plain), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
+
+
+ROW80_SHAPES = [  # B, H, q grid, k grid, head_dim
+    (1, 2, (80, 80), (80, 80), 64),    # SAM-B / SAM-L at 1280 px
+    (2, 1, (7, 80), (3, 80), 64),      # partial row tiles, three key rows
+    (1, 2, (40, 40), (20, 80), 64),    # q grid != key grid
+    (1, 1, (5, 80), (9, 80), 56),      # head_dim 56 read as 64
+    (1, 2, (1, 80), (1, 80), 64),      # one key tile, one row tile
+]
+
+
+@pytest.mark.parametrize("cfg", [None, "3,80,3,1,160", "2,80,2,0,240", "1,80,4,0,0,2"])
+@pytest.mark.parametrize("shape", ROW80_SHAPES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_ws_80_key_rows(shape, dtype, cfg, sm90, monkeypatch):
+    """k_w = 80: key tiles of one 80-key row (rel_w in registers) against
+    float64, in the default and other consumer / stage / register settings;
+    the kernel that ran is the 80-key one (no silent fallback)."""
+    if cfg is not None:
+        monkeypatch.setenv("RELATTN_SM90_WS80", cfg)
+    B, H, qg, kg, D = shape
+    Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
+    nc, bn, st, pp, rg, *mb = sm90.WS_ROW80_DEFAULT if cfg is None else tuple(int(x) for x in cfg.split(","))
+    want = (nc, 80, 1, st, pp, rg, mb[0] if mb else 1)
+    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True) == want
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype, relmag=3.0)
+    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    name = sm90.ws_kernel_name(1 if dtype == "bfloat16" else 0, 64, *want[:2], 1, *want[3:])
+    assert any(key[0] == name for key in sm90._functions), name
+
+
+@pytest.mark.parametrize("why", ["head_dim 80", "switched off", "k_w 64", "keys not whole rows"])
+def test_ws_80_key_rows_not_taken(why, sm90, monkeypatch):
+    """80-key tiles only where they are key rows of k_w = 80 at head_dim 64."""
+    hd, Sq, kh, kw = 64, 1600, 20, 80
+    Sk = kh * kw
+    if why == "head_dim 80":
+        hd = 80
+    elif why == "switched off":
+        monkeypatch.setenv("RELATTN_SM90_WS80", "0")
+    elif why == "k_w 64":
+        monkeypatch.setenv("RELATTN_SM90_WS", "2,80,4,1,240")
+        kw, Sk = 64, kh * 64
+    else:
+        Sk -= 1
+    assert gpu._sm90_config(hd, Sq, Sk, kh, kw, True, ws=True) is None
 
 
 @pytest.mark.parametrize("D", [64, 80])

@@ -302,6 +302,16 @@ WS_DEFAULT = {64: (3, 64, 4, 1, 160, 1), 80: (2, 128, 3, 1, 240, 1)}
 # 0.0627-0.0638; relattn_win 0.075; SDPA 0.038.
 # RELATTN_SM90_WSWIN=0 leaves them to relattn_win.
 WS_WIN_DEFAULT = {64: (1, 64, 3, 0, 0, 3), 80: (1, 32, 3, 0, 0, 3)}
+# k_w = 80 at head_dim 64 (SAM-B / SAM-L at 1280 px): key tiles of one 80-key
+# row, rel_w in registers (rel 1, the terms computed before). RELATTN_SM90_WS80:
+# "0" off, "nc,bn,stages,pp,rg[,mb]" with bn 80 (experiments).
+WS_ROW80_DEFAULT = (2, 80, 4, 1, 240, 1)
+
+
+def ws_row80_ok(hd: int, Sk: int, kh: int, kw: int) -> bool:
+    """relattn_ws's 80-key-row tiles serve this problem (terms given)."""
+    return (os.environ.get("RELATTN_SM90_WS80", "1") != "0" and hd == 64 and kw == 80 and 1 <= kh
+            and kh * kw == Sk)
 
 
 def ws_window_ok(Sk: int, kh: int, kw: int) -> bool:
@@ -317,12 +327,21 @@ def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
     if env == "0" or hd not in WS_DEFAULT or (not env and os.environ.get("RELATTN_SM90_CFG")):
         return None
     window = has_rel and kw != 64 and ws_window_ok(Sk, kh, kw)
-    if env and env != "1":
+    row80 = has_rel and not window and ws_row80_ok(hd, Sk, kh, kw)
+    env80 = os.environ.get("RELATTN_SM90_WS80")
+    if row80 and env80 and env80 != "1":
+        nc, bn, st, pp, rg, *mb = (int(x) for x in env80.split(","))
+        mb = mb[0] if mb else 1
+    elif row80:
+        nc, bn, st, pp, rg, mb = WS_ROW80_DEFAULT
+    elif env and env != "1":
         nc, bn, st, pp, rg, *mb = (int(x) for x in env.split(","))
         mb = mb[0] if mb else 1
     else:
         nc, bn, st, pp, rg, mb = (WS_WIN_DEFAULT if window else WS_DEFAULT)[hd]
-    if has_rel and kw != 64 and not window:
+    if has_rel and kw != 64 and not window and not row80:
+        return None
+    if (bn == 80) != row80:   # 80-key tiles are key rows of k_w = 80 only
         return None
     rel = (5 if window else 1) if has_rel else 0
     if ws_smem_bytes(hd, nc, bn, st) > MAX_SMEM - 1024:

@@ -480,7 +480,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     // k_w stay zero and get rel_w = -inf), so a slot's kx is fixed per
     // register as with k_w == 64 (KP = 64, where slots are keys)
     constexpr bool WIN = (REL == 5 || REL == 6);
-    constexpr int KP = WIN ? 16 : 64;               // key slots per key row
+    // BN 80 (REL 1, head_dim 64): key tiles of one 80-key row (k_w = 80, SAM at
+    // 1280 px), rel_w of the thread's 20 columns per row in registers
+    constexpr int KP = WIN ? 16 : (BN == 80 ? 80 : 64);   // key slots per key row
+    static_assert(BN != 80 || (HD == 64 && !WIN && REL <= 1), "80-key rows: head_dim 64, terms given");
     constexpr bool RB = (REL == 1 || REL == 4 || REL == 7 || WIN);   // rel_w in registers, rel_h per key row
     constexpr bool FT = (REL == 4 || REL == 6 || REL == 7);   // terms computed here
     // REL 7: as 4 in two passes, but rel_h in one pass of 72 table rows from
