@@ -328,17 +328,12 @@ def choose_ws(hd: int, Sq: int, Sk: int, kh: int, kw: int, has_rel: bool):
         return None
     window = has_rel and kw != 64 and ws_window_ok(Sk, kh, kw)
     row80 = has_rel and not window and ws_row80_ok(hd, Sk, kh, kw)
-    env80 = os.environ.get("RELATTN_SM90_WS80")
-    if row80 and env80 and env80 != "1":
-        nc, bn, st, pp, rg, *mb = (int(x) for x in env80.split(","))
-        mb = mb[0] if mb else 1
-    elif row80:
-        nc, bn, st, pp, rg, mb = WS_ROW80_DEFAULT
-    elif env and env != "1":
-        nc, bn, st, pp, rg, *mb = (int(x) for x in env.split(","))
+    spec = os.environ.get("RELATTN_SM90_WS80") if row80 else env   # 80-key rows: their own switch
+    if spec and spec != "1":
+        nc, bn, st, pp, rg, *mb = (int(x) for x in spec.split(","))
         mb = mb[0] if mb else 1
     else:
-        nc, bn, st, pp, rg, mb = (WS_WIN_DEFAULT if window else WS_DEFAULT)[hd]
+        nc, bn, st, pp, rg, mb = WS_ROW80_DEFAULT if row80 else (WS_WIN_DEFAULT if window else WS_DEFAULT)[hd]
     if has_rel and kw != 64 and not window and not row80:
         return None
     if (bn == 80) != row80:   # 80-key tiles are key rows of k_w = 80 only
