@@ -25,6 +25,8 @@ _BNS = (64, 128)
 # k16 steps of P V) with the tile's rel_w kept in registers
 _WHOLE_ROW_KW = (48, 80, 96, 112, 128)
 _HDS = tuple(range(16, 129, 16))
+# N of the TF32 wgmma wrappers (relattn_wgt: key tiles and head dims <= 64)
+_TF32_NS = (16, 32, 48, 64)
 
 class BuildError(RuntimeError):
     """The sm_90a kernel could not be built here (the caller falls back)."""
@@ -36,9 +38,25 @@ _modules: dict = {}
 _status: dict = {}
 _source: list = []
 
+def _rs_asm(op: str, nr: int, trans: bool) -> str:
+    """The inline asm of one wgmma with A from registers (4 x b32) into nr
+    float32 accumulators; ``trans``: 16-bit types' transpose immediates."""
+    dl = ", ".join(f"%{i}" for i in range(nr))
+    cons = ", ".join(f'"+f"(d[{i}])' for i in range(nr))
+    imm = "1, 1, 1" if trans else "1, 1"
+    return (
+        f'asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr + 5}, 0;\\n'
+        f'{op} {{{dl}}}, {{%{nr}, %{nr + 1}, %{nr + 2}, %{nr + 3}}}, %{nr + 4}, p, {imm};\\n}}\\n"'
+        f' : {cons} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));'
+    )
+
+
 def _wrappers() -> str:
     """C++ for struct RaWg<DT, N>: ``ss`` (A and B from shared memory) and
-    ``rs`` (A from registers, B N-major from shared memory) wgmma m64nNk16."""
+    ``rs`` (A from registers, B N-major from shared memory) wgmma m64nNk16;
+    struct RaWt<N>: ``rs`` for TF32 m64nNk8 (B K-major; TF32 takes no
+    transpose immediates), relattn_wgt's products."""
+    rs_sig = "static __device__ __forceinline__ void rs(float* d, const u32* a, u64 db, int acc)"
     out = ["template <int DT, int N> struct RaWg;"]
     for dt, tn in ((0, "f16"), (1, "bf16")):
         for n in sorted(set(_BNS) | set(_HDS) | {72}):   # 72: relattn_ws rel 7's rel_h pass
@@ -51,17 +69,16 @@ def _wrappers() -> str:
                 f'{op} {{{dl}}}, %{nr}, %{nr + 1}, p, 1, 1, 0, 0;\\n}}\\n"'
                 f' : {cons} : "l"(da), "l"(db), "r"(acc));'
             )
-            rs = (
-                f'asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr + 5}, 0;\\n'
-                f'{op} {{{dl}}}, {{%{nr}, %{nr + 1}, %{nr + 2}, %{nr + 3}}}, %{nr + 4}, p, 1, 1, 1;\\n}}\\n"'
-                f' : {cons} : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));'
-            )
             out.append(
                 f"template <> struct RaWg<{dt}, {n}> {{\n"
                 f"  static __device__ __forceinline__ void ss(float* d, u64 da, u64 db, int acc) {{\n    {ss}\n  }}\n"
-                f"  static __device__ __forceinline__ void rs(float* d, const u32* a, u64 db, int acc) {{\n    {rs}\n  }}\n"
+                f"  {rs_sig} {{\n    {_rs_asm(op, nr, True)}\n  }}\n"
                 f"}};"
             )
+    out.append("template <int N> struct RaWt;")
+    for n in _TF32_NS:
+        op = f"wgmma.mma_async.sync.aligned.m64n{n}k8.f32.tf32.tf32"
+        out.append(f"template <> struct RaWt<{n}> {{\n  {rs_sig} {{\n    {_rs_asm(op, n // 2, False)}\n  }}\n}};")
     return "\n".join(out) + "\n"
 
 
@@ -274,6 +291,48 @@ def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg
         kq = (128, hd * 16)
         vv = (hd * 16, 128)  # N-major: leading = next 8 keys, stride = next 8 columns
     return fn, grid, (128 * nwg,), tuple(np.int32(x) for x in (*kq, *vv)), smem
+
+
+# --------------------------------------------------------------- relattn_wgt
+# float32 as 3xTF32 on wgmma (head_dim <= 64; k_w == 64, k_w <= 16 or no
+# terms). RELATTN_SM90_TF32: "0" off (relattn_tf32's mma.sync kernel runs),
+# unset / "1" on, "32" / "64" the key tile (experiments).
+def wgt_choose(hd: int, Sk: int, kh: int, kw: int, has_rel: bool):
+    """(hd, bn, rel) of relattn_wgt for a float32 problem (hd: head_dim
+    rounded up to 16), or None where it does not serve it."""
+    env = os.environ.get("RELATTN_SM90_TF32", "1")
+    if env == "0" or hd > 64:
+        return None
+    if not has_rel:
+        rel = 0
+    elif kh * kw != Sk:
+        return None
+    elif kw == 64:
+        rel = 1
+    elif kw <= 16:
+        rel = 5
+    else:
+        return None
+    # measured (H100, graph, core with the terms given): SAM-B windowed
+    # 0.1002 ms with 32-key tiles (two key rows: 224 slots for 196 keys), 0.1071
+    # with 64 (256 slots); relattn_tf32 0.1860. SAM-B global 0.7849 (64) / 0.7923
+    # (32); relattn_tf32 1.0152
+    bn = 32 if rel == 5 else 64
+    if env in ("32", "64") and rel != 1:
+        bn = int(env)
+    return hd, bn, rel
+
+
+def wgt_smem_bytes(hd: int, bn: int) -> int:
+    """Raw K tile, raw V rows (padded to 16 banks mod 32), four split operands, alignment."""
+    vrow = hd + ((16 - hd % 32) + 32) % 32
+    return 5 * bn * hd * 4 + bn * vrow * 4 + 128
+
+
+def wgt_kernel(cfg):
+    """(function, shared bytes) of relattn_wgt; raises BuildError."""
+    hd, bn, rel = cfg
+    return _get_named(f"relattn_wgt<{hd}, {bn}, {rel}>"), wgt_smem_bytes(hd, bn)
 
 
 # ---------------------------------------------------------------- relattn_ws

@@ -528,7 +528,7 @@ def _win_config(hd, Sq, kh, kw):
 # the plan cache key, so changing one takes effect on the next call.
 _KNOBS = ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE", "RELATTN_SM90", "RELATTN_SM90_CFG",
           "RELATTN_SM90_WS", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST", "RELATTN_TF32_SH", "RELATTN_SM90_WSWIN",
-          "RELATTN_WS_H72")
+          "RELATTN_WS_H72", "RELATTN_SM90_WS80", "RELATTN_SM90_TF32")
 
 
 def plan_key():
@@ -766,6 +766,22 @@ def _tf32_shared_split(hd: int, nb_sh: int, nb0: int) -> bool:
     return nb_sh >= n_sm or nb0 > n_sm * per_sm0
 
 
+def _wgt_kernel(hd, Sk, kh, kw, has_rel):
+    """(function, shared bytes) of the Hopper 3xTF32 kernel relattn_wgt where
+    it serves the problem and builds here, else None (relattn_tf32 runs)."""
+    from relattn.backends import _sm90
+
+    if _sm90.unavailable_reason() is not None:
+        return None
+    cfg = _sm90.wgt_choose(hd, Sk, kh, kw, has_rel)
+    if cfg is None:
+        return None
+    try:
+        return _sm90.wgt_kernel(cfg)
+    except _sm90.BuildError:
+        return None
+
+
 def tf32_smem_bytes(hd: int, sh: int) -> int:
     """Shared memory of relattn_tf32: Q and two raw K/V stages (rows padded as
     in the kernel), or with ``sh`` 128 Q rows, one raw stage and the split
@@ -796,12 +812,16 @@ def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
         return None
     nblocks = B * H * ((Sq + 63) // 64)
     nb_sh = B * H * ((Sq + 127) // 128)
-    sh = int(split == 3 and _tf32_shared_split(hd, nb_sh, nblocks))
+    wgt = _wgt_kernel(hd, Sk, kh, kw, has_rel) if split == 3 else None
+    sh = int(split == 3 and wgt is None and _tf32_shared_split(hd, nb_sh, nblocks))
     # 3xTF32: a second, IEEE-safe pass over the blocks the first one flagged
     # (non-finite inputs; see relattn_tf32; flags per 64 rows either way); the
     # flags need no clearing
     sm1 = tf32_smem_bytes(hd, sh)
-    launches = [(_get_kernel("tf32", hd, (split, rel, 0, sh), sm1), nb_sh if sh else nblocks, 256 if sh else 128, sm1)]
+    if wgt is not None:   # Hopper: relattn_wgt (wgmma) for the fast pass
+        launches = [(wgt[0], nblocks, 128, wgt[1])]
+    else:
+        launches = [(_get_kernel("tf32", hd, (split, rel, 0, sh), sm1), nb_sh if sh else nblocks, 256 if sh else 128, sm1)]
     if split == 3:
         launches.append((_get_kernel("tf32", hd, (split, rel, 1, 0), smem), nblocks, 128, smem))
     tail = _core_tail(H, Sq, Sk, d4, kh, kw, (*qs, *ks, *vs)) + (

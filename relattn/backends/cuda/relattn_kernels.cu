@@ -1227,31 +1227,6 @@ __device__ __forceinline__ void ra_mma_tf32(float* c, u32 a0, u32 a1, u32 a2, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// x -> big (TF32, nearest, ties away: add half an ulp of the 10-bit mantissa
-// and clear the 13 low bits) and small = x - big (SPLIT == 3 only).
-// The fast form turns an infinite x into small = inf - inf = NaN, and its big
-// part meets the other operand's small part (0 * inf = NaN). SAFE keeps IEEE
-// semantics for non-finite and near-overflow x: big = x (NaN quieted so the
-// tensor core still sees a NaN), small = 0, and bigx, the big part used in
-// the two cross products, = 0; a non-finite x then enters only big x big.
-template <int SPLIT, int N, bool SAFE = false>
-__device__ __forceinline__ void ra_split_tf32(const float* x, u32* big, u32* small, u32* bigx = nullptr) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        const u32 xb = __float_as_uint(x[i]);
-        u32 bg = (xb + 0x1000u) & 0xffffe000u;
-        bool fin = true;
-        if (SAFE) {
-            fin = (xb & 0x7f800000u) != 0x7f800000u;
-            if (!fin) bg = xb | ((xb & 0x007fffffu) ? 0x00400000u : 0u);
-            else if ((bg & 0x7f800000u) == 0x7f800000u) bg = xb & 0xffffe000u;   // rounding overflowed
-            bigx[i] = fin ? bg : 0u;
-        }
-        big[i] = bg;
-        if (SPLIT == 3) small[i] = fin ? __float_as_uint(x[i] - __uint_as_float(bg)) : 0u;
-    }
-}
-
 // c[j] += a . b[j] for N column blocks j with SPLIT products each (small x
 // big terms first: least significant), issued term by term over j so that
 // consecutive products never wait on the same accumulator. abx / bbx: the big
@@ -1286,14 +1261,7 @@ __device__ __forceinline__ void ra_mma_split(float (*c)[4], const u32* ab, const
 // flags are written per 64 rows, as the SH 0 grid of the SAFE pass reads them.
 template <int HD, int SPLIT, int REL, int SAFE, int SH>
 __global__ void __launch_bounds__(SH ? 256 : 128)
-relattn_tf32(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-             const float* __restrict__ rel_h, const float* __restrict__ rel_w,
-             float* __restrict__ out, int* __restrict__ flags,
-             int H, int Sq, int Sk, int D, int kh, int kw,
-             long long qsb, long long qsh, long long qss,
-             long long ksb, long long ksh, long long kss,
-             long long vsb, long long vsh, long long vss,
-             float scale_log2, float inv_kw)
+relattn_tf32(RA_F32_KERNEL_PARAMS)
 {
     static_assert(!SH || (SPLIT == 3 && !SAFE), "SH: the fast 3xTF32 pass");
     constexpr int NT = SH ? 256 : 128;

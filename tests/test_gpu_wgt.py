@@ -1,0 +1,153 @@
+"""relattn_wgt: float32 as 3xTF32 on Hopper's warpgroup tensor-core
+instructions (skipped without CuPy, a CUDA device or an sm_90a-capable one).
+
+Cases are compared with the float64 numpy evaluation of tests/test_gpu.py and
+with the FMA path's own error; every case asserts that relattn_wgt ran.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+# test_gpu skips the whole module where CuPy or a CUDA device is missing
+from test_gpu import cupy  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+import relattn  # noqa: E402
+from relattn.backends import cupy_gpu as gpu  # noqa: E402
+from test_gpu import from_dev, make_case, reference, rel_l2  # noqa: E402
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    from relattn.backends import _sm90
+
+    why = _sm90.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"sm_90a kernel unavailable: {why}")
+    for name in ("RELATTN_SM90_TF32", "RELATTN_TF32_SH"):
+        monkeypatch.delenv(name, raising=False)
+    return _sm90
+
+
+def _ran(sm90, hd, bn, rel):
+    name = f"relattn_wgt<{hd}, {bn}, {rel}>"
+    return any(key[0] == name for key in sm90._functions)
+
+
+WGT_SHAPES = [  # B, H, q grid, k grid, head_dim
+    (2, 3, (14, 14), (14, 14), 64),    # SAM windows: 16-slot key rows (rel 5)
+    (1, 2, (16, 64), (16, 64), 64),    # k_w == 64 (rel 1)
+    (2, 3, (9, 64), (5, 64), 64),      # q / k grids of different sizes, partial row tiles
+    (1, 2, (15, 20), (10, 12), 56),    # head_dim 56 read as 64, 300 queries
+    (2, 2, (7, 7), (7, 7), 20),        # head_dim 20 read as 32
+    (1, 1, (1, 1), (1, 3), 64),        # one query, three keys
+    (1, 2, (5, 9), (17, 16), 48),      # k_w at the 16-slot limit, k_h past 16
+    (1, 1, (3, 5), (33, 2), 16),       # two keys per 16-slot row, 33 rows
+]
+
+
+@pytest.mark.parametrize("bn", [None, "64", "32"])
+@pytest.mark.parametrize("shape", WGT_SHAPES)
+def test_wgt_matches_float64(shape, bn, sm90, monkeypatch):
+    """Against float64 at float32-level error (and within 2x of the FMA path's
+    own error), with both key tiles for the small grids; inputs unchanged."""
+    if bn is not None:
+        monkeypatch.setenv("RELATTN_SM90_TF32", bn)
+    B, H, qg, kg, D = shape
+    hd = gpu._pad16((D + 3) // 4 * 4)
+    cfg = sm90.wgt_choose(hd, kg[0] * kg[1], kg[0], kg[1], True)
+    assert cfg is not None and cfg[0] == hd
+    if bn is not None and kg[1] != 64:
+        assert cfg[1] == int(bn)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, bn)).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, "float32", relmag=2.0)
+    before = [x.copy() for x in dev]
+    out = gpu.attention(*dev, kg, D ** -0.5)
+    assert _ran(sm90, *cfg)
+    assert out.dtype == cupy.float32 and out.shape == dev[0].shape and out.flags.c_contiguous
+    for a, b in zip(dev, before):
+        assert bool((a == b).all())
+    ref = reference(*host, kg, D ** -0.5)
+    err = rel_l2(from_dev(out), ref)
+    with relattn.gpu_float32_mode("fma"):
+        err_fma = rel_l2(from_dev(gpu.attention(*dev, kg, D ** -0.5)), ref)
+    assert err <= 1e-5 and err <= 2 * err_fma + 2e-7, (err, err_fma)
+
+
+@pytest.mark.parametrize("D", [64, 40, 16])
+@pytest.mark.parametrize("sizes", [(1, 3), (300, 1000), (77, 65), (64, 129)])
+def test_wgt_without_terms_any_length(sizes, D, sm90):
+    """rel 0: any number of keys (the last tile masked) and queries."""
+    Sq, Sk = sizes
+    rng = np.random.default_rng(zlib.crc32(repr((sizes, D)).encode()))
+    (q, k, v, _, _), (qr, kr, vr, _, _) = make_case(rng, 1, 2, (1, Sq), (1, Sk), D, "float32", with_rel=False)
+    out = gpu.attention(q, k, v, None, None, None, D ** -0.5)
+    assert _ran(sm90, gpu._pad16(D), 64, 0)
+    assert rel_l2(from_dev(out), reference(qr, kr, vr, None, None, None, D ** -0.5)) <= 1e-5
+
+
+@pytest.mark.parametrize("why", ["head_dim 80", "k_w 30", "keys not whole rows", "switched off", "k_w 17"])
+def test_wgt_not_taken(why, sm90, monkeypatch):
+    """Where relattn_wgt does not serve a problem, relattn_tf32 runs."""
+    hd, kh, kw = 64, 14, 14
+    Sk = kh * kw
+    if why == "head_dim 80":
+        hd = 80
+    elif why == "k_w 30":
+        kw, Sk = 30, kh * 30
+    elif why == "k_w 17":
+        kw, Sk = 17, kh * 17
+    elif why == "keys not whole rows":
+        Sk -= 1
+    else:
+        monkeypatch.setenv("RELATTN_SM90_TF32", "0")
+    assert sm90.wgt_choose(hd, Sk, kh, kw, True) is None
+    assert sm90.wgt_choose(64, 196, 14, 14, True) is not None or why == "switched off"
+
+
+@pytest.mark.parametrize("kg", [(14, 14), (8, 64)])
+def test_wgt_non_finite_inputs_follow_ieee_like_fma(kg, sm90):
+    """Infinite / NaN k and v elements: relattn_wgt flags its blocks, the
+    IEEE-safe pass of relattn_tf32 redoes them; the NaN / inf pattern and the
+    finite values match the FMA path."""
+    rng = np.random.default_rng(29)
+    S = kg[0] * kg[1]
+    q, k, v = (rng.standard_normal((2, 4, S, 64)).astype(np.float32) for _ in range(3))
+    q[0, 1, :, 0] = np.where(np.arange(S) % 2 == 0, 1.0, -1.0)
+    k[0, 1, 7, 0] = np.inf           # head 1: +inf logits (NaN rows) and -inf logits (weight 0)
+    v[0, 2, 11, 5] = np.inf          # head 2: column 5 becomes +inf
+    v[1, 3, S - 3, 9] = np.nan       # batch 1, head 3: column 9 becomes NaN
+    rh = (0.5 * rng.standard_normal((2, 4, S, kg[0]))).astype(np.float32)
+    rw = (0.5 * rng.standard_normal((2, 4, S, kg[1]))).astype(np.float32)
+    dev = [cupy.asarray(a) for a in (q, k, v, rh, rw)]
+    got = gpu.attention(*dev, kg, 0.125).get()
+    assert _ran(sm90, 64, 32 if kg[1] <= 16 else 64, 5 if kg[1] <= 16 else 1)
+    with relattn.gpu_float32_mode("fma"):
+        want = gpu.attention(*dev, kg, 0.125).get()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    assert np.isnan(want[0, 1, 0::2]).all() and np.isfinite(want[0, 1, 1::2]).all()
+    assert np.isposinf(want[0, 2, :, 5]).all() and np.isnan(want[1, 3, :, 9]).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=0, atol=2e-5 * np.abs(want[fin]).max())
+    assert np.isfinite(got[0, 0]).all() and np.isfinite(got[1, :3]).all()   # untouched heads stay finite
+
+
+def test_wgt_public_call_on_strided_views(sm90):
+    """SAM's windowed layout through the public function: q / k / v as
+    strided views of one qkv array, terms from the tables."""
+    rng = np.random.default_rng(31)
+    B, S, H, d = 3, 196, 4, 64
+    qkv = cupy.asarray(rng.standard_normal((B, S, 3, H, d)).astype(np.float32))
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    th = cupy.asarray(rng.standard_normal((27, d)).astype(np.float32))
+    tw = cupy.asarray(rng.standard_normal((27, d)).astype(np.float32))
+    fast = relattn.rel_pos_attention(q, k, v, th, tw, (14, 14))
+    assert _ran(sm90, 64, 32, 5)
+    exact = relattn.rel_pos_attention(*(x.astype(cupy.float64) for x in (q, k, v, th, tw)), (14, 14))
+    assert rel_l2(from_dev(fast), from_dev(exact)) <= 1e-5
