@@ -20,7 +20,7 @@ from bench_gpu_dev import graph_time_cupy  # noqa: E402
 
 from relattn.backends import cupy_gpu as gpu  # noqa: E402
 
-CASES = {"B-window": (25, 12, (14, 14), 64), "B-global": (1, 12, (64, 64), 64), "H-window": (25, 16, (14, 14), 80),
+CASES = {"B-window": (25, 12, (14, 14), 64), "B-global": (1, 12, (64, 64), 64), "H-window": (25, 16, (14, 14), 80), "H-global": (1, 16, (64, 64), 80),
          "small": (2, 3, (9, 11), 64), "hd32": (4, 4, (14, 14), 32)}
 
 

@@ -48,6 +48,9 @@ WGT_SHAPES = [  # B, H, q grid, k grid, head_dim
     (1, 1, (1, 1), (1, 3), 64),        # one query, three keys
     (1, 2, (5, 9), (17, 16), 48),      # k_w at the 16-slot limit, k_h past 16
     (1, 1, (3, 5), (33, 2), 16),       # two keys per 16-slot row, 33 rows
+    (1, 2, (8, 64), (8, 64), 80),      # SAM-H's head_dim: 32-key tiles, k_w == 64 rows in halves
+    (2, 2, (9, 64), (3, 64), 72),      # head_dim 72 read as 80, partial row tiles
+    (2, 3, (14, 14), (14, 14), 80),    # SAM-H windows
 ]
 
 
@@ -62,8 +65,10 @@ def test_wgt_matches_float64(shape, bn, sm90, monkeypatch):
     hd = gpu._pad16((D + 3) // 4 * 4)
     cfg = sm90.wgt_choose(hd, kg[0] * kg[1], kg[0], kg[1], True)
     assert cfg is not None and cfg[0] == hd
-    if bn is not None and kg[1] != 64:
+    if bn is not None and hd <= 64:
         assert cfg[1] == int(bn)
+    if hd > 64:
+        assert cfg[1] == 32
     rng = np.random.default_rng(zlib.crc32(repr((shape, bn)).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, "float32", relmag=2.0)
     before = [x.copy() for x in dev]
@@ -79,7 +84,7 @@ def test_wgt_matches_float64(shape, bn, sm90, monkeypatch):
     assert err <= 1e-5 and err <= 2 * err_fma + 2e-7, (err, err_fma)
 
 
-@pytest.mark.parametrize("D", [64, 40, 16])
+@pytest.mark.parametrize("D", [80, 64, 40, 16])
 @pytest.mark.parametrize("sizes", [(1, 3), (300, 1000), (77, 65), (64, 129)])
 def test_wgt_without_terms_any_length(sizes, D, sm90):
     """rel 0: any number of keys (the last tile masked) and queries."""
@@ -87,17 +92,17 @@ def test_wgt_without_terms_any_length(sizes, D, sm90):
     rng = np.random.default_rng(zlib.crc32(repr((sizes, D)).encode()))
     (q, k, v, _, _), (qr, kr, vr, _, _) = make_case(rng, 1, 2, (1, Sq), (1, Sk), D, "float32", with_rel=False)
     out = gpu.attention(q, k, v, None, None, None, D ** -0.5)
-    assert _ran(sm90, gpu._pad16(D), 64, 0)
+    assert _ran(sm90, gpu._pad16(D), 32 if D > 64 else 64, 0)
     assert rel_l2(from_dev(out), reference(qr, kr, vr, None, None, None, D ** -0.5)) <= 1e-5
 
 
-@pytest.mark.parametrize("why", ["head_dim 80", "k_w 30", "keys not whole rows", "switched off", "k_w 17"])
+@pytest.mark.parametrize("why", ["head_dim 96", "k_w 30", "keys not whole rows", "switched off", "k_w 17"])
 def test_wgt_not_taken(why, sm90, monkeypatch):
     """Where relattn_wgt does not serve a problem, relattn_tf32 runs."""
     hd, kh, kw = 64, 14, 14
     Sk = kh * kw
-    if why == "head_dim 80":
-        hd = 80
+    if why == "head_dim 96":
+        hd = 96
     elif why == "k_w 30":
         kw, Sk = 30, kh * 30
     elif why == "k_w 17":
@@ -110,14 +115,15 @@ def test_wgt_not_taken(why, sm90, monkeypatch):
     assert sm90.wgt_choose(64, 196, 14, 14, True) is not None or why == "switched off"
 
 
+@pytest.mark.parametrize("D", [64, 80])
 @pytest.mark.parametrize("kg", [(14, 14), (8, 64)])
-def test_wgt_non_finite_inputs_follow_ieee_like_fma(kg, sm90):
+def test_wgt_non_finite_inputs_follow_ieee_like_fma(kg, D, sm90):
     """Infinite / NaN k and v elements: relattn_wgt flags its blocks, the
     IEEE-safe pass of relattn_tf32 redoes them; the NaN / inf pattern and the
     finite values match the FMA path."""
     rng = np.random.default_rng(29)
     S = kg[0] * kg[1]
-    q, k, v = (rng.standard_normal((2, 4, S, 64)).astype(np.float32) for _ in range(3))
+    q, k, v = (rng.standard_normal((2, 4, S, D)).astype(np.float32) for _ in range(3))
     q[0, 1, :, 0] = np.where(np.arange(S) % 2 == 0, 1.0, -1.0)
     k[0, 1, 7, 0] = np.inf           # head 1: +inf logits (NaN rows) and -inf logits (weight 0)
     v[0, 2, 11, 5] = np.inf          # head 2: column 5 becomes +inf
@@ -126,7 +132,7 @@ def test_wgt_non_finite_inputs_follow_ieee_like_fma(kg, sm90):
     rw = (0.5 * rng.standard_normal((2, 4, S, kg[1]))).astype(np.float32)
     dev = [cupy.asarray(a) for a in (q, k, v, rh, rw)]
     got = gpu.attention(*dev, kg, 0.125).get()
-    assert _ran(sm90, 64, 32 if kg[1] <= 16 else 64, 5 if kg[1] <= 16 else 1)
+    assert _ran(sm90, D, 32 if (kg[1] <= 16 or D > 64) else 64, 5 if kg[1] <= 16 else 1)
     with relattn.gpu_float32_mode("fma"):
         want = gpu.attention(*dev, kg, 0.125).get()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))

@@ -26,7 +26,7 @@ _BNS = (64, 128)
 _WHOLE_ROW_KW = (48, 80, 96, 112, 128)
 _HDS = tuple(range(16, 129, 16))
 # N of the TF32 wgmma wrappers (relattn_wgt: key tiles and head dims <= 64)
-_TF32_NS = (16, 32, 48, 64)
+_TF32_NS = (16, 32, 48, 64, 80)
 
 class BuildError(RuntimeError):
     """The sm_90a kernel could not be built here (the caller falls back)."""
@@ -294,14 +294,14 @@ def launch_spec(B: int, H: int, Sq: int, kh: int, kw: int, hd: int, dt: int, cfg
 
 
 # --------------------------------------------------------------- relattn_wgt
-# float32 as 3xTF32 on wgmma (head_dim <= 64; k_w == 64, k_w <= 16 or no
+# float32 as 3xTF32 on wgmma (head_dim <= 80; k_w == 64, k_w <= 16 or no
 # terms). RELATTN_SM90_TF32: "0" off (relattn_tf32's mma.sync kernel runs),
 # unset / "1" on, "32" / "64" the key tile (experiments).
 def wgt_choose(hd: int, Sk: int, kh: int, kw: int, has_rel: bool):
     """(hd, bn, rel) of relattn_wgt for a float32 problem (hd: head_dim
     rounded up to 16), or None where it does not serve it."""
     env = os.environ.get("RELATTN_SM90_TF32", "1")
-    if env == "0" or hd > 64:
+    if env == "0" or hd > 80:
         return None
     if not has_rel:
         rel = 0
@@ -316,9 +316,10 @@ def wgt_choose(hd: int, Sk: int, kh: int, kw: int, has_rel: bool):
     # measured (H100, graph, core with the terms given): SAM-B windowed
     # 0.1002 ms with 32-key tiles (two key rows: 224 slots for 196 keys), 0.1071
     # with 64 (256 slots); relattn_tf32 0.1860. SAM-B global 0.7849 (64) / 0.7923
-    # (32); relattn_tf32 1.0152
-    bn = 32 if rel == 5 else 64
-    if env in ("32", "64") and rel != 1:
+    # (32); relattn_tf32 1.0152. head_dim 80 fits the registers with 32-key
+    # tiles only (k_w == 64: a key row in two tiles)
+    bn = 32 if (rel == 5 or hd > 64) else 64
+    if env in ("32", "64") and hd <= 64:
         bn = int(env)
     return hd, bn, rel
 

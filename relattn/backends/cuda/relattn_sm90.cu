@@ -960,7 +960,8 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 // operand x is split into big = x rounded to TF32 and small = x - big, and
 // a.b = a_small.b_big + a_big.b_small + a_big.b_big; each key tile's P V starts
 // from zero and is added to the running output with a float32 FMA. One
-// warpgroup (64 query rows) per block, two blocks per SM. Per 64-key tile:
+// warpgroup (64 query rows) per block, two blocks per SM. head_dim <= 64 with
+// 64- or 32-key tiles, 80 with 32-key tiles (registers). Per key tile:
 //   - the raw K / V tile lands by cp.async (issued one tile ahead);
 //   - the block splits it once into four wgmma operands in shared memory
 //     (no-swizzle K-major core-matrix layout: 8 rows x 16 bytes per core,
@@ -972,7 +973,8 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 //     block), 3 wgmma per 8 columns; bias, mask, online softmax; P split in
 //     registers; O_tile = P V, 3 wgmma per 8 keys; O = alpha O + O_tile.
 // REL 0 = no terms (keys past Sk masked), 1 = k_w == 64 (one key row per
-// tile: rel_w of the thread's columns in registers, rel_h per row and tile),
+// 64-key tile, or per two 32-key tiles: rel_w of the thread's columns in
+// registers, rel_h per row and tile),
 // 5 = k_w <= 16: every key row takes 16 slots of the tile (4 key rows per 64
 // slots; slots past k_w get rel_w = -inf, key rows past k_h rel_h = -inf), so
 // a thread's kx values are fixed registers.
@@ -1001,14 +1003,15 @@ template <int HD, int BN, int REL>
 __global__ void __launch_bounds__(128, 2)
 relattn_wgt(RA_F32_KERNEL_PARAMS)
 {
-    static_assert(HD % 16 == 0 && HD <= 64, "head_dim 16 .. 64");
-    static_assert(BN % 16 == 0 && BN <= 64 && (REL != 1 || BN == 64) && (REL != 5 || BN % 16 == 0), "key tile");
+    static_assert(HD % 16 == 0 && HD <= 80 && (HD <= 64 || BN == 32), "head_dim 16 .. 64, or 80 with 32-key tiles");
+    static_assert((BN == 32 || BN == 64) && (REL != 5 || BN % 16 == 0), "key tile");
     constexpr int KC = HD / 4;                 // 16-byte chunks of a K row
     constexpr int ND = HD / 8;                 // 8-column blocks of the output
     constexpr int NS = BN / 8;                 // 8-key blocks of a tile
     constexpr int KS = HD / 8;                 // k8 steps of S = Q K^T
     constexpr int VROW = HD + ((16 - HD % 32) + 32) % 32;   // raw V row (floats): == 16 mod 32 banks
     constexpr int NU = (REL == 5) ? BN / 16 : 1;            // key rows per tile (REL 5)
+    constexpr int RH = 64 / BN;                // REL 1: tiles per key row (2: halves)
     constexpr u32 OPB = BN * HD * 4;           // bytes of one split operand
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
@@ -1116,7 +1119,7 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
 #pragma unroll
             for (int u = 0; u < NU; ++u) {
                 float x = 0.f;
-                if (REL == 1) x = __ldg(rh_row[rr] + min(n, kh - 1)) * RA_LOG2E;
+                if (REL == 1) x = __ldg(rh_row[rr] + min(n / RH, kh - 1)) * RA_LOG2E;
                 if (REL == 5) {
                     const int ky = n * NU + u;
                     x = ky < kh ? __ldg(rh_row[rr] + ky) * RA_LOG2E : -RA_INF;
@@ -1164,7 +1167,10 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float bias = 0.f;
-                    if (REL == 1) bias = rwc[rr][(REL == 1) ? 2 * j + e : 0];
+                    if (REL == 1) {   // RH == 2: the second half of the key row on odd tiles
+                        const int jj = (REL == 1) ? 2 * j + e : 0;
+                        bias = (RH == 2 && (n & 1)) ? rwc[rr][(REL == 1) ? jj + 2 * NS : 0] : rwc[rr][jj];
+                    }
                     if (REL == 5) bias = rwc[rr][(REL == 5) ? 2 * (j & 1) + e : 0];
                     float x = fmaf(s[4 * j + 2 * rr + e], scale_log2, bias);
                     if (REL == 0 && n * BN + 8 * j + 2 * t + e >= Sk) x = -RA_INF;
