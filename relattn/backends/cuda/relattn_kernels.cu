@@ -1530,7 +1530,27 @@ relattn_tf32(RA_F32_KERNEL_PARAMS)
     for (int rr = 0; rr < 2; ++rr) {
         const float inv = ra_row_inv(l_run[rr]);
         const int r = rows[rr];
-        if (r < Sq) {
+        // SAFE: rewrite only the rows the first pass left non-finite. Every
+        // non-finite input a row meets turns the fast split's products into NaN,
+        // so a finite first-pass row is already that row's result; the rows of a
+        // flagged block then keep the bits of a clean run, whichever kernel
+        // (relattn_tf32 or Hopper's relattn_wgt) made the first pass.
+        bool redo = true;
+        if (SAFE) {
+            bool nf = false;
+            if (r < Sq) {
+#pragma unroll
+                for (int d = 0; d < ND; ++d) {
+                    const int col = d * 8 + 2 * t;
+                    if (col < D) nf |= !(fabsf(ob[(long long)r * D + col]) < RA_INF);
+                    if (col + 1 < D) nf |= !(fabsf(ob[(long long)r * D + col + 1]) < RA_INF);
+                }
+            }
+            nf |= __shfl_xor_sync(0xffffffffu, (int)nf, 1) != 0;
+            nf |= __shfl_xor_sync(0xffffffffu, (int)nf, 2) != 0;
+            redo = nf;
+        }
+        if (r < Sq && redo) {
 #pragma unroll
             for (int d = 0; d < ND; ++d) {
                 const int col = d * 8 + 2 * t;
