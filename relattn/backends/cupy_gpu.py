@@ -794,7 +794,9 @@ def tf32_smem_bytes(hd: int, sh: int) -> int:
 
 def _tf32_plan(q, k, v, rel_h, rel_w, kh, kw, has_rel, scale, split):
     """float32 on tensor cores: 3xTF32 (split == 3) or plain TF32 (split == 1);
-    3xTF32 in relattn_tf32's SH variant where that pays (_tf32_shared_split).
+    3xTF32 on Hopper's wgmma (relattn_wgt) where it serves the problem
+    (_sm90.wgt_choose), else in relattn_tf32's SH variant where that pays
+    (_tf32_shared_split). Either way relattn_tf32's IEEE-safe pass follows.
     None where even the 64-row layout needs more shared memory than the device
     gives a block (head_dim 112-128 before Hopper): the FMA kernel runs."""
     import cupy
