@@ -208,3 +208,22 @@ def test_threads_share_plans(backend, xp):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_gpu_developer_switches_are_in_the_plan_key():
+    """Every RELATTN_* switch the GPU backend reads while planning is part of
+    cupy_gpu.plan_key, so a cached plan never outlives a change of it (session
+    12's RELATTN_SM90_WS80 was missing until session 13). Exempt: the cache
+    directory and the switches read once at import."""
+    import pathlib
+    import re
+
+    from relattn.backends import cupy_gpu
+
+    root = pathlib.Path(relattn.__file__).parent / "backends"
+    names = set()
+    for path in root.glob("*.py"):
+        names |= set(re.findall(r'environ(?:\.get\(|\[)"(RELATTN_[A-Z0-9_]+)"', path.read_text()))
+    assert {"RELATTN_SM90_WS80", "RELATTN_SM90_TF32", "RELATTN_TF32_SH"} <= names   # the scan finds them
+    import_time = {"RELATTN_CACHE_DIR", "RELATTN_CUPY_MW", "RELATTN_RELTERMS_MMA"}
+    assert names - import_time <= set(cupy_gpu._KNOBS), sorted(names - import_time - set(cupy_gpu._KNOBS))
