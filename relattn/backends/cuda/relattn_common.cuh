@@ -126,6 +126,18 @@ __device__ __forceinline__ float ra_row_inv(float l) {
 // Their common parameters (cupy_gpu._tf32_plan passes them): q, k, v float32
 // with element strides (batch, head, row); the terms (B*H, Sq, kh / kw); out
 // (B*H, Sq, D); flags per 64-row block for the IEEE-safe second pass.
+// The fast 3xTF32 pass's flag for its IEEE-safe rerun: a non-finite row sum
+// (the thread's two rows) or any of its N running-output values.
+template <int N>
+__device__ __forceinline__ bool ra_nonfinite(const float* l_run, const float* o) {
+    bool bad = false;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) bad |= !(fabsf(l_run[rr]) < RA_INF);
+#pragma unroll
+    for (int i = 0; i < N; ++i) bad |= !(fabsf(o[i]) < RA_INF);
+    return bad;
+}
+
 #define RA_F32_KERNEL_PARAMS                                                              \
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, \
     const float* __restrict__ rel_h, const float* __restrict__ rel_w,                     \

@@ -1508,13 +1508,7 @@ relattn_tf32(RA_F32_KERNEL_PARAMS)
     }
 
     if (!SAFE && SPLIT == 3) {
-        bool bad = false;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) bad |= !(fabsf(l_run[rr]) < RA_INF);
-#pragma unroll
-        for (int d = 0; d < ND; ++d)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) bad |= !(fabsf(o[d][e]) < RA_INF);
+        bool bad = ra_nonfinite<ND * 4>(l_run, &o[0][0]);
         if (SH) {   // one flag per 64 rows (warps 0-3, 4-7): the SAFE pass's blocks
             const int b0 = __syncthreads_or(bad && warp < 4), b1 = __syncthreads_or(bad && warp >= 4);
             const int mt64 = (Sq + 63) / 64;

@@ -1012,16 +1012,16 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
     constexpr int VROW = HD + ((16 - HD % 32) + 32) % 32;   // raw V row (floats): == 16 mod 32 banks
     constexpr int NU = (REL == 5) ? BN / 16 : 1;            // key rows per tile (REL 5)
     constexpr int RH = 64 / BN;                // REL 1: tiles per key row (2: halves)
+    // shared memory (byte offsets from the 128-byte aligned base): the raw K
+    // tile (core-matrix layout), the raw V tile (rows of VROW floats), then K
+    // big, K small, V^T big, V^T small
     constexpr u32 OPB = BN * HD * 4;           // bytes of one split operand
+    constexpr u32 OVR = OPB, OKB = OVR + BN * VROW * 4, OKS = OKB + OPB, OVB = OKS + OPB, OVS = OVB + OPB;
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
-    const u32 sbase = (sraw + 127u) & ~127u;
-    unsigned char* pbase = ra_smem_raw + (sbase - sraw);
-    const u32 sKr = sbase;                     // raw K tile, core-matrix layout
-    const u32 sVr = sKr + OPB;                 // raw V tile, rows of VROW floats
-    const u32 sKb = sVr + BN * VROW * 4;       // K big, K small, V^T big, V^T small
-    const u32 sKs = sKb + OPB, sVb = sKs + OPB, sVs = sVb + OPB;
-    const float* pVr = reinterpret_cast<const float*>(pbase + OPB);
+    const u32 sbase = (sraw + 127u) & ~127u;   // shared-space address of offset 0
+    unsigned char* pbase = ra_smem_raw + (sbase - sraw);   // generic pointer to it
+    const float* pVr = reinterpret_cast<const float*>(pbase + OVR);
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5, lane = tid & 31;
@@ -1052,12 +1052,12 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
             const int r8 = i & 7, c = (i >> 3) % KC, rg = (i >> 3) / KC;
             const int key = slot_key(n, rg * 8 + r8), col = c * 4;
             const bool ok = key >= 0 && col < D;
-            ra_cp_async16(sKr + (u32)i * 16u, ok ? kb + (long long)key * kss + col : kb, ok ? 16 : 0);
+            ra_cp_async16(sbase + (u32)i * 16u, ok ? kb + (long long)key * kss + col : kb, ok ? 16 : 0);
             // V: row-major rows of VROW floats
             const int r = i / KC, cv = (i - (i / KC) * KC) * 4;
             const int keyv = slot_key(n, r);
             const bool okv = keyv >= 0 && cv < D;
-            ra_cp_async16(sVr + (u32)(r * VROW + cv) * 4u, okv ? vb + (long long)keyv * vss + cv : vb, okv ? 16 : 0);
+            ra_cp_async16(sbase + OVR + (u32)(r * VROW + cv) * 4u, okv ? vb + (long long)keyv * vss + cv : vb, okv ? 16 : 0);
         }
         ra_cp_commit();
     };
@@ -1107,9 +1107,9 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
     for (int i = 0; i < ND * 4; ++i) o[i] = 0.f;
     float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
     // descriptors: K-major, no swizzle; K-adjacent cores 128 B apart, 8-row groups KC (or BN / 4) x 128 B
-    const u64 dKb = ra_desc(sKb, 128u, (u32)KC * 128u, 0), dKs = ra_desc(sKs, 128u, (u32)KC * 128u, 0);
-    const u64 dVb = ra_desc(sVb, 128u, (u32)(BN / 4) * 128u, 0), dVs = ra_desc(sVs, 128u, (u32)(BN / 4) * 128u, 0);
-    unsigned char* pKr = pbase;
+    const u64 dKb = ra_desc(sbase + OKB, 128u, (u32)KC * 128u, 0), dKs = ra_desc(sbase + OKS, 128u, (u32)KC * 128u, 0);
+    const u64 dVb = ra_desc(sbase + OVB, 128u, (u32)(BN / 4) * 128u, 0);
+    const u64 dVs = ra_desc(sbase + OVS, 128u, (u32)(BN / 4) * 128u, 0);
 
     for (int n = 0; n < ntiles; ++n) {
         // rel_h of this tile's key rows (REL 1: one, REL 5: NU)
@@ -1131,12 +1131,12 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
 
         // ---- split the raw tile into the four operands
         for (int i = tid; i < BN * KC; i += 128) {
-            const float4 x4 = *reinterpret_cast<const float4*>(pKr + i * 16);
+            const float4 x4 = *reinterpret_cast<const float4*>(pbase + i * 16);
             const float x[4] = {x4.x, x4.y, x4.z, x4.w};
             u32 bg[4], sm[4];
             ra_split_tf32<3, 4>(x, bg, sm);
-            *reinterpret_cast<uint4*>(pbase + (sKb - sbase) + i * 16) = make_uint4(bg[0], bg[1], bg[2], bg[3]);
-            *reinterpret_cast<uint4*>(pbase + (sKs - sbase) + i * 16) = make_uint4(sm[0], sm[1], sm[2], sm[3]);
+            *reinterpret_cast<uint4*>(pbase + OKB + i * 16) = make_uint4(bg[0], bg[1], bg[2], bg[3]);
+            *reinterpret_cast<uint4*>(pbase + OKS + i * 16) = make_uint4(sm[0], sm[1], sm[2], sm[3]);
         }
         for (int i = tid; i < HD * NS * 2; i += 128) {
             // 4 keys (8 j + 2 m + e, m < 4) of column d -> one 16-byte chunk of V^T row d
@@ -1147,8 +1147,8 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
             u32 bg[4], sm[4];
             ra_split_tf32<3, 4>(x, bg, sm);
             const u32 off16 = (u32)(((d >> 3) * (BN / 4) + 2 * j + e) * 128 + (d & 7) * 16);
-            *reinterpret_cast<uint4*>(pbase + (sVb - sbase) + off16) = make_uint4(bg[0], bg[1], bg[2], bg[3]);
-            *reinterpret_cast<uint4*>(pbase + (sVs - sbase) + off16) = make_uint4(sm[0], sm[1], sm[2], sm[3]);
+            *reinterpret_cast<uint4*>(pbase + OVB + off16) = make_uint4(bg[0], bg[1], bg[2], bg[3]);
+            *reinterpret_cast<uint4*>(pbase + OVS + off16) = make_uint4(sm[0], sm[1], sm[2], sm[3]);
         }
         ra_fence_proxy_async();
         __syncthreads();   // operands visible to the tensor cores; the raw buffers are free
@@ -1192,12 +1192,7 @@ relattn_wgt(RA_F32_KERNEL_PARAMS)
         for (int i = 0; i < ND * 4; ++i) o[i] = fmaf(o[i], alpha[(i >> 1) & 1], ot[i]);
     }
 
-    bool bad = false;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) bad |= !(fabsf(l_run[rr]) < RA_INF);
-#pragma unroll
-    for (int i = 0; i < ND * 4; ++i) bad |= !(fabsf(o[i]) < RA_INF);
-    bad = __syncthreads_or(bad);
+    const bool bad = __syncthreads_or(ra_nonfinite<ND * 4>(l_run, o));
     if (tid == 0) flags[blockIdx.x] = bad ? 1 : 0;
 
     const float inv_l[2] = {ra_row_inv(l_run[0]), ra_row_inv(l_run[1])};
