@@ -149,19 +149,24 @@ def _device_index32(xp, q_size: int, k_size: int):
 
 @functools.lru_cache(maxsize=256)
 def _relative_index(q_size: int, k_size: int):
-    """Row of the (2*max-1)-row table for each (query, key) coordinate pair.
+    """Row of the (2*max-1)-row table for each (query, key) coordinate pair."""
+    index = _relative_index_rows(q_size, k_size, np.arange(q_size))
+    index.flags.writeable = False  # shared by every call through the cache
+    return index
+
+
+def _relative_index_rows(q_size: int, k_size: int, q_coords):
+    """The rows ``q_coords`` of the index table: shape (len(q_coords), k_size).
 
     float32 coordinates and truncation toward zero, as SAM computes them with
     PyTorch's default dtype; for ``q_size == k_size`` this is ``q - k + k_size - 1``.
     """
     q_ratio = np.float32(max(k_size / q_size, 1.0))
     k_ratio = np.float32(max(q_size / k_size, 1.0))
-    q_coords = np.arange(q_size, dtype=np.float32)[:, None] * q_ratio
+    q_coords = np.asarray(q_coords).astype(np.float32)[:, None] * q_ratio
     k_coords = np.arange(k_size, dtype=np.float32)[None, :] * k_ratio
     offset = np.float32((k_size - 1) * max(q_size / k_size, 1.0))
-    index = ((q_coords - k_coords) + offset).astype(np.int64)
-    index.flags.writeable = False  # shared by every call through the cache
-    return index
+    return ((q_coords - k_coords) + offset).astype(np.int64)
 
 
 @accepts_dlpack("rel_pos")
@@ -284,3 +289,34 @@ def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
     rel_w = xp.swapaxes(xp.matmul(xp.swapaxes(grid_q, -3, -2), xp.swapaxes(table_w, -1, -2)), -3, -2)
     return rel_h.reshape(*lead, q_h * q_w, k_h), rel_w.reshape(*lead, q_h * q_w, k_w)
 
+
+
+def terms_bytes(lead: int, q_size, k_size, head_dim: int, itemsize: int) -> int:
+    """Bytes :func:`decomposed_rel_pos` needs for ``lead`` (batch x heads)
+    query grids: the terms and the two gathered tables."""
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    return itemsize * (lead * q_h * q_w * (k_h + k_w) + (q_h * k_h + q_w * k_w) * head_dim)
+
+
+def decomposed_rel_pos_rows(q, rel_pos_h, rel_pos_w, q_size, k_size, start: int):
+    """:func:`decomposed_rel_pos` for the query rows ``start .. start + n`` only.
+
+    ``q`` (..., n, C) holds those rows of the flattened ``q_size`` grid. Only
+    their rows of the index tables are gathered, so the memory is
+    ``n * (k_h + k_w)`` per leading index plus ``n * (k_h + k_w) * C`` for the
+    gathered embeddings, whatever the grid's sides (a 1 x 16384 grid gathers
+    16384 x 16384 rows in full). The terms agree with the whole-grid ones to
+    rounding (the products run in another order). Arguments are validated by
+    the caller: tables of q's width, ``start + n <= q_h * q_w``.
+    """
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    work = compute_dtype(q.dtype, rel_pos_h.dtype, rel_pos_w.dtype)
+    rows = np.arange(start, start + q.shape[-2])
+    terms = []
+    for table, qs, ks, coords in ((rel_pos_h, q_h, k_h, rows // q_w), (rel_pos_w, q_w, k_w, rows % q_w)):
+        wanted = 2 * max(qs, ks) - 1
+        table = table if table.shape[0] == wanted else resize_rel_pos(table, wanted)
+        gathered = astype(table, work)[_relative_index_rows(qs, ks, coords)]   # (n, ks, C)
+        # (..., n, 1, C) @ (n, C, ks) -> (..., n, 1, ks)
+        terms.append(np.matmul(astype(q, work)[..., None, :], np.swapaxes(gathered, -1, -2))[..., 0, :])
+    return terms[0], terms[1]

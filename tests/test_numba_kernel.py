@@ -100,11 +100,16 @@ def test_tile_remainders(dtype, tq, tk):
     q, k, v, rh, rw = make(2, 2, 29, 13, (5, 9), dtype)
     BH, Sq, d, Sk = 4, 29, 13, 45
     out = np.empty((BH, Sq, d), dtype)
-    K.attention_fwd(q.reshape(BH, Sq, d), k.reshape(BH, Sk, d), v.reshape(BH, Sk, d),
-                    rh.reshape(BH, Sq, 5), rw.reshape(BH, Sq, 9), True, 9,
-                    dtype(d ** -0.5), tq, tk, out)
+    nonfinite = np.ones((BH, Sq), bool)
+    args = (q.reshape(BH, Sq, d), k.reshape(BH, Sk, d), v.reshape(BH, Sk, d),
+            rh.reshape(BH, Sq, 5), rw.reshape(BH, Sq, 9), True, 9, dtype(d ** -0.5), tq, tk)
+    K.attention_fwd(*args, out, nonfinite)
     ref = oracle(q, k, v, rh, rw, (5, 9), d ** -0.5)
     assert rel_err(out.reshape(q.shape), ref) <= TOL[dtype]
+    assert not nonfinite.any()
+    serial = np.empty_like(out)
+    K.attention_fwd(*args, serial, nonfinite, serial=True)  # the kernel without threads
+    np.testing.assert_array_equal(serial, out)
 
 
 def test_batch_zero():
@@ -173,16 +178,24 @@ def test_bfloat16():
 
 
 def test_exp_accuracy():
-    x = np.concatenate([np.linspace(-120, 0, 200001), np.linspace(-1, 1, 1001)])
-    for dtype, tol in ((np.float32, 2.5e-7), (np.float64, 1e-15)):
-        xs = x.astype(dtype)
+    """Relative error on normal results; subnormal results within one unit of
+    the subnormal spacing (beside the relative error) of numpy's exp (a weight of 1e-42 is not 0: times an
+    infinite value it is infinite); 0 where numpy's exp rounds to 0."""
+    for dtype, tol, lo, hi in ((np.float32, 2.5e-7, -87.0, -110.0), (np.float64, 1e-15, -708.0, -760.0)):
+        xs = np.concatenate([np.linspace(hi, 0, 400001), np.linspace(-1, 1, 1001)]).astype(dtype)
         out = np.empty_like(xs)
         K.exp_array(xs, out)
         ref = np.exp(xs.astype(np.float64))
-        lo = -87.0 if dtype == np.float32 else -708.0
-        ok = xs >= lo
-        assert np.all(np.abs(out[ok] - ref[ok]) <= tol * ref[ok])
-        assert np.all(out[~ok] == 0)
+        normal = xs >= lo
+        assert np.all(np.abs(out[normal] - ref[normal]) <= tol * ref[normal])
+        tiny = np.finfo(dtype).smallest_subnormal
+        want = np.exp(xs[~normal])  # numpy in the dtype itself: subnormal, then 0
+        assert np.all(np.abs(out[~normal] - want) <= tol * want + tiny)
+        assert np.any(out[~normal] > 0) and np.all(out[xs < hi + 5] == 0)
+        special = np.array([-np.inf, np.nan], dtype)
+        got = np.empty_like(special)
+        K.exp_array(special, got)
+        assert got[0] == 0 and np.isnan(got[1])
 
 
 def test_long_sequence_float32():

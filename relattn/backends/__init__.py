@@ -28,6 +28,13 @@ Every backend is a module in this package exposing the same small interface:
     and returns a new ``(B, heads, Sq, d)`` array of q's dtype. It never modifies
     its inputs.
 
+A backend whose kernels fail to compile or launch at run time raises
+:class:`BackendFailure` and reports the reason from ``unavailable_reason()``
+from then on; ``backend="auto"`` then falls back to the next backend with one
+warning. A backend module that sets ``WARN_UNAVAILABLE = True`` (numba: a
+required dependency, so its absence is a broken install) is also named in
+that warning when ``"auto"`` passes it over as unavailable.
+
 Adding a backend means adding its module name to ``_MODULES`` (in priority
 order for ``backend="auto"``).
 """
@@ -44,6 +51,11 @@ _MODULES = {
 }
 
 _loaded: dict = {}
+
+
+class BackendFailure(RuntimeError):
+    """A backend's kernels failed to compile or launch in this process; the
+    message says why, and the backend reports itself unavailable from then on."""
 
 
 def names() -> list[str]:

@@ -23,6 +23,7 @@ element-wise loops over the contiguous query axis: these vectorise without
 from __future__ import annotations
 
 import math
+import types as types_module
 
 import numpy as np
 from llvmlite import ir
@@ -92,7 +93,7 @@ _F32_LOG2E = np.float32(1.4426950408889634)
 _F32_HALF = np.float32(0.5)
 _F32_ONE = np.float32(1.0)
 _F32_ZERO = np.float32(0.0)
-_F32_LO = np.float32(-87.0)  # below this, exp < 1.7e-38: flushed to exactly 0
+_F32_LO = np.float32(-104.0)  # below this, exp < 2**-150: rounds to 0 (as numpy's expf)
 _F32_C1 = np.float32(0.693359375)  # ln2 split (Cephes expf)
 _F32_C2 = np.float32(-2.12194440e-4)
 _F32_P0 = np.float32(1.9875691500e-4)
@@ -105,7 +106,9 @@ _F32_P5 = np.float32(5.0000001201e-1)
 
 @njit(fastmath=_FASTMATH)
 def _exp_f32(x):
-    """exp(x) for float32 x <= ~88, ~1 ulp; exactly 0 for x < -87."""
+    """exp(x) for float32 x <= ~88, ~1 ulp, subnormal results included
+    (numpy's expf gives them, and a weight of 1e-42 times an infinite value
+    is infinite, not NaN); exactly 0 below -104."""
     xc = x if x > _F32_LO else _F32_LO
     n = np.floor(xc * _F32_LOG2E + _F32_HALF)
     r = xc - n * _F32_C1
@@ -113,20 +116,24 @@ def _exp_f32(x):
     z = r * r
     p = ((((_F32_P0 * r + _F32_P1) * r + _F32_P2) * r + _F32_P3) * r + _F32_P4) * r + _F32_P5
     p = p * z + r + _F32_ONE
-    y = p * _pow2i_f32(n)
-    # x < -87 flushes to 0; NaN propagates (as numpy's exp does), never becomes 0.
+    # 2**n in two normal factors, so that n down to -150 rounds once into the
+    # subnormal range instead of wrapping the exponent bits.
+    n1 = np.floor(n * _F32_HALF)
+    y = (p * _pow2i_f32(n1)) * _pow2i_f32(n - n1)
+    # x < -104 gives 0; NaN propagates (as numpy's exp does), never becomes 0.
     return y if x >= _F32_LO else (_F32_ZERO if x < _F32_LO else x)
 
 
 _F64_LOG2E = 1.4426950408889634
-_F64_LO = -708.0
+_F64_LO = -746.0  # below this, exp < 2**-1076: rounds to 0
 _F64_C1 = 6.93145751953125e-1  # ln2 split (Cephes exp)
 _F64_C2 = 1.42860682030941723212e-6
 
 
 @njit(fastmath=_FASTMATH)
 def _exp_f64(x):
-    """exp(x) for float64 x <= ~709, a few ulp; exactly 0 for x < -708."""
+    """exp(x) for float64 x <= ~709, a few ulp, subnormal results included;
+    exactly 0 below -746."""
     xc = x if x > _F64_LO else _F64_LO
     n = np.floor(xc * _F64_LOG2E + 0.5)
     r = xc - n * _F64_C1
@@ -145,7 +152,8 @@ def _exp_f64(x):
     p = p * r + 1.0 / 6.0
     p = p * r + 0.5
     p = p * (r * r) + r + 1.0
-    y = p * _pow2i_f64(n)
+    n1 = np.floor(n * 0.5)  # 2**n in two normal factors (see _exp_f32)
+    y = (p * _pow2i_f64(n1)) * _pow2i_f64(n - n1)
     return y if x >= _F64_LO else (0.0 if x < _F64_LO else x)
 
 
@@ -304,18 +312,25 @@ def _pv_tile(pT, nk, nq, vb, j0, oT):
 
 
 @njit(fastmath=_FASTMATH)
+def _safe_max(m):
+    """The running maximum to subtract: m, or 0 while every logit so far is
+    -inf (masked), so that exp(-inf - m) is 0 and not exp(NaN)."""
+    return m if m != -np.inf else 0.0  # (float64 kernels only: float32 takes the vector path)
+
+
+@njit(fastmath=_FASTMATH)
 def _softmax_tile(sT, nk, nq, m, alpha, lsum, tsum):
     """In place: sT[j, i] = exp(sT[j, i] - m[i]); on entry alpha holds the old
     running max, on exit the rescale factor exp(old - new).  The tile's weights
     are summed in tsum first, then lsum = lsum * alpha + tsum (two-level
     summation keeps the float32 error ~ (tk + Sk/tk) eps, not Sk eps)."""
     for i in range(nq):
-        alpha[i] = _fexp(alpha[i] - m[i])
+        alpha[i] = _fexp(alpha[i] - _safe_max(m[i]))
         tsum[i] = 0
     for j in range(nk):
         srow = sT[j]
         for i in range(nq):
-            p = _fexp(srow[i] - m[i])
+            p = _fexp(srow[i] - _safe_max(m[i]))
             srow[i] = p
             tsum[i] += p
     for i in range(nq):
@@ -328,13 +343,16 @@ def _softmax_tile(sT, nk, nq, m, alpha, lsum, tsum):
 
 
 @njit(cache=_CACHE, parallel=True, fastmath=_FASTMATH)
-def _attention_fwd_generic(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
+def _attention_fwd_generic(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, nonfinite):
     """Flash-style attention with decomposed relative-position bias.
 
     q: (BH, Sq, d); k, v: (BH, Sk, d); out: (BH, Sq, d), all C-contiguous and
     of one float dtype.  rel_h: (BH, Sq, k_h), rel_w: (BH, Sq, k_w) when
     ``has_rel`` (else ignored, any shape).  Key j = ky * k_w + kx.  tq / tk:
     query / key tile sizes.  ``scale`` is a scalar of the array dtype.
+    nonfinite: (BH, Sq) bool, set where an output row holds a NaN or an
+    infinity (the caller recomputes those rows with the formula: see
+    ``numba_cpu.attention``).
 
     Work items are (batch*head, query tile) pairs.  Per item the query axis
     is padded to a multiple of 8 lanes (zero q and bias: finite, discarded),
@@ -400,8 +418,12 @@ def _attention_fwd_generic(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, o
         for i in range(nq0):
             li = lsum[i]
             orow = ob[i0 + i]
+            zero = li - li  # NaN when li is
             for c in range(d):
-                orow[c] = oT[c, i] * li
+                x = oT[c, i] * li
+                orow[c] = x
+                zero += x * 0  # stays 0 while every x is finite
+            nonfinite[bh, i0 + i] = zero != 0
 
 
 # ---------------------------------------------------------------------------
@@ -543,10 +565,30 @@ def vfma(typingctx, a, b, c):
     return f32x8(a, b, c), codegen
 
 
+def _pow2_v8(b, n):
+    """2.0**n for int32 lanes n in [-126, 127] (exponent bits)."""
+    e = b.shl(b.add(n, ir.Constant(_I32x8, [127] * 8)), ir.Constant(_I32x8, [23] * 8))
+    return b.bitcast(e, _V8)
+
+
+@intrinsic
+def vsafe_max(typingctx, m):
+    """The running maximum to subtract: m, or 0 where m is -inf (every logit
+    so far masked), so that exp(-inf - m) is 0 and not exp(NaN)."""
+    if m != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        return b.select(b.fcmp_ordered("==", args[0], _vconst(-np.inf)), _vconst(0.0), args[0])
+
+    return f32x8(m), codegen
+
+
 @intrinsic
 def vexp(typingctx, x):
     """exp of 8 lanes, as ``_exp_f32`` (Cody-Waite + Cephes polynomial, FMAs):
-    0 below -87, NaN stays NaN."""
+    subnormal results included, 0 below -104, NaN stays NaN."""
     if x != f32x8:
         return None
 
@@ -564,9 +606,11 @@ def vexp(typingctx, x):
         for c in (_F32_P1, _F32_P2, _F32_P3, _F32_P4, _F32_P5):
             p = _vfma_ir(b, p, r, _vconst(c))
         p = b.fadd(_vfma_ir(b, p, z, r), _vconst(1.0))
+        # 2**n as two normal factors 2**n1 * 2**(n - n1), n1 = floor(n / 2):
+        # subnormal results round once instead of wrapping the exponent bits.
         ni = b.fptosi(n, _I32x8)
-        e = b.shl(b.add(ni, ir.Constant(_I32x8, [127] * 8)), ir.Constant(_I32x8, [23] * 8))
-        y = b.fmul(p, b.bitcast(e, _V8))
+        n1 = b.ashr(ni, ir.Constant(_I32x8, [1] * 8))
+        y = b.fmul(b.fmul(p, _pow2_v8(b, n1)), _pow2_v8(b, b.sub(ni, n1)))
         inner = b.select(b.fcmp_ordered("<", x, lo), _vconst(0.0), x)
         return b.select(b.fcmp_ordered(">=", x, lo), y, inner)
 
@@ -672,7 +716,7 @@ def _softmax8(sT, nk, nq, io, m, alpha, lsum):
     """Queries io..io+7: sT[j, i] = exp(sT[j, i] - m[i]); alpha (old running
     max on entry) becomes exp(old - new); lsum = lsum * alpha + sum_j (the
     tile's sum first: two-level summation)."""
-    mv = vload(m, io)
+    mv = vsafe_max(vload(m, io))
     al = vexp(vsub(vload(alpha, io), mv))
     vstore(alpha, io, al)
     t0 = vzero()
@@ -753,7 +797,7 @@ def _pv16(vb, j0, nk, pT, nq, io, d, oT, alpha):
 
 
 @njit(cache=_CACHE, parallel=True, fastmath=_FASTMATH)
-def _attention_fwd_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
+def _attention_fwd_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, nonfinite):
     """float32 version of ``_attention_fwd_generic`` on 8-lane vectors; the
     query tile is padded to a multiple of 16 lanes (zero q and bias)."""
     BH, Sq, d = q.shape
@@ -836,8 +880,12 @@ def _attention_fwd_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
         for i in range(nq0):
             li = lsum[i]
             orow = ob[i0 + i]
+            zero = li - li  # NaN when li is
             for c in range(d):
-                orow[c] = oT[c * nq + i] * li
+                x = oT[c * nq + i] * li
+                orow[c] = x
+                zero += x * 0  # stays 0 while every x is finite
+            nonfinite[bh, i0 + i] = zero != 0
         # Keep every buffer reached only through a raw pointer alive to here:
         # numba frees an array after its last use *as an array*, and another
         # thread's allocation could then reuse memory the pointers still read.
@@ -849,11 +897,30 @@ def _keepalive(*arrays):
     return len(arrays)
 
 
-def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out):
+def _serial(kernel):
+    """``kernel`` compiled without ``parallel``: its ``prange`` runs as a plain
+    loop in the calling thread.  For a process forked after the threading
+    layer started (GNU OpenMP's thread pool does not survive a fork).  A copy
+    of the function under its own name, so that numba's on-disk cache (keyed
+    by name, not by compile flags) keeps the two apart."""
+    fn = kernel.py_func
+    name = fn.__name__ + "_serial"
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") \
+        else fn.__code__.replace(co_name=name)
+    copy = types_module.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = name
+    copy.__doc__ = fn.__doc__
+    return njit(cache=_CACHE, fastmath=_FASTMATH)(copy)
+
+
+_serial_kernels: dict = {}
+
+
+def attention_fwd(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, nonfinite, serial=False):
     """Flash-style attention with decomposed relative-position bias (see
     ``_attention_fwd_generic`` for the arguments); float32 takes the
-    vector kernel."""
-    if q.dtype == np.float32:
-        _attention_fwd_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out)
-    else:
-        _attention_fwd_generic(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out)
+    vector kernel, ``serial`` the kernels compiled without threads."""
+    kernel = _attention_fwd_f32 if q.dtype == np.float32 else _attention_fwd_generic
+    if serial:
+        kernel = _serial_kernels.get(kernel) or _serial_kernels.setdefault(kernel, _serial(kernel))
+    kernel(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, nonfinite)

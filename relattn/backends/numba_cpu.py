@@ -9,48 +9,89 @@ Threads follow numba's settings (``NUMBA_NUM_THREADS``, ``numba.set_num_threads`
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import threading
 
 import numpy as np
 
+from . import BackendFailure
+
 NAME = "numba"
 ARRAY_MODULE = "numpy"
+WARN_UNAVAILABLE = True  # a required dependency: "auto" says when it cannot use it
 
 _TQ_MAX = 64  # query tile (the vectorised axis of every inner loop)
 _TK_MAX = 64  # key tile: logit tile of 64 x 64 float32 = 16 KiB, stays in L1
 _TQ_MIN = 16
 
-_import_error: str | None = None
 _kernels = None
-
+# Why numba cannot be used here, once known: an import or start-up failure
+# found by unavailable_reason(), or a compile / launch failure of the first
+# call.  Dispatch and explain() both read it, so they agree.
+_broken: str | None = None
+_checked = False
+_check_lock = threading.Lock()
 
 def _half_kind(dtype) -> bool:
     return dtype == np.float16 or dtype.name == "bfloat16"
 
 
+_THREADING_LAYERS = ("default", "safe", "forksafe", "threadsafe", "tbb", "omp", "workqueue")
+
+
 def _load():
-    global _kernels, _import_error
+    global _kernels
     if _kernels is None:
-        try:
-            from . import _numba_kernels
-        except Exception as exc:  # pragma: no cover - broken installs
-            _import_error = f"numba kernels failed to import: {type(exc).__name__}: {exc}"
-            raise
+        from . import _numba_kernels
+
         _kernels = _numba_kernels
     return _kernels
 
 
-def unavailable_reason() -> str | None:
-    """None when numba can be used, else why not.  Cheap; never raises."""
-    if _import_error is not None:
-        return _import_error
+def _probe() -> str | None:
+    """Why numba cannot run here, or None: numba importable, JIT on, the
+    kernels module importable, the threading layer known and able to start."""
     try:
-        if importlib.util.find_spec("numba") is None:
-            return "numba is not installed"
-    except Exception as exc:  # pragma: no cover
-        return f"numba cannot be found: {exc}"
+        import numba
+    except Exception as exc:  # noqa: BLE001 - any import failure means "unavailable"
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "numba":
+            return "numba is not installed (pip install numba)"
+        return f"numba failed to import ({type(exc).__name__}: {exc})"
+    if numba.config.DISABLE_JIT:
+        return "numba's JIT is disabled (NUMBA_DISABLE_JIT=1)"
+    layer = str(numba.config.THREADING_LAYER).lower()
+    if layer not in _THREADING_LAYERS:
+        return (f"NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r} is not a threading layer "
+                f"numba knows (expected one of {', '.join(_THREADING_LAYERS)})")
+    try:
+        _load()
+    except Exception as exc:  # noqa: BLE001
+        return f"the numba kernels failed to import ({type(exc).__name__}: {exc})"
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()
+    except Exception as exc:  # noqa: BLE001 - e.g. a layer that is not installed
+        return f"numba's threading layer {layer!r} cannot start ({type(exc).__name__}: {' '.join(str(exc).split())})"
     return None
+
+
+def unavailable_reason() -> str | None:
+    """None when numba can be used, else why not.  Never raises; the checks
+    run once per process (about a second: importing numba and the kernels,
+    starting the threading layer), then the answer is remembered."""
+    global _checked, _broken
+    if not _checked:
+        with _check_lock:
+            if not _checked:
+                _broken = _probe()
+                _checked = True
+    return _broken
+
+
+def _mark_broken(why: str) -> None:
+    global _broken, _checked
+    _broken, _checked = why, True
 
 
 def not_supported_reasons(q, k, v, rel_h, rel_w, k_size) -> list[str]:
@@ -90,10 +131,35 @@ def _serialize(numba) -> bool:
         return True
 
 
-def _run(numba, kern, *args):
+# A process forked after the threading layer started inherits a thread pool
+# that is not there: GNU OpenMP then kills the child ("fork() called from a
+# process already using GNU OpenMP") and a multiprocessing pool waits forever.
+# Such a child runs the kernels compiled without threads (TBB survives a fork).
+_forked_child = False
+
+
+def _after_fork_in_child():
+    global _forked_child
+    try:
+        from numba.np.ufunc import parallel
+
+        if parallel._is_initialized and parallel.threading_layer() != "tbb":
+            _forked_child = True
+    except Exception:  # noqa: BLE001 - numba absent or broken: nothing to protect
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _launch(numba, kern, *args):
     """Work items go to the threads one at a time (chunk size 1: dynamic
     scheduling), so a thread slowed by other load on the machine does not
     hold up the whole call; the caller's chunk size is restored after."""
+    if _forked_child:
+        kern.attention_fwd(*args, serial=True)
+        return
     setc = getattr(numba, "set_parallel_chunksize", None)
     if setc is None:  # numba < 0.57
         kern.attention_fwd(*args)
@@ -105,12 +171,36 @@ def _run(numba, kern, *args):
         setc(old)
 
 
+def _run(numba, kern, *args):
+    """The kernel; a failure to compile or launch it marks the backend
+    unavailable for the rest of the process and raises BackendFailure."""
+    try:
+        if _serialize(numba):
+            with _workqueue_lock:
+                _launch(numba, kern, *args)
+        else:
+            _launch(numba, kern, *args)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - inputs are validated: this is the environment
+        why = f"the numba kernels failed to compile or run ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        _mark_broken(why)
+        raise BackendFailure(why) from exc
+
+
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
     """softmax(scale * q k^T + rel_h[..., ky] + rel_w[..., kx]) v, fused.
 
     See ``relattn.backends`` for the contract.  Half-precision inputs are
-    computed in float32 and rounded once at the end.
+    computed in float32 and rounded once at the end.  Output rows that come
+    out NaN or infinite (only non-finite inputs, masked rows or overflow make
+    them) are recomputed with the reference formula, so that they carry its
+    exact IEEE result: the kernel normalises once at the end, the formula
+    normalises each weight first, and the two differ where a weight x inf
+    meets a weight that underflows.
     """
+    if _broken is not None:
+        raise BackendFailure(_broken)
     kern = _load()
     import numba
 
@@ -135,12 +225,24 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
         rw3 = np.ascontiguousarray(rel_w, dtype=cdt).reshape(BH, Sq, k_w)
     tq, tk = _tiles(BH, Sq, Sk, numba.get_num_threads())
     out = np.empty((BH, Sq, d), dtype=cdt)
-    if _serialize(numba):
-        with _workqueue_lock:
-            _run(numba, kern, q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
-    else:
-        _run(numba, kern, q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out)
+    nonfinite = np.zeros((BH, Sq), dtype=np.bool_)
+    _run(numba, kern, q3, k3, v3, rh3, rw3, has_rel, k_w, cdt(scale), tq, tk, out, nonfinite)
+    if nonfinite.any():
+        _formula_rows(out, nonfinite, q3, k3, v3, rh3 if has_rel else None, rw3 if has_rel else None,
+                      (k_h, k_w), scale)
     out = out.reshape(B, H, Sq, d)
     if out.dtype != out_dtype:
         out = out.astype(out_dtype)
     return out
+
+
+def _formula_rows(out, rows, q3, k3, v3, rh3, rw3, k_size, scale):
+    """out[bh, i] = the reference backend's result, for each flagged row."""
+    from . import reference
+
+    for bh in np.flatnonzero(rows.any(axis=1)):
+        idx = np.flatnonzero(rows[bh])
+        terms = (None, None) if rh3 is None else (rh3[bh, idx][None, None], rw3[bh, idx][None, None])
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            out[bh, idx] = reference.attention(q3[bh, idx][None, None], k3[bh][None, None], v3[bh][None, None],
+                                               *terms, k_size, scale)[0, 0]

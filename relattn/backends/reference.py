@@ -1,21 +1,45 @@
 """The reference backend: the formulas of spec/REFERENCE.md, written plainly in numpy.
 
-It materializes the logits and the bias (one chunk of heads at a time so the
-working set stays bounded), computes in float32 for half-precision inputs and in
-float64 for float64, and rounds once at the end. It is the oracle the fast
-backends are tested against and the fallback when nothing faster fits.
+It materializes the logits and the bias one chunk at a time, computes in
+float32 for half-precision inputs and in float64 for float64, and rounds once
+at the end. It is the oracle the fast backends are tested against and the
+fallback when nothing faster fits.
+
+A chunk is a block of (batch, head) pairs whose logits together fit
+``CHUNK_BYTES``; when one head's logits do not fit, it is a block of query rows
+of one head that does (at least one row: a single row larger than the budget is
+a chunk of its own, over budget). The softmax runs in place in the chunk's
+logits buffer, so the peak extra memory of a call is about 1 x CHUNK_BYTES plus
+the output (in the compute dtype, and its cast for half-precision inputs), plus
+small per-chunk terms: the scaled q rows, the row max and the row sum (at most
+``rows * (d + 2)`` values), numpy's iteration buffer for the broadcast in-place
+additions (``np.getbufsize()`` values), and for half-precision inputs float32
+copies of the chunk's q rows and of its heads' k and v (an input whose batch and
+head axes cannot be merged without a copy is first copied whole).
+``tests/test_memory.py`` measures it: with CHUNK_BYTES = 1 MiB and one head of
+16 MiB float32 logits, the peak less the output is 1.04 MiB.
+
+Bits: each chunk computes exactly the operations of the formula, in its order,
+per element. When whole heads fit, the BLAS calls have the same shapes as on
+the whole problem and the result is that of the plain formula bit for bit; a
+head split into row blocks gives, for each block, the formula's bits on those
+rows, which may differ in the last bits from the whole-head evaluation (BLAS's
+per-element result can depend on how many rows a call has).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from relattn._arrays import array_module, compute_dtype
+from relattn._arrays import compute_dtype
 
 NAME = "numpy"
 ARRAY_MODULE = "numpy"
 
-# Bytes of logits one chunk of (batch, head) pairs may hold.
+# Bytes of logits one chunk (a block of (batch, head) pairs, or of query rows of
+# one head) may hold. The softmax is computed in place in that buffer: a call's
+# peak extra memory is about 1 x CHUNK_BYTES plus the output and the small
+# per-chunk terms listed in the module docstring.
 CHUNK_BYTES = 256 * 2**20
 # Refuse work whose single-head logits alone would not fit this budget.
 MAX_HEAD_BYTES = 8 * 2**30
@@ -40,8 +64,9 @@ def softmax_attention(xp, q, k, v, rel_h, rel_w, k_size, scale):
     """The formula, in array-API calls only, for arrays of namespace ``xp``.
 
     ``q`` (n, Sq, d), ``k``/``v`` (n, Sk, d), ``rel_h`` (n, Sq, k_h), ``rel_w``
-    (n, Sq, k_w) or both None, all in the compute dtype. Shared by this backend
-    (numpy) and :mod:`relattn.array_api` (any array-API namespace).
+    (n, Sq, k_w) or both None, all in the compute dtype. Used by
+    :mod:`relattn.array_api` (any array-API namespace); this backend runs
+    :func:`_softmax_attention_inplace`, the same steps in place in numpy.
     """
     logits = xp.matmul(q * scale, xp.matrix_transpose(k))  # (n, Sq, Sk)
     if rel_h is not None:
@@ -57,20 +82,60 @@ def softmax_attention(xp, q, k, v, rel_h, rel_w, k_size, scale):
     return xp.matmul(weights, v)
 
 
+def _softmax_attention_inplace(q, k, v, rel_h, rel_w, k_size, scale, logits, out):
+    """:func:`softmax_attention` for numpy, in place: ``out = softmax(logits) @ v``.
+
+    ``logits`` is a C-contiguous (n, Sq, Sk) buffer of the compute dtype that
+    every step overwrites; ``out`` (n, Sq, d) receives the result. Per element
+    the operations and their order are those of :func:`softmax_attention`, so
+    the bits are the same; the only extra memory is the scaled ``q``, the row
+    max and sum, and numpy's iteration buffer for the broadcast additions.
+    """
+    np.matmul(q * scale, np.matrix_transpose(k), out=logits)  # scale q k^T
+    if rel_h is not None:
+        k_h, k_w = k_size
+        grid = logits.reshape(logits.shape[0], logits.shape[1], k_h, k_w)  # a view
+        # SAM's order: (scale * q.k + rel_h) + rel_w.
+        grid += rel_h[..., :, None]
+        grid += rel_w[..., None, :]
+    logits -= np.max(logits, axis=-1, keepdims=True)
+    weights = np.exp(logits, out=logits)
+    weights /= np.sum(weights, axis=-1, keepdims=True)
+    np.matmul(weights, v, out=out)
+
+
+def _chunk_shape(pairs, q_len, k_len, itemsize):
+    """(pairs, query rows) of one chunk: as many whole heads as fit CHUNK_BYTES,
+    else one head's rows, as many as fit (at least one)."""
+    head_bytes = q_len * k_len * itemsize
+    if head_bytes <= CHUNK_BYTES:
+        return min(pairs, CHUNK_BYTES // max(1, head_bytes)), q_len
+    return 1, min(q_len, max(1, CHUNK_BYTES // (k_len * itemsize)))
+
+
 def attention(q, k, v, rel_h, rel_w, k_size, scale):
-    xp = array_module(q)
     batch, heads, q_len, head_dim = q.shape
-    k_len = k.shape[2]
+    k_len, v_dim = k.shape[2], v.shape[3]
     work = compute_dtype(q.dtype)
-    out = xp.empty((batch, heads, q_len, v.shape[3]), dtype=work)
+    out = np.empty((batch, heads, q_len, v_dim), dtype=work)
     pairs = batch * heads
-    if pairs == 0:
+    if pairs == 0 or q_len == 0:
         return out.astype(q.dtype)
-    flat = [None if a is None else a.reshape(pairs, *a.shape[2:]) for a in (q, k, v, rel_h, rel_w)]
-    out_flat = out.reshape(pairs, q_len, v.shape[3])
-    step = max(1, CHUNK_BYTES // max(1, q_len * k_len * work.itemsize))
+    q_flat, k_flat, v_flat, h_flat, w_flat = (
+        None if a is None else a.reshape(pairs, *a.shape[2:]) for a in (q, k, v, rel_h, rel_w))
+    out_flat = out.reshape(pairs, q_len, v_dim)
+    step, rows = _chunk_shape(pairs, q_len, k_len, work.itemsize)
+    buffer = np.empty(step * rows * k_len, dtype=work)  # one chunk's logits, reused
+    scale = work.type(scale)
     for start in range(0, pairs, step):
-        sl = slice(start, start + step)
-        qc, kc, vc, hc, wc = (None if a is None else a[sl].astype(work, copy=False) for a in flat)
-        out_flat[sl] = softmax_attention(xp, qc, kc, vc, hc, wc, k_size, work.type(scale))
+        pair_sl = slice(start, start + step)
+        kc = vc = None  # drop the previous block's copies before making the next
+        kc, vc = (a[pair_sl].astype(work, copy=False) for a in (k_flat, v_flat))
+        for row in range(0, q_len, rows):
+            sl = (pair_sl, slice(row, row + rows))
+            qc, hc, wc = (None if a is None else a[sl].astype(work, copy=False)
+                          for a in (q_flat, h_flat, w_flat))
+            n, m = qc.shape[:2]
+            logits = buffer[: n * m * k_len].reshape(n, m, k_len)
+            _softmax_attention_inplace(qc, kc, vc, hc, wc, k_size, scale, logits, out_flat[sl])
     return out.astype(q.dtype, copy=False)
