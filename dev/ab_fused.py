@@ -1,12 +1,13 @@
 """Graph-timed fused rel_pos_attention (bf16) on SAM's four attention shapes, one
-line per run, for A/B rounds on the device (old and new packages alternate):
+line per run, for A/B rounds on one GPU (two package trees alternate; make the old
+one with `git archive <commit> relattn | tar -x -C <old-tree>`):
 
     for r in 1 2 3; do for side in old new; do
-      PYTHONPATH=/tmp/site:<tree> python3 bench/ab_fused.py $side; done; done
+      PYTHONPATH=<tree of side> python3 dev/ab_fused.py $side; done; done
 
 AB_CASES picks cases and their order (repeats allowed), e.g. "B-window,H-global,B-window"
-to see whether the window kernel runs slower right after a global case (session 9 saw
-0.0263-0.0303 ms in mixed runs, 0.0265-0.0269 alone).
+to see whether the window kernel runs slower right after a global case (on an H200 it
+has taken 0.0263-0.0303 ms in such mixed runs, 0.0265-0.0269 alone).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu_dev import graph_time_cupy, graph_time_torch  # noqa: E402
-from sm90_dev import make  # noqa: E402
-from ws_dev import _tables  # noqa: E402
+from bench_gpu_dev import graph_time_cupy, graph_time_torch, make, tables  # noqa: E402
 
 import relattn  # noqa: E402
 
@@ -34,7 +33,7 @@ def main(label):
     by_name = {c[0]: c for c in CASES}
     for name, B, H, g, d in ([by_name[n] for n in pick.split(",")] if pick else CASES):
         q, k, v, _, _ = make(B, H, (g, g), (g, g), d, "bfloat16")
-        th, tw = _tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
+        th, tw = tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
         t = graph_time_cupy(lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g)))
         tq, tk, tv = (torch.randn(B, H, g * g, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))

@@ -1,6 +1,6 @@
-"""Where the wall time of one GPU call goes (Python dispatch vs GPU), on the device.
+"""Where the wall time of one GPU call goes (Python dispatch vs GPU), on a CUDA GPU.
 
-    PYTHONPATH=. python3 bench/dispatch_dev.py
+    PYTHONPATH=. python3 dev/dispatch_dev.py
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Where a relattn_ws kernel stalls, per SASS instruction (developers, on the
-device). Profiles one fused SAM call with Nsight Compute's warp-state
+"""Where a relattn_ws kernel stalls, per SASS instruction (on a Hopper
+GPU). Profiles one fused SAM call with Nsight Compute's warp-state
 sampling and prints the instructions with the most stall samples:
 
-    PYTHONPATH=/tmp/site:$PWD python3 bench/ncu_sass_dev.py [B-window|B-global|H-global] [top]
+    PYTHONPATH=$PWD python3 dev/ncu_sass_dev.py [B-window|B-global|H-global] [top]
 
 (It re-runs itself under `ncu`; the report goes to $OUT or /tmp.)
 """
@@ -22,14 +22,13 @@ def workload(case):
     import cupy
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from sm90_dev import make
-    from ws_dev import _tables
+    from bench_gpu_dev import make, tables
 
     import relattn
 
     B, H, g, d = CASES[case]
     q, k, v, _, _ = make(B, H, (g, g), (g, g), d, "bfloat16")
-    th, tw = _tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
+    th, tw = tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
     for _ in range(3):
         relattn.rel_pos_attention(q, k, v, th, tw, (g, g))
     cupy.cuda.Device().synchronize()

@@ -1,7 +1,7 @@
 """Development check and timing of relattn_tf32's SH variant (K / V split once
-per block in shared memory) against SH 0, on the device:
+per block in shared memory) against SH 0, on a CUDA GPU:
 
-    PYTHONPATH=. python3 bench/tf32_dev.py [--check] [--time]
+    PYTHONPATH=. python3 dev/tf32_dev.py [--check] [--time]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import cupy
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu_dev import graph_time_cupy  # noqa: E402
 
-from relattn.backends import cupy_gpu as gpu  # noqa: E402
+from relattn.backends import gpu  # noqa: E402
 
 
 def make(B, H, qhw, khw, d, seed=0, rel=True):
@@ -39,12 +39,16 @@ def ref64(q, k, v, rh, rw, scale):
     return cupy.matmul(p, vf)
 
 
+def plan(sh, q, k, v, rh, rw, khw, scale):
+    """relattn_tf32 (3xTF32) forced, in the SH layout (where its head_dim allows:
+    up to 96) or the per-warp one: run(q, k, v, rh, rw)."""
+    hd = max(16, ((q.shape[-1] + 3) // 4 * 4 + 15) // 16 * 16)
+    opts = {"sh": int(bool(sh) and hd <= 96)}
+    return gpu.core_plan(q, k, v, rh, rw, khw, scale, kernel="tf32", kernel_options=opts)
+
+
 def call(sh, q, k, v, rh, rw, khw, scale):
-    os.environ["RELATTN_TF32_SH"] = "1" if sh else "0"
-    try:
-        return gpu.attention(q, k, v, rh, rw, khw, scale)
-    finally:
-        os.environ.pop("RELATTN_TF32_SH")
+    return plan(sh, q, k, v, rh, rw, khw, scale)(q, k, v, rh, rw)
 
 
 def check():
@@ -89,10 +93,8 @@ def timing(more=False):
         row = {}
         for rep in range(2):
             for sh in (0, 1):
-                os.environ["RELATTN_TF32_SH"] = str(sh)
-                row.setdefault(f"sh{sh}", []).append(
-                    graph_time_cupy(lambda: gpu.attention(q, k, v, rh, rw, (gk, gk), d ** -0.5)))
-        os.environ.pop("RELATTN_TF32_SH")
+                run = plan(sh, q, k, v, rh, rw, (gk, gk), d ** -0.5)
+                row.setdefault(f"sh{sh}", []).append(graph_time_cupy(lambda: run(q, k, v, rh, rw)))
         print(f"[time] {name} core (3xTF32, graph ms): " + ", ".join(
             f"{kk}={'/'.join(f'{x:.4f}' for x in vv)}" for kk, vv in row.items()), flush=True)
 

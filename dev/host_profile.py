@@ -1,6 +1,6 @@
-"""Where the host time of a GPU call goes, per case and dtype (dev aid, device machine).
+"""Where the host time of a GPU call goes, per case and dtype (on a CUDA GPU).
 
-    python bench/host_profile.py [window|global|1280|layer-window|layer-global] [n] [bfloat16|float32]
+    python dev/host_profile.py [window|global|1280|layer-window|layer-global] [n] [bfloat16|float32]
 
 Timing and profiling helpers are dispatch_dev.py's (which covers the SAM-B bf16 calls).
 """

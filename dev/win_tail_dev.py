@@ -1,9 +1,10 @@
 """How SAM's windows fill the GPU: graph-timed fused rel_pos_attention (bf16,
 14 x 14 windows, 12 heads) for several window counts, persistent grid sizes
-(RELATTN_WS_PERSIST) and relattn_ws configurations (RELATTN_SM90_WS), beside
-no-bias SDPA on the same shape. On the device:
+(relattn_ws's ``persist`` option) and relattn_ws configurations (forced with
+``relattn.plan(..., kernel="ws", kernel_options=...)``), beside no-bias SDPA on
+the same shape. On a Hopper GPU:
 
-    PYTHONPATH=/tmp/site:$PWD python3 bench/win_tail_dev.py [nc,bn,st,pp,rg,mb ...]
+    PYTHONPATH=$PWD python3 dev/win_tail_dev.py [nc,bn,st,pp,rg,mb ...]
     ... win_tail_dev.py --heat    (windows after seconds of global calls, with clocks)
     ... win_tail_dev.py --rows    (the cost of each window's fourth, 4-row tile)
 
@@ -23,25 +24,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu_dev import graph_time_env, graph_time_torch  # noqa: E402
-from sm90_dev import make  # noqa: E402
-from ws_dev import _tables  # noqa: E402
+from bench_gpu_dev import graph_time_cupy, graph_time_torch, make, tables  # noqa: E402
 
 import relattn  # noqa: E402
 
 
-def row(nw, heads=12, d=64, runs=(("default", {}),), qg=(14, 14)):
+def row(nw, heads=12, d=64, runs=(("default", None),), qg=(14, 14)):
     """One line: the fused call on nw windows (q grid qg, 14 x 14 keys) under
-    each (label, environment) of runs, beside no-bias SDPA on the same shapes."""
+    each (label, relattn_ws options or None: the planner's choice) of runs,
+    beside no-bias SDPA on the same shapes."""
     q, k, v, _, _ = make(nw, heads, qg, (14, 14), d, "bfloat16")
-    th, tw = _tables(cupy.random.RandomState(0), qg, (14, 14), d, "bfloat16")
-    call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, (14, 14))  # noqa: E731
+    th, tw = tables(cupy.random.RandomState(0), qg, (14, 14), d, "bfloat16")
     tq = torch.randn(nw, heads, qg[0] * qg[1], d, device="cuda", dtype=torch.bfloat16)
     tk, tv = (torch.randn(nw, heads, 196, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     f = graph_time_torch(lambda: F.scaled_dot_product_attention(tq, tk, tv))
     out = []
-    for label, env in runs:
-        t = graph_time_env(call, env)
+    for label, options in runs:
+        p = relattn.plan(q, k, v, th, tw, qg, (14, 14), backend="cupy", kernel="ws" if options else None,
+                         kernel_options=options)
+        p(q, k, v, th, tw)
+        t = graph_time_cupy(lambda: p(q, k, v, th, tw))
         out.append(f"{label} {t:.4f} ({t / f:.3f}x)")
     print(f"[tail] {nw} windows x {heads} heads, q {qg[0]}x{qg[1]}, d={d}: sdpa {f:.4f}; " + ", ".join(out),
           flush=True)
@@ -65,7 +67,7 @@ def heat(seconds=8.0):
     print(f"[heat] idle: {_clocks()}", flush=True)
     row(25)
     q, k, v, _, _ = make(1, 12, (64, 64), (64, 64), 64, "bfloat16")
-    th, tw = _tables(cupy.random.RandomState(0), (64, 64), (64, 64), 64, "bfloat16")
+    th, tw = tables(cupy.random.RandomState(0), (64, 64), (64, 64), 64, "bfloat16")
     t0 = time.perf_counter()
     n = 0
     while time.perf_counter() - t0 < seconds:
@@ -100,11 +102,18 @@ def main(cfgs):
         return
     for nw in (24, 25, 26, 33):
         row(nw)
-    grids = [("default", {})] + [(f"grid {g}", {"RELATTN_WS_PERSIST": str(g)}) for g in (264, 300, 400, 1200)]
+    grids = [("default", None)] + [(f"grid {g}", {"persist": g}) for g in (264, 300, 400, 1200)]
     row(25, runs=grids)
     if cfgs:
-        row(25, runs=[("default", {})] + [(c, {"RELATTN_SM90_WS": c}) for c in cfgs])
-        row(25, heads=16, d=80, runs=[("default", {})] + [(c, {"RELATTN_SM90_WS": c}) for c in cfgs])
+        runs = [("default", None)] + [(c, _options(c)) for c in cfgs]
+        row(25, runs=runs)
+        row(25, heads=16, d=80, runs=runs)
+
+
+def _options(cfg: str) -> dict:
+    """"nc,bn,st,pp,rg[,mb]" -> relattn_ws's kernel_options."""
+    names = ("nc", "bn", "stages", "pp", "rg", "mb")
+    return dict(zip(names, (int(x) for x in cfg.split(","))))
 
 
 if __name__ == "__main__":

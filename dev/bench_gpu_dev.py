@@ -1,24 +1,27 @@
 """GPU benchmark of relattn's CuPy kernel against PyTorch anchors (same run).
 
-Run on the device machine:  PYTHONPATH=. python3 bench/bench_gpu_dev.py [--quick]
+On a CUDA GPU:  PYTHONPATH=. python3 dev/bench_gpu_dev.py [--quick]
 
 Cases: SAM-B global (1, 12, 4096, 64), SAM-B windowed (25, 12, 196, 64),
 SAM-H global (1, 16, 4096, 80); bf16 and fp32.
-  ours   : rel_h / rel_w computed from q and the tables (float32 batched
-           matmul in CuPy) + the fused kernel
-  kernel : the fused kernel alone (rel terms ready)
+  ours   : rel_h / rel_w from q and the gathered tables (the terms kernel)
+           + the attention kernel
+  kernel : the attention kernel alone (rel terms ready)
   seed   : torch einsum terms + materialized (B, heads, S, S) mask + SDPA
-  flash  : torch SDPA with no bias
+  flash  : torch SDPA with no bias (PyTorch's default dispatch)
 Times are medians over repeats of CUDA-event-timed loops. Memory: peak extra
 bytes over the inputs, excluding the output. Error: relative L2 vs a float32
 (PyTorch, materialized) reference on the same rounded inputs.
+
+The helpers below (inputs, timers, torch / CuPy conversions) serve the other
+scripts of dev/ too; they import no relattn module, so they also run against
+another package tree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
@@ -26,9 +29,6 @@ import torch
 import torch.nn.functional as F
 
 import cupy
-
-
-from relattn.backends import cupy_gpu as gpu  # noqa: E402
 
 
 # ------------------------------------------------------------------ tools
@@ -102,21 +102,33 @@ def time_cupy(fn, reps=15, inner=20, warm=5):
     return statistics.median(ts)
 
 
-def graph_time_env(fn, env):
-    """graph_time_cupy(fn) after one warm-up call, with the environment
-    variables in ``env`` set (RELATTN_* switches: plans are keyed on them)
-    and the previous values restored afterwards."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        fn()
-        return graph_time_cupy(fn)
-    finally:
-        for key, val in saved.items():
-            if val is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = val
+def make(B, H, qhw, khw, d, dt, seed=0):
+    """q, k, v (B, H, S, d) of dtype dt ("bfloat16" or "float16") and float32
+    terms rel_h (B, H, Sq, k_h), rel_w (B, H, Sq, k_w), standard normal."""
+    rs = cupy.random.RandomState(seed)
+    Sq, Sk = qhw[0] * qhw[1], khw[0] * khw[1]
+    q = rs.standard_normal((B, H, Sq, d), dtype=cupy.float32)
+    k = rs.standard_normal((B, H, Sk, d), dtype=cupy.float32)
+    v = rs.standard_normal((B, H, Sk, d), dtype=cupy.float32)
+    rh = 0.5 * rs.standard_normal((B, H, Sq, khw[0]), dtype=cupy.float32)
+    rw = 0.5 * rs.standard_normal((B, H, Sq, khw[1]), dtype=cupy.float32)
+    return to_half(q, dt), to_half(k, dt), to_half(v, dt), rh, rw
+
+
+def tables(rs, qhw, khw, d, dt, rows=None):
+    """rel_pos_h, rel_pos_w of SAM's length for these grids (or ``rows``), dtype dt."""
+    Lh = rows or 2 * max(qhw[0], khw[0]) - 1
+    Lw = rows or 2 * max(qhw[1], khw[1]) - 1
+    th = 0.3 * rs.standard_normal((Lh, d), dtype=cupy.float32)
+    tw = 0.3 * rs.standard_normal((Lw, d), dtype=cupy.float32)
+    return to_half(th, dt), to_half(tw, dt)
+
+
+def to_half(a, dt):
+    """float32 cupy array -> bfloat16 (through the bits, ties rounded up) or float16."""
+    if dt == "bfloat16":
+        return ((a.view(cupy.uint32) + 0x8000) >> 16).astype(cupy.uint16).view(cupy.dtype("bfloat16"))
+    return a.astype(cupy.float16)
 
 
 def graph_time_cupy(fn, reps=15, inner=20):
@@ -220,6 +232,8 @@ def rel_err(a, ref):
 
 # ------------------------------------------------------------------ main
 def main():
+    from relattn.backends import gpu   # here: the helpers above also serve A/B runs of other package trees
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
@@ -299,16 +313,12 @@ def main():
             g_seed = graph_time_torch(seed, reps=reps)
             g_flash = graph_time_torch(flash, reps=reps)
             t_mw = {}
-            if dtname == "bf16":
-                saved = gpu._MW_ENV
-                os.environ["RELATTN_SM90"] = "0"  # the rows-per-warp variants are the mma.sync kernel's
-                for mwv in ("1", "2"):
-                    gpu._MW_ENV = mwv
-                    t_mw[mwv] = time_cupy(kernel_only, reps=reps)
-                    o_mw = to_torch(kernel_only())
-                    t_mw["err" + mwv] = rel_err(o_mw, ref)
-                gpu._MW_ENV = saved
-                os.environ.pop("RELATTN_SM90")
+            if dtname == "bf16":   # the mma.sync kernel with 16 or 32 query rows per warp
+                for mwv in (1, 2):
+                    run_mw = gpu.core_plan(qc, kc, vc, rh_ready, rw_ready, (qh, qw), scale, kernel="mma",
+                                           kernel_options={"mw": mwv})
+                    t_mw[str(mwv)] = time_cupy(lambda: run_mw(qc, kc, vc, rh_ready, rw_ready), reps=reps)
+                    t_mw["err" + str(mwv)] = rel_err(to_torch(run_mw(qc, kc, vc, rh_ready, rw_ready)), ref)
             t_seed = time_torch(seed, reps=reps)
             t_flash = time_torch(flash, reps=reps)
             mem_ours = cupy_extra_bytes(ours)

@@ -3,13 +3,13 @@ nvcc (sm_90a, the package's NVRTC options) and prints, per configuration,
 ptxas's registers / spills and its wgmma notes (C7513 / C7515: serialised
 products, C7519: an injected arrive), then for each loop that issues products
 the order of its wgmmas (G), waits ([wait N]), exponentials (E), P packs (p)
-and instruction count. Session 11 found with it that ptxas puts the wait for
+and instruction count. It shows, for instance, that ptxas puts the wait for
 P V (n - 1) before the softmax's exponentials (it packs P into the registers
 that product reads, so it must wait first).
 
-    python3 bench/sass_dev.py "(1,64,3,64,4,4,1,160,1)" ...   # ws_kernel_name's arguments
-    python3 bench/sass_dev.py --tree <other checkout> "(...)"  # another tree's kernels
-    python3 bench/sass_dev.py --dump out.sass "(...)"          # keep the SASS
+    python3 dev/sass_dev.py "(1,64,3,64,4,4,1,160,1)" ...   # relattn_ws's template arguments
+    python3 dev/sass_dev.py --tree <other checkout> "(...)"  # another tree's kernels
+    python3 dev/sass_dev.py --dump out.sass "(...)"          # keep the SASS
 
 Needs nvcc and cuobjdump (CUDA 12.3+ for sm_90a): cuobjdump comes with the
 toolkit or from PyPI, e.g. `pip download --no-deps nvidia-cuda-cuobjdump` and
@@ -28,14 +28,28 @@ import sys
 import tempfile
 
 
-def build(sm90, cfg, workdir: str):
+def _tree_build(tree: str):
+    """(source text, NVRTC options) of the Hopper kernels of a checkout: the
+    gpu package's _build, or the older backends/_sm90 module."""
+    sys.path.insert(0, tree)
+    try:
+        from relattn.backends.gpu import _build
+
+        return _build.sm90_source(), _build.SM90_OPTIONS
+    except ImportError:
+        from relattn.backends import _sm90
+
+        return _sm90.source(), _sm90._OPTIONS
+
+
+def build(source, options, cfg, workdir: str):
     """One instantiation compiled to an object: (its path, ptxas's output lines)."""
-    src = sm90.source()
-    params = re.search(r"relattn_ws\((.*?)\)\s*\{", src, re.S).group(1)
+    params = re.search(r"relattn_ws\((.*?)\)\s*\{", source, re.S).group(1)
     cu, obj = os.path.join(workdir, "ws.cu"), os.path.join(workdir, "ws.o")
+    name = "relattn_ws<" + ", ".join(str(x) for x in cfg) + ">"
     with open(cu, "w") as f:
-        f.write(src + f"\ntemplate __global__ void {sm90.ws_kernel_name(*cfg)}({params});\n")
-    opts = [o for o in sm90._OPTIONS if not o.startswith("-arch")]
+        f.write(source + f"\ntemplate __global__ void {name}({params});\n")
+    opts = [o for o in options if not o.startswith("-arch")]
     r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", *opts, "-c", "-Xptxas", "-v", cu, "-o", obj],
                        capture_output=True, text=True)
     if r.returncode:
@@ -95,15 +109,14 @@ def main(argv):
     cfgs = [tuple(ast.literal_eval(a)) for a in argv]
     if not cfgs:
         sys.exit(__doc__)
-    sys.path.insert(0, tree)
-    from relattn.backends import _sm90
+    source, options = _tree_build(tree)
 
     cuobjdump = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
     if not cuobjdump:
         print("(no cuobjdump: set CUOBJDUMP for the loop summaries)")
     with tempfile.TemporaryDirectory() as work:
         for c in cfgs:   # one instantiation per object, so that each summary is its own
-            obj, lines = build(_sm90, c, work)
+            obj, lines = build(source, options, c, work)
             print(f"{c}:")
             ptxas_notes(lines)
             if not cuobjdump:

@@ -1,8 +1,8 @@
-"""Dev aid for the device: one case run a few times (for ncu), or the 3xTF32
+"""On a CUDA GPU: one case run a few times (for ncu), or the 3xTF32
 split variants timed and checked.
 
-    ncu --launch-skip 4 --launch-count 2 python bench/gpu_probe.py window bfloat16
-    python bench/gpu_probe.py splits     (float32: the terms kernel, then the core per split)
+    ncu --launch-skip 4 --launch-count 2 python dev/gpu_probe.py window bfloat16
+    python dev/gpu_probe.py splits     (float32: the terms kernel, then the core per split)
 """
 import sys
 
@@ -10,7 +10,7 @@ import cupy
 import numpy as np
 
 import relattn
-from relattn.backends import cupy_gpu as gpu
+from relattn.backends import gpu
 
 CASES = {"global": (1, 12, 64, 64), "window": (25, 12, 14, 64), "h": (1, 16, 64, 80), "1280": (1, 12, 80, 64)}
 
@@ -41,11 +41,12 @@ if sys.argv[1] == "splits":
         q, k, v, rh, rw, gs = make(case, "float32")
         ref = relattn.rel_pos_attention(*(x.astype(cupy.float64) for x in (q, k, v, rh, rw)), gs).get()
         rel_h, rel_w = gpu.rel_terms_from_tables(q, rh, rw, gs, gs)
-        terms = gpu.terms_plan(q, rh, rw, gs, gs)
+        terms = gpu.terms.terms_plan(q, rh, rw, gs, gs)
         print(f"{case:7s} terms kernel: {gputime(lambda: terms(q, rh, rw)):.4f} ms (events)")
         D = q.shape[-1]
         for split in (3, 1):
-            run = gpu._tf32_plan(q, k, v, rel_h, rel_w, gs[0], gs[1], True, D ** -0.5, split)
+            run = gpu.core_plan(q, k, v, rel_h, rel_w, gs, D ** -0.5, kernel="tf32",
+                                kernel_options={"split": split} if split == 3 else {"split": 1, "sh": 0})
             f = lambda: run(q, k, v, rel_h, rel_w)
             t = gputime(f)
             out = f()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU test, in four parallel pytest processes (kernel compiles are CPU-bound), with
+# a summary per group. From the repository root:
+#   bash dev/gpu_tests.sh
+#   LIMIT=300 bash dev/gpu_tests.sh       # seconds per group (default 560)
+#   WHEELS=wheels bash dev/gpu_tests.sh   # offline machine: install the wheels in wheels/ first
+set -u
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/relattn-site "$WHEELS"/*.whl >/dev/null 2>&1
+  export PYTHONPATH=/tmp/relattn-site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name --format=csv,noheader
+L=${LIMIT:-560}
+P="python3 -m pytest -q -p no:cacheprovider -rs"
+LOG=$(mktemp -d)
+timeout $L $P tests/test_gpu.py -k "sm90_kernel_configs" > $LOG/t1.log 2>&1 &
+timeout $L $P tests/test_gpu.py tests/test_gpu_module.py -k "not sm90_kernel_configs" > $LOG/t2.log 2>&1 &
+timeout $L $P tests -k "cupy or plans" --ignore=tests/test_gpu.py --ignore=tests/test_gpu_module.py --ignore=tests/test_gpu_ws.py --ignore=tests/test_gpu_win.py --ignore=tests/test_gpu_wgt.py > $LOG/t3.log 2>&1 &
+timeout $L $P tests/test_gpu_ws.py tests/test_gpu_win.py tests/test_gpu_wgt.py > $LOG/t4.log 2>&1 &
+wait
+for f in $LOG/t1.log $LOG/t2.log $LOG/t3.log $LOG/t4.log; do echo "== $f"; grep -E "passed|failed|error|FAILED|SKIPPED" $f | tail -8; done
