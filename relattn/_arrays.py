@@ -7,6 +7,7 @@ error messages that name the argument, the expectation and what was given.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import math
 import numbers
@@ -130,28 +131,42 @@ def check_float_array(name: str, x, ndim=None, min_ndim=None):
 
 
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
-            if math.isfinite(value) and float(value).is_integer():
-                value = int(value)
-            else:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        else:
-            raise TypeError(f"{name}: expected a positive integer, got {type(value).__name__} {value!r}")
+    """``value`` as a positive ``int``: an integer, or a real number with an integral value,
+    no larger than the longest possible array axis."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a positive integer, got bool {value!r}")
+    if not isinstance(value, numbers.Integral):
+        if not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: expected a positive integer, got {type(value).__name__} {describe(value)}")
+        try:  # int() refuses nan (ValueError) and +-inf (OverflowError)
+            integral = value == int(value)
+        except (OverflowError, ValueError, TypeError):
+            integral = False
+        if not integral:
+            raise ValueError(f"{name}: expected a positive integer, got {describe(value)}")
     value = int(value)
     if value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
+        raise ValueError(f"{name}: expected a positive integer, got {describe(value)}")
+    if value > _MAX_INDEX:  # no array axis can be longer
+        raise ValueError(f"{name}: expected a positive integer up to 2**63 - 1, got {describe(value)}")
     return value
 
 
 def check_size2(name: str, value) -> tuple[int, int]:
-    """Check a ``(rows, cols)`` grid size."""
+    """Check a ``(rows, cols)`` grid size: an ordered pair (tuple, list, 1-D array).
+
+    Sets, mappings, strings and one-shot iterables (generators, iterators) are
+    refused with ``TypeError``: they have no meaningful or repeatable order.
+    """
+    expected = "expected a pair of positive integers (h, w) as a tuple, list or 1-D array"
+    if not _is_ordered_pair_container(value):
+        raise TypeError(f"{name}: {expected}, got {type(value).__name__} {describe(value)}")
     try:
         items = tuple(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected a pair of positive integers (h, w), got {value!r}") from None
+    except TypeError:  # e.g. a 0-d array
+        raise TypeError(f"{name}: {expected}, got {type(value).__name__} {describe(value)}") from None
     if len(items) != 2:
-        raise ValueError(f"{name}: expected a pair of positive integers (h, w), got {value!r}")
+        raise ValueError(f"{name}: {expected}, got {describe(value)} ({len(items)} entries)")
     return (check_positive_int(f"{name}[0]", items[0]), check_positive_int(f"{name}[1]", items[1]))
 
 
@@ -170,14 +185,12 @@ MAX_ALLOC_BYTES = _physical_memory_bytes()
 
 def check_alloc(name: str, shape, itemsize: int, what: str = "an array") -> None:
     """Raise ValueError (naming ``name``) if an array of ``shape`` would exceed ``MAX_ALLOC_BYTES``."""
-    nbytes = int(itemsize)
-    for n in shape:
-        nbytes *= max(int(n), 1)
+    nbytes = alloc_bytes(shape, itemsize)
     if nbytes > MAX_ALLOC_BYTES:
-        need = f"{nbytes / 2**30:.3g} GiB" if nbytes < 2**1000 else "more than 2**1000 bytes"
+        shape_text = "(" + ", ".join(describe(int(n)) for n in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(
-            f"{name}: too large, {what} of shape {tuple(int(n) for n in shape)} would need "
-            f"{need} (limit {MAX_ALLOC_BYTES / 2**30:.3g} GiB, the physical memory)"
+            f"{name}: too large, {what} of shape {shape_text} would need "
+            f"{_format_bytes(nbytes)} (limit {MAX_ALLOC_BYTES / 2**30:.3g} GiB, the physical memory)"
         )
 
 
@@ -204,7 +217,64 @@ def astype(x, dtype):
     if x.dtype == dtype:
         return x
     if array_module(x) is not np and "bfloat16" in (dtype_name(x.dtype), dtype_name(dtype)):
-        from relattn.backends._cublas import from_float32, to_float32
+        from relattn.backends.gpu.cublas import from_float32, to_float32
 
         return from_float32(to_float32(x), dtype) if dtype != np.float32 else to_float32(x)
     return x.astype(dtype, copy=False)
+
+
+def describe(value, limit: int = 60) -> str:
+    """A short ``repr`` of ``value`` for an error message (never raises).
+
+    Huge integers are described by their number of digits (their decimal
+    ``repr`` can be too long to print, or refused by Python); long reprs are cut.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        as_int = int(value)
+        if as_int.bit_length() > 3 * limit:  # > ~0.9 * limit decimal digits
+            digits = int(as_int.bit_length() * math.log10(2)) + 1
+            return f"{'-' if as_int < 0 else ''}<an integer of about {digits} digits>"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_ordered_pair_container(value) -> bool:
+    """Whether ``value`` can hold an ordered ``(h, w)``: a sequence or array, not a
+    set, mapping, string or one-shot iterator."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        return False
+    if isinstance(value, (collections.abc.Set, collections.abc.Mapping)):
+        return False
+    if isinstance(value, (collections.abc.Sequence, np.ndarray)):
+        return True
+    kind = type(value)  # other array types (CuPy, torch): indexable with a length
+    return hasattr(kind, "__len__") and hasattr(kind, "__getitem__") and not hasattr(kind, "keys")
+
+
+def alloc_bytes(shape, itemsize: int) -> int:
+    """Bytes of an array of ``shape`` (empty dimensions counted as 1, an upper bound)."""
+    nbytes = int(itemsize)
+    for n in shape:
+        nbytes *= max(int(n), 1)
+    return nbytes
+
+
+def _format_bytes(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB" if nbytes < 2**1000 else "more than 2**1000 bytes"
+
+
+def check_alloc_total(name: str, arrays, what: str) -> None:
+    """Raise ValueError (naming ``name``) if the arrays ``[(shape, itemsize), ...]``
+    together would exceed ``MAX_ALLOC_BYTES``; ``what`` says what they are."""
+    nbytes = sum(alloc_bytes(shape, itemsize) for shape, itemsize in arrays)
+    if nbytes > MAX_ALLOC_BYTES:
+        raise ValueError(
+            f"{name}: too large, {what} would need {_format_bytes(nbytes)} in all "
+            f"(limit {MAX_ALLOC_BYTES / 2**30:.3g} GiB, the physical memory)"
+        )
+
+
+_MAX_INDEX = int(np.iinfo(np.intp).max)

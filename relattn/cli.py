@@ -1,9 +1,15 @@
-"""The ``relattn`` command line: the SAM attention demo (main job), info, check, bench."""
+"""The ``relattn`` command line: the SAM attention demo (main job), info, check, bench.
+
+A usage mistake (a bad option value, an unknown case, an unavailable backend,
+an output file that cannot be written) is reported as one line on stderr,
+``relattn: error: ...``, with exit status 2, before any slow work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -13,6 +19,107 @@ import numpy as np
 
 import relattn
 from relattn import backends
+from relattn._arrays import describe
+
+
+class UsageError(Exception):
+    """A mistake in the command line: one line on stderr and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as :class:`UsageError` (one line, no usage block)."""
+
+    def error(self, message):
+        message = message[len("argument "):] if message.startswith("argument ") else message
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _largest_reference_grid() -> int:
+    """The largest grid side whose global float64 reference the numpy backend takes:
+    one head's (grid**2)**2 float64 logits within its ``MAX_HEAD_BYTES``."""
+    from relattn.backends.reference import MAX_HEAD_BYTES
+
+    side = 1
+    while (side + 1) ** 4 * 8 <= MAX_HEAD_BYTES:
+        side += 1
+    return side
+
+
+MAX_GRID = _largest_reference_grid()
+
+
+def _int_option(low, high=None, what=""):
+    """An argparse type: an integer in ``[low, high]``."""
+    expected = f"an integer {f'>= {low}' if high is None else f'in [{low}, {high}]'}{what}"
+
+    def parse(text):
+        try:
+            value = int(text, 10)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {describe(text)}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {describe(value)}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text):
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {describe(text)}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {describe(text)}")
+    return value
+
+
+def _grid_list(text):
+    """An argparse type: comma-separated grid sides, each in ``[1, MAX_GRID]``."""
+    parse = _int_option(1, MAX_GRID, " for each grid side")
+    parts = text.split(",") if isinstance(text, str) else []
+    if not parts or any(not p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated grid sides such as 16,32, got {describe(text)}")
+    return [parse(p.strip()) for p in parts]
+
+
+def _check_backend(option, name):
+    """``name`` ("auto" or a backend) must run here; the message says why not."""
+    if name == "auto":
+        return
+    why = backends.get(name).unavailable_reason()
+    if why is not None:
+        raise UsageError(f"{option} {name}: unavailable here ({why})")
+
+
+def _check_dtype(option, name):
+    try:
+        return relattn._arrays.resolve_dtype("dtype", name)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{option}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+def _check_writable(option, path):
+    """Fail now, not after the benchmark, when ``path`` cannot be written.
+
+    The file is opened for appending (never truncated); one this check creates
+    is removed again. Non-blocking, so a FIFO without a reader is refused
+    rather than waited on.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: expected a file to write, got the directory {path!r}")
+    existed = os.path.lexists(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot write {path!r} ({exc.strerror or exc})") from None
+    os.close(fd)
+    if not existed:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def _best_array_module():
@@ -44,8 +151,9 @@ def _to_host(x):
 
 def cmd_demo(args) -> int:
     """SAM-B attention, global 64x64 and windowed 14x14, on the best backend, checked."""
+    _check_backend("--backend", args.backend)
+    dtype = _check_dtype("--dtype", args.dtype)
     xp = np if args.backend in ("numpy", "numba") else _best_array_module()
-    dtype = relattn._arrays.resolve_dtype("dtype", args.dtype)
     rng = np.random.default_rng(args.seed)
     x_host = rng.standard_normal((1, args.grid, args.grid, 768), dtype=np.float32)
     print(f"relattn {relattn.__version__}: SAM-B attention (dim 768, 12 heads, head_dim 64), seed {args.seed}")
@@ -91,22 +199,28 @@ def cmd_info(args) -> int:
     print(f"relattn {relattn.__version__}")
     print(f"python {platform.python_version()} on {platform.machine()}, numpy {np.__version__}")
     print("backends (auto priority order):")
-    for name in backends.names():
-        why = backends.get(name).unavailable_reason()
+    # Each backend's status comes from its unavailable_reason() alone; the details
+    # below are printed only for backends it reports available.
+    reasons = {name: backends.get(name).unavailable_reason() for name in backends.names()}
+    for name, why in reasons.items():
         print(f"  {name:<6} {'available' if why is None else 'unavailable: ' + why}")
-    try:
-        import numba
+    if "numba" in reasons and reasons["numba"] is None:
+        try:
+            import numba
 
-        print(f"numba {numba.__version__}: {numba.get_num_threads()} threads "
-              f"(NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'unset')})")
-    except ImportError:
-        print("numba: not installed")
-    if "cupy" in backends.available():
-        import cupy
+            print(f"numba {numba.__version__}: {numba.get_num_threads()} threads "
+                  f"(NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'unset')})")
+        except Exception as exc:  # noqa: BLE001 - details only; the status line above stands
+            print(f"numba threads: could not be read ({type(exc).__name__})")
+    if "cupy" in reasons and reasons["cupy"] is None:
+        try:
+            import cupy
 
-        for i in range(cupy.cuda.runtime.getDeviceCount()):
-            props = cupy.cuda.runtime.getDeviceProperties(i)
-            print(f"cuda device {i}: {props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.0f} GiB)")
+            for i in range(cupy.cuda.runtime.getDeviceCount()):
+                props = cupy.cuda.runtime.getDeviceProperties(i)
+                print(f"cuda device {i}: {props['name'].decode()} ({props['totalGlobalMem'] / 2**30:.0f} GiB)")
+        except Exception as exc:  # noqa: BLE001 - details only; the status line above stands
+            print(f"cuda devices: could not be listed ({type(exc).__name__})")
     bf16 = relattn._arrays.BFLOAT16 is not None
     print(f"dtypes: float16, float32, float64{', bfloat16 (ml_dtypes)' if bf16 else ' (bfloat16 needs ml_dtypes)'}")
     return 0
@@ -146,28 +260,26 @@ def cmd_check(args) -> int:
 def cmd_bench(args) -> int:
     from relattn import _bench
 
-    if not args.no_torch:
-        _bench.import_torch_first()
-
+    # Every usage check before the slow part (importing torch, the reference, the timings).
     names = args.case or ["sam-b-global", "sam-b-window"]
     unknown = [n for n in names if n not in _bench.CASES]
     if unknown:
-        print(f"--case: unknown {unknown}; known: {list(_bench.CASES)}", file=sys.stderr)
-        return 2
-    chosen = args.backend or backends.available()
-    missing = [n for n in chosen if n not in backends.available()]
-    if missing:
-        print(f"--backend: not available here: {missing} (relattn info says why)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--case: unknown {', '.join(map(repr, unknown))}; known cases: "
+                         f"{', '.join(_bench.CASES)}")
+    for name in args.backend or ():
+        _check_backend("--backend", name)
+    chosen = list(dict.fromkeys(args.backend or backends.available()))
+    _check_dtype("--dtype", args.dtype)
+    if args.json:
+        _check_writable("--json", args.json)
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot: needs matplotlib (pip install relattn[plot])", file=sys.stderr)
-            return 2
+        _check_plot_path(args.plot)
+
+    if not args.no_torch:
+        _bench.import_torch_first()
     with_torch = not args.no_torch
     steps = len(names) * (1 + len(chosen) + 5 * with_torch)
-    grids = [int(g) for g in args.sweep_grids.split(",")] if args.plot else []
+    grids = args.sweep_grids if args.plot else []
     steps += len(grids) * (len(chosen) + 2 * with_torch)
     progress = _bench.Progress(steps)
     results = []
@@ -191,23 +303,65 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _check_plot_path(path):
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("--plot: needs matplotlib (pip install relattn[plot])") from None
+    suffix = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"--plot: expected an image file ({', '.join('.' + f for f in sorted(formats))}), "
+                         f"got {path!r}")
+    _check_writable("--plot", path)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="relattn", description=__doc__)
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 success, 1 a result check failed, 2 a usage mistake
+        (reported as one line, ``relattn: error: ...``, on stderr).
+    """
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        command = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}.get(args.command, cmd_demo)
+        return command(args)
+    except UsageError as exc:
+        print(f"relattn: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _build_parser():
+    parser = _Parser(prog="relattn", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="SAM-B attention on the best backend, checked (the default)")
+    seed = _int_option(0)
     for p in (parser, demo):
         p.add_argument("--backend", default="auto", choices=["auto", *backends.names()])
         p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
-        p.add_argument("--grid", type=int, default=64, help="token grid side (default 64: 1024 px)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--grid", type=_int_option(1, MAX_GRID), default=64,
+                       help=f"token grid side, 1 to {MAX_GRID} (default 64: 1024 px)")
+        p.add_argument("--seed", type=seed, default=0)
     sub.add_parser("info", help="version, backends, devices, threads, dtypes")
     check = sub.add_parser("check", help="every available backend against the reference")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=seed, default=0)
     bench = sub.add_parser("bench", help="time the benchmark cases on every backend")
     bench.add_argument("--case", action="append", help="case name (repeatable)")
     bench.add_argument("--backend", action="append", choices=backends.names())
-    bench.add_argument("--dtype", default="float32")
-    bench.add_argument("--budget", type=float, default=3.0, help="seconds of timing per implementation")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    bench.add_argument("--budget", type=_positive_seconds, default=3.0,
+                       help="seconds of timing per implementation")
     bench.add_argument("--gpu-float32", default=relattn.get_gpu_float32_mode(), choices=relattn.precision.GPU_FLOAT32_MODES,
                        help="how float32 runs on the GPU (see relattn.set_gpu_float32_mode)")
     bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch anchors")
@@ -215,10 +369,9 @@ def main(argv=None) -> int:
                        help="also time numba's first call in fresh processes, cold and warm kernel cache")
     bench.add_argument("--json", help="write the results here")
     bench.add_argument("--plot", help="write a PNG: time and memory per backend, and time against grid size")
-    bench.add_argument("--sweep-grids", default="16,32,48,64,80,96", help="grid sides for the --plot sweep")
-    args = parser.parse_args(argv)
-    command = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}.get(args.command, cmd_demo)
-    return command(args)
+    bench.add_argument("--sweep-grids", type=_grid_list, default="16,32,48,64,80,96",
+                       help=f"grid sides for the --plot sweep (each 1 to {MAX_GRID})")
+    return parser
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,6 +14,9 @@ chunks). Scheduling is Dask's: the local threaded scheduler, or a
 
 from __future__ import annotations
 
+import math
+
+from relattn._arrays import dtype_name
 from relattn.functional import rel_pos_attention as _rel_pos_attention
 
 __all__ = ["rel_pos_attention", "attention"]
@@ -46,6 +49,18 @@ def rel_pos_attention(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_si
     dask.array.Array, shape (B, heads, Sq, d)
         Lazy; chunked like ``q`` along batch and heads.
 
+    Raises
+    ------
+    TypeError
+        Naming ``q``, ``k`` or ``v`` when it is not a dask array, or ``k`` or
+        ``v`` when its dtype differs from ``q``'s.
+    ValueError
+        Naming ``k`` or ``v`` (or ``q``) when it is not 4-D, when ``k``'s batch,
+        heads or head_dim differ from ``q``'s, when ``v``'s shape differs from
+        ``k``'s, or when a chunk size it needs is unknown (NaN: call
+        ``compute_chunk_sizes()`` first). Checked when the graph is built; the
+        other arguments are checked as each block runs.
+
     Examples
     --------
     >>> import numpy as np, dask.array as da, relattn.dask
@@ -59,6 +74,7 @@ def rel_pos_attention(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_si
             raise TypeError(f"{name}: expected a dask array, got {type(x).__name__}")
         if x.ndim != 4:
             raise ValueError(f"{name}: expected a 4-D (B, heads, S, d) array, got shape {x.shape}")
+    _check_qkv(q, k, v)
     batch_chunks, head_chunks = q.chunks[0], q.chunks[1]
     q = q.rechunk({2: -1, 3: -1})
     k, v = (x.rechunk({0: batch_chunks, 1: head_chunks, 2: -1, 3: -1}) for x in (k, v))
@@ -84,6 +100,16 @@ def attention(layer, x, window_size=None):
     -------
     dask.array.Array, shape (B, H, W, dim)
 
+    Raises
+    ------
+    TypeError
+        ``layer`` is not an :class:`relattn.Attention` or ``x`` is not a dask
+        array (naming it).
+    ValueError
+        Naming ``x`` when it is not 4-D, when its last axis differs from
+        ``layer.dim``, or when its ``H``, ``W`` or ``dim`` chunk sizes are
+        unknown (NaN). Other problems are reported as the blocks run.
+
     Examples
     --------
     >>> import numpy as np, dask.array as da, relattn, relattn.dask
@@ -93,9 +119,54 @@ def attention(layer, x, window_size=None):
     (3, 6, 6, 32)
     """
     da = _da()
+    from relattn.module import Attention
+
+    if not isinstance(layer, Attention):
+        raise TypeError(f"layer: expected a relattn.Attention, got {type(layer).__name__}")
     if not isinstance(x, da.Array):
         raise TypeError(f"x: expected a dask array, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"x: expected a 4-D (B, H, W, dim) array, got shape {x.shape}")
+    _check_known("x", x, (1, 2, 3), "H, W and dim")
+    if x.shape[3] != layer.dim:
+        raise ValueError(f"x: expected shape (B, H, W, {layer.dim}) for the layer's dim, got {_shape(x)}")
     x = x.rechunk({1: -1, 2: -1, 3: -1})
     return x.map_blocks(lambda block: layer(block, window_size=window_size), dtype=x.dtype, meta=x._meta)
+
+
+def _shape(x) -> tuple:
+    return tuple(n if math.isnan(n) else int(n) for n in x.shape)
+
+
+def _unknown(sizes) -> bool:
+    return any(math.isnan(n) for n in sizes)
+
+
+def _check_known(name, x, axes, what):
+    """``x``'s chunk sizes along ``axes`` must be known (they are made whole)."""
+    if any(_unknown(x.chunks[a]) for a in axes):
+        raise ValueError(f"{name}: expected known chunk sizes along {what} (call {name}.compute_chunk_sizes() "
+                         f"first), got shape {_shape(x)}")
+
+
+def _check_qkv(q, k, v):
+    """Shapes, dtypes and chunks of q, k, v agree where the blocks need them to."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_known(name, x, (2, 3), "the token and channel axes")
+    for axis, what in ((0, "batch"), (1, "heads")):
+        # k and v are rechunked to q's chunks along batch and heads: unknown (NaN)
+        # sizes can be neither compared nor rechunked, so they must already match.
+        for name, x in (("k", k), ("v", v)):
+            if (_unknown(q.chunks[axis]) or _unknown(x.chunks[axis])) and x.chunks[axis] != q.chunks[axis]:
+                raise ValueError(f"{name}: expected the {what} chunks of q, {q.chunks[axis]}, as some sizes "
+                                 f"are unknown (call compute_chunk_sizes() first), got {x.chunks[axis]}")
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    if not _unknown(qs[:2] + ks[:2]) and ks[:2] != qs[:2]:
+        raise ValueError(f"k: expected batch and heads (B, heads) = {qs[:2]} as in q, got shape {ks}")
+    if ks[3] != qs[3]:
+        raise ValueError(f"k: expected head_dim {qs[3]} as in q, got shape {ks}")
+    if vs[2:] != ks[2:] or (not _unknown(ks[:2] + vs[:2]) and vs[:2] != ks[:2]):
+        raise ValueError(f"v: expected the shape of k, {ks}, got {vs}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected q's dtype {dtype_name(q.dtype)}, got {dtype_name(x.dtype)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from relattn._arrays import (
     BFLOAT16,
     array_module,
     check_alloc,
+    check_alloc_total,
     check_float_array,
     check_positive_int,
     check_size2,
@@ -47,6 +49,23 @@ def _host_array(key: str, value) -> np.ndarray:
     if arr.dtype.kind not in "fiu" and not (BFLOAT16 is not None and arr.dtype == BFLOAT16):
         raise TypeError(f"{key}: expected a numeric array, got dtype {arr.dtype}")
     return arr
+
+
+class _Generation:
+    """One version of a layer's parameters and the arrays derived from them.
+
+    ``params`` is never changed in place: a parameter write builds a new
+    generation and swaps it in. A call reads the layer's generation once and
+    uses its ``params`` and ``cache`` throughout, so it sees one consistent set
+    of weights, and a cache entry built from old weights can only land in the
+    old generation's ``cache``, which no later call reads.
+    """
+
+    __slots__ = ("params", "cache")
+
+    def __init__(self, params):
+        self.params = params
+        self.cache = {}
 
 
 class Attention:
@@ -92,6 +111,23 @@ class Attention:
     proj_bias : ndarray, shape (dim,)
     rel_pos_h : ndarray, shape (2 * input_size[0] - 1, head_dim) or None
     rel_pos_w : ndarray, shape (2 * input_size[1] - 1, head_dim) or None
+
+    Raises
+    ------
+    ValueError
+        When the parameters plus the float64 temporaries their initialisation
+        draws would exceed ``relattn._arrays.MAX_ALLOC_BYTES`` (naming ``dim``,
+        or ``input_size`` when the tables are the larger part); checked before
+        anything is allocated. Also for malformed values, naming the argument.
+    TypeError
+        For arguments of the wrong type, naming the argument.
+
+    Notes
+    -----
+    Calls may run concurrently with each other and with parameter writes
+    (``load_state_dict``, assigning an attribute): each call uses one
+    consistent set of parameters, and every call that starts after a write has
+    returned uses the new parameters.
 
     Examples
     --------
@@ -146,6 +182,7 @@ class Attention:
                 check_alloc("input_size", (2 * size - 1, self.head_dim), 8, "a relative-position table")
         else:
             self.input_size = None if input_size is None else check_size2("input_size", input_size)
+        self._check_init_memory(bool(qkv_bias), bool(rel_pos_zero_init))
         try:
             rng = np.random.default_rng(rng)
         except (TypeError, ValueError):
@@ -155,7 +192,7 @@ class Attention:
         def uniform(*shape):
             return rng.uniform(-bound, bound, size=shape).astype(self.dtype)
 
-        self._params = {
+        params = {
             "qkv_weight": uniform(3 * dim, dim),
             "qkv_bias": uniform(3 * dim) if qkv_bias else None,
             "proj_weight": uniform(dim, dim),
@@ -170,10 +207,63 @@ class Attention:
                     table = np.zeros(shape)
                 else:  # SAM: trunc_normal_(std=0.02), truncated at +-2 (never reached)
                     table = np.clip(rng.standard_normal(shape) * 0.02, -2.0, 2.0)
-                self._params[key] = table.astype(self.dtype)
-        self._cache = {}
+                params[key] = table.astype(self.dtype)
+        self._lock = threading.Lock()   # serializes parameter writes; calls never take it
+        self._gen = _Generation(params)
+
+    def _check_init_memory(self, qkv_bias, rel_pos_zero_init):
+        """Refuse, before allocating, a layer whose initialisation would not fit in
+        ``MAX_ALLOC_BYTES``: every parameter in the layer's dtype, plus the float64
+        temporaries the initialisation holds at its peak (one weight drawn before
+        its cast; a table's random draw and its scaled copy)."""
+        dim, itemsize = self.dim, self.dtype.itemsize
+        linear = [((3 * dim, dim), itemsize), ((dim, dim), itemsize), ((dim,), itemsize)]
+        if qkv_bias:
+            linear.append(((3 * dim,), itemsize))
+        tables = []
+        if self.use_rel_pos:
+            tables = [((2 * size - 1, self.head_dim), itemsize) for size in self.input_size]
+        temporaries = [((3 * dim, dim), 8)]
+        for shape, _ in tables:
+            temporaries.append((shape, 8 if rel_pos_zero_init else 16))
+        largest = max(temporaries, key=lambda t: t[1] * math.prod(t[0]))
+        table_part = sum(math.prod(shape) * size for shape, size in tables)
+        linear_part = sum(math.prod(shape) * size for shape, size in linear)
+        name = "input_size" if table_part > linear_part else "dim"
+        check_alloc_total(name, [*linear, *tables, largest],
+                          f"the parameters of Attention(dim={dim}, num_heads={self.num_heads}"
+                          f"{f', input_size={self.input_size}' if self.use_rel_pos else ''}, "
+                          f"dtype={dtype_name(self.dtype)}) and their float64 initialisation temporaries")
 
     # -- parameters ---------------------------------------------------------------
+
+    @property
+    def _params(self):
+        """The current parameters (a dict never modified in place: writes replace it)."""
+        return self._gen.params
+
+    @property
+    def _cache(self):
+        """Arrays derived from the current parameters (device copies, GPU plans)."""
+        return self._gen.cache
+
+    def _replace_params(self, changes):
+        """Swap in a new generation with ``changes`` applied; returns when every later call sees it."""
+        with self._lock:
+            self._gen = _Generation({**self._gen.params, **changes})
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_gen"] = self._gen.params   # the cache (device arrays, plans) is not pickled
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        params = state.pop("_gen")
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._gen = _Generation(params)
 
     def _expected_shapes(self):
         shapes = {
@@ -199,10 +289,9 @@ class Attention:
 
     def _set_param(self, attr, value):
         if attr == "qkv_bias" and value is None:
-            self._params[attr] = None
+            self._replace_params({attr: None})
         else:
-            self._params[attr] = self._validated(attr, value, attr)
-        self._cache.clear()
+            self._replace_params({attr: self._validated(attr, value, attr)})
 
     def _get(attr):  # noqa: N805 - property factory
         def getter(self):
@@ -236,11 +325,8 @@ class Attention:
         >>> sorted(relattn.Attention(32, 4).state_dict())
         ['proj.bias', 'proj.weight', 'qkv.bias', 'qkv.weight']
         """
-        return {
-            key: self._params[attr].copy()
-            for key, attr in _PARAM_KEYS.items()
-            if self._params[attr] is not None
-        }
+        params = self._params   # one generation: a consistent set even during a concurrent write
+        return {key: params[attr].copy() for key, attr in _PARAM_KEYS.items() if params[attr] is not None}
 
     def load_state_dict(self, mapping, strict=True):
         """Load parameters saved under SAM's key names.
@@ -266,23 +352,28 @@ class Attention:
         >>> b.load_state_dict(a.state_dict())
         ([], [])
         """
+        return self._load(mapping, strict)
+
+    def _load(self, mapping, strict, prefix=""):
+        """``load_state_dict`` of the keys ``prefix + name``; messages name whole keys."""
         if not hasattr(mapping, "keys"):
             raise TypeError(f"mapping: expected a mapping of names to arrays, got {type(mapping).__name__}")
-        wanted = [k for k, a in _PARAM_KEYS.items() if a in self._expected_shapes()]
+        shapes = self._expected_shapes()
+        wanted = [k for k, a in _PARAM_KEYS.items() if a in shapes]
         if self._params["qkv_bias"] is None:
             wanted.remove("qkv.bias")
-        missing = [k for k in wanted if k not in mapping]
-        unexpected = [k for k in mapping.keys() if k not in wanted]
+        full = {prefix + k: k for k in wanted}
+        missing = [key for key in full if key not in mapping]
+        unexpected = [key for key in mapping.keys() if key not in full]
         if strict and (missing or unexpected):
             raise ValueError(f"mapping: missing keys {missing}, unexpected keys {unexpected}")
         # Check every value before changing anything: a bad key leaves the layer as it was.
         staged = {
-            _PARAM_KEYS[key]: self._validated(_PARAM_KEYS[key], mapping[key], key)
-            for key in wanted
+            _PARAM_KEYS[name]: self._validated(_PARAM_KEYS[name], mapping[key], key)
+            for key, name in full.items()
             if key in mapping
         }
-        self._params.update(staged)
-        self._cache.clear()
+        self._replace_params(staged)
         return missing, unexpected
 
     @classmethod
@@ -301,6 +392,13 @@ class Attention:
         **kwargs
             Passed to the constructor (``dtype``, ``backend``, ``window_size``).
 
+        Raises
+        ------
+        ValueError, TypeError
+            Naming the argument, or the whole offending key (``prefix``
+            included, e.g. ``blocks.3.attn.rel_pos_h: expected shape ...``) for a
+            malformed, missing or unpaired parameter.
+
         Examples
         --------
         >>> import relattn
@@ -314,19 +412,28 @@ class Attention:
         _check_mapping("mapping", mapping)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a string, got {type(prefix).__name__} {prefix!r}")
-        layer = {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
-        infos = [i for i in attention_layers(layer) if i.prefix == ""]
+        layer = {k: v for k, v in mapping.items() if k.startswith(prefix)}   # whole keys, for the messages
+        infos = [i for i in attention_layers(layer) if i.prefix == prefix]
         if not infos:
             raise ValueError(f"prefix: no qkv.weight/proj.weight under {prefix!r}")
         info = infos[0]
+        tables = [prefix + "rel_pos_h", prefix + "rel_pos_w"]
+        for key in tables:
+            if key in layer and layer[key] is None:
+                raise TypeError(f"{key}: expected an array, got None")
+        present = [key in layer for key in tables]
+        if present[0] != present[1]:
+            have, lack = tables if present[0] else tables[::-1]
+            raise ValueError(f"{lack}: expected alongside {have} (a layer has both tables or neither), "
+                             f"got no such key")
         if info.num_heads is None and num_heads is None:
             raise ValueError("num_heads: required for a layer without rel_pos_h/rel_pos_w tables, got None")
         if info.num_heads is not None and num_heads is not None and num_heads != info.num_heads:
             raise ValueError(f"num_heads: the tables say {info.num_heads} (head_dim {info.head_dim}), got {num_heads}")
         attn = cls(info.dim, info.num_heads or num_heads, qkv_bias=info.qkv_bias, use_rel_pos=info.use_rel_pos,
                    input_size=info.input_size, **kwargs)
-        wanted = set(attn.state_dict())
-        attn.load_state_dict({k: v for k, v in layer.items() if k in wanted})
+        wanted = {prefix + k for k, attr in _PARAM_KEYS.items() if attn._params[attr] is not None}
+        attn._load({k: v for k, v in layer.items() if k in wanted}, strict=True, prefix=prefix)
         return attn
 
     # -- forward ------------------------------------------------------------------
@@ -337,36 +444,37 @@ class Attention:
             return 0
         return check_positive_int(name, window_size)
 
-    def _device_params(self, xp, work):
-        """Parameters in array library ``xp`` and dtype ``work``, cached until changed."""
+    def _device_params(self, gen, xp, work):
+        """Parameters of generation ``gen`` in array library ``xp`` and dtype
+        ``work``, cached in that generation."""
         device = None
         if xp is not np:
             device = xp.cuda.Device().id
         key = (xp.__name__, device, work.str)
-        cached = self._cache.get(key)
+        cached = gen.cache.get(key)
         if cached is None:
             cached = {
                 attr: None if value is None else xp.asarray(value.astype(work, copy=False))
-                for attr, value in self._params.items()
+                for attr, value in gen.params.items()
             }
-            self._cache[key] = cached
+            cached = gen.cache.setdefault(key, cached)
         return cached
 
-    def _gpu_tables(self, xp, dtype):
+    def _gpu_tables(self, gen, xp, dtype):
         """The rel-pos tables for a half-precision GPU call: in the input's
         dtype when that holds them exactly (the fused attention kernel reads
         16-bit tables of q's dtype), else in float32. Cached with the params."""
         if not self.use_rel_pos:
             return None, None
         key = ("tables", xp.__name__, xp.cuda.Device().id, dtype.str)
-        cached = self._cache.get(key)
+        cached = gen.cache.get(key)
         if cached is None:
             exact = all(
                 np.array_equal(t.astype(dtype).astype(np.float32), t.astype(np.float32))
-                for t in (self._params["rel_pos_h"], self._params["rel_pos_w"])
+                for t in (gen.params["rel_pos_h"], gen.params["rel_pos_w"])
             )
-            params = self._device_params(xp, dtype if exact else np.dtype(np.float32))
-            cached = self._cache[key] = (params["rel_pos_h"], params["rel_pos_w"])
+            params = self._device_params(gen, xp, dtype if exact else np.dtype(np.float32))
+            cached = gen.cache.setdefault(key, (params["rel_pos_h"], params["rel_pos_w"]))
         return cached
 
     def _checked_input(self, x, window_size):
@@ -404,55 +512,58 @@ class Attention:
         from relattn._interop import wrap_result
 
         x, restore = wrap_result("x", x)
-        plan = self._gpu_plan(x, window_size)
+        gen = self._gen   # read once: this call uses these parameters throughout
+        plan = self._gpu_plan(gen, x, window_size)
         if plan is not None:
             return restore(plan(x))
         x, ws = self._checked_input(x, window_size)
         if ws:
             height, width = x.shape[1:3]
             windows, pad_hw = window_partition(x, ws)
-            out = window_unpartition(self._forward(windows), ws, pad_hw, (height, width))
+            out = window_unpartition(self._forward(gen, windows), ws, pad_hw, (height, width))
         else:
-            out = self._forward(x)
+            out = self._forward(gen, x)
         return restore(out)
 
     # ------------------------------------------------------------ GPU plans
     # A float16 / bfloat16 CuPy call is planned per signature of x (shape,
     # strides, dtype, device, 16-byte alignment) and window size: the window
     # copies, both projections and the attention are decided once and a
-    # repeated call only allocates and launches. Plans live in self._cache,
-    # which every parameter change clears.
+    # repeated call only allocates and launches. Plans live in the cache of the
+    # parameters' generation, which every parameter change replaces.
     _MAX_PLANS = 32
 
-    def _gpu_plan(self, x, window_size):
+    def _gpu_plan(self, gen, x, window_size):
         """The plan for a half-precision CuPy ``x``, or None (any other call)."""
         t = type(x)
         if not (t.__name__ == "ndarray" and t.__module__.startswith("cupy")) or x.dtype.itemsize != 2 \
                 or x.ndim != 4 or (window_size is not None and type(window_size) is not int) \
                 or self.backend not in ("auto", "cupy"):
             return None
-        from relattn.backends import cupy_gpu
+        from relattn.backends import gpu as cupy_gpu
 
         if cupy_gpu.unavailable_reason() is not None:
             return None
         mem = x.data
         key = ("plan", x.shape, x.strides, x.dtype, mem.device_id, mem.ptr & 15, window_size,
                self.window_size, self.backend, self.scale, cupy_gpu.plan_key())
-        plan = self._cache.get(key)
+        cache = gen.cache
+        plan = cache.get(key)
         if plan is None:
-            plan = self._build_gpu_plan(x, window_size)   # checks x as forward does; may raise
-            if sum(1 for k in self._cache if k[0] == "plan") >= self._MAX_PLANS:
-                for k in [k for k in self._cache if k[0] == "plan"]:
-                    del self._cache[k]
-            self._cache[key] = plan
+            plan = self._build_gpu_plan(gen, x, window_size)   # checks x as forward does; may raise
+            plans = [k for k in list(cache) if k[0] == "plan"]
+            if len(plans) >= self._MAX_PLANS:
+                for k in plans:
+                    cache.pop(k, None)
+            cache[key] = plan
         return plan
 
-    def _build_gpu_plan(self, x, window_size):
+    def _build_gpu_plan(self, gen, x, window_size):
         import cupy
 
         from relattn import functional
-        from relattn.backends import _window_gpu
-        from relattn.backends._cublas import contiguous, linear_half_plan
+        from relattn.backends.gpu import windows as _window_gpu
+        from relattn.backends.gpu.cublas import contiguous, linear_half_plan
 
         x, ws = self._checked_input(x, window_size)
         B, H, W, C = (int(n) for n in x.shape)
@@ -465,11 +576,11 @@ class Attention:
             part, unpart = contiguous, None
             batch, gh, gw = B, H, W
         n, heads, hd = batch * gh * gw, self.num_heads, self.head_dim
-        weights = self._device_params(cupy, x.dtype)
-        biases = self._device_params(cupy, np.dtype(np.float32))
+        weights = self._device_params(gen, cupy, x.dtype)
+        biases = self._device_params(gen, cupy, np.dtype(np.float32))
         qkv_lin = linear_half_plan(n, weights["qkv_weight"], biases["qkv_bias"], x.dtype)
         proj_lin = linear_half_plan(n, weights["proj_weight"], biases["proj_bias"], x.dtype)
-        tables = self._gpu_tables(cupy, x.dtype)
+        tables = self._gpu_tables(gen, cupy, x.dtype)
         sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
         scale, backend = self.scale, self.backend
         attention = []   # the functional plan, taken after the first call made it
@@ -490,14 +601,41 @@ class Attention:
 
         return run
 
-    def _forward(self, x):
+    def capture(self, x, window_size=None):
+        """The forward pass on CuPy inputs of ``x``'s signature, captured as a CUDA graph.
+
+        Every launch of the layer (window copies, both projections, the terms
+        and the attention kernel) is recorded once and replayed per call by
+        one driver call, so a call costs about the GPU's time instead of
+        Python's. Constraints: inputs of ``x``'s shape, dtype and device only
+        (``ValueError`` otherwise); the call copies its input into the graph's
+        own buffer and returns a copy of the graph's output (``copy=False``:
+        the buffer itself, overwritten by the next call); one replay at a time
+        per graph; the graph is rebuilt on the next call after the parameters
+        change (``load_state_dict``, setting a parameter).
+
+        Parameters
+        ----------
+        x : cupy.ndarray, shape (B, H, W, dim)
+            An example input (its values are not kept).
+        window_size : int, optional
+            As for :meth:`forward`.
+
+        Returns
+        -------
+        callable
+            ``g(x, copy=True) -> cupy.ndarray`` of shape (B, H, W, dim).
+        """
+        return _LayerGraph(self, x, window_size)
+
+    def _forward(self, gen, x):
         xp = array_module(x)
         if xp is not np and x.dtype.itemsize == 2:
-            return self._forward_gpu_half(x)
+            return self._forward_gpu_half(gen, x)
         batch, height, width, dim = x.shape
         tokens = height * width
         work = compute_dtype(x.dtype, self.dtype)
-        p = self._device_params(xp, work)
+        p = self._device_params(gen, xp, work)
         qkv = x.reshape(batch * tokens, dim).astype(work, copy=False) @ p["qkv_weight"].T
         if p["qkv_bias"] is not None:
             qkv += p["qkv_bias"]
@@ -515,22 +653,22 @@ class Attention:
         out += p["proj_bias"]
         return out.reshape(batch, height, width, dim).astype(x.dtype, copy=False)
 
-    def _forward_gpu_half(self, x):
+    def _forward_gpu_half(self, gen, x):
         """fp16/bf16 on the GPU: cuBLAS projections (float32 accumulate, one rounding)
         and the tensor-core attention kernel on half-precision q, k, v."""
         from relattn._arrays import astype
-        from relattn.backends._cublas import contiguous, linear_half
+        from relattn.backends.gpu.cublas import contiguous, linear_half
 
         xp = array_module(x)
         batch, height, width, dim = x.shape
         tokens = height * width
-        weights = self._device_params(xp, x.dtype)
-        biases = self._device_params(xp, np.dtype(np.float32))
+        weights = self._device_params(gen, xp, x.dtype)
+        biases = self._device_params(gen, xp, np.dtype(np.float32))
         qkv = linear_half(contiguous(x).reshape(batch * tokens, dim), weights["qkv_weight"], biases["qkv_bias"],
                           x.dtype)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        tables = self._gpu_tables(xp, x.dtype)
+        tables = self._gpu_tables(gen, xp, x.dtype)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
         out = rel_pos_attention(q, k, v, *tables, *sizes, scale=self.scale, backend=self.backend)
         out = contiguous(astype(out, x.dtype).transpose(0, 2, 1, 3)).reshape(batch * tokens, dim)
@@ -544,3 +682,22 @@ class Attention:
             f"Attention(dim={self.dim}, num_heads={self.num_heads}, qkv_bias={self._params['qkv_bias'] is not None}, "
             f"use_rel_pos={self.use_rel_pos}{extra}{window}, dtype={dtype_name(self.dtype)}, backend={self.backend!r})"
         )
+
+
+class _LayerGraph:
+    """A layer's forward pass captured as a CUDA graph (see Attention.capture)."""
+
+    def __init__(self, layer, x, window_size):
+        self._layer, self._window_size = layer, window_size
+        self._capture(x)
+
+    def _capture(self, x):
+        from relattn.backends.gpu.graphs import CapturedGraph
+
+        self._gen = self._layer._gen   # the parameters the graph reads: kept alive with it
+        self._graph = CapturedGraph(lambda a: self._layer.forward(a, window_size=self._window_size), x)
+
+    def __call__(self, x, copy=True):
+        if self._layer._gen is not self._gen:   # new parameters: record again
+            self._capture(x)
+        return self._graph(x, copy=copy)

@@ -8,6 +8,12 @@
   thread safe (numba's ``workqueue``) aborts the whole process, which must
   fail one test, not kill the test run.
 * relattn still works when numba cannot write its kernel cache anywhere.
+* Parameter writes (``load_state_dict``, attribute assignment) racing with
+  calls: once a write has returned, every call uses the new parameters (a
+  cache entry built from the old ones is never served), and a concurrent call
+  uses either the old or the new parameters, never a mix. One test stalls a
+  cache fill between reading the weights and storing the entry; another
+  hammers the layer from three threads while the main thread loads.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import types
 
 import numpy as np
 import pytest
@@ -173,3 +182,144 @@ def test_read_only_install_without_any_cache_location(tmp_path, blocked):
     proc = _run_check(tmp_path, install, env)
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
     assert "auto-ok" in proc.stdout and "named-ok" in proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Parameter writes racing with calls
+# ---------------------------------------------------------------------------
+
+
+def _race_layers(seed_a=1, seed_b=2, dtype=np.float32):
+    def make(seed):
+        return relattn.Attention(16, 2, use_rel_pos=True, input_size=(3, 3), rel_pos_zero_init=False,
+                                 rng=seed, backend="numpy")
+
+    layer = make(seed_a)
+    sds = [make(seed_a).state_dict(), make(seed_b).state_dict()]
+    x = np.random.default_rng(0).standard_normal((1, 3, 3, 16)).astype(dtype)
+    refs = []
+    for sd in sds:   # each from a fresh layer with exactly these weights
+        fresh = relattn.Attention(16, 2, use_rel_pos=True, input_size=(3, 3), backend="numpy")
+        fresh.load_state_dict(sd)
+        refs.append(fresh(x))
+    assert not np.array_equal(refs[0], refs[1])
+    return layer, sds, x, refs
+
+
+class _SlowToCast(np.ndarray):
+    """A parameter array whose first cast (the cache fill reads weights with
+    ``astype``) waits for the test: a deterministic, widened race window."""
+
+    entered = released = None
+
+    def astype(self, *args, **kwargs):
+        type(self).entered.set()
+        assert type(self).released.wait(TIMEOUT)
+        return np.asarray(self).astype(*args, **kwargs)
+
+
+@pytest.mark.parametrize("write", ["load_state_dict", "load_state_dict windowed", "assign qkv_weight",
+                                   "assign rel_pos_h"])
+def test_write_during_a_cache_fill_is_never_lost(write):
+    """A call is filling the parameter cache from the old weights when a write
+    happens: that call may finish with the old weights, but what it built must
+    not serve any call that starts after the write returned."""
+    layer, sds, x, _ = _race_layers()
+    expected = relattn.Attention(16, 2, use_rel_pos=True, input_size=(3, 3), backend="numpy")
+    if write.startswith("assign"):
+        attr = write.split()[1]
+        key = {"qkv_weight": "qkv.weight", "rel_pos_h": "rel_pos_h"}[attr]
+        expected.load_state_dict({**sds[0], key: sds[1][key]})
+    else:
+        expected.load_state_dict(sds[1])
+    _SlowToCast.entered, _SlowToCast.released = threading.Event(), threading.Event()
+    # The cache fill reads qkv_weight first and proj_bias later: stall it in between.
+    layer._params["proj_bias"] = layer._params["proj_bias"].view(_SlowToCast)
+    window = 2 if "windowed" in write else None
+    results = []
+    worker = threading.Thread(target=lambda: results.append(layer(x, window_size=window)))
+    worker.start()
+    try:
+        assert _SlowToCast.entered.wait(TIMEOUT), "the call never filled the cache"
+        if write.startswith("assign"):
+            setattr(layer, attr, sds[1][key])
+        else:
+            layer.load_state_dict(sds[1])
+    finally:
+        _SlowToCast.released.set()
+        worker.join(TIMEOUT)
+    assert not worker.is_alive() and len(results) == 1
+    for _ in range(2):
+        np.testing.assert_array_equal(layer(x, window_size=window), expected(x, window_size=window))
+
+
+class _YieldingNumpy(types.ModuleType):
+    """numpy, except that ``asarray`` first yields the GIL: the layer's cache fill
+    converts each parameter with ``xp.asarray``, so every fill is slowed down and
+    other threads run in the middle of it."""
+
+    class cuda:  # noqa: N801 - the layer asks a non-numpy module for its device
+        class Device:
+            id = 0
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def asarray(*args, **kwargs):
+        time.sleep(0)
+        return np.asarray(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fill", ["plain", "slowed"])
+def test_load_state_dict_races_with_calling_threads(fill, monkeypatch):
+    """Three threads call the layer while the main thread loads two state dicts
+    in turn (two loads back to back, 200 times): the first call after the loads
+    returned gives the last one's result, bit-identical to a fresh layer's, and
+    every concurrent call gives one of the two results, never a mix of old and
+    new parameters. ``slowed`` widens the race window: each cache fill yields
+    the GIL once per parameter."""
+    import relattn.module
+
+    if fill == "slowed":
+        real = relattn.module.array_module
+        slow = _YieldingNumpy("numpy")
+        monkeypatch.setattr(relattn.module, "array_module", lambda x: slow if real(x) is np else real(x))
+    layer, sds, x, refs = _race_layers(dtype=np.float64)   # float64 calls: every fill casts the weights
+    stop, errors, calls = threading.Event(), [], [0]
+    ref_bytes = {r.tobytes() for r in refs}
+
+    def worker():
+        try:
+            while not stop.is_set():
+                out = layer(x)
+                if out.tobytes() not in ref_bytes:
+                    errors.append("a concurrent call mixed old and new parameters")
+                    return
+                calls[0] += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)   # switch threads often: widens every race window
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    stale = []
+    try:
+        for i in range(200):
+            which = i % 2
+            layer.load_state_dict(sds[1 - which])
+            layer.load_state_dict(sds[which])
+            if layer(x).tobytes() != refs[which].tobytes():
+                stale.append(i)
+            if errors:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert not stale, f"{len(stale)} of 200 loads were followed by a call with the old weights"
+    assert calls[0] > 0

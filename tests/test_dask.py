@@ -41,3 +41,68 @@ def test_dask_helpers_reject_other_arrays():
         rdask.rel_pos_attention(np.ones((1, 1, 2, 2)), None, None)
     with pytest.raises(ValueError, match="x"):
         rdask.attention(relattn.Attention(8, 2), da.ones((2, 3, 8), chunks=1))
+
+
+def _qkv_dask(shape=(4, 2, 6, 8), chunks=(1, 2, 6, 8), dtype=np.float32):
+    return da.from_array(np.ones(shape, dtype), chunks=chunks)
+
+
+@pytest.mark.parametrize("case", [
+    "k batch", "k heads", "k head_dim", "k dtype", "v batch", "v heads", "v length", "v head_dim", "v dtype",
+    "k unknown batch chunks", "v unknown batch chunks", "q unknown tokens",
+])
+def test_core_mismatch_names_the_argument(case):
+    """A disagreeing k or v (or q with unknown token sizes) is refused when the
+    graph is built, naming it: a ValueError, a TypeError for a dtype mismatch."""
+    q = _qkv_dask()
+    k = v = _qkv_dask(chunks=(2, 1, 3, 8))   # other chunks are fine: rechunked
+    name, what = case.split(" ", 1)
+    bad = {
+        "batch": lambda: _qkv_dask((3, 2, 6, 8)),
+        "heads": lambda: _qkv_dask((4, 1, 6, 8)),
+        "head_dim": lambda: _qkv_dask((4, 2, 6, 4)),
+        "length": lambda: _qkv_dask((4, 2, 5, 8)),
+        "dtype": lambda: _qkv_dask(dtype=np.float64),
+        "unknown batch chunks": lambda: (lambda a: a[a[:, 0, 0, 0] > 0])(_qkv_dask()),
+        "unknown tokens": lambda: (lambda a: a[:, :, a[0, 0, :, 0] > 0])(_qkv_dask()),
+    }[what]()
+    args = {"q": q, "k": k, "v": v, name: bad}
+    with pytest.raises(TypeError if what == "dtype" else ValueError) as info:
+        rdask.rel_pos_attention(args["q"], args["k"], args["v"])
+    assert str(info.value).startswith(f"{name}: expected"), str(info.value)
+    assert "got" in str(info.value)
+
+
+def test_core_unknown_batch_chunks_alike_still_run():
+    x = _qkv_dask()
+    q = x[x[:, 0, 0, 0] > 0]                 # unknown batch sizes, the same for q, k and v
+    got = rdask.rel_pos_attention(q, q, q).compute(scheduler="synchronous")
+    ones = np.ones((4, 2, 6, 8), np.float32)
+    np.testing.assert_allclose(got, relattn.rel_pos_attention(ones, ones, ones), rtol=0, atol=1e-6)
+
+
+def test_attention_wrapper_names_layer_and_x():
+    layer = relattn.Attention(8, 2)
+    with pytest.raises(TypeError, match="^layer: expected"):
+        rdask.attention(lambda b: b, da.ones((2, 3, 3, 8), chunks=1))
+    with pytest.raises(ValueError, match=r"^x: expected shape \(B, H, W, 8\)"):
+        rdask.attention(layer, da.ones((2, 3, 3, 4), chunks=1))
+    x = da.ones((2, 3, 3, 8), chunks=1)
+    with pytest.raises(ValueError, match="^x: expected known chunk sizes"):
+        rdask.attention(layer, x[:, x[0, :, 0, 0] > 0])
+
+
+def test_layer_pickles_for_distributed_workers():
+    """dask.distributed ships the layer to workers pickled: the copy computes the same."""
+    import pickle
+
+    rng = np.random.default_rng(2)
+    layer = relattn.Attention(16, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(4, 4), rng=rng)
+    x = rng.standard_normal((2, 4, 4, 16), dtype=np.float32)
+    want = layer(x)                                  # fills the parameter cache: not pickled
+    copy = pickle.loads(pickle.dumps(layer))
+    np.testing.assert_array_equal(copy(x), want)
+    got = rdask.attention(copy, da.from_array(x, chunks=(1, 4, 4, 16))).compute(scheduler="threads")
+    np.testing.assert_array_equal(got, want)
+    copy.proj_bias = copy.proj_bias + 1                 # the copy is independent
+    np.testing.assert_array_equal(layer(x), want)

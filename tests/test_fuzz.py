@@ -607,3 +607,243 @@ def test_checkpoint_functions_malformed(tmp_path, layer_and_x):
     assert [i.prefix for i in info] == ["blk.attn."] and info[0].input_size == (4, 4)
     out = relattn.resize_checkpoint_tables(sd, [4.0, 4], np.array([5, 5]))
     assert out["blk.attn.rel_pos_h"].shape == (9, 4)
+
+
+# ---------------------------------------------------------------------------
+# Size pairs must be ordered; numbers beyond the float range; huge integers
+# ---------------------------------------------------------------------------
+
+
+def _unordered_pairs():
+    """Containers of the two entries 3 and 4 without a (repeatable) order."""
+    return {
+        "set": lambda: {3, 4},
+        "frozenset": lambda: frozenset((3, 4)),
+        "dict": lambda: {3: "h", 4: "w"},
+        "dict keys": lambda: {3: 0, 4: 0}.keys(),
+        "dict values": lambda: {"h": 3, "w": 4}.values(),
+        "generator": lambda: (n for n in (3, 4)),
+        "iterator": lambda: iter([3, 4]),
+        "map": lambda: map(int, "34"),
+        "string": lambda: "34",
+    }
+
+
+def _size_pair_calls():
+    q, k, v = _qkv()
+    th, tw = _tables()
+    x = np.ones((1, 5, 6, 2), np.float32)
+    windows, pad = relattn.window_partition(x, 4)
+    sd = {"blk.rel_pos_h": np.zeros((5, 4), np.float32)}
+    return {
+        "q_size": lambda p: relattn.rel_pos_attention(q, k, v, th, tw, p, (3, 4)),
+        "k_size": lambda p: relattn.rel_pos_attention(q, k, v, th, tw, (3, 4), p),
+        "q_size ": lambda p: relattn.explain(q, k, v, th, tw, p),
+        "q_size  ": lambda p: relattn.decomposed_rel_pos(q[0], th, tw, p, (3, 4)),
+        "k_size ": lambda p: relattn.decomposed_rel_pos(q[0], th, tw, (3, 4), p),
+        "pad_hw": lambda p: relattn.window_unpartition(windows, 4, p, (5, 6)),
+        "hw": lambda p: relattn.window_unpartition(windows, 4, pad, p),
+        "input_size": lambda p: relattn.Attention(8, 2, use_rel_pos=True, input_size=p),
+        "input_size ": lambda p: relattn.Attention(8, 2, input_size=p),
+        "from_size": lambda p: relattn.resize_checkpoint_tables(sd, p, (5, 5)),
+        "to_size": lambda p: relattn.resize_checkpoint_tables(sd, (3, 3), p),
+        "window_size": lambda p: relattn.Attention(8, 2, window_size=p),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_unordered_pairs()))
+@pytest.mark.parametrize("arg", sorted(_size_pair_calls()))
+def test_size_pairs_refuse_unordered_containers(arg, kind):
+    """A grid size given as a set, mapping, string or one-shot iterable is a
+    TypeError naming the argument, even when its entries would fit."""
+    call, value = _size_pair_calls()[arg], _unordered_pairs()[kind]()
+    name = arg.strip()
+    with pytest.raises(TypeError) as info:
+        call(value)
+    assert str(info.value).startswith(name + ":"), str(info.value)
+    assert "expected" in str(info.value) and "got" in str(info.value)
+
+
+@pytest.mark.parametrize("pair", [[3, 4], (3, 4), np.array([3, 4]), (np.int64(3), 4.0), np.array([3.0, 4.0])],
+                         ids=["list", "tuple", "int array", "numpy scalars", "float array"])
+def test_size_pairs_accept_sequences_and_arrays(pair):
+    q, k, v = _qkv()
+    th, tw = _tables()
+    want = relattn.rel_pos_attention(q, k, v, th, tw, (3, 4), (3, 4))
+    np.testing.assert_array_equal(relattn.rel_pos_attention(q, k, v, th, tw, pair, pair), want)
+    assert relattn.Attention(8, 2, use_rel_pos=True, input_size=pair).input_size == (3, 4)
+
+
+@pytest.mark.parametrize("scale", [10**400, -(10**400), 10**5000], ids=["1e400", "-1e400", "1e5000"])
+def test_scale_beyond_float_range(backend, scale):
+    """An integer scale that overflows float is a ValueError naming scale, not an OverflowError."""
+    from fractions import Fraction
+
+    q, k, v = _qkv()
+    for value in (scale, Fraction(scale)):
+        for fn in (relattn.rel_pos_attention, relattn.explain):
+            with pytest.raises(ValueError) as info:
+                fn(q, k, v, scale=value, backend=backend)
+            assert str(info.value).startswith("scale: expected"), str(info.value)
+            assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("call, names", [
+    (lambda t: relattn.resize_rel_pos(t, 10**5000), "length"),
+    (lambda t: relattn.get_rel_pos(10**5000, 3, t), "q_size"),
+    (lambda t: relattn.window_partition(np.ones((1, 4, 4, 2)), 10**5000), "window_size"),
+    (lambda t: relattn.rel_pos_attention(*_qkv(), t, t[:7], (10**5000, 1)), "q_size"),
+    (lambda t: relattn.Attention(10**5000, 1), "dim"),
+    (lambda t: relattn.Attention(8, 2, use_rel_pos=True, input_size=(10**5000, 2)), "input_size"),
+    (lambda t: relattn.window_partition(np.ones((1, 4, 4, 2)), -(10**5000)), "window_size"),
+], ids=["resize", "gather", "window", "q_size", "dim", "input_size", "negative window"])
+def test_huge_integers_are_refused_with_short_messages(call, names):
+    """Integers too long to print (> 4300 digits) are refused naming the argument."""
+    with pytest.raises(ValueError) as info:
+        call(_tables()[0])
+    assert str(info.value).split(":", 1)[0].startswith(names), str(info.value)
+    assert len(str(info.value)) < 400
+
+
+# ---------------------------------------------------------------------------
+# Attention.from_state_dict: messages name the whole key, prefix included
+# ---------------------------------------------------------------------------
+
+PREFIX = "blocks.3.attn."
+
+
+def _prefixed_cases(sd):
+    """(change to the layer's keys, exception type, the whole key the message must name)."""
+    return {
+        "qkv.weight shape": ({"qkv.weight": sd["qkv.weight"][:-1]}, ValueError, "qkv.weight"),
+        "qkv.bias shape": ({"qkv.bias": sd["qkv.bias"][:5]}, ValueError, "qkv.bias"),
+        "proj.bias shape": ({"proj.bias": sd["proj.bias"][:, None]}, ValueError, "proj.bias"),
+        "proj.bias complex": ({"proj.bias": sd["proj.bias"].astype(complex)}, TypeError, "proj.bias"),
+        "proj.bias bool": ({"proj.bias": sd["proj.bias"].astype(bool)}, TypeError, "proj.bias"),
+        "proj.bias text": ({"proj.bias": "abc"}, TypeError, "proj.bias"),
+        "proj.weight None": ({"proj.weight": None}, ValueError, "proj.weight"),
+        "proj.weight 1-D": ({"proj.weight": sd["proj.weight"][0]}, ValueError, "proj.weight"),
+        "rel_pos_h 1-D": ({"rel_pos_h": sd["rel_pos_h"][0]}, ValueError, "rel_pos_h"),
+        "rel_pos_h width": ({"rel_pos_h": sd["rel_pos_h"][:, :3]}, ValueError, "rel_pos_h"),
+        "rel_pos_w object": ({"rel_pos_w": sd["rel_pos_w"].astype(object)}, TypeError, "rel_pos_w"),
+        "rel_pos_w None": ({"rel_pos_w": None}, TypeError, "rel_pos_w"),
+        "rel_pos_w missing": ({"rel_pos_w": "<drop>"}, ValueError, "rel_pos_w"),
+        "rel_pos_h missing": ({"rel_pos_h": "<drop>"}, ValueError, "rel_pos_h"),
+        "proj.bias missing": ({"proj.bias": "<drop>"}, ValueError, "proj.bias"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_prefixed_cases(relattn.Attention(
+    8, 2, use_rel_pos=True, input_size=(4, 4)).state_dict())))
+def test_from_state_dict_errors_name_the_whole_key(layer_and_x, case):
+    base, _ = layer_and_x
+    sd = base.state_dict()
+    change, exc_type, key = _prefixed_cases(sd)[case]
+    layer = {**sd, **change}
+    layer = {k: v for k, v in layer.items() if not (isinstance(v, str) and v == "<drop>")}
+    checkpoint = {"blocks.2.attn." + k: v for k, v in sd.items()}   # a neighbour that is fine
+    checkpoint.update({PREFIX + k: v for k, v in layer.items()})
+    checkpoint["blocks.3.norm.weight"] = np.ones(8, np.float32)     # not the layer's: ignored
+    start = time.perf_counter()
+    with pytest.raises(exc_type) as info:
+        relattn.Attention.from_state_dict(checkpoint, PREFIX)
+    message = str(info.value)
+    assert time.perf_counter() - start < FAST_S
+    assert PREFIX + key in message, message
+    if "missing" not in case or "rel_pos" in case:
+        assert message.startswith(PREFIX), message   # the whole key leads the message
+    else:
+        assert message.startswith("mapping: missing keys ['" + PREFIX + key + "']"), message
+    # The neighbouring layer still loads, and the good layer loads under its prefix.
+    assert relattn.Attention.from_state_dict(checkpoint, "blocks.2.attn.").dim == 8
+    good = {**checkpoint, **{PREFIX + k: v for k, v in sd.items()}}
+    assert relattn.Attention.from_state_dict(good, PREFIX).state_dict().keys() == sd.keys()
+
+
+# ---------------------------------------------------------------------------
+# Attention: the whole initialisation is checked against the allocation limit
+# ---------------------------------------------------------------------------
+
+
+def _init_bytes(dim, itemsize, tables=(), table_temp=16):
+    """What ``Attention.__init__`` may hold at once: every parameter plus the largest
+    float64 temporary (a weight's draw, or a table's draw and its scaled copy)."""
+    params = (4 * dim * dim + 4 * dim + sum(tables)) * itemsize
+    return params + max([3 * dim * dim * 8, *(table_temp * t for t in tables)])
+
+
+def test_attention_init_total_is_checked_before_allocating(monkeypatch):
+    """Each array fits the limit but all of them (plus the float64 draws) do not:
+    a ValueError naming dim, before numpy allocates anything."""
+    import relattn._arrays as arrays
+
+    import tracemalloc
+
+    dim = 256
+    need = _init_bytes(dim, 4)
+    monkeypatch.setattr(arrays, "MAX_ALLOC_BYTES", need - 1)
+    assert 3 * dim * dim * 8 < need - 1    # every single array passes the per-array check
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            relattn.Attention(dim, 1, rng=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value).startswith("dim: too large"), str(info.value)
+    assert peak < dim * dim, f"{peak} bytes allocated before the refusal"   # the smallest weight: 4 * dim**2
+    monkeypatch.setattr(arrays, "MAX_ALLOC_BYTES", need)
+    assert relattn.Attention(dim, 1, rng=0).dim == dim
+    # float64 parameters need more: refused at the limit a float32 layer fits in
+    with pytest.raises(ValueError, match="^dim: too large"):
+        relattn.Attention(dim, 1, dtype="float64", rng=0)
+
+
+def test_attention_init_tables_count_towards_the_total(monkeypatch):
+    """With large tables the total is dominated by them: the refusal names input_size."""
+    import relattn._arrays as arrays
+
+    dim, size = 8, 1000
+    tables = [(2 * size - 1) * dim] * 2
+    for zero_init, temp in ((False, 16), (True, 8)):
+        need = _init_bytes(dim, 4, tables, temp)
+        monkeypatch.setattr(arrays, "MAX_ALLOC_BYTES", need - 1)
+        with pytest.raises(ValueError, match="^input_size: too large"):
+            relattn.Attention(dim, 1, use_rel_pos=True, input_size=(size, size), rel_pos_zero_init=zero_init)
+        monkeypatch.setattr(arrays, "MAX_ALLOC_BYTES", need)
+        layer = relattn.Attention(dim, 1, use_rel_pos=True, input_size=(size, size), rel_pos_zero_init=zero_init)
+        assert layer.rel_pos_h.shape == (2 * size - 1, dim)
+
+
+def test_attention_32436_is_refused_quickly():
+    """Attention(32436, 1): its qkv weight's float64 draw alone (23.5 GiB) fits a
+    24 GiB limit, the whole initialisation (~39 GiB) does not: a ValueError naming
+    dim within a second. Run in a child process whose address space is capped, so
+    that an allocation attempt fails there instead of exhausting this machine."""
+    import subprocess
+    import sys
+    import textwrap
+
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RLIMIT_AS"):
+        pytest.skip("no address-space limit on this platform")
+    script = textwrap.dedent("""
+        import resource, time
+        cap = 8 * 2**30
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        import relattn, relattn._arrays as arrays
+        arrays.MAX_ALLOC_BYTES = min(arrays.MAX_ALLOC_BYTES, 24 * 2**30)
+        start = time.perf_counter()
+        try:
+            relattn.Attention(32436, 1)
+            print("no error")
+        except Exception as exc:
+            print(f"{time.perf_counter() - start:.3f}")
+            print(type(exc).__name__ + ": " + str(exc))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    elapsed, error = proc.stdout.strip().splitlines()
+    assert error.startswith("ValueError: dim: too large"), error
+    assert "GiB" in error
+    assert float(elapsed) < 1.0, f"refusal took {elapsed} s"
