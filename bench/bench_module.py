@@ -114,7 +114,7 @@ def main(argv=None):
         t_ours = median(lambda: layer(x_ours), sync, args.runs)
         out = layer(x_ours)
         if args.device == "cuda":
-            from relattn.backends import _cublas
+            from relattn.backends.gpu import cublas as _cublas
 
             out = _cublas.to_float32(out).get()
             graph = _bench.graph_time(lambda: layer(x_ours))

@@ -13,7 +13,7 @@ from relattn.checkpoint import (
     resize_checkpoint_tables,
     save_checkpoint,
 )
-from relattn.functional import BackendError, explain, rel_pos_attention
+from relattn.functional import AttentionPlan, BackendError, explain, plan, rel_pos_attention
 from relattn.module import Attention
 from relattn.precision import get_gpu_float32_mode, gpu_float32_mode, set_gpu_float32_mode
 from relattn.relpos import decomposed_rel_pos, get_rel_pos, resize_rel_pos
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attention",
     "AttentionLayerInfo",
+    "AttentionPlan",
     "BackendError",
     "attention_layers",
     "load_checkpoint",
@@ -36,6 +37,7 @@ __all__ = [
     "get_gpu_float32_mode",
     "get_rel_pos",
     "gpu_float32_mode",
+    "plan",
     "rel_pos_attention",
     "resize_rel_pos",
     "window_partition",

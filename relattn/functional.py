@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import warnings
 
 import numpy as np
 
@@ -19,9 +20,9 @@ from relattn._arrays import (
     same_array_type,
     to_module,
 )
-from relattn.relpos import _check_table, decomposed_rel_pos
+from relattn.relpos import _check_table, decomposed_rel_pos, decomposed_rel_pos_rows, terms_bytes
 
-__all__ = ["rel_pos_attention", "explain", "BackendError"]
+__all__ = ["rel_pos_attention", "explain", "plan", "AttentionPlan", "BackendError"]
 
 
 class BackendError(ValueError):
@@ -60,7 +61,12 @@ def _check_scale(scale, head_dim):
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except (OverflowError, ValueError, TypeError):  # e.g. an int beyond the float range
+        from relattn._arrays import describe
+
+        raise ValueError(f"scale: expected a finite number within the float64 range, got {describe(scale)}") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale}")
     return scale
@@ -110,25 +116,6 @@ def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
     return q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size
 
 
-def _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size):
-    """``run(q, rel_pos_h, rel_pos_w) -> (rel_h, rel_w)`` for validated inputs of
-    the signature of these (tables present)."""
-    if array_module(q).__name__ == "cupy" and "float64" not in (
-        dtype_name(q.dtype), dtype_name(rel_pos_h.dtype), dtype_name(rel_pos_w.dtype)
-    ):
-        gpu = backends.get("cupy")
-        if gpu.unavailable_reason() is None:
-            # One small kernel reading q in its own dtype (no bf16 matmul in CuPy).
-            return gpu.terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    return lambda q, th, tw: decomposed_rel_pos(q, th, tw, q_size, k_size)
-
-
-def _terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
-    if rel_pos_h is None:
-        return None, None
-    return _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)(q, rel_pos_h, rel_pos_w)
-
-
 def _candidates(backend: str, xp_name: str):
     if backend == "auto":
         names = backends.names()
@@ -162,18 +149,118 @@ def _reasons(name, arrays, k_size):
     return list(mod.not_supported_reasons(*arrays, k_size)), arrays
 
 
-def _select(backend, q, k, v, rel_h, rel_w, k_size):
-    """The backend to run, the arrays as it takes them, and why others were refused."""
+_warned: set = set()
+
+
+def _warn_passed_over(chosen, xp_name):
+    """One warning per process and reason when ``"auto"`` passes over a
+    backend that should have run here (``WARN_UNAVAILABLE``: a broken numba)."""
+    for name in backends.names():
+        if name == chosen:
+            return
+        mod = backends.get(name)
+        if not getattr(mod, "WARN_UNAVAILABLE", False) or mod.ARRAY_MODULE != xp_name:
+            continue
+        why = mod.unavailable_reason()
+        if why is not None and (name, why) not in _warned:
+            _warned.add((name, why))
+            warnings.warn(f"relattn: backend {name!r} cannot run here: {why}; "
+                          f"using backend {chosen!r} instead", RuntimeWarning, stacklevel=4)
+
+
+def _select(backend, q, k, v, rel_pos_h, rel_pos_w, k_size):
+    """The backend to run, the arrays (q, k, v and the tables) as it takes
+    them, and why others were refused."""
     xp_name = array_module(q).__name__
     refused = {}
     for name in _candidates(backend, xp_name):
-        reasons, arrays = _reasons(name, (q, k, v, rel_h, rel_w), k_size)
+        reasons, arrays = _reasons(name, (q, k, v, rel_pos_h, rel_pos_w), k_size)
         if not reasons:
+            if backend == "auto":
+                _warn_passed_over(name, xp_name)
             return name, arrays, refused
         refused[name] = reasons
     lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in refused.items())
     wanted = "no backend" if backend == "auto" else f"backend {backend!r}"
-    raise BackendError(f"backend: {wanted} can take these inputs:\n{lines}")
+    raise BackendError(f"backend: {wanted} cannot take these inputs:\n{lines}")
+
+
+# The rel_h / rel_w terms of numpy inputs are computed whole while they (and
+# the gathered tables) fit this budget, else by chunks of query rows: their
+# size grows with a grid side (Sq * (k_h + k_w)), which a thin grid such as
+# 1 x 16384 makes as large as the logits.
+TERMS_BUDGET = 64 * 2**20
+
+
+def _row_chunk(q, rel_pos_h, q_size, k_size):
+    """Query rows per chunk when the terms of numpy inputs exceed TERMS_BUDGET, else None."""
+    if rel_pos_h is None or type(q) is not np.ndarray:
+        return None
+    lead, head_dim = q.shape[0] * q.shape[1], q.shape[3]
+    itemsize = 8 if "float64" in (q.dtype.name, rel_pos_h.dtype.name) else 4
+    if terms_bytes(lead, q_size, k_size, head_dim, itemsize) <= TERMS_BUDGET:
+        return None
+    per_row = itemsize * (k_size[0] + k_size[1]) * (lead + head_dim)
+    return max(1, TERMS_BUDGET // per_row)
+
+
+def _cpu_run(mod, q, rel_pos_h, q_size, k_size, scale):
+    """``run(q, k, v, rel_pos_h, rel_pos_w)`` of a backend that takes the terms
+    computed (``attention(q, k, v, rel_h, rel_w, k_size, scale)``): the terms
+    whole, or with chunks of query rows when they exceed TERMS_BUDGET."""
+    rows = _row_chunk(q, rel_pos_h, q_size, k_size)
+    if rel_pos_h is None:
+        return lambda q, k, v, th, tw: mod.attention(q, k, v, None, None, k_size, scale)
+    if rows is None:
+        def run(q, k, v, th, tw):
+            rel_h, rel_w = decomposed_rel_pos(q, th, tw, q_size, k_size)
+            return mod.attention(q, k, v, rel_h, rel_w, k_size, scale)
+
+        return run
+
+    def run_by_rows(q, k, v, th, tw):
+        out = np.empty(q.shape, dtype=q.dtype)
+        for start in range(0, q.shape[2], rows):
+            q_rows = q[:, :, start:start + rows]
+            rel_h, rel_w = decomposed_rel_pos_rows(q_rows, th, tw, q_size, k_size, start)
+            out[:, :, start:start + rows] = mod.attention(q_rows, k, v, rel_h, rel_w, k_size, scale)
+        return out
+
+    return run_by_rows
+
+
+def _make_plan(name, arrays, q_size, k_size, scale, kernel=None, kernel_options=None):
+    """``(run, description)`` of backend ``name`` for validated arrays (q, k,
+    v, rel_pos_h, rel_pos_w) on its array library: ``run(q, k, v, rel_pos_h,
+    rel_pos_w)`` computes the terms (unless the kernel does) and the core, for
+    every call whose arrays have the signature of these."""
+    mod = backends.get(name)
+    if hasattr(mod, "plan"):   # the GPU backend plans terms and core in one pass
+        try:
+            p = mod.plan(*arrays, q_size, k_size, scale, kernel, kernel_options)
+        except ValueError as exc:   # no kernel family serves it (or not the forced one)
+            raise BackendError(f"backend: {name!r} cannot take these inputs: {exc}") from None
+        return p.run, p.describe()
+    if kernel is not None or kernel_options is not None:
+        raise ValueError(f"kernel: only the GPU backend has kernel families, got kernel={kernel!r} "
+                         f"for backend {name!r}")
+    describe = getattr(mod, "describe", None)
+    return _cpu_run(mod, arrays[0], arrays[3], q_size, k_size, scale), (describe() if describe else name)
+
+
+def _planned_run(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, kernel=None, kernel_options=None):
+    """(name, arrays, run, description): select a backend and plan; a backend
+    whose kernels fail in this process is passed over from then on ("auto")
+    or named in a BackendError (forced). ``run`` has run once, on ``arrays``,
+    and its result is returned as ``out``."""
+    while True:
+        name, arrays, refused = _select(backend, q, k, v, rel_pos_h, rel_pos_w, k_size)
+        run, description = _make_plan(name, arrays, q_size, k_size, scale, kernel, kernel_options)
+        try:
+            return name, arrays, run, run(*arrays), description, refused
+        except backends.BackendFailure as exc:
+            if backend != "auto" or backends.get(name).unavailable_reason() is None:
+                raise BackendError(f"backend: {name!r} cannot run: {exc}") from None
 
 
 @accepts_dlpack("q")
@@ -229,27 +316,24 @@ def rel_pos_attention(
     if key is not None:
         run = _plans.get(key)
         if run is not None:
-            return run(q, k, v, rel_pos_h, rel_pos_w)
+            try:
+                return run(q, k, v, rel_pos_h, rel_pos_w)
+            except backends.BackendFailure:  # its backend just broke: plan again
+                with _plans_lock:
+                    _plans.clear()
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
         q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
-    fused = _fused_first(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
-    if fused is not None:  # the kernel computes the terms: none computed here
-        if key is not None:
-            _remember(key, fused)
-        return fused(q, k, v, rel_pos_h, rel_pos_w)   # the same kernel as the planned calls: the same bits
-    rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    name, arrays, _ = _select(backend, q, k, v, rel_h, rel_w, k_size)
-    out = backends.get(name).attention(*arrays, k_size, scale)
+    _, arrays, run, out, _, _ = _planned_run(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
     if key is not None and arrays[0] is q:  # not moved to another array library
-        _remember(key, _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale))
+        _remember(key, run)
     return to_module(out, array_module(q))  # back to the caller's array type if it moved
 
 
 # ------------------------------------------------------------- call plans
 # A repeated call (same array types, shapes, strides, dtypes, alignment and
 # device, same sizes, scale and backend) skips validation and dispatch: its
-# first run left a plan here that only computes the terms and launches the
-# core. Keys hold no arrays, only their signatures.
+# first run left its plan here (terms and core). Keys hold no arrays, only
+# their signatures.
 _plans: dict = {}
 _PLANS_MAX = 256
 _plans_lock = threading.Lock()
@@ -304,55 +388,21 @@ def _remember(key, run):
         _plans[key] = run
 
 
-def _fused_first(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
-    """The plan ``run(q, k, v, rel_pos_h, rel_pos_w)`` when the backend this
-    call selects computes the terms inside its attention kernel (``fused_plan``:
-    the CuPy backend for SAM's global grids, see cupy_gpu.fused_plan), else
-    None. Asked before any terms are computed, so such a call (and every call
-    that cannot be planned) runs no separate terms kernel. Tables: checked."""
-    if rel_pos_h is None or backend not in ("auto", "cupy") or array_module(q).__name__ != "cupy":
-        return None
-    mod = backends.get("cupy")
-    make = getattr(mod, "fused_plan", None)
-    # "auto" takes the CuPy backend first for CuPy arrays: when it accepts them
-    if make is None or mod.unavailable_reason() is not None or \
-            mod.not_supported_reasons(q, k, v, rel_pos_h, rel_pos_w, k_size):
-        return None
-    return make(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
-
-
-def _plan(name, q, k, v, rel_pos_h, rel_pos_w, rel_h, rel_w, q_size, k_size, scale):
-    """``run(q, k, v, rel_pos_h, rel_pos_w) -> out``: the terms and the core of
-    backend ``name`` for validated inputs of the signature of these."""
-    mod = backends.get(name)
-    make_core = getattr(mod, "core_plan", None)
-    if make_core is not None:
-        core = make_core(q, k, v, rel_h, rel_w, k_size, scale)
-    else:
-        def core(q, k, v, rel_h, rel_w):
-            return mod.attention(q, k, v, rel_h, rel_w, k_size, scale)
-    if rel_pos_h is None:
-        return lambda q, k, v, th, tw: core(q, k, v, None, None)
-    terms = _terms_plan(q, rel_pos_h, rel_pos_w, q_size, k_size)
-
-    def run(q, k, v, th, tw):
-        return core(q, k, v, *terms(q, th, tw))
-
-    return run
-
-
 def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"):
-    """Say which backend :func:`rel_pos_attention` would run for these inputs, and why.
+    """Say which backend and kernel :func:`rel_pos_attention` would run for these inputs, and why.
 
-    Takes the same arguments as :func:`rel_pos_attention` and computes nothing
-    but the cheap relative-position terms.
+    Takes the same arguments as :func:`rel_pos_attention`. It plans the call
+    (on the GPU that compiles the chosen kernel, as the first call would) but
+    computes no attention.
 
     Returns
     -------
     str
-        One line naming the chosen backend, then one line per backend that was
-        passed over with the reasons (unavailable on this machine, wrong array
-        type, unsupported dtype or size, ...).
+        A line naming the chosen backend, a line naming its kernel (on the GPU:
+        the family, its configuration and how the terms are computed), then
+        one line per backend (and GPU kernel family) passed over, with the
+        reasons (unavailable on this machine, wrong array type, unsupported
+        dtype or size, ...).
 
     Raises
     ------
@@ -365,18 +415,32 @@ def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *
     >>> q = np.zeros((1, 1, 4, 8), np.float32)
     >>> print(relattn.explain(q, q, q, backend="numpy"))
     backend 'numpy' runs these inputs
+      kernel: the formula, materialized (logits in chunks of at most 256 MiB)
     """
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
         q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
-    rel_h, rel_w = _terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    name, _, refused = _select(backend, q, k, v, rel_h, rel_w, k_size)
+    rows = _row_chunk(q, rel_pos_h, q_size, k_size)
+    if rows is not None:  # as the call runs: one chunk of query rows at a time
+        q = q[:, :, :rows]
+    name, arrays, refused = _select(backend, q, k, v, rel_pos_h, rel_pos_w, k_size)
+    mod = backends.get(name)
     lines = [f"backend {name!r} runs these inputs"]
+    if hasattr(mod, "plan"):
+        try:
+            p = mod.plan(*arrays, q_size, k_size, scale)
+        except ValueError as exc:
+            raise BackendError(f"backend: {name!r} cannot take these inputs: {exc}") from None
+        lines.append(f"  kernel: {p.describe()}")
+        lines += [f"  passed over kernel {fam!r}: {'; '.join(why)}" for fam, why in p.passed_over]
+    else:
+        describe = getattr(mod, "describe", None)
+        lines.append(f"  kernel: {describe() if describe else name}")
     if backend == "auto":
         xp_name = array_module(q).__name__
         for other in backends.names():
             if other == name:
                 continue
-            reasons = refused.get(other) or _reasons(other, (q, k, v, rel_h, rel_w), k_size)[0]
+            reasons = refused.get(other) or _reasons(other, (q, k, v, rel_pos_h, rel_pos_w), k_size)[0]
             if reasons:
                 lines.append(f"  passed over {other!r}: {'; '.join(reasons)}")
             elif backends.get(other).ARRAY_MODULE != xp_name:
@@ -384,3 +448,171 @@ def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *
             else:
                 lines.append(f"  {other!r} could also run them (lower priority)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------- public plans
+class AttentionPlan:
+    """A planned :func:`rel_pos_attention` for repeated calls on arrays of one
+    signature; made by :func:`plan`.
+
+    Calling it, ``p(q, k, v, rel_pos_h, rel_pos_w)``, checks only what memory
+    safety needs (array type, shape, dtype, strides, and on the GPU the
+    device and 16-byte alignment, each against the planned arrays) and
+    launches: no validation of values, no dispatch, no planning. Arrays of
+    another signature raise ``ValueError`` / ``TypeError`` naming the argument.
+
+    Attributes
+    ----------
+    backend : str
+        The backend the plan runs on.
+    kernel : str
+        What runs: on the GPU the kernel family, its configuration and how the
+        relative-position terms are computed.
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> q = np.ones((1, 1, 6, 4), np.float32)
+    >>> p = relattn.plan(q, q, q)
+    >>> p.backend in relattn.backends.available(), p(q, q, q).shape
+    (True, (1, 1, 6, 4))
+    """
+
+    __slots__ = ("backend", "kernel", "_run", "_signature")
+
+    def __init__(self, backend, kernel, run, signature):
+        self.backend = backend
+        self.kernel = kernel
+        self._run = run
+        self._signature = signature
+
+    def __call__(self, q, k, v, rel_pos_h=None, rel_pos_w=None):
+        arrays = (q, k, v, rel_pos_h, rel_pos_w)
+        for name, a, want in zip(_PLAN_NAMES, arrays, self._signature):
+            if want is None:
+                if a is not None:
+                    raise ValueError(f"{name}: the plan was made without it, got an array")
+                continue
+            try:
+                got = _array_key(a)
+            except (TypeError, AttributeError):
+                raise TypeError(f"{name}: expected {want[0]}, got {type(a).__name__}") from None
+            if got != want[1]:
+                raise ValueError(f"{name}: expected an array of the planned signature "
+                                 f"{_describe_signature(want[1])}, got {_describe_signature(got)}")
+        return self._run(q, k, v, rel_pos_h, rel_pos_w)
+
+    def __repr__(self):
+        return f"<relattn.AttentionPlan backend={self.backend!r} kernel={self.kernel!r}>"
+
+
+_PLAN_NAMES = ("q", "k", "v", "rel_pos_h", "rel_pos_w")
+
+
+def _describe_signature(key):
+    if key is None:
+        return "None"
+    shape, strides, dtype = key[:3]
+    text = f"shape {tuple(shape)}, dtype {dtype_name(dtype)}, strides {tuple(strides)}"
+    if len(key) > 3:
+        text += f", device {key[3]}, base address {key[4]} mod 16"
+    return text
+
+
+def plan(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",
+         kernel=None, kernel_options=None, dtype=None, array_type="numpy"):
+    """Plan :func:`rel_pos_attention` once for many calls on arrays of one signature.
+
+    The pattern of cuFFT plans: everything a call decides from its arrays'
+    signature (validation, backend, kernel family and configuration, array
+    preparation, compilation) is done here, once; the returned
+    :class:`AttentionPlan` then launches with the checks memory safety needs.
+
+    Parameters
+    ----------
+    q, k, v, rel_pos_h, rel_pos_w
+        Example arrays of the calls to come (numpy or CuPy), or their shapes
+        (tuples): then ``dtype`` and ``array_type`` say what the arrays will
+        be, and C-contiguous arrays are planned for.
+    q_size, k_size, scale, backend
+        As for :func:`rel_pos_attention`.
+    kernel : str, optional
+        GPU only: force a kernel family (``"ws"``, ``"win"``, ``"wg"``,
+        ``"mma"``, ``"wgt"``, ``"tf32"``, ``"simt"``; see docs/kernels.md)
+        instead of the planner's choice; ``BackendError`` if it cannot serve
+        the problem.
+    kernel_options : dict, optional
+        With ``kernel``: fields of the family's configuration to override
+        (e.g. ``{"bn": 32}``), and ``fused`` (bool): whether the kernel
+        computes the relative-position terms itself. For tests and benchmarks.
+    dtype, array_type
+        With shapes: the dtype (default float32) and ``"numpy"`` or ``"cupy"``.
+
+    Returns
+    -------
+    AttentionPlan
+        ``p(q, k, v, rel_pos_h, rel_pos_w)`` returns what
+        ``rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size,
+        scale=scale, backend=backend)`` returns (the same bits).
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 12, 8), dtype=np.float32) for _ in range(3))
+    >>> th, tw = rng.standard_normal((5, 8), dtype=np.float32), rng.standard_normal((7, 8), dtype=np.float32)
+    >>> p = relattn.plan(q, k, v, th, tw, q_size=(3, 4))
+    >>> out = p(q, k, v, th, tw)
+    >>> bool(np.array_equal(out, relattn.rel_pos_attention(q, k, v, th, tw, q_size=(3, 4))))
+    True
+    >>> p(q[:, :1], k, v, th, tw)
+    Traceback (most recent call last):
+    ...
+    ValueError: q: expected an array of the planned signature shape (1, 2, 12, 8), ...
+    """
+    arrays = _example_arrays((q, k, v, rel_pos_h, rel_pos_w), dtype, array_type)
+    q, k, v, rel_pos_h, rel_pos_w = arrays
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise TypeError(f"kernel_options: expected a dict, got {type(kernel_options).__name__}")
+    if kernel is not None and not isinstance(kernel, str):
+        raise TypeError(f"kernel: expected a string, got {type(kernel).__name__}")
+    q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+    name, moved, run, _, description, _ = _planned_run(
+        backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, kernel, kernel_options)
+    signature = tuple(None if a is None else (type(a).__name__, _array_key(a)) for a in (q, k, v, rel_pos_h, rel_pos_w))
+    if moved[0] is not q:   # planned on the other array library: move per call
+        target = array_module(moved[0])
+        back = array_module(q)
+
+        def run_moved(q, k, v, th, tw, run=run):
+            args = tuple(None if a is None else to_module(a, target) for a in (q, k, v, th, tw))
+            return to_module(run(*args), back)
+
+        return AttentionPlan(name, description, run_moved, signature)
+    return AttentionPlan(name, description, run, signature)
+
+
+def _example_arrays(arrays, dtype, array_type):
+    """Arrays as given, or zeros of the given shapes (tuples)."""
+    if not any(isinstance(a, tuple) for a in arrays):
+        if dtype is not None:
+            raise ValueError("dtype: given with arrays; it is for planning from shapes only")
+        return arrays
+    if array_type not in ("numpy", "cupy"):
+        raise ValueError(f"array_type: expected 'numpy' or 'cupy', got {array_type!r}")
+    import importlib
+
+    xp = importlib.import_module(array_type)
+    dt = np.dtype(np.float32 if dtype is None else dtype)
+    out = []
+    for name, a in zip(_PLAN_NAMES, arrays):
+        if a is None or not isinstance(a, tuple):
+            if a is not None:
+                raise TypeError(f"{name}: expected a shape (tuple) like the other arguments, got {type(a).__name__}")
+            out.append(None)
+            continue
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in a):
+            raise ValueError(f"{name}: expected a shape of non-negative ints, got {a}")
+        out.append(xp.zeros(a, dtype=dt))
+    return tuple(out)

@@ -537,9 +537,10 @@ class Attention:
         """The plan for a half-precision CuPy ``x``, or None (any other call)."""
         t = type(x)
         if not (t.__name__ == "ndarray" and t.__module__.startswith("cupy")) or x.dtype.itemsize != 2 \
-                or x.ndim != 4 or (window_size is not None and type(window_size) is not int) \
-                or self.backend not in ("auto", "cupy"):
+                or x.ndim != 4:
             return None
+        if window_size is not None and type(window_size) is not int:
+            window_size = self._check_window("window_size", window_size)   # a numpy integer, say
         from relattn.backends import gpu as cupy_gpu
 
         if cupy_gpu.unavailable_reason() is not None:
@@ -604,6 +605,8 @@ class Attention:
     def capture(self, x, window_size=None):
         """The forward pass on CuPy inputs of ``x``'s signature, captured as a CUDA graph.
 
+        For float16 / bfloat16 inputs (the layer's planned GPU path: cuBLAS
+        projections with float32 accumulation, the fused attention kernel).
         Every launch of the layer (window copies, both projections, the terms
         and the attention kernel) is recorded once and replayed per call by
         one driver call, so a call costs about the GPU's time instead of
@@ -626,12 +629,14 @@ class Attention:
         callable
             ``g(x, copy=True) -> cupy.ndarray`` of shape (B, H, W, dim).
         """
+        t = type(x)
+        if not (t.__name__ == "ndarray" and t.__module__.startswith("cupy")) or x.dtype.itemsize != 2:
+            raise ValueError("x: capture takes a float16 or bfloat16 CuPy array (the layer's planned GPU path), "
+                             f"got {t.__name__} of dtype {getattr(x, 'dtype', '?')}")
         return _LayerGraph(self, x, window_size)
 
     def _forward(self, gen, x):
         xp = array_module(x)
-        if xp is not np and x.dtype.itemsize == 2:
-            return self._forward_gpu_half(gen, x)
         batch, height, width, dim = x.shape
         tokens = height * width
         work = compute_dtype(x.dtype, self.dtype)
@@ -652,28 +657,6 @@ class Attention:
         out = out.transpose(0, 2, 1, 3).reshape(batch * tokens, dim) @ p["proj_weight"].T
         out += p["proj_bias"]
         return out.reshape(batch, height, width, dim).astype(x.dtype, copy=False)
-
-    def _forward_gpu_half(self, gen, x):
-        """fp16/bf16 on the GPU: cuBLAS projections (float32 accumulate, one rounding)
-        and the tensor-core attention kernel on half-precision q, k, v."""
-        from relattn._arrays import astype
-        from relattn.backends.gpu.cublas import contiguous, linear_half
-
-        xp = array_module(x)
-        batch, height, width, dim = x.shape
-        tokens = height * width
-        weights = self._device_params(gen, xp, x.dtype)
-        biases = self._device_params(gen, xp, np.dtype(np.float32))
-        qkv = linear_half(contiguous(x).reshape(batch * tokens, dim), weights["qkv_weight"], biases["qkv_bias"],
-                          x.dtype)
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        tables = self._gpu_tables(gen, xp, x.dtype)
-        sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
-        out = rel_pos_attention(q, k, v, *tables, *sizes, scale=self.scale, backend=self.backend)
-        out = contiguous(astype(out, x.dtype).transpose(0, 2, 1, 3)).reshape(batch * tokens, dim)
-        out = linear_half(out, weights["proj_weight"], biases["proj_bias"], x.dtype)
-        return out.reshape(batch, height, width, dim)
 
     def __repr__(self):
         extra = f", input_size={self.input_size}" if self.use_rel_pos else ""

@@ -57,7 +57,7 @@ def window_partition(x, window_size):
     hp, wp = padded_size(x.shape, x.dtype.itemsize, ws)
     pad_h, pad_w = hp - height, wp - width
     if xp is not np:  # one copy kernel on the GPU
-        from relattn.backends import _window_gpu
+        from relattn.backends.gpu import windows as _window_gpu
 
         return _window_gpu.partition(x, ws, hp, wp), (hp, wp)
     if pad_h or pad_w:
@@ -127,7 +127,7 @@ def window_unpartition(windows, window_size, pad_hw, hw):
         )
     xp = array_module(windows)
     if xp is not np:  # one copy kernel on the GPU
-        from relattn.backends import _window_gpu
+        from relattn.backends.gpu import windows as _window_gpu
 
         return _window_gpu.unpartition(windows, ws, hp, wp, height, width)
     batch, channels = windows.shape[0] // per_image, windows.shape[3]

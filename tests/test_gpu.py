@@ -7,7 +7,7 @@ a stable softmax, then ``@ v``.
 
 from __future__ import annotations
 
-import os
+import warnings
 import zlib
 
 import numpy as np
@@ -25,7 +25,10 @@ if _NDEV < 1:
 pytestmark = pytest.mark.gpu
 
 
-from relattn.backends import cupy_gpu as gpu  # noqa: E402
+from relattn.backends import gpu  # noqa: E402
+from relattn.backends.gpu import NoKernel, _device  # noqa: E402
+from relattn.backends.gpu.families import wg  # noqa: E402
+from relattn.backends.gpu.problem import Problem  # noqa: E402
 
 
 def _ml_dtypes():
@@ -113,9 +116,36 @@ def make_case(rng, B, H, qgrid, kgrid, D, dtype, with_rel=True, qmag=1.0, relmag
     return (q, k, v, rh, rw), (qr, kr, vr, rhr, rwr)
 
 
-def run_and_check(dev, host, k_size, scale, dtype, tol=None):
+def core_plan(dev, k_size, scale, kernel=None, **options):
+    """The GPU backend's plan of the attention core (terms given, or None) for
+    the arrays ``dev`` = (q, k, v, rel_h, rel_w): the planner's choice, or
+    family ``kernel`` forced with ``options`` as its kernel_options. Raises
+    NoKernel where the forced family cannot serve the problem."""
     q, k, v, rh, rw = dev
-    out = gpu.attention(q, k, v, rh, rw, k_size, scale)
+    return gpu.make_plan(q, k, v, rh, rw, None, k_size, scale, kernel, options or None, terms_given=True)
+
+
+def problem(D, Sq, Sk, kh, kw, terms=True, dtype="bfloat16"):
+    """A planner problem (no arrays) with the terms given or absent."""
+    return Problem(dtype, 1, 1, Sq, Sk, D, None, (kh, kw), terms, None, D ** -0.5)
+
+
+def hopper():
+    """Skip unless the sm_90a kernels can run on the current device."""
+    why = _device.current().hopper_reason
+    if why is not None:
+        pytest.skip(f"sm_90a kernels unavailable: {why}")
+    return _device.current()
+
+
+def run_and_check(dev, host, k_size, scale, dtype, tol=None, kernel=None, **options):
+    """Run the core (the planner's choice, or family ``kernel`` forced with
+    ``options``) and compare with float64."""
+    q, k, v, rh, rw = dev
+    if kernel is None and not options:
+        out = gpu.attention(q, k, v, rh, rw, k_size, scale)
+    else:
+        out = core_plan(dev, k_size, scale, kernel, **options).run(q, k, v, rh, rw)
     cupy.cuda.get_current_stream().synchronize()
     assert out.shape == q.shape
     assert out.dtype == q.dtype
@@ -256,18 +286,19 @@ def test_not_supported_reasons():
     assert gpu.not_supported_reasons(qn, qn, qn, None, None, (2, 2))
 
 
-@pytest.mark.parametrize("mw", ["1", "2"])
+@pytest.mark.parametrize("mw", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 2, (16, 64), (16, 64), 64), (2, 3, (14, 14), (14, 14), 64),
                                    (1, 2, (8, 64), (8, 64), 80), (1, 1, (5, 9), (5, 9), 128)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_rows_per_warp_variants(shape, dtype, mw, monkeypatch):
-    # the portable mma.sync kernel (the Hopper kernel off)
-    monkeypatch.setenv("RELATTN_SM90", "0")
-    monkeypatch.setattr(gpu, "_MW_ENV", mw)
+def test_rows_per_warp_variants(shape, dtype, mw):
+    """The portable mma.sync kernel (forced: kernel="mma") with one or two
+    16-row tiles per warp."""
     B, H, qg, kg, D = shape
-    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, mw)).encode()))
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, str(mw))).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    plan = core_plan(dev, kg, D ** -0.5, "mma", mw=mw)
+    assert plan.family == "mma" and plan.config.mw == mw
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="mma", mw=mw)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
@@ -290,88 +321,98 @@ def test_rel_terms_helper(grids, dtype):
 
 
 # ------------------------------------------------------ Hopper (sm_90a) kernel
-def _sm90():
-    from relattn.backends import _sm90
-
-    why = _sm90.unavailable_reason()
-    if why is not None:
-        pytest.skip(f"sm_90a kernel unavailable: {why}")
-    return _sm90
+WG_CFGS = [dict(nwg=1, bn=64), dict(nwg=1, bn=128), dict(nwg=2, bn=64), dict(nwg=2, bn=128),
+           dict(nwg=1, bn=64, stages=3), dict(nwg=2, bn=64, stages=3), dict(nwg=3, bn=64)]
 
 
-@pytest.mark.parametrize("cfg", ["1,64", "1,128", "2,64", "2,128", "1,64,3", "2,64,3", "3,64"])
+def options_id(options):
+    return "-".join(f"{name}{value}" for name, value in options.items()) or "default"
+
+
+@pytest.mark.parametrize("cfg", WG_CFGS, ids=options_id)
 @pytest.mark.parametrize("shape", [(1, 2, (16, 64), (16, 64), 64), (2, 3, (14, 14), (14, 14), 64),
                                    (1, 2, (9, 64), (5, 64), 64), (1, 2, (15, 20), (10, 30), 64),
                                    (1, 2, (8, 64), (8, 64), 80), (1, 1, (5, 9), (5, 9), 128),
                                    (2, 2, (7, 7), (7, 7), 40), (1, 1, (1, 1), (1, 3), 64)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sm90_kernel_configs(shape, dtype, cfg, monkeypatch):
-    """Every warpgroup / key-tile configuration of the wgmma kernel, forced on
-    (head_dim 80 uses split tiles, other head dims than 64 the unswizzled
-    layout), against float64."""
-    _sm90()
-    monkeypatch.setenv("RELATTN_SM90_CFG", cfg)
+def test_sm90_kernel_configs(shape, dtype, cfg):
+    """Every warpgroup / key-tile configuration of the wgmma kernel, forced
+    (kernel="wg"; head_dim 80 uses split tiles, other head dims than 64 the
+    unswizzled layout), against float64."""
+    hopper()
     B, H, qg, kg, D = shape
-    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, options_id(cfg))).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
     cupy.cuda.get_current_stream().synchronize()
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    plan = core_plan(dev, kg, D ** -0.5, "wg", **cfg)
+    assert plan.family == "wg"
+    assert (plan.config.nwg, plan.config.bn, plan.config.stages) == (cfg["nwg"], cfg["bn"], cfg.get("stages", 2))
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="wg", **cfg)
     q, k, v, _, _ = dev
-    plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)   # rel == 0
+    plain = core_plan((q, k, v, None, None), kg, D ** -0.5, "wg", **cfg)   # no bias
+    assert plain.config.bias == wg.Bias.NONE
     ref = reference(*host[:3], None, None, kg, D ** -0.5)
-    assert rel_l2(from_dev(plain), ref) <= TOL[dtype]
+    assert rel_l2(from_dev(plain.run(q, k, v, None, None)), ref) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("shape", [(1, 2, (6, 80), (6, 80), 64), (2, 1, (5, 48), (3, 48), 64),
                                    (1, 2, (3, 128), (4, 128), 64), (1, 1, (7, 80), (9, 80), 64),
                                    (1, 3, (2, 96), (2, 96), 64), (1, 1, (1, 112), (2, 112), 64)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sm90_whole_key_row_tiles(shape, dtype, monkeypatch):
-    """k_w in 48..128 (multiple of 16): key tiles of one whole key row (rel 3),
-    chosen automatically; q/k grids of different sizes, partial query tiles.
-    (k_w = 80 runs on relattn_ws by default: switched off here so that this
-    kernel is the one tested.)"""
-    _sm90()
-    monkeypatch.setenv("RELATTN_SM90_WS80", "0")
+def test_sm90_whole_key_row_tiles(shape, dtype):
+    """k_w in 48..128 (multiple of 16): key tiles of one whole key row
+    (WHOLE_ROW), chosen automatically; q/k grids of different sizes, partial
+    query tiles. (k_w = 80 runs on relattn_ws by default: relattn_wg is
+    forced here so that this kernel is the one tested.)"""
+    hopper()
     B, H, qg, kg, D = shape
-    assert gpu._sm90_config(D, qg[0] * qg[1], kg[0] * kg[1], kg[0], kg[1], True) == (1, kg[1], 3, 2)
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype)).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    assert core_plan(dev, kg, D ** -0.5, "wg").config == wg.Config(1, kg[1], wg.Bias.WHOLE_ROW, 2)
+    if kg[1] != 80:
+        assert core_plan(dev, kg, D ** -0.5).family == "wg"
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="wg")
 
 
 @pytest.mark.parametrize("shape", [(1, 2, (64, 64), (64, 64), 80), (2, 1, (9, 64), (5, 64), 72),
                                    (1, 3, (3, 64), (4, 64), 80), (1, 1, (1, 64), (1, 64), 80),
                                    (1, 2, (5, 64), (7, 64), 66)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_sm90_head_dim_80_split_tiles(shape, dtype, monkeypatch):
+def test_sm90_head_dim_80_split_tiles(shape, dtype):
     """head_dim 65..80 on the wgmma kernel (64 swizzled columns + 16
-    unswizzled ones per tile row), chosen for k_w == 64 when the
-    warp-specialised kernel is off; with and without the rel terms, q/k grids
-    of different sizes, partial tiles."""
-    _sm90()
-    monkeypatch.setenv("RELATTN_SM90_WS", "0")
+    unswizzled ones per tile row), its configuration for k_w == 64 when
+    relattn_wg is forced (kernel="wg"; relattn_ws comes first by default);
+    with and without the rel terms, q/k grids of different sizes, partial tiles."""
+    hopper()
     B, H, qg, kg, D = shape
-    assert gpu._sm90_config(gpu._pad16(D), qg[0] * qg[1], kg[0] * kg[1], kg[0], kg[1], True) == (2, 64, 1, 2)
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, "split")).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    assert core_plan(dev, kg, D ** -0.5, "wg").config == wg.Config(2, 64, wg.Bias.KEY_ROWS, 2)
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="wg")
     q, k, v, _, _ = dev
-    plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)
-    assert rel_l2(from_dev(plain), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
+    plain = core_plan((q, k, v, None, None), kg, D ** -0.5, "wg")
+    assert plain.config == wg.Config(2, 64, wg.Bias.NONE, 2)
+    out = plain.run(q, k, v, None, None)
+    assert rel_l2(from_dev(out), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
 
 
 def test_sm90_is_chosen_for_head_dim_64():
-    sm90 = _sm90()
-    assert gpu._sm90_config(64, 4096, 4096, 64, 64, True)[2] == 1
-    assert gpu._sm90_config(64, 4096, 4096, 1, 4096, False)[2] == 0
-    assert gpu._sm90_config(80, 4096, 4096, 64, 64, True) == (2, 64, 1, 2)   # SAM-H: split tiles
-    assert gpu._sm90_config(80, 196, 196, 14, 14, True) is None
-    assert sm90.smem_bytes(64, 1, 64, 1, 64, 64) <= sm90.MAX_SMEM
-    # the warp-specialised kernel takes these first (unless RELATTN_SM90_WS=0)
-    if os.environ.get("RELATTN_SM90_WS") is None and os.environ.get("RELATTN_SM90_CFG") is None:
-        assert gpu._sm90_config(64, 4096, 4096, 64, 64, True, ws=True) == (3, 64, 1, 4, 1, 160, 1)
-        assert gpu._sm90_config(80, 4096, 4096, 64, 64, True, ws=True) == (2, 128, 1, 3, 1, 240, 1)
+    from relattn.backends.gpu import _build
+    from relattn.backends.gpu.families import ws
+
+    device = hopper()
+    assert wg.config(problem(64, 4096, 4096, 64, 64), device, False, {}).bias == wg.Bias.KEY_ROWS
+    assert wg.config(problem(64, 4096, 4096, 1, 4096, False), device, False, {}).bias == wg.Bias.NONE
+    assert wg.config(problem(80, 4096, 4096, 64, 64), device, False, {}) == wg.Config(2, 64, wg.Bias.KEY_ROWS, 2)
+    assert wg.tuned_reasons(problem(80, 196, 196, 14, 14))   # SAM-H windows: left to another family
+    assert wg.smem_bytes(64, wg.Config(1, 64, wg.Bias.KEY_ROWS), 64, 64) <= _build.MAX_SMEM_SM90
+    # the warp-specialised kernel takes these first
+    rng = np.random.default_rng(19)
+    for D, cfg in ((64, ws.Config(3, 64, ws.Bias.KEY_ROWS, 4, 1, 160, 1)),
+                   (80, ws.Config(2, 128, ws.Bias.KEY_ROWS, 3, 1, 240, 1))):
+        dev, _ = make_case(rng, 1, 1, (64, 64), (64, 64), D, "bfloat16")
+        plan = core_plan(dev, (64, 64), D ** -0.5)
+        assert (plan.family, plan.config) == ("ws", cfg)
 
 
 @pytest.mark.parametrize("tdtype", ["bfloat16", "float16", "float32"])
@@ -402,25 +443,27 @@ def test_rel_terms_from_tables(grids, dtype, tdtype):
 
 
 def test_sm90_build_failure_falls_back(monkeypatch):
-    """If NVRTC cannot build the sm_90a kernel, the call warns once and the
-    portable kernel computes the (correct) result; the reason is remembered."""
-    sm90 = _sm90()
+    """If NVRTC cannot build the sm_90a kernels, the call warns and the
+    portable kernel computes the (correct) result; the reason is remembered
+    for the device (no further Hopper kernel is tried on it)."""
+    from relattn.backends.gpu import _build
+
+    hopper()
 
     def broken(name):
         raise RuntimeError("simulated NVRTC failure")
 
-    monkeypatch.setattr(sm90, "_compile", broken)
-    monkeypatch.setattr(sm90, "_functions", {})
-    monkeypatch.setattr(sm90, "_status", {})
+    monkeypatch.setattr(_build, "_compile_sm90", broken)
+    monkeypatch.setattr(_build, "_sm90_functions", {})
+    monkeypatch.setattr(_device, "_devices", {})   # the device's state, restored afterwards
     rng = np.random.default_rng(3)
     dev, host = make_case(rng, 1, 2, (8, 64), (8, 64), 64, "bfloat16")
     with pytest.warns(RuntimeWarning, match="simulated NVRTC failure"):
         run_and_check(dev, host, (8, 64), 0.125, "bfloat16")
-    assert "simulated NVRTC failure" in sm90.unavailable_reason()
-    import warnings
-
+    assert "simulated NVRTC failure" in _device.current().hopper_reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second attempt, no second warning
+        assert core_plan(dev, (8, 64), 0.125).family == "mma"
         run_and_check(dev, host, (8, 64), 0.125, "bfloat16")
 
 
@@ -482,9 +525,9 @@ def test_float32_tensor_core_modes(shape, mode, tol):
                                    (3, 2, (14, 14), (14, 14), 64), (1, 2, (9, 20), (5, 30), 48),
                                    (1, 1, (11, 13), (7, 9), 96), (2, 2, (7, 7), (7, 7), 20),
                                    (1, 1, (1, 1), (1, 3), 64)])
-def test_3xtf32_shared_split_same_bits(monkeypatch, shape, nonfinite):
+def test_3xtf32_shared_split_same_bits(shape, nonfinite):
     """relattn_tf32's SH variant (K / V split once per 8-warp block; forced by
-    RELATTN_TF32_SH=1) gives the bits of the per-warp split (=0): partial row
+    kernel_options sh=1) gives the bits of the per-warp split (sh=0): partial row
     and key tiles, rows past the end of the last 128-row block, q/k grids of
     different sizes, padded head dims, and an infinite key that sends blocks
     through the IEEE-safe second pass (whose flags are per 64 rows)."""
@@ -497,13 +540,13 @@ def test_3xtf32_shared_split_same_bits(monkeypatch, shape, nonfinite):
         kr[0, -1, min(3, kr.shape[2] - 1), 1] = np.inf
         q, k = cupy.asarray(qr.astype(np.float32)), cupy.asarray(kr.astype(np.float32))
     outs = {}
-    monkeypatch.setenv("RELATTN_SM90_TF32", "0")   # relattn_tf32 (Hopper would run relattn_wgt)
-    for env in ("1", "0"):
-        monkeypatch.setenv("RELATTN_TF32_SH", env)
-        outs[env] = gpu.attention(q, k, v, rh, rw, kg, D ** -0.5)
-    assert bool((outs["1"].view(cupy.uint32) == outs["0"].view(cupy.uint32)).all())
+    for sh in (1, 0):   # relattn_tf32 forced (Hopper would run relattn_wgt)
+        plan = core_plan((q, k, v, rh, rw), kg, D ** -0.5, "tf32", sh=sh)
+        assert plan.family == "tf32" and plan.config.sh == sh and plan.config.split == 3
+        outs[sh] = plan.run(q, k, v, rh, rw)
+    assert bool((outs[1].view(cupy.uint32) == outs[0].view(cupy.uint32)).all())
     with np.errstate(invalid="ignore"):
-        got, ref = from_dev(outs["1"]), reference(qr, kr, vr, rhr, rwr, kg, D ** -0.5)
+        got, ref = from_dev(outs[1]), reference(qr, kr, vr, rhr, rwr, kg, D ** -0.5)
     assert (np.isnan(got) == np.isnan(ref)).all()
     if nonfinite:
         assert np.isnan(got).any()
@@ -571,31 +614,38 @@ def test_resize_rel_pos_fused_kernel_bit_identical_to_numpy():
         np.testing.assert_array_equal(from_dev(got), from_dev(to_dev(want, name)[0]))
 
 
-@pytest.mark.parametrize("spb", [None, "1", "3"])
+@pytest.mark.parametrize("spb", [None, 1, 3])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("shape", [(2, 3, (14, 14), (14, 14), 64), (1, 2, (14, 14), (14, 14), 80),
                                    (1, 2, (7, 9), (5, 16), 64), (1, 1, (3, 20), (6, 17), 64),
                                    (2, 1, (16, 4), (8, 32), 40), (1, 2, (1, 1), (1, 2), 64),
                                    (1, 1, (16, 16), (16, 16), 128), (1, 1, (5, 5), (2, 3), 16)])
-def test_small_grid_kernel(shape, dtype, spb, monkeypatch):
-    """relattn_win (whole key grid in shared memory, key rows padded to 16 / 32
-    slots): SAM windows, q/k grids of different sizes, k_w at the slot limits,
-    padded head dims, one query, several query slices per block or one."""
-    if spb:
-        monkeypatch.setenv("RELATTN_WIN_SPB", spb)
+def test_small_grid_kernel(shape, dtype, spb):
+    """relattn_win (forced: kernel="win"; whole key grid in shared memory, key
+    rows padded to 16 / 32 slots): SAM windows, q/k grids of different sizes,
+    k_w at the slot limits, padded head dims, one query, several query slices
+    per block (kernel_options spb) or one."""
     B, H, qg, kg, D = shape
-    assert gpu._win_config(gpu._pad16((D + 7) // 8 * 8), qg[0] * qg[1], kg[0], kg[1]) is not None
-    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, spb)).encode()))
+    options = {} if spb is None else {"spb": spb}
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, spb and str(spb))).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    plan = core_plan(dev, kg, D ** -0.5, "win", **options)
+    assert plan.family == "win" and plan.config.spb == (spb or min((qg[0] * qg[1] + 15) // 16, 16))
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="win", **options)
 
 
-def test_small_grid_kernel_off_matches_on(monkeypatch):
+@pytest.mark.parametrize("family", ["ws", "wg", "mma"])
+def test_small_grid_kernel_matches_the_other_families(family):
+    """SAM's windows on relattn_win and on each other 16-bit family that can
+    take them (forced by name)."""
     rng = np.random.default_rng(3)
     dev, _ = make_case(rng, 3, 2, (14, 14), (14, 14), 64, "bfloat16")
-    on = gpu.attention(*dev, (14, 14), 0.125)
-    monkeypatch.setenv("RELATTN_WIN", "0")
-    off = gpu.attention(*dev, (14, 14), 0.125)
+    on = core_plan(dev, (14, 14), 0.125, "win").run(*dev)
+    try:
+        plan = core_plan(dev, (14, 14), 0.125, family)
+    except NoKernel as exc:
+        pytest.skip(str(exc))
+    off = plan.run(*dev)
     assert rel_l2(from_dev(on), from_dev(off)) <= 4e-3
 
 
@@ -647,14 +697,14 @@ def _misaligned(a):
 
 
 PLAN_CASES = [
-    # (B, H, grid, head_dim, dtype): the kernel it runs on the H100
-    (1, 2, (64, 64), 64, "bfloat16"),   # wgmma
-    (2, 2, (14, 14), 64, "float16"),    # small-grid kernel
-    (1, 2, (20, 20), 80, "bfloat16"),   # mma.sync
-    (1, 2, (9, 11), 20, "bfloat16"),    # head_dim padded to 24
-    (1, 2, (32, 32), 64, "float32"),    # 3xTF32
-    (1, 2, (9, 11), 18, "float32"),     # head_dim padded to 20
-    (1, 1, (9, 11), 24, "float64"),     # SIMT
+    # (B, H, grid, head_dim, dtype): the kernel it runs on a Hopper GPU
+    (1, 2, (64, 64), 64, "bfloat16"),   # relattn_ws
+    (2, 2, (14, 14), 64, "float16"),    # relattn_ws, 16-slot key rows (elsewhere relattn_win)
+    (1, 2, (20, 20), 80, "bfloat16"),   # relattn_mma
+    (1, 2, (9, 11), 20, "bfloat16"),    # relattn_win, head_dim padded to 24
+    (1, 2, (32, 32), 64, "float32"),    # relattn_wgt (3xTF32)
+    (1, 2, (9, 11), 18, "float32"),     # relattn_tf32, head_dim padded to 20
+    (1, 1, (9, 11), 24, "float64"),     # relattn_simt
 ]
 
 
@@ -688,8 +738,10 @@ def test_planned_calls_match_unplanned_and_reference(case, layout, monkeypatch):
     assert rel_l2(from_dev(got), ref) <= TOL[dtype]
 
 
-def test_plans_follow_the_float32_mode_and_switches(monkeypatch):
-    """The float32 mode and the developer switches are part of the plan key."""
+def test_plans_follow_the_float32_mode_and_forced_kernels(monkeypatch):
+    """The float32 mode is part of the plan key; plans of forced kernel
+    families (relattn.plan(..., kernel=...)) leave rel_pos_attention's own
+    plans as they were."""
     import relattn
 
     rng = np.random.default_rng(31)
@@ -705,9 +757,14 @@ def test_plans_follow_the_float32_mode_and_switches(monkeypatch):
             outs[mode] = got.get()
     assert not np.array_equal(outs["tf32"], outs["3xtf32"])
     half = [a.astype(cupy.float16) if a.ndim == 4 else a for a in dev]
-    for switch in ("1", "0", "1"):
-        monkeypatch.setenv("RELATTN_WIN", switch)
-        want = _unplanned(monkeypatch, *half, (14, 14))
+    want = _unplanned(monkeypatch, *half, (14, 14))
+    for kernel in ("win", "mma", None, "win"):
+        p = relattn.plan(*half, (14, 14), kernel=kernel)
+        if kernel is not None:
+            assert p.kernel.startswith(f"relattn_{kernel} (")
+        forced = p(*half).get()
+        np.testing.assert_array_equal(p(*half).get(), forced)
+        assert rel_l2(forced.astype(np.float64), want.get().astype(np.float64)) <= TOL["float16"]
         for _ in range(2):
             np.testing.assert_array_equal(relattn.rel_pos_attention(*half, (14, 14)).get(), want.get())
 

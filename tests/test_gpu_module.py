@@ -14,6 +14,8 @@ except Exception:  # noqa: BLE001
     _has_device = False
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_device, reason="no CUDA device")]
 
+from relattn.backends.gpu.cublas import to_float32  # noqa: E402
+
 BF16 = relattn._arrays.BFLOAT16
 
 
@@ -58,7 +60,7 @@ def test_layer_half_on_gpu(dtype, window_size):
     out = layer(cp.asarray(x_half))
     assert out.dtype == layer.dtype and out.shape == x.shape
     ref = _reference(layer, x_half.astype(np.float32))
-    err = _rel_l2(relattn.backends._cublas.to_float32(out).get(), ref)
+    err = _rel_l2(to_float32(out).get(), ref)
     assert err <= (4e-3 if dtype == "bfloat16" else 1e-3), err
 
 
@@ -253,7 +255,7 @@ def test_layer_plans(dtype, case, monkeypatch):
     builds = []
     build = type(layer)._build_gpu_plan
     monkeypatch.setattr(type(layer), "_build_gpu_plan", lambda self, *a: builds.append(1) or build(self, *a))
-    outs = [relattn.backends._cublas.to_float32(layer(xd, window_size=call_ws)).get() for _ in range(3)]
+    outs = [to_float32(layer(xd, window_size=call_ws)).get() for _ in range(3)]
     assert len(builds) == 1
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
@@ -262,6 +264,6 @@ def test_layer_plans(dtype, case, monkeypatch):
         ref = _reference(layer, np.asarray(x, dtype=np.float32), window_size=call_ws)
         assert _rel_l2(outs[0], ref) <= (4e-3 if dtype == "bfloat16" else 1e-3)
         layer.proj_bias = layer.proj_bias + 1   # clears the plans
-        again = relattn.backends._cublas.to_float32(layer(xd, window_size=call_ws)).get()
+        again = to_float32(layer(xd, window_size=call_ws)).get()
         assert len(builds) == 2
         np.testing.assert_allclose(again, outs[0] + 1, rtol=0, atol=0.07)

@@ -1,7 +1,9 @@
 """The small-grid kernel relattn_win with the relative terms computed inside it
-(FUSE 1: SAM's 14 x 14 windows). Skipped without CuPy or a CUDA device.
+(fuse 1: SAM's 14 x 14 windows). Skipped without CuPy or a CUDA device.
 
-Cases are compared with the float64 numpy evaluation of tests/test_gpu.py.
+On a Hopper GPU relattn_ws's 16-slot key rows come first, so these tests
+force relattn_win by name (``relattn.plan(..., kernel="win")``). Cases are
+compared with the float64 numpy evaluation of tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -18,28 +20,31 @@ pytestmark = pytest.mark.gpu
 
 import relattn  # noqa: E402
 from relattn import functional  # noqa: E402
-from relattn.backends import cupy_gpu as gpu  # noqa: E402
+from relattn.backends import gpu  # noqa: E402
+from relattn.backends.gpu import _device, families, terms  # noqa: E402
 from test_gpu import TOL, from_dev, replayed_from_graph, reference, rel_l2, to_dev  # noqa: E402
 from test_gpu_ws import _tables  # noqa: E402
 
 
 @pytest.fixture
-def win(monkeypatch):
+def win():
     if gpu.unavailable_reason() is not None:
         pytest.skip(gpu.unavailable_reason())
     if int(cupy.cuda.Device().compute_capability) < 80:
         pytest.skip("bfloat16 mma.sync needs compute capability 8.0")
-    for name in ("RELATTN_WIN", "RELATTN_WIN_SPB", "RELATTN_WIN_FUSE"):
-        monkeypatch.delenv(name, raising=False)
-    # relattn_win itself (on a Hopper GPU relattn_ws's 16-slot key rows come first)
-    monkeypatch.setenv("RELATTN_SM90_WSWIN", "0")
 
 
-def _is_window_plan(run):
-    return getattr(run, "__qualname__", "").startswith("fused_plan")
+def win_plan(q, k, v, th, tw, q_size, k_size=None, **options):
+    """relattn.plan with relattn_win forced, ``options`` its kernel_options."""
+    return relattn.plan(q, k, v, th, tw, q_size, k_size, kernel="win", kernel_options=options or None)
 
 
-CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1), RELATTN_WIN_SPB
+def _is_window_plan(p, terms="fused"):
+    """Whether plan ``p`` runs relattn_win, with the terms computed inside it (or as ``terms`` says)."""
+    return p.kernel.startswith("relattn_win (") and p.kernel.endswith(f"terms: {terms}")
+
+
+CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1), slices per block (kernel_options spb)
     (25, 2, (14, 14), (14, 14), 64, None, None),   # SAM-B windows
     (2, 2, (14, 14), (14, 14), 80, None, None),    # SAM-H windows (head_dim 80)
     (2, 3, (14, 14), (14, 14), 72, None, None),
@@ -58,27 +63,27 @@ CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1), REL
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}x{c[3][1]}"
                                                       f"-d{c[4]}-r{c[5]}-spb{c[6]}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_fused_window_terms(case, dtype, win, monkeypatch):
-    """rel_pos_attention with 16-bit tables on a small grid runs relattn_win with
-    the terms inside: first and planned calls give the same bits, within
-    float64 accuracy (the reference takes the same resized 16-bit tables),
-    close to the unfused path (terms kernel + relattn_win), inputs unmodified."""
+def test_fused_window_terms(case, dtype, win):
+    """A call with 16-bit tables on a small grid runs relattn_win with the
+    terms inside: the plan's calls give the same bits, within float64
+    accuracy (the reference takes the same resized 16-bit tables), close to
+    the unfused path (terms kernel + relattn_win), inputs unmodified."""
     from relattn.relpos import resize_rel_pos
 
     B, H, qg, kg, D, rows, spb = case
-    if spb:
-        monkeypatch.setenv("RELATTN_WIN_SPB", str(spb))
+    options = {"spb": spb} if spb else {}
     rng = np.random.default_rng(zlib.crc32(repr((case, dtype)).encode()))
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype)
                                  for g in (qg, kg, kg))
     Lh, Lw = 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1
     (th, _), (tw, _) = _tables(rng, rows or Lh, rows or Lw, D, dtype)
     before = [from_dev(a).copy() for a in (q, k, v, th, tw)]
-    functional._plans.clear()
-    assert _is_window_plan(functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5))
-    first = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    p = win_plan(q, k, v, th, tw, qg, kg, **options)
+    assert _is_window_plan(p), p.kernel
+    assert f"spb={spb or min((qg[0] * qg[1] + 15) // 16, 16)} " in p.kernel
+    first = p(q, k, v, th, tw)
     for _ in range(2):
-        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)), from_dev(first))
+        np.testing.assert_array_equal(from_dev(p(q, k, v, th, tw)), from_dev(first))
     rth = from_dev(resize_rel_pos(th, Lh) if rows else th)
     rtw = from_dev(resize_rel_pos(tw, Lw) if rows else tw)
     rh, rw = relattn.decomposed_rel_pos(qr, rth, rtw, qg, kg)
@@ -86,9 +91,9 @@ def test_fused_window_terms(case, dtype, win, monkeypatch):
     assert rel_l2(from_dev(first), ref) <= TOL[dtype]
     for a, b in zip((q, k, v, th, tw), before):
         np.testing.assert_array_equal(from_dev(a), b)
-    monkeypatch.setenv("RELATTN_WIN_FUSE", "0")
-    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
-    unfused = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    p = win_plan(q, k, v, th, tw, qg, kg, fused=False, **options)
+    assert _is_window_plan(p, "kernel"), p.kernel
+    unfused = p(q, k, v, th, tw)
     assert rel_l2(from_dev(unfused), ref) <= TOL[dtype]
     assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
 
@@ -102,7 +107,9 @@ def test_fused_window_logits_near_float16_overflow(win):
                                  (30 * rng.standard_normal((2, 2, 196, D)), 30 * rng.standard_normal((2, 2, 196, D)),
                                   rng.standard_normal((2, 2, 196, D))))
     (th, thr), (tw, twr) = (to_dev(40 * rng.standard_normal((27, D)), "bfloat16") for _ in range(2))
-    out = from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g))
+    p = win_plan(q, k, v, th, tw, g)
+    assert _is_window_plan(p), p.kernel
+    out = from_dev(p(q, k, v, th, tw))
     rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, g, g)
     assert np.abs(rh).max() > 1e4
     assert np.isfinite(out).all()
@@ -126,15 +133,18 @@ def test_fused_window_not_taken(why, win):
     rng = np.random.default_rng(zlib.crc32(why.encode()))
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, g[0] * g[1], D)), dtype) for g in (qg, kg, kg))
     (th, thr), (tw, twr) = _tables(rng, 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1, D, tdtype)
-    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
-    out = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    assert not gpu.make_plan(q, k, v, th, tw, qg, kg, D ** -0.5).fused   # no fused kernel at all
+    p = win_plan(q, k, v, th, tw, qg, kg)
+    assert _is_window_plan(p, "kernel"), p.kernel
     rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, qg, kg)
-    assert rel_l2(from_dev(out), reference(qr, kr, vr, rh, rw, kg, D ** -0.5)) <= TOL[dtype]
+    ref = reference(qr, kr, vr, rh, rw, kg, D ** -0.5)
+    assert rel_l2(from_dev(p(q, k, v, th, tw)), ref) <= TOL[dtype]
+    assert rel_l2(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)), ref) <= TOL[dtype]
 
 
 def test_fused_window_runs_no_terms_kernel(win, monkeypatch):
     """First, planned and DLPack (unplannable) calls compute no separate terms
-    and give the same bits."""
+    and give the same bits, on relattn_win and on the planner's choice."""
     rng = np.random.default_rng(7)
     g = (14, 14)
     (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((4, 2, 196, 64)), "bfloat16") for _ in range(3))
@@ -142,12 +152,16 @@ def test_fused_window_runs_no_terms_kernel(win, monkeypatch):
     functional._plans.clear()
     relattn.rel_pos_attention(q, k, v, th, tw, g)
     want = from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g))
+    want_win = from_dev(win_plan(q, k, v, th, tw, g)(q, k, v, th, tw))
 
     def no_terms(*args, **kwargs):
         raise AssertionError("the separate terms kernel ran")
 
-    monkeypatch.setattr(gpu, "terms_plan", no_terms)
-    monkeypatch.setattr(gpu, "rel_terms", no_terms)
+    for name in ("plan", "terms_plan", "rel_terms"):
+        monkeypatch.setattr(terms, name, no_terms)
+    p = win_plan(q, k, v, th, tw, g)
+    for _ in range(2):
+        np.testing.assert_array_equal(from_dev(p(q, k, v, th, tw)), want_win)
     functional._plans.clear()
     for _ in range(2):
         np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g)), want)
@@ -166,8 +180,9 @@ def test_fused_window_strided_views(win):
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     qr, kr, vr = (qkvr[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     (th, thr), (tw, twr) = _tables(rng, 27, 27, D, "bfloat16")
-    assert _is_window_plan(functional._fused_first("cupy", q, k, v, th, tw, g, g, D ** -0.5))
-    out = from_dev(relattn.rel_pos_attention(q, k, v, th, tw, g))
+    p = win_plan(q, k, v, th, tw, g)
+    assert _is_window_plan(p), p.kernel
+    out = from_dev(p(q, k, v, th, tw))
     rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, g, g)
     assert rel_l2(out, reference(qr, kr, vr, rh, rw, g, D ** -0.5)) <= TOL["bfloat16"]
 
@@ -177,14 +192,31 @@ def test_fused_window_captured_in_a_cuda_graph(win):
     g = (14, 14)
     (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((3, 2, 196, 64)), "bfloat16") for _ in range(3))
     (th, _), (tw, _) = _tables(rng, 27, 27, 64, "bfloat16")
-    first = relattn.rel_pos_attention(q, k, v, th, tw, g)
-    out = replayed_from_graph(lambda: relattn.rel_pos_attention(q, k, v, th, tw, g))
+    p = win_plan(q, k, v, th, tw, g)
+    assert _is_window_plan(p), p.kernel
+    first = p(q, k, v, th, tw)
+    out = replayed_from_graph(lambda: p(q, k, v, th, tw))
     np.testing.assert_array_equal(from_dev(out), from_dev(first))
 
 
-def test_windowed_layer_on_the_fused_kernel(win):
+def test_windowed_layer_on_the_fused_kernel(win, monkeypatch):
     """A bf16 windowed layer (SAM's 14 x 14 windows, padded 30 x 30 input)
-    runs the fused window plan and matches the float64 layer."""
+    runs the fused window plan and matches the float64 layer. (relattn_ws,
+    which takes these windows first on a Hopper GPU, is left out of the
+    planner's list here, so that relattn_win is the kernel that runs.)"""
+    win_family = families.FAMILIES["win"]
+    monkeypatch.setitem(families.PRIORITY, "bfloat16",
+                        tuple(f for f in families.PRIORITY["bfloat16"] if f is not families.FAMILIES["ws"]))
+    built = []   # the relattn_win configurations planned
+    build = win_family.build
+
+    def recording_build(p, device, c, *arrays):
+        run, why = build(p, device, c, *arrays)
+        if run is not None:
+            built.append(c)
+        return run, why
+
+    monkeypatch.setattr(win_family, "build", recording_build)
     layer = relattn.Attention(128, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(14, 14),
                               window_size=14, dtype="bfloat16", rng=0)
     layer.rel_pos_h = layer.rel_pos_h * 20  # make the bias matter
@@ -192,8 +224,11 @@ def test_windowed_layer_on_the_fused_kernel(win):
     x = np.random.default_rng(1).standard_normal((1, 30, 30, 128)).astype(np.float32)
     xd, xr = to_dev(x, "bfloat16")
     functional._plans.clear()
-    out = from_dev(layer(xd))
-    assert any(_is_window_plan(run) for run in functional._plans.values())
+    try:
+        out = from_dev(layer(xd))
+    finally:
+        functional._plans.clear()   # planned without relattn_ws: not for later calls
+    assert any(c.fuse == 1 for c in built), built
     ref = relattn.Attention(128, 2, use_rel_pos=True, input_size=(14, 14), window_size=14, dtype="float64",
                             backend="numpy")
     ref.load_state_dict({name: np.asarray(from_dev(a) if hasattr(a, "get") else a, dtype=np.float64)
@@ -213,25 +248,35 @@ def test_fused_tables_misaligned(grid, win):
     flat = [to_dev(0.5 * rng.standard_normal(n * D + 1), "bfloat16")[0] for n in L]
     th, tw = (f[1:].reshape(n, D) for f, n in zip(flat, L))
     assert th.data.ptr % 16 == 2 and th.flags.c_contiguous
-    want = from_dev(relattn.rel_pos_attention(q, k, v, th.copy(), tw.copy(), grid))
-    for _ in range(2):   # first and planned calls
-        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, grid)), want)
+    kernel = "win" if grid == (14, 14) else None   # the windows on relattn_win, the global grid as planned
+    ath, atw = th.copy(), tw.copy()
+    want = from_dev(relattn.plan(q, k, v, ath, atw, grid, kernel=kernel)(q, k, v, ath, atw))
+    p = relattn.plan(q, k, v, th, tw, grid, kernel=kernel)
+    if kernel is not None or _device.current().hopper:   # relattn_win, or relattn_ws on the global grid
+        assert p.kernel.endswith("terms: fused"), p.kernel
+    for _ in range(2):   # the plan's calls
+        np.testing.assert_array_equal(from_dev(p(q, k, v, th, tw)), want)
+    if kernel is None:   # rel_pos_attention's first and planned calls
+        for _ in range(2):
+            np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, grid)), want)
 
 
 @pytest.mark.parametrize("fuse", ["1", "0"])
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
-def test_window_nonfinite_value_poisons_its_column(bad, fuse, win, monkeypatch):
+def test_window_nonfinite_value_poisons_its_column(bad, fuse, win):
     """A non-finite value in V (key 14: the first of the second key row, which
     sits next to row 0's padding slots) reaches every output row of its
-    column as +inf / NaN, as in the reference; the other columns stay finite."""
-    monkeypatch.setenv("RELATTN_WIN_FUSE", fuse)
+    column as +inf / NaN, as in the reference; the other columns stay finite
+    (relattn_win with the terms inside it and computed before)."""
     rng = np.random.default_rng(17)
     g, D = (14, 14), 64
     q, k, v = (rng.standard_normal((1, 2, 196, D)) for _ in range(3))
     v[0, 0, 14, 2] = bad
     (qd, _), (kd, _), (vd, _) = (to_dev(x, "bfloat16") for x in (q, k, v))
     (th, _), (tw, _) = _tables(rng, 27, 27, D, "bfloat16")
-    out = from_dev(relattn.rel_pos_attention(qd, kd, vd, th, tw, g)).astype(np.float64)
+    p = win_plan(qd, kd, vd, th, tw, g, fused=fuse == "1")
+    assert _is_window_plan(p, "fused" if fuse == "1" else "kernel"), p.kernel
+    out = from_dev(p(qd, kd, vd, th, tw)).astype(np.float64)
     col = out[0, 0, :, 2]
     assert (np.isnan(col) if np.isnan(bad) else np.isposinf(col)).all()
     assert np.isfinite(np.delete(out[0, 0], 2, axis=1)).all() and np.isfinite(out[0, 1]).all()

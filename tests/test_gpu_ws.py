@@ -19,25 +19,41 @@ pytestmark = pytest.mark.gpu
 
 import relattn  # noqa: E402
 from relattn import functional  # noqa: E402
-from relattn.backends import cupy_gpu as gpu  # noqa: E402
-from test_gpu import (TOL, from_dev, make_case, reference, rel_l2, replayed_from_graph,  # noqa: E402
-                      run_and_check, to_dev)
+from relattn.backends import gpu  # noqa: E402
+from relattn.backends.gpu import _build, terms, tuning  # noqa: E402
+from relattn.backends.gpu.families import wg, ws  # noqa: E402
+from test_gpu import (TOL, core_plan, from_dev, make_case, options_id, problem, reference,  # noqa: E402
+                      rel_l2, replayed_from_graph, run_and_check, to_dev)
 
 
 @pytest.fixture
-def sm90(monkeypatch):
-    from relattn.backends import _sm90
+def sm90():
+    """The device, where the sm_90a kernels can run on it (else the test is skipped)."""
+    from test_gpu import hopper
 
-    why = _sm90.unavailable_reason()
-    if why is not None:
-        pytest.skip(f"sm_90a kernel unavailable: {why}")
-    for name in ("RELATTN_SM90_WS", "RELATTN_SM90_CFG", "RELATTN_SM90_FUSE", "RELATTN_WS_PERSIST",
-                 "RELATTN_SM90_WSWIN", "RELATTN_SM90_WS80"):
-        monkeypatch.delenv(name, raising=False)
-    return _sm90
+    return hopper()
 
 
-WS_CFGS = ["3,64,4,1,160", "3,64,3,0,160", "2,128,3,1,240", "2,64,4,1,0", "2,64,2,0,0"]
+def cfg(nc, bn, stages, pp, rg, mb=None):
+    """kernel_options of a relattn_ws configuration."""
+    return dict(nc=nc, bn=bn, stages=stages, pp=pp, rg=rg, **({} if mb is None else {"mb": mb}))
+
+
+def ws_config(options, bias):
+    """The ws.Config of kernel_options ``options`` (defaults of the dataclass: mb 1)."""
+    return ws.Config(options["nc"], options["bn"], bias, options["stages"], options["pp"], options["rg"],
+                     options.get("mb", 1), options.get("persist", 1))
+
+
+def fused_plan(q, k, v, th, tw, qg, kg, **options):
+    """The backend's plan of a call with tables (the planner's choice, or with
+    ``options`` relattn_ws forced with them as kernel_options)."""
+    kernel = "ws" if options else None
+    return gpu.make_plan(q, k, v, th, tw, qg, kg, q.shape[-1] ** -0.5, kernel, options or None)
+
+
+WS_CFGS = [cfg(3, 64, 4, 1, 160), cfg(3, 64, 3, 0, 160), cfg(2, 128, 3, 1, 240), cfg(2, 64, 4, 1, 0),
+           cfg(2, 64, 2, 0, 0)]
 WS_SHAPES = [  # B, H, q grid, k grid, head_dim
     (1, 2, (16, 64), (16, 64), 64),
     (2, 3, (9, 64), (5, 64), 64),      # q/k grids of different sizes, partial tiles
@@ -49,23 +65,23 @@ WS_SHAPES = [  # B, H, q grid, k grid, head_dim
 ]
 
 
-@pytest.mark.parametrize("cfg", WS_CFGS)
+@pytest.mark.parametrize("options", WS_CFGS, ids=options_id)
 @pytest.mark.parametrize("shape", WS_SHAPES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ws_kernel_configs(shape, dtype, cfg, sm90, monkeypatch):
-    """Every consumer / tile / stage / round-robin / register configuration,
-    with the terms (rel 1) and without (rel 0), against float64."""
-    monkeypatch.setenv("RELATTN_SM90_WS", cfg)
+def test_ws_kernel_configs(shape, dtype, options, sm90):
+    """Every consumer / tile / stage / round-robin / register configuration
+    (forced: kernel="ws" with kernel_options), with the terms (KEY_ROWS) and
+    without (NONE), against float64."""
     B, H, qg, kg, D = shape
-    nc, bn, st, pp, rg, *mb = (int(x) for x in cfg.split(","))
-    Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
-    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True) == (nc, bn, 1, st, pp, rg, mb[0] if mb else 1)
-    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, options_id(options))).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    assert core_plan(dev, kg, D ** -0.5, "ws", **options).config == ws_config(options, ws.Bias.KEY_ROWS)
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="ws", **options)
     q, k, v, _, _ = dev
-    plain = gpu.attention(q, k, v, None, None, kg, D ** -0.5)
-    assert rel_l2(from_dev(plain), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
+    plain = core_plan((q, k, v, None, None), kg, D ** -0.5, "ws", **options)
+    assert plain.config == ws_config(options, ws.Bias.NONE)
+    out = plain.run(q, k, v, None, None)
+    assert rel_l2(from_dev(out), reference(*host[:3], None, None, kg, D ** -0.5)) <= TOL[dtype]
 
 
 ROW80_SHAPES = [  # B, H, q grid, k grid, head_dim
@@ -77,42 +93,52 @@ ROW80_SHAPES = [  # B, H, q grid, k grid, head_dim
 ]
 
 
-@pytest.mark.parametrize("cfg", [None, "3,80,3,1,160", "2,80,2,0,240", "1,80,4,0,0,2"])
+@pytest.mark.parametrize("options", [None, cfg(3, 80, 3, 1, 160), cfg(2, 80, 2, 0, 240), cfg(1, 80, 4, 0, 0, 2)],
+                         ids=lambda o: options_id(o or {}))
 @pytest.mark.parametrize("shape", ROW80_SHAPES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ws_80_key_rows(shape, dtype, cfg, sm90, monkeypatch):
+def test_ws_80_key_rows(shape, dtype, options, sm90):
     """k_w = 80: key tiles of one 80-key row (rel_w in registers) against
-    float64, in the default and other consumer / stage / register settings;
-    the kernel that ran is the 80-key one (no silent fallback)."""
-    if cfg is not None:
-        monkeypatch.setenv("RELATTN_SM90_WS80", cfg)
+    float64, chosen by the planner and in other consumer / stage / register
+    settings (kernel="ws" with kernel_options); the kernel that runs is the
+    80-key one (no silent fallback)."""
     B, H, qg, kg, D = shape
-    Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
-    nc, bn, st, pp, rg, *mb = sm90.WS_ROW80_DEFAULT if cfg is None else tuple(int(x) for x in cfg.split(","))
-    want = (nc, 80, 1, st, pp, rg, mb[0] if mb else 1)
-    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True) == want
-    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, cfg)).encode()))
+    rng = np.random.default_rng(zlib.crc32(repr((shape, dtype, options and options_id(options))).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype, relmag=3.0)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
-    name = sm90.ws_kernel_name(1 if dtype == "bfloat16" else 0, 64, *want[:2], 1, *want[3:])
-    assert any(key[0] == name for key in sm90._functions), name
+    if options is None:
+        nc, bn, st, pp, rg, mb = tuning.WS[("row80", 64)]
+        want = ws.Config(nc, 80, ws.Bias.KEY_ROWS, st, pp, rg, mb)
+        plan = core_plan(dev, kg, D ** -0.5)
+    else:
+        want = ws_config(options, ws.Bias.KEY_ROWS)
+        plan = core_plan(dev, kg, D ** -0.5, "ws", **options)
+    assert (plan.family, plan.config) == ("ws", want)
+    q, k, v, rh, rw = dev
+    out = plan.run(q, k, v, rh, rw)
+    assert rel_l2(from_dev(out), reference(*host, kg, D ** -0.5)) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("why", ["head_dim 80", "switched off", "k_w 64", "keys not whole rows"])
-def test_ws_80_key_rows_not_taken(why, sm90, monkeypatch):
+@pytest.mark.parametrize("why", ["head_dim 80", "relattn_wg forced", "k_w 64", "keys not whole rows"])
+def test_ws_80_key_rows_not_taken(why, sm90):
     """80-key tiles only where they are key rows of k_w = 80 at head_dim 64."""
     hd, Sq, kh, kw = 64, 1600, 20, 80
     Sk = kh * kw
+    options = {}
     if why == "head_dim 80":
         hd = 80
-    elif why == "switched off":
-        monkeypatch.setenv("RELATTN_SM90_WS80", "0")
+    elif why == "relattn_wg forced":   # relattn_wg's whole key rows serve it
+        p = problem(hd, Sq, Sk, kh, kw)
+        assert wg.not_supported_reasons(p, sm90, False) == []
+        assert wg.config(p, sm90, False, {}) == wg.Config(1, 80, wg.Bias.WHOLE_ROW, 2)
+        return
     elif why == "k_w 64":
-        monkeypatch.setenv("RELATTN_SM90_WS", "2,80,4,1,240")
+        options = cfg(2, 80, 4, 1, 240)
         kw, Sk = 64, kh * 64
     else:
         Sk -= 1
-    assert gpu._sm90_config(hd, Sq, Sk, kh, kw, True, ws=True) is None
+    p = problem(hd, Sq, Sk, kh, kw)
+    reasons = ws.not_supported_reasons(p, sm90, False)
+    assert reasons or ws.config_reasons(p, ws.config(p, sm90, False, options))
 
 
 @pytest.mark.parametrize("D", [64, 80])
@@ -123,8 +149,9 @@ def test_ws_plain_attention_any_length(sizes, dtype, D, sm90):
     Sq, Sk = sizes
     rng = np.random.default_rng(zlib.crc32(repr((sizes, dtype, D)).encode()))
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((2, 2, n, D)), dtype) for n in (Sq, Sk, Sk))
-    assert gpu._sm90_config(D, Sq, Sk, 1, Sk, False, ws=True) is not None
-    out = gpu.attention(q, k, v, None, None, None, D ** -0.5)
+    plan = core_plan((q, k, v, None, None), None, D ** -0.5)
+    assert plan.family == "ws" and plan.config.bias == ws.Bias.NONE
+    out = plan.run(q, k, v, None, None)
     assert rel_l2(from_dev(out), reference(qr, kr, vr, None, None, None, D ** -0.5)) <= TOL[dtype]
 
 
@@ -171,28 +198,27 @@ WIN_SHAPES = [  # B, H, q grid, k grid, head_dim
 ]
 
 
-@pytest.mark.parametrize("cfg", [None, "2,64,4,1,240,1"])
-@pytest.mark.parametrize("blocks", ["1", "2"])
+@pytest.mark.parametrize("options", [None, cfg(2, 64, 4, 1, 240, 1)], ids=lambda o: options_id(o or {}))
+@pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("shape", WIN_SHAPES, ids=lambda c: f"B{c[0]}H{c[1]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}x{c[3][1]}-d{c[4]}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ws_small_key_grids(shape, dtype, blocks, cfg, sm90, monkeypatch):
-    """k_w <= 16: every key row in 16 slots (rel 5), terms given, against
-    float64, for the default and another configuration; with
-    RELATTN_WS_PERSIST=2 the two blocks loop over the row tiles."""
-    if cfg:
-        monkeypatch.setenv("RELATTN_SM90_WS", cfg)
+def test_ws_small_key_grids(shape, dtype, blocks, options, sm90):
+    """k_w <= 16: every key row in 16 slots (WINDOW), terms given, against
+    float64, for the default and another configuration; with kernel_options
+    persist=2 the two blocks loop over the row tiles."""
     B, H, qg, kg, D = shape
-    Sq, Sk = qg[0] * qg[1], kg[0] * kg[1]
-    assert gpu._sm90_config(gpu._pad16(D), Sq, Sk, kg[0], kg[1], True, ws=True)[2] == 5
-    if blocks == "2":
-        monkeypatch.setenv("RELATTN_WS_PERSIST", "2")
+    options = dict(options or {}, **({"persist": 2} if blocks == 2 else {}))
     rng = np.random.default_rng(zlib.crc32(repr((shape, dtype)).encode()))
     dev, host = make_case(rng, B, H, qg, kg, D, dtype)
-    run_and_check(dev, host, kg, D ** -0.5, dtype)
+    plan = core_plan(dev, kg, D ** -0.5, "ws", **options)
+    assert plan.config.bias == ws.Bias.WINDOW and plan.config.persist == blocks
+    if not options:
+        assert core_plan(dev, kg, D ** -0.5).config == plan.config   # the planner's choice
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="ws", **options)
 
 
 @pytest.mark.parametrize("bad", ["k_inf", "v_nan"])
-def test_ws_small_key_grids_nonfinite_stays_in_its_window(bad, sm90, monkeypatch):
+def test_ws_small_key_grids_nonfinite_stays_in_its_window(bad, sm90):
     """A non-finite key or value of one window (batch element) does not reach
     the other windows through the ring's stages (the slots past k_w, the key
     rows past k_h): they equal the results without it."""
@@ -205,8 +231,10 @@ def test_ws_small_key_grids_nonfinite_stays_in_its_window(bad, sm90, monkeypatch
         k2.view(cupy.uint16)[0, 1, 100, 3] = 0x7F80
     else:
         v2.view(cupy.uint16)[0, 1, 100, 3] = 0x7FC0
-    monkeypatch.setenv("RELATTN_WS_PERSIST", "2")   # blocks carry stages from window to window
-    got = from_dev(gpu.attention(q, k2, v2, rh, rw, (14, 14), 0.125))
+    # two blocks carry stages from window to window
+    plan = core_plan((q, k2, v2, rh, rw), (14, 14), 0.125, "ws", persist=2)
+    assert plan.config.bias == ws.Bias.WINDOW
+    got = from_dev(plan.run(q, k2, v2, rh, rw))
     np.testing.assert_array_equal(got[1:], clean[1:])
     np.testing.assert_array_equal(got[0, 0], clean[0, 0])
     assert np.isnan(got[0, 1]).any()
@@ -229,11 +257,9 @@ extern "C" __global__ void probe_smem(unsigned int n, unsigned int* out) {
 
 @functools.lru_cache(maxsize=None)
 def _poison_kernels():
-    from relattn.backends import _sm90
-
     kernels = tuple(cupy.RawKernel(_POISON_SRC, name) for name in ("poison_smem", "probe_smem"))
     for fn in kernels:
-        fn.max_dynamic_shared_size_bytes = _sm90.MAX_SMEM   # one block takes a whole SM's shared memory
+        fn.max_dynamic_shared_size_bytes = _build.MAX_SMEM_SM90   # one block takes a whole SM's shared memory
     return kernels
 
 
@@ -241,11 +267,9 @@ def _poison_shared_memory(check=False):
     """Fill the shared memory of every SM with all-ones words (NaN in bf16 /
     fp16); with ``check``, whether a later kernel's uninitialised shared
     memory still holds them."""
-    from relattn.backends import _sm90
-
     poison, probe = _poison_kernels()
     n_sm = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-    nbytes = _sm90.MAX_SMEM
+    nbytes = _build.MAX_SMEM_SM90
     poison((2 * n_sm,), (1024,), (np.uint32(nbytes // 4),), shared_mem=nbytes)
     if not check:
         return True
@@ -255,7 +279,7 @@ def _poison_shared_memory(check=False):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_ws_small_key_grids_stale_nan_shared_memory(fused, sm90, monkeypatch):
+def test_ws_small_key_grids_stale_nan_shared_memory(fused, sm90):
     """Shared memory left full of NaN bits by an earlier kernel does not reach
     the output: relattn_ws zeroes the key rows' padding slots (k_w .. 15),
     which no TMA box writes and whose rel_w is -inf (0 x NaN would be NaN),
@@ -267,14 +291,20 @@ def test_ws_small_key_grids_stale_nan_shared_memory(fused, sm90, monkeypatch):
     (q, _), (k, _), (v, _) = (to_dev(rng.standard_normal((B, H, 196, D)), "bfloat16") for _ in range(3))
     if fused:
         (th, _), (tw, _) = _tables(rng, 27, 27, D, "bfloat16")
-        assert functional._fused_first("cupy", q, k, v, th, tw, g, g, D ** -0.5) is not None
-        call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, g, g)  # noqa: E731
+        assert fused_plan(q, k, v, th, tw, g, g).config.bias == ws.Bias.FUSED_WINDOW
+
+        def plan(blocks):
+            p = relattn.plan(q, k, v, th, tw, g, g, kernel="ws", kernel_options={"persist": blocks, "fused": True})
+            return lambda: p(q, k, v, th, tw)
     else:
         (rh, _), (rw, _) = (to_dev(rng.standard_normal((B, H, 196, 14)), "float32") for _ in range(2))
-        call = lambda: gpu.attention(q, k, v, rh, rw, g, D ** -0.5)  # noqa: E731
-    for blocks in ("1", "2"):
-        monkeypatch.setenv("RELATTN_WS_PERSIST", blocks)
-        functional._plans.clear()
+
+        def plan(blocks):
+            p = core_plan((q, k, v, rh, rw), g, D ** -0.5, "ws", persist=blocks)
+            assert p.config.bias == ws.Bias.WINDOW
+            return lambda: p.run(q, k, v, rh, rw)
+    for blocks in (1, 2):
+        call = plan(blocks)
         clean = from_dev(call())
         outs = []
         for _ in range(3):
@@ -289,52 +319,56 @@ def test_ws_small_key_grids_stale_nan_shared_memory(fused, sm90, monkeypatch):
 def _tables(rng, rows_h, rows_w, D, dtype):
     return [to_dev(0.5 * rng.standard_normal((n, D)), dtype) for n in (rows_h, rows_w)]
 
-PERSIST_CASES = [  # RELATTN_SM90_WS (None: default), B, H, q grid, k grid, head_dim, fused terms
-    (None, 2, 3, (9, 64), (5, 64), 64, False),          # partial row and key tiles
-    ("2,64,2,0,0", 2, 3, (9, 64), (7, 64), 64, False),  # 2 stages, 7 key tiles: ring positions cross tiles
-    ("2,128,3,1,240", 1, 3, (16, 64), (5, 64), 80, False),
-    ("3,64,4,1,160", 1, 2, (9, 64), (9, 64), 64, None),  # no terms
-    (None, 1, 2, (16, 64), (16, 64), 64, True),          # fused: tables loaded once per block
-    (None, 2, 2, (9, 64), (5, 64), 72, True),            # head_dim 72 read as 80 (two table passes)
-    (None, 3, 2, (14, 14), (14, 14), 64, True),          # SAM's windows, fused (rel 6)
-    ("2,64,4,1,240,1", 3, 2, (14, 14), (14, 14), 80, True),
+PERSIST_CASES = [  # relattn_ws kernel_options (None: default), B, H, q grid, k grid, head_dim, fused terms
+    (None, 2, 3, (9, 64), (5, 64), 64, False),                # partial row and key tiles
+    (cfg(2, 64, 2, 0, 0), 2, 3, (9, 64), (7, 64), 64, False),  # 2 stages, 7 key tiles: ring positions cross tiles
+    (cfg(2, 128, 3, 1, 240), 1, 3, (16, 64), (5, 64), 80, False),
+    (cfg(3, 64, 4, 1, 160), 1, 2, (9, 64), (9, 64), 64, None),  # no terms
+    (None, 1, 2, (16, 64), (16, 64), 64, True),               # fused: tables loaded once per block
+    (None, 2, 2, (9, 64), (5, 64), 72, True),                 # head_dim 72 read as 80 (two table passes)
+    (None, 3, 2, (14, 14), (14, 14), 64, True),               # SAM's windows, fused (FUSED_WINDOW)
+    (cfg(2, 64, 4, 1, 240, 1), 3, 2, (14, 14), (14, 14), 80, True),
 ]
 
 
-@pytest.mark.parametrize("blocks", ["2", "3"])
-@pytest.mark.parametrize("case", PERSIST_CASES, ids=lambda c: f"{c[0]}-B{c[1]}H{c[2]}-q{c[3][0]}-k{c[4][0]}-d{c[5]}-{c[6]}")
-def test_ws_persistent_blocks(case, blocks, sm90, monkeypatch):
+@pytest.mark.parametrize("blocks", [2, 3])
+@pytest.mark.parametrize("case", PERSIST_CASES,
+                         ids=lambda c: f"{options_id(c[0] or {})}-B{c[1]}H{c[2]}-q{c[3][0]}-k{c[4][0]}-d{c[5]}-{c[6]}")
+def test_ws_persistent_blocks(case, blocks, sm90):
     """Blocks that loop over several row tiles (the K/V ring, Q's mbarriers,
     the round robin and the fused tables carried from tile to tile; the
-    RELATTN_WS_PERSIST cap forces it on small problems) give the bits of one
-    block per tile, and the float64 result."""
-    cfg, B, H, qg, kg, D, fused = case
-    if cfg:
-        monkeypatch.setenv("RELATTN_SM90_WS", cfg)
+    kernel_options persist cap forces it on small problems) give the bits of
+    one block per tile (persist=0), and the float64 result."""
+    options, B, H, qg, kg, D, fused = case
+    options = options or {}
     dtype = "bfloat16"
-    rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+    rng = np.random.default_rng(zlib.crc32(repr((options_id(options),) + case[1:]).encode()))
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype) for g in (qg, kg, kg))
     scale = D ** -0.5
     if fused:
         (th, _), (tw, _) = _tables(rng, 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1, D, dtype)
-        assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, scale) is not None
-        call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)  # noqa: E731
+        assert fused_plan(q, k, v, th, tw, qg, kg, **options).fused
+
+        def call(persist):
+            p = relattn.plan(q, k, v, th, tw, qg, kg, kernel="ws",
+                             kernel_options=dict(options, persist=persist, fused=True))
+            assert p.kernel.startswith("relattn_ws (") and p.kernel.endswith("terms: fused")
+            return p(q, k, v, th, tw)
         rh, rw = relattn.decomposed_rel_pos(qr, from_dev(th), from_dev(tw), qg, kg)
     else:
-        hd = gpu._pad16(D)
-        assert gpu._sm90_config(hd, q.shape[2], k.shape[2], kg[0], kg[1], fused is not None, ws=True) is not None
         if fused is None:
-            call = lambda: gpu.attention(q, k, v, None, None, kg, scale)  # noqa: E731
+            dev = (q, k, v, None, None)
             rh = rw = None
         else:
             (rhd, rh), (rwd, rw) = (to_dev(rng.standard_normal((B, H, q.shape[2], n)), "float32") for n in kg)
-            call = lambda: gpu.attention(q, k, v, rhd, rwd, kg, scale)  # noqa: E731
-    outs = {}
-    for p in ("0", blocks):
-        monkeypatch.setenv("RELATTN_WS_PERSIST", p)
-        functional._plans.clear()
-        outs[p] = from_dev(call())
-    np.testing.assert_array_equal(outs[blocks], outs["0"])
+            dev = (q, k, v, rhd, rwd)
+
+        def call(persist):
+            p = core_plan(dev, kg, scale, "ws", **options, persist=persist)
+            assert p.config.persist == persist
+            return p.run(*dev)
+    outs = {p: from_dev(call(p)) for p in (0, blocks)}
+    np.testing.assert_array_equal(outs[blocks], outs[0])
     assert rel_l2(outs[blocks], reference(qr, kr, vr, rh, rw, kg, scale)) <= TOL[dtype]
 
 
@@ -350,54 +384,59 @@ FUSED_CASES = [  # B, H, q grid, k grid, head_dim, table rows (None: 2 * max - 1
     (1, 2, (64, 64), (64, 64), 80, None),   # SAM-H global
     (1, 2, (9, 64), (5, 64), 72, None),
     (1, 2, (12, 64), (12, 64), 80, 40),
-    (3, 2, (14, 14), (14, 14), 64, None),   # SAM's windows: 16-slot key rows (rel 6)
+    (3, 2, (14, 14), (14, 14), 64, None),   # SAM's windows: 16-slot key rows (FUSED_WINDOW)
     (2, 2, (14, 14), (14, 14), 80, None),
     (1, 2, (14, 14), (5, 16), 64, None),
     (2, 2, (10, 10), (10, 10), 72, 15),     # tables resized from 15 to 19 rows
 ]
 
 
-# head_dim 72 / 80 on global grids: rel 7 by default, rel 4 with RELATTN_WS_H72=0
-FUSED_RUNS = [(c, "1") for c in FUSED_CASES] + [(c, "0") for c in FUSED_CASES if c[4] > 64 and c[3][1] == 64]
+# head_dim 72 / 80 on global grids: FUSED_H72 by default, FUSED forced by kernel_options bias
+FUSED_RUNS = [(c, "h72") for c in FUSED_CASES] + [(c, "two_passes") for c in FUSED_CASES
+                                                 if c[4] > 64 and c[3][1] == 64]
 
 
-@pytest.mark.parametrize("case,h72", FUSED_RUNS,
+@pytest.mark.parametrize("case,rel_h", FUSED_RUNS,
                          ids=lambda c: f"B{c[0]}-q{c[2][0]}x{c[2][1]}-k{c[3][0]}-d{c[4]}-r{c[5]}" if isinstance(c, tuple)
-                         else f"h72_{c}")
+                         else c)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_fused_terms(case, h72, dtype, sm90, monkeypatch):
+def test_fused_terms(case, rel_h, dtype, sm90):
     """rel_pos_attention with 16-bit tables of q's dtype runs the fused plan:
     the first call and the planned ones give the same bits, within float64
     accuracy (the reference takes the same resized 16-bit tables), and close
-    to the unfused kernels (RELATTN_SM90_FUSE=0). Head dims 72 / 80 on global
-    grids run rel 7 (rel_h in one pass of 72 table rows) and, with
-    RELATTN_WS_H72=0, rel 4's two passes."""
+    to the unfused kernel (kernel_options fused=False). Head dims 72 / 80 on
+    global grids run FUSED_H72 (rel_h in one pass of 72 table rows) and, with
+    kernel_options bias=FUSED, two passes."""
     from relattn.relpos import resize_rel_pos
 
     B, H, qg, kg, D, rows = case
-    monkeypatch.setenv("RELATTN_WS_H72", h72)
-    if D > 64 and kg[1] == 64:
-        assert gpu._rel_h_one_pass(80, (2, 128, 4, 3, 1, 240, 1), qg[0], kg[0], qg[1], qg[0] * qg[1]) is (h72 == "1")
     rng = np.random.default_rng(zlib.crc32(repr((case, dtype)).encode()))
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((B, H, g[0] * g[1], D)), dtype)
                                  for g in (qg, kg, kg))
     Lh, Lw = 2 * max(qg[0], kg[0]) - 1, 2 * max(qg[1], kg[1]) - 1
     (th, _), (tw, _) = _tables(rng, rows or Lh, rows or Lw, D, dtype)
     functional._plans.clear()
-    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is not None
-    first = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
+    if rel_h == "h72":
+        plan = fused_plan(q, k, v, th, tw, qg, kg)
+        call = lambda: relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)  # noqa: E731
+    else:
+        plan = fused_plan(q, k, v, th, tw, qg, kg, bias=ws.Bias.FUSED)
+        forced = relattn.plan(q, k, v, th, tw, qg, kg, kernel="ws", kernel_options={"bias": ws.Bias.FUSED})
+        call = lambda: forced(q, k, v, th, tw)  # noqa: E731
+    assert plan.family == "ws" and plan.fused and plan.terms == "fused"
+    if D > 64 and kg[1] == 64:
+        assert plan.config.bias == (ws.Bias.FUSED_H72 if rel_h == "h72" else ws.Bias.FUSED)
+    first = call()
     for _ in range(2):
-        np.testing.assert_array_equal(from_dev(relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)), from_dev(first))
+        np.testing.assert_array_equal(from_dev(call()), from_dev(first))
     rth = from_dev(resize_rel_pos(th, Lh) if rows else th)
     rtw = from_dev(resize_rel_pos(tw, Lw) if rows else tw)
     rh, rw = relattn.decomposed_rel_pos(qr, rth, rtw, qg, kg)
     ref = reference(qr, kr, vr, rh, rw, kg, D ** -0.5)
     assert rel_l2(from_dev(first), ref) <= TOL[dtype]
-    monkeypatch.setenv("RELATTN_SM90_FUSE", "0")
-    monkeypatch.setenv("RELATTN_WIN_FUSE", "0")   # the windows' other fused kernel (relattn_win)
-    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
-    unfused = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
-    assert rel_l2(from_dev(unfused), from_dev(first)) <= TOL[dtype]
+    unfused = relattn.plan(q, k, v, th, tw, qg, kg, kernel="ws", kernel_options={"fused": False})
+    assert unfused.kernel.endswith("terms: kernel")
+    assert rel_l2(from_dev(unfused(q, k, v, th, tw)), from_dev(first)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("why", ["float32_tables", "k_w_32", "k_h_65", "head_dim_96", "float32_q"])
@@ -419,7 +458,9 @@ def test_fused_terms_not_taken(why, sm90):
     S = qg[0] * qg[1]
     (q, qr), (k, kr), (v, vr) = (to_dev(rng.standard_normal((1, 2, S, D)), dtype) for _ in range(3))
     (th, thr), (tw, twr) = _tables(rng, 2 * qg[0] - 1, 2 * qg[1] - 1, D, tdtype)
-    assert functional._fused_first("cupy", q, k, v, th, tw, qg, kg, D ** -0.5) is None
+    plan = gpu.make_plan(q, k, v, th, tw, qg, kg, D ** -0.5)
+    assert not plan.fused and plan.terms == "kernel"
+    assert "terms: kernel" in relattn.explain(q, k, v, th, tw, qg, kg)
     out = relattn.rel_pos_attention(q, k, v, th, tw, qg, kg)
     rh, rw = relattn.decomposed_rel_pos(qr, thr, twr, qg, kg)
     assert rel_l2(from_dev(out), reference(qr, kr, vr, rh, rw, kg, D ** -0.5)) <= TOL[dtype]
@@ -441,8 +482,8 @@ def test_fused_call_runs_no_terms_kernel(interop, sm90, monkeypatch):
     def no_terms(*args, **kwargs):
         raise AssertionError("the separate terms kernel ran")
 
-    monkeypatch.setattr(gpu, "terms_plan", no_terms)
-    monkeypatch.setattr(gpu, "rel_terms", no_terms)
+    for name in ("plan", "terms_plan", "rel_terms"):
+        monkeypatch.setattr(terms, name, no_terms)
     functional._plans.clear()
     args = (q, k, v, th, tw)
     if interop == "torch":
@@ -483,9 +524,19 @@ def test_fused_call_captured_in_a_cuda_graph(sm90):
     np.testing.assert_array_equal(from_dev(out), from_dev(first))
 
 
-def test_layer_on_the_fused_kernel(sm90):
+def test_layer_on_the_fused_kernel(sm90, monkeypatch):
     """A bf16 layer of SAM's shape class (head_dim 64, 64-wide grid) runs the
     fused plan and matches the float64 layer."""
+    built = []   # the relattn_ws configurations planned
+    build = ws.build
+
+    def recording_build(p, device, c, *arrays):
+        run, why = build(p, device, c, *arrays)
+        if run is not None:
+            built.append(c)
+        return run, why
+
+    monkeypatch.setattr(ws, "build", recording_build)
     layer = relattn.Attention(128, 2, use_rel_pos=True, rel_pos_zero_init=False, input_size=(16, 64),
                               dtype="bfloat16", rng=0)
     layer.rel_pos_h = layer.rel_pos_h * 20  # make the bias matter
@@ -494,7 +545,7 @@ def test_layer_on_the_fused_kernel(sm90):
     xd, xr = to_dev(x, "bfloat16")
     functional._plans.clear()
     out = from_dev(layer(xd))
-    assert any(getattr(run, "__qualname__", "").startswith("_ws_plan") for run in functional._plans.values())
+    assert any(c.bias == ws.Bias.FUSED for c in built), built
     ref = relattn.Attention(128, 2, use_rel_pos=True, input_size=(16, 64), dtype="float64", backend="numpy")
     ref.load_state_dict({name: np.asarray(from_dev(a) if hasattr(a, "get") else a, dtype=np.float64)
                          for name, a in layer.state_dict().items()})

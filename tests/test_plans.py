@@ -210,20 +210,29 @@ def test_threads_share_plans(backend, xp):
     assert not errors, errors
 
 
-def test_gpu_developer_switches_are_in_the_plan_key():
-    """Every RELATTN_* switch the GPU backend reads while planning is part of
-    cupy_gpu.plan_key, so a cached plan never outlives a change of it (session
-    12's RELATTN_SM90_WS80 was missing until session 13). Exempt: the cache
-    directory and the switches read once at import."""
+def test_gpu_backend_reads_only_its_two_settings_from_the_environment():
+    """relattn's GPU backend reads exactly RELATTN_CACHE_DIR and RELATTN_SM90
+    from the environment, once, in options.py: nothing a call plans depends on
+    an environment variable (a kernel or configuration is forced by
+    ``relattn.plan(..., kernel=..., kernel_options=...)``), so a cached plan
+    cannot outlive a change of one."""
+    import dataclasses
     import pathlib
     import re
 
-    from relattn.backends import cupy_gpu
+    from relattn.backends.gpu import options
 
-    root = pathlib.Path(relattn.__file__).parent / "backends"
-    names = set()
-    for path in root.glob("*.py"):
-        names |= set(re.findall(r'environ(?:\.get\(|\[)"(RELATTN_[A-Z0-9_]+)"', path.read_text()))
-    assert {"RELATTN_SM90_WS80", "RELATTN_SM90_TF32", "RELATTN_TF32_SH"} <= names   # the scan finds them
-    import_time = {"RELATTN_CACHE_DIR", "RELATTN_CUPY_MW", "RELATTN_RELTERMS_MMA"}
-    assert names - import_time <= set(cupy_gpu._KNOBS), sorted(names - import_time - set(cupy_gpu._KNOBS))
+    root = pathlib.Path(relattn.__file__).parent
+    reads = set()
+    environ_files = set()
+    pattern = r'(?:environ\.get\(|environ\[|getenv\()\s*["\'](RELATTN_[A-Z0-9_]+)["\']'
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        rel = path.relative_to(root).as_posix()
+        reads |= {(rel, name) for name in re.findall(pattern, text)}
+        if rel.startswith("backends/") and re.search(r"\bos\.environ\b|\bgetenv\(", text):
+            environ_files.add(rel)
+    assert reads == {("backends/gpu/options.py", "RELATTN_CACHE_DIR"),
+                     ("backends/gpu/options.py", "RELATTN_SM90")}, sorted(reads)
+    assert environ_files == {"backends/gpu/options.py"}, sorted(environ_files)
+    assert {f.name for f in dataclasses.fields(options.Options)} == {"cache_dir", "hopper"}

@@ -9,9 +9,17 @@ Every backend is a module in this package exposing the same small interface:
 ``unavailable_reason() -> str | None``
     ``None`` when the backend can run on this machine, else a one-line reason
     (e.g. ``"numba is not installed"``). Must be cheap and never raise.
-``not_supported_reasons(q, k, v, rel_h, rel_w, k_size) -> list[str]``
-    Empty when the backend accepts these (already validated) inputs, else one
-    short human-readable reason per unmet requirement.
+``not_supported_reasons(q, k, v, rel_pos_h, rel_pos_w, k_size) -> list[str]``
+    Empty when the backend accepts these (already validated) inputs (the
+    tables, or None), else one short human-readable reason per unmet
+    requirement.
+``describe() -> str`` (optional)
+    One line on the kernel it runs, for :func:`relattn.explain`.
+``plan(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, kernel, kernel_options)`` (optional)
+    A backend that plans the terms and the core itself (the GPU backend:
+    kernel families, see ``relattn.backends.gpu``) returns an object with
+    ``run(q, k, v, rel_pos_h, rel_pos_w)`` and ``describe()``. Without it the
+    terms are computed on the CPU and ``attention`` runs.
 ``attention(q, k, v, rel_h, rel_w, k_size, scale) -> out``
     The attention core. Inputs are already validated by the caller:
 
@@ -45,7 +53,7 @@ import importlib
 
 # Priority order for backend="auto": the first that can take the inputs wins.
 _MODULES = {
-    "cupy": "relattn.backends.cupy_gpu",
+    "cupy": "relattn.backends.gpu",
     "numba": "relattn.backends.numba_cpu",
     "numpy": "relattn.backends.reference",
 }

@@ -94,7 +94,12 @@ def _mark_broken(why: str) -> None:
     _broken, _checked = why, True
 
 
-def not_supported_reasons(q, k, v, rel_h, rel_w, k_size) -> list[str]:
+def describe() -> str:
+    return ("numba fused kernel: query tiles of up to 64 x key tiles of 64, online softmax, "
+            "float32 on 8-lane vectors (float64 on plain loops); no S x S buffer")
+
+
+def not_supported_reasons(q, k, v, rel_pos_h, rel_pos_w, k_size) -> list[str]:
     reasons = []
     if not isinstance(q, np.ndarray):
         reasons.append(f"numba backend takes numpy arrays, got {type(q).__name__}")

@@ -49,7 +49,11 @@ def unavailable_reason():
     return None
 
 
-def not_supported_reasons(q, k, v, rel_h, rel_w, k_size):
+def describe() -> str:
+    return f"the formula, materialized (logits in chunks of at most {CHUNK_BYTES // 2**20} MiB)"
+
+
+def not_supported_reasons(q, k, v, rel_pos_h, rel_pos_w, k_size):
     work = compute_dtype(q.dtype)
     head_bytes = q.shape[2] * k.shape[2] * work.itemsize
     if head_bytes > MAX_HEAD_BYTES:

@@ -10,6 +10,8 @@ where CuPy's own ``astype`` cannot do them.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from relattn._arrays import dtype_name
@@ -134,23 +136,89 @@ def linear_half_plan(n, weight, bias, dtype):
 def _gemm(x2d, weight, out, code, n, m, k, beta):
     """out = x2d @ weight.T (+ out when beta points at 1), float32 accumulation."""
     import cupy
-    from cupy_backends.cuda.libs import cublas
 
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    mode = cublas.getPointerMode(handle)
-    if mode != 0:
-        cublas.setPointerMode(handle, 0)  # host scalars
-    try:
-        # Row-major Y (n, m) is column-major Y^T (m, n) = W (m, k) @ X^T (k, n).
-        cublas.gemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
-                      _ONE_PTR, weight.data.ptr, code, k,
-                      x2d.data.ptr, code, k,
-                      beta, out.data.ptr, _CUDA_R_32F, m,
-                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
-    finally:
-        if mode != 0:
-            cublas.setPointerMode(handle, mode)
+    lib, entry = _cublas_handle()
+    _set_stream(lib, entry, cupy.cuda.get_current_stream().ptr)
+    handle = entry[0]
+    # Row-major Y (n, m) is column-major Y^T (m, n) = W (m, k) @ X^T (k, n).
+    _check(lib.cublasGemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
+                            _ONE_PTR, weight.data.ptr, code, k,
+                            x2d.data.ptr, code, k,
+                            beta, out.data.ptr, _CUDA_R_32F, m,
+                            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
+
+
+# cuBLAS through ctypes, on a handle of relattn's own per thread and device,
+# with a workspace of its own: CuPy refuses its cuBLAS calls while a stream is
+# being captured into a CUDA graph (Attention.capture), and cuBLAS itself
+# captures only with a user workspace (no allocation inside the graph).
+_WORKSPACE_BYTES = 32 * 2**20
+_lib: list = []
+_local = threading.local()
+_workspaces: list = []   # kept for the life of the process: handles point at them
+
+
+def _cublas_library():
+    if not _lib:
+        import ctypes
+        import ctypes.util
+
+        import cupy
+
+        cupy.cuda.device.get_cublas_handle()   # CuPy loads cuBLAS: use the same library
+        path = None
+        try:
+            with open("/proc/self/maps") as fh:
+                for line in fh:
+                    if "libcublas.so" in line and "libcublasLt" not in line:
+                        path = line.split()[-1]
+                        break
+        except OSError:
+            pass
+        lib = ctypes.CDLL(path or ctypes.util.find_library("cublas"))
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        lib.cublasCreate_v2.argtypes = [ctypes.POINTER(vp)]
+        lib.cublasSetStream_v2.argtypes = [vp, vp]
+        lib.cublasSetWorkspace_v2.argtypes = [vp, vp, ctypes.c_size_t]
+        lib.cublasSetPointerMode_v2.argtypes = [vp, i]
+        lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]
+        _lib.append(lib)
+    return _lib[0]
+
+
+def _check(status, what):
+    if status != 0:
+        raise RuntimeError(f"relattn: {what} failed (cuBLAS status {status})")
+
+
+def _cublas_handle():
+    import ctypes
+
+    import cupy
+
+    lib = _cublas_library()
+    dev = cupy.cuda.runtime.getDevice()
+    handles = getattr(_local, "handles", None)
+    if handles is None:
+        handles = _local.handles = {}
+    entry = handles.get(dev)
+    if entry is None:
+        h = ctypes.c_void_p()
+        _check(lib.cublasCreate_v2(ctypes.byref(h)), "cublasCreate")
+        _check(lib.cublasSetPointerMode_v2(h, 0), "cublasSetPointerMode")   # host scalars
+        ws = cupy.empty((_WORKSPACE_BYTES,), dtype=cupy.uint8)
+        _workspaces.append(ws)
+        entry = handles[dev] = [h, None, ws]
+    return lib, entry
+
+
+def _set_stream(lib, entry, stream_ptr):
+    """Bind the handle to the stream; cuBLAS resets the workspace on a stream
+    change, so it is set again."""
+    if entry[1] != stream_ptr:
+        _check(lib.cublasSetStream_v2(entry[0], stream_ptr), "cublasSetStream")
+        _check(lib.cublasSetWorkspace_v2(entry[0], entry[2].data.ptr, _WORKSPACE_BYTES), "cublasSetWorkspace")
+        entry[1] = stream_ptr
 
 
 def contiguous(x):

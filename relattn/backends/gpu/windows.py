@@ -21,7 +21,7 @@ _modules: list = []     # the modules behind them, kept loaded
 def _kernel(direction: str, word: str):
     import cupy
 
-    from relattn.backends.cupy_gpu import read_cuda
+    from relattn.backends.gpu._build import read_cuda
 
     dev = cupy.cuda.runtime.getDevice()
     fn = _functions.get((dev, direction, word))
@@ -45,7 +45,7 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
     import cupy
     import numpy as np
 
-    from relattn.backends._cublas import contiguous
+    from relattn.backends.gpu.cublas import contiguous
 
     dtype = src.dtype
     token = int(src.shape[-1]) * dtype.itemsize

@@ -1,0 +1,78 @@
+// Helpers of the Hopper (sm_90a) kernels relattn_wg, relattn_ws and
+// relattn_wgt: the async-proxy fence, wgmma's fence / commit / wait, the
+// shared-memory matrix descriptor, the 16-bit output store of a warpgroup,
+// and the mbarrier, TMA (cp.async.bulk.tensor), named-barrier and setmaxnreg
+// wrappers. The wgmma instructions themselves are the generated structs
+// RaWg<DT, N> / RaWt<N> (_build.wgmma_wrappers), which come before this file.
+// Needs common.cuh before it.
+
+__device__ __forceinline__ void ra_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void ra_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void ra_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void ra_wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+
+// Shared-memory matrix descriptor, no swizzle: start address, leading and
+// stride byte offsets (all in 16-byte units).
+// SW: 0 = no swizzle, 1 = 128-byte swizzle (bits 62-63 of the descriptor).
+__device__ __forceinline__ u64 ra_desc(u32 addr, u32 lbo, u32 sbo, int sw) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32)
+           | (sw ? (1ull << 62) : 0ull);
+}
+
+// A warpgroup's finished output rows (this thread's rows g and g + 8 of its
+// warp, wgmma accumulator layout: o[4 d + 2 rr + e] is column 8 d + 2 t + e of
+// row rr) divided by their softmax sums and stored as DT; rows past Sq and
+// columns past D are skipped. ob: this (batch, head)'s output; inv_l: the
+// inverse row sums (ra_row_inv).
+template <int DT, int HD>
+__device__ __forceinline__ void ra_wg_store_rows(u16* ob, const float* o, const float* inv_l, const int* rows,
+                                                 int Sq, int D, int t) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const float inv = inv_l[rr];
+        const int r = rows[rr];
+        if (r < Sq) {
+#pragma unroll
+            for (int d = 0; d < HD / 8; ++d) {
+                const int col = d * 8 + 2 * t;
+                if (col < D)
+                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
+                        ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+            }
+        }
+    }
+}
+
+// ---- mbarriers, TMA, named barriers, register reallocation
+// A CUtensorMap (families/ws.py's tensor_map), passed to a kernel by value.
+struct __align__(64) RaTmap { u64 w[16]; };
+
+__device__ __forceinline__ void ra_mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void ra_mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void ra_mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void ra_mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+// TMA: box at coordinates (c0 column, c1 row, c2, c3) of map -> dst; bar counts the bytes
+__device__ __forceinline__ void ra_tma_load(u32 dst, const RaTmap* map, u32 bar, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+        :: "r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void ra_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void ra_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
+template <int R> __device__ __forceinline__ void ra_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }
+template <int R> __device__ __forceinline__ void ra_regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(R)); }
