@@ -127,6 +127,7 @@ class Result:
     vs_anchor: float | None = None
     first_call_s: float | None = None
     gpu_time_s: float | None = None  # CUDA-graph replay of the same call: GPU time, no Python
+    host_time_s: float | None = None  # GPU backends: issuing one call (Python and launches), the GPU idle
 
 
 def _rel_err(out, ref):
@@ -164,6 +165,7 @@ def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
         import cupy
 
         gpu_time = graph_time(call)
+        host = host_time(call, sync)
         pool = cupy.get_default_memory_pool()
         pool.free_all_blocks()
         base = pool.total_bytes()
@@ -176,7 +178,21 @@ def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
         peak = None if peak is None else max(0.0, (peak - out.nbytes) / 2**20)
     err = _rel_err(out, ref) if ref is not None else None
     return Result(case.name, name, np.dtype(dtype).name if dtype != "bfloat16" else "bfloat16",
-                  t, case.flops / t / 1e9, peak, err, first_call_s=first, gpu_time_s=gpu_time)
+                  t, case.flops / t / 1e9, peak, err, first_call_s=first, gpu_time_s=gpu_time,
+                  host_time_s=host if mod.ARRAY_MODULE == "cupy" else None)
+
+
+def host_time(fn, sync, runs=21):
+    """Median wall time of issuing one call of ``fn`` with the GPU idle
+    (synchronised before and after): what a call costs the host."""
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        sync()
+    return sorted(times)[len(times) // 2]
 
 
 def graph_time(fn, replays=50):
@@ -375,7 +391,7 @@ def _threads():
 
 def format_table(results) -> str:
     head = (f"{'case':<20}{'impl':<30}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}"
-            f"{'x seed':>8}{'graph':>11}")
+            f"{'x seed':>8}{'graph':>11}{'host':>11}")
     lines = [head, "-" * len(head)]
     for r in results:
         t = f"{r.time_s * 1e3:.3f} ms" if r.time_s < 1 else f"{r.time_s:.3f} s"
@@ -383,8 +399,9 @@ def format_table(results) -> str:
         err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
         ratio = "-" if r.vs_anchor is None else f"{r.vs_anchor:.2f}"
         graph = "-" if r.gpu_time_s is None else f"{r.gpu_time_s * 1e3:.3f} ms"
+        host = "-" if r.host_time_s is None else f"{r.host_time_s * 1e3:.3f} ms"
         lines.append(f"{r.case:<20}{r.impl:<30}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}"
-                     f"{graph:>11}")
+                     f"{graph:>11}{host:>11}")
     return "\n".join(lines)
 
 

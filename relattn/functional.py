@@ -20,7 +20,8 @@ from relattn._arrays import (
     same_array_type,
     to_module,
 )
-from relattn.relpos import _check_table, decomposed_rel_pos, decomposed_rel_pos_rows, terms_bytes
+from relattn.relpos import _check_table, decomposed_rel_pos_rows, terms_bytes
+from relattn.relpos import terms as relpos_terms
 
 __all__ = ["rel_pos_attention", "explain", "plan", "AttentionPlan", "BackendError"]
 
@@ -213,7 +214,7 @@ def _cpu_run(mod, q, rel_pos_h, q_size, k_size, scale):
         return lambda q, k, v, th, tw: mod.attention(q, k, v, None, None, k_size, scale)
     if rows is None:
         def run(q, k, v, th, tw):
-            rel_h, rel_w = decomposed_rel_pos(q, th, tw, q_size, k_size)
+            rel_h, rel_w = relpos_terms(q, th, tw, q_size, k_size)   # checked when planned
             return mod.attention(q, k, v, rel_h, rel_w, k_size, scale)
 
         return run

@@ -205,6 +205,13 @@ def get_rel_pos(q_size, k_size, rel_pos):
     rows = 2 * max(q_size, k_size) - 1
     check_alloc("q_size, k_size", (rows, rel_pos.shape[1]), 8, "the resized table")
     check_alloc("q_size, k_size", (q_size, k_size, rel_pos.shape[1]), 8, "the gathered embeddings")
+    return _gathered(q_size, k_size, rel_pos)
+
+
+def _gathered(q_size: int, k_size: int, rel_pos):
+    """:func:`get_rel_pos` for checked arguments: resize when the row count
+    is not ``2 * max - 1``, then gather."""
+    rows = 2 * max(q_size, k_size) - 1
     table = rel_pos if rel_pos.shape[0] == rows else resize_rel_pos(rel_pos, rows)
     xp = array_module(table)
     index = _device_index(xp, q_size, k_size)
@@ -278,8 +285,17 @@ def decomposed_rel_pos(q, rel_pos_h, rel_pos_w, q_size, k_size):
         check_alloc("k_size", (2 * max(qs, ks) - 1, head_dim), 8, "the resized table")
         check_alloc("k_size", (qs, ks, head_dim), 8, "the gathered embeddings")
     check_alloc("k_size", (*q.shape[:-1], k_h + k_w), work.itemsize, "rel_h and rel_w")
-    table_h = astype(get_rel_pos(q_h, k_h, rel_pos_h), work)   # (q_h, k_h, C)
-    table_w = astype(get_rel_pos(q_w, k_w, rel_pos_w), work)   # (q_w, k_w, C)
+    return terms(q, rel_pos_h, rel_pos_w, (q_h, q_w), (k_h, k_w))
+
+
+def terms(q, rel_pos_h, rel_pos_w, q_size, k_size):
+    """:func:`decomposed_rel_pos` without the argument checks: for a caller
+    that validated these arguments (a plan, on every call after its first)."""
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    head_dim = q.shape[-1]
+    work = compute_dtype(q.dtype, rel_pos_h.dtype, rel_pos_w.dtype)
+    table_h = astype(_gathered(q_h, k_h, rel_pos_h), work)   # (q_h, k_h, C)
+    table_w = astype(_gathered(q_w, k_w, rel_pos_w), work)   # (q_w, k_w, C)
     xp = array_module(q)
     lead = q.shape[:-2]
     grid_q = astype(q, work).reshape(*lead, q_h, q_w, head_dim)
