@@ -250,10 +250,10 @@ def _make_plan(name, arrays, q_size, k_size, scale, kernel=None, kernel_options=
 
 
 def _planned_run(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, kernel=None, kernel_options=None):
-    """(name, arrays, run, description): select a backend and plan; a backend
-    whose kernels fail in this process is passed over from then on ("auto")
-    or named in a BackendError (forced). ``run`` has run once, on ``arrays``,
-    and its result is returned as ``out``."""
+    """``(name, arrays, run, out, description, refused)``: select a backend,
+    plan, and run the plan once on ``arrays`` (the inputs as that backend
+    takes them), giving ``out``. A backend whose kernels fail in this process
+    is passed over from then on ("auto") or named in a BackendError (forced)."""
     while True:
         name, arrays, refused = _select(backend, q, k, v, rel_pos_h, rel_pos_w, k_size)
         run, description = _make_plan(name, arrays, q_size, k_size, scale, kernel, kernel_options)
