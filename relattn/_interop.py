@@ -15,6 +15,11 @@ from relattn._arrays import is_array
 
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
 
+# Install hints of the optional packages this module may need: "<what> needs ...".
+_INSTALL_CUPY = ("needs the cupy package (pip install relattn[gpu] for CUDA 13, "
+                 "or relattn[gpu-cuda12] for CUDA 12)")
+_INSTALL_BF16 = "needs the ml_dtypes package (pip install relattn[bf16])"
+
 
 def _framework(x) -> str:
     return type(x).__module__.split(".")[0]
@@ -28,6 +33,11 @@ def from_dlpack(name: str, x):
         device_type, _ = x.__dlpack_device__()
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"{name}: could not read the DLPack device of {type(x).__name__} ({exc})") from None
+    if device_type in (_DL_CPU, _DL_CUDA_HOST) and _is_torch_bfloat16(x):
+        from relattn._arrays import BFLOAT16
+
+        if BFLOAT16 is None:
+            raise TypeError(f"{name}: a bfloat16 tensor {_INSTALL_BF16}")
     try:
         if device_type in (_DL_CPU, _DL_CUDA_HOST):
             return _host_from_dlpack(x)
@@ -36,19 +46,21 @@ def from_dlpack(name: str, x):
 
             return cupy.from_dlpack(x)
     except ImportError:
-        raise TypeError(f"{name}: a CUDA tensor needs CuPy (pip install relattn[gpu])") from None
+        raise TypeError(f"{name}: a CUDA tensor {_INSTALL_CUPY}") from None
     except Exception as exc:  # noqa: BLE001
         raise TypeError(f"{name}: could not import {type(x).__name__} through DLPack ({exc})") from None
     raise TypeError(f"{name}: DLPack device type {device_type} is not supported (CPU and CUDA are)")
 
 
-def _host_from_dlpack(x):
-    if _framework(x) == "torch" and str(x.dtype) == "torch.bfloat16":
-        # numpy has no bfloat16 DLPack code: share the bits as int16, view as ml_dtypes.
-        from relattn._arrays import BFLOAT16
+def _is_torch_bfloat16(x) -> bool:
+    return _framework(x) == "torch" and str(getattr(x, "dtype", "")) == "torch.bfloat16"
 
-        if BFLOAT16 is None:
-            raise TypeError("bfloat16 tensors need the ml_dtypes package (pip install relattn[bf16])")
+
+def _host_from_dlpack(x):
+    if _is_torch_bfloat16(x):
+        # numpy has no bfloat16 DLPack code: share the bits as int16, view as ml_dtypes
+        # (present: from_dlpack checked it).
+        from relattn._arrays import BFLOAT16
         import torch
 
         return np.from_dlpack(x.view(torch.int16)).view(BFLOAT16)

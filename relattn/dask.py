@@ -26,7 +26,7 @@ def _da():
     try:
         import dask.array as da
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("relattn.dask needs dask (pip install 'dask[array]')") from None
+        raise ImportError("relattn.dask needs the dask package (pip install relattn[dask])") from None
     return da
 
 

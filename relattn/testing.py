@@ -514,7 +514,11 @@ def problems(*, dtypes=None, min_batch=1, max_batch=2, max_heads=2, min_grid=1, 
     ...     assert_matches_reference(out, problem)
     >>> test_numpy_backend()
     """
-    from hypothesis import strategies as st
+    try:
+        from hypothesis import strategies as st
+    except ImportError:
+        raise ImportError("relattn.testing.problems needs the hypothesis package "
+                          "(pip install relattn[testing])") from None
 
     names = _available_dtypes() if dtypes is None else tuple(dtypes)
     if not names:

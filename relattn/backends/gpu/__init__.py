@@ -71,7 +71,7 @@ def not_supported_reasons(q, k, v, rel_a, rel_b, k_size):
     try:
         import cupy
     except Exception:
-        return ["cupy is not installed (pip install relattn[gpu])"]
+        return ["the cupy backend needs the cupy package (pip install relattn[gpu] or relattn[gpu-cuda12])"]
     reasons = []
     for name, a in (("q", q), ("k", k), ("v", v), ("rel_pos_h", rel_a), ("rel_pos_w", rel_b)):
         if a is not None and not isinstance(a, cupy.ndarray):
