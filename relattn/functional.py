@@ -20,7 +20,7 @@ from relattn._arrays import (
     same_array_type,
     to_module,
 )
-from relattn.relpos import _check_table, decomposed_rel_pos_rows, terms_bytes
+from relattn.relpos import _check_resize_dtype, _check_table, decomposed_rel_pos_rows, resize_ahead, terms_bytes
 from relattn.relpos import terms as relpos_terms
 
 __all__ = ["rel_pos_attention", "explain", "plan", "AttentionPlan", "BackendError"]
@@ -94,8 +94,9 @@ def _prepare_sizes(q_size, k_size, q_len, k_len):
     return q_size, k_size
 
 
-def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale):
+def _prepare(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype="float32"):
     """Validate everything; return the arrays (tables converted and checked), scale and sizes."""
+    _check_resize_dtype(resize_dtype)
     q, k, v = _check_qkv(q, k, v)
     scale = _check_scale(scale, q.shape[3])
     if q.dtype.itemsize < 8 and abs(scale) > 3.4028234663852886e38:  # computed in float32
@@ -266,7 +267,8 @@ def _planned_run(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, 
 
 @accepts_dlpack("q")
 def rel_pos_attention(
-    q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"
+    q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",
+    resize_dtype="float32",
 ):
     """Multi-head attention with SAM's 2-D decomposed relative-position bias.
 
@@ -295,6 +297,13 @@ def rel_pos_attention(
         ``"auto"`` takes the fastest backend that accepts the inputs for their
         array type (see :func:`explain`); naming one forces it, copying between
         host and device if it works on the other array type.
+    resize_dtype : {"float32", "table"}
+        Arithmetic of the table resize (see :func:`relattn.resize_rel_pos`):
+        ``"float32"`` (default) is PyTorch's float32 interpolate, bit for bit
+        (float32 SAM / timm / HF checkpoints, and DeepSeek-OCR's encoder for
+        any table); ``"table"`` resizes float64 tables in float64, bit for bit
+        as PyTorch's float64 interpolate (SAM's code run on float64 tables).
+        Other tables resize the same way in both modes.
 
     Returns
     -------
@@ -313,7 +322,7 @@ def rel_pos_attention(
     >>> out.shape, out.dtype
     ((1, 2, 12, 8), dtype('float32'))
     """
-    key = _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend)
+    key = _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend, resize_dtype)
     if key is not None:
         run = _plans.get(key)
         if run is not None:
@@ -323,10 +332,12 @@ def rel_pos_attention(
                 with _plans_lock:
                     _plans.clear()
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
-        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
-    _, arrays, run, out, _, _ = _planned_run(backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
+    prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
+    tables = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
+    _, arrays, run, out, _, _ = _planned_run(backend, q, k, v, *tables, q_size, k_size, scale)
     if key is not None and arrays[0] is q:  # not moved to another array library
-        _remember(key, run)
+        _remember(key, _resizing(run, prep))
     return to_module(out, array_module(q))  # back to the caller's array type if it moved
 
 
@@ -352,7 +363,15 @@ def _array_key(a):
     raise TypeError  # anything else (DLPack tensors, lists) takes the full path
 
 
-def _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
+def _resizing(run, prep):
+    """``run`` taking the stored tables: ``prep`` (from
+    :func:`relattn.relpos.resize_ahead`) resizes them first, when given."""
+    if prep is None:
+        return run
+    return lambda q, k, v, th, tw: run(q, k, v, *prep(th, tw))
+
+
+def _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend, resize_dtype="float32"):
     """The plan-cache key of a call, or None when it takes the full path."""
     try:
         arrays = tuple(_array_key(a) for a in (q, k, v, rel_pos_h, rel_pos_w))
@@ -367,8 +386,10 @@ def _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
             return None
     if scale is not None and type(scale) not in (float, int):
         return None
+    if type(resize_dtype) is not str:   # checked (and refused) on the full path
+        return None
     extra = _gpu_key() if type(q) is not np.ndarray else None
-    return (arrays, type(q), q_size, k_size, type(scale), scale, backend, extra)
+    return (arrays, type(q), q_size, k_size, type(scale), scale, backend, extra, resize_dtype)
 
 
 def planned(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
@@ -389,7 +410,8 @@ def _remember(key, run):
         _plans[key] = run
 
 
-def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto"):
+def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",
+            resize_dtype="float32"):
     """Say which backend and kernel :func:`rel_pos_attention` would run for these inputs, and why.
 
     Takes the same arguments as :func:`rel_pos_attention`. It plans the call
@@ -419,7 +441,10 @@ def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *
       kernel: the formula, materialized (logits in chunks of at most 256 MiB)
     """
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
-        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
+    prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
+    if prep is not None:  # as the call runs: the backend gets the tables resized in float64
+        rel_pos_h, rel_pos_w = prep(rel_pos_h, rel_pos_w)
     rows = _row_chunk(q, rel_pos_h, q_size, k_size)
     if rows is not None:  # as the call runs: one chunk of query rows at a time
         q = q[:, :, :rows]
@@ -436,6 +461,8 @@ def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *
     else:
         describe = getattr(mod, "describe", None)
         lines.append(f"  kernel: {describe() if describe else name}")
+    if prep is not None:
+        lines.append("  tables: resized in float64 before the backend runs (resize_dtype='table')")
     if backend == "auto":
         xp_name = array_module(q).__name__
         for other in backends.names():
@@ -521,7 +548,7 @@ def _describe_signature(key):
 
 
 def plan(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",
-         kernel=None, kernel_options=None, dtype=None, array_type="numpy"):
+         kernel=None, kernel_options=None, dtype=None, array_type="numpy", resize_dtype="float32"):
     """Plan :func:`rel_pos_attention` once for many calls on arrays of one signature.
 
     The pattern of cuFFT plans: everything a call decides from its arrays'
@@ -535,7 +562,7 @@ def plan(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, s
         Example arrays of the calls to come (numpy or CuPy), or their shapes
         (tuples): then ``dtype`` and ``array_type`` say what the arrays will
         be, and C-contiguous arrays are planned for.
-    q_size, k_size, scale, backend
+    q_size, k_size, scale, backend, resize_dtype
         As for :func:`rel_pos_attention`.
     kernel : str, optional
         GPU only: force a kernel family (``"ws"``, ``"win"``, ``"wg"``,
@@ -554,7 +581,8 @@ def plan(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, s
     AttentionPlan
         ``p(q, k, v, rel_pos_h, rel_pos_w)`` returns what
         ``rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size,
-        scale=scale, backend=backend)`` returns (the same bits).
+        scale=scale, backend=backend, resize_dtype=resize_dtype)`` returns
+        (the same bits).
 
     Examples
     --------
@@ -578,9 +606,12 @@ def plan(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, s
     if kernel is not None and not isinstance(kernel, str):
         raise TypeError(f"kernel: expected a string, got {type(kernel).__name__}")
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
-        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale)
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
+    prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
+    tables = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
     name, moved, run, _, description, _ = _planned_run(
-        backend, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, kernel, kernel_options)
+        backend, q, k, v, *tables, q_size, k_size, scale, kernel, kernel_options)
+    run = _resizing(run, prep)
     signature = tuple(None if a is None else (type(a).__name__, _array_key(a)) for a in (q, k, v, rel_pos_h, rel_pos_w))
     if moved[0] is not q:   # planned on the other array library: move per call
         target = array_module(moved[0])
@@ -604,7 +635,11 @@ def _example_arrays(arrays, dtype, array_type):
         raise ValueError(f"array_type: expected 'numpy' or 'cupy', got {array_type!r}")
     import importlib
 
-    xp = importlib.import_module(array_type)
+    try:
+        xp = importlib.import_module(array_type)
+    except ImportError:
+        hint = "relattn[gpu] for CUDA 13, or relattn[gpu-cuda12] for CUDA 12" if array_type == "cupy" else "numpy"
+        raise ImportError(f"array_type: {array_type!r} needs the {array_type} package (pip install {hint})") from None
     dt = np.dtype(np.float32 if dtype is None else dtype)
     out = []
     for name, a in zip(_PLAN_NAMES, arrays):

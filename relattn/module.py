@@ -102,6 +102,15 @@ class Attention:
     rng : numpy.random.Generator or int, optional
         Source of the initial weights (PyTorch's default ``nn.Linear`` init:
         ``U(-1/sqrt(dim), 1/sqrt(dim))`` for weights and biases).
+    resize_dtype : {"float32", "table"}
+        Arithmetic of the table resize on grids other than ``input_size``, as
+        for :func:`relattn.resize_rel_pos`. ``"float32"`` (default):
+        PyTorch's float32 interpolate, bit for bit, which is what SAM, timm
+        and HF compute for float32 checkpoints and DeepSeek-OCR's encoder for
+        any. ``"table"``: when the call computes in float64 (a float64 layer
+        or float64 input), the tables are resized in float64, bit for bit as
+        PyTorch's float64 interpolate (SAM's code run in float64); otherwise
+        the same as ``"float32"``.
 
     Attributes
     ----------
@@ -156,7 +165,11 @@ class Attention:
         backend="auto",
         window_size=0,
         rng=None,
+        resize_dtype="float32",
     ):
+        from relattn.relpos import _check_resize_dtype
+
+        self.resize_dtype = _check_resize_dtype(resize_dtype)
         dim = check_positive_int("dim", dim)
         num_heads = check_positive_int("num_heads", num_heads)
         if dim % num_heads:
@@ -651,6 +664,7 @@ class Attention:
             out = rel_pos_attention(
                 q, k, v, p["rel_pos_h"], p["rel_pos_w"], (height, width), (height, width),
                 scale=self.scale, backend=self.backend,
+                resize_dtype=getattr(self, "resize_dtype", "float32"),   # absent from older pickles
             )
         else:
             out = rel_pos_attention(q, k, v, scale=self.scale, backend=self.backend)
