@@ -6,13 +6,14 @@ PyTorch seed form (einsum terms + materialized S x S mask + SDPA) as the anchor
 measured in the same run, plus PyTorch SDPA with no bias as the plain-kernel
 ceiling: on CUDA twice, as SDPA dispatches by default (PyTorch 2.11 on the H100
 picks cuDNN's fused attention) and restricted to its flash backend (the kernel
-issue 4's anchor names).
+the targets' anchor).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -319,38 +320,54 @@ def _torch_get_rel_pos(q_size, k_size, rel_pos):
     return rel_pos[((qc - kc) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
 
 
+def anchor_jobs(backend_names, dtype="float32", with_torch=True):
+    """The PyTorch anchors ``run_case`` times: (device, with_bias, sdpa_backend) each.
+    Empty without PyTorch (or ``with_torch`` false)."""
+    if not with_torch or not import_torch_first():
+        return []
+    import torch
+
+    dt = np.dtype(resolve_dtype("dtype", dtype)).name
+    gpu = "cupy" in backend_names and torch.cuda.is_available()
+    devices = ["cuda"] if gpu else ["cpu"]
+    if gpu and any(backends.get(n).ARRAY_MODULE == "numpy" for n in backend_names):
+        devices.append("cpu")
+    jobs = []
+    for device in devices:
+        for with_bias, sdpa_backend in ((True, None), (False, None), (False, "flash")):
+            if sdpa_backend and (device == "cpu" or dt not in ("float16", "bfloat16")):
+                continue   # (the flash backend: CUDA, 16-bit only)
+            jobs.append((device, with_bias, sdpa_backend))
+    return jobs
+
+
+def case_steps(backend_names, dtype="float32", with_torch=True) -> int:
+    """How many times ``run_case`` calls its ``log`` for one case (one per timed step)."""
+    return 1 + len(anchor_jobs(backend_names, dtype, with_torch)) + len(backend_names)
+
+
 def run_case(case: Case, backend_names, dtype="float32", with_torch=True, budget_s=3.0, log=print):
     """All results for one case, anchors first; ratios are to the torch seed form
-    (on the GPU for the cupy backend when torch has CUDA, on the CPU otherwise)."""
+    (on the GPU for the cupy backend when torch has CUDA, on the CPU otherwise).
+    ``log`` is called once before each step (see ``case_steps``)."""
     dt = resolve_dtype("dtype", dtype)
-    if with_torch:
-        with_torch = import_torch_first()
+    jobs = anchor_jobs(backend_names, dtype, with_torch)
     inputs = make_inputs(case)
     log(f"[{case.name}] computing the float64 reference ...")
     ref = reference_output(case, inputs)
     results = []
     threads = _threads()
-    devices = []
-    if with_torch:
-        import torch
-
-        gpu = "cupy" in backend_names and torch.cuda.is_available()
-        devices = ["cuda"] if gpu else ["cpu"]
-        if gpu and any(backends.get(n).ARRAY_MODULE == "numpy" for n in backend_names):
-            devices.append("cpu")
-    for device in devices:
-        for with_bias, sdpa_backend in ((True, None), (False, None), (False, "flash")):
-            if sdpa_backend and (device == "cpu" or np.dtype(dt).name not in ("float16", "bfloat16")):
-                continue   # (the flash backend: CUDA, 16-bit only)
-            label = "seed form" if with_bias else f"SDPA {sdpa_backend or 'default'} no bias"
-            log(f"[{case.name}] torch {label} ({device}) ...")
-            try:
-                results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias, device,
-                                            sdpa_backend))
-            except RuntimeError as exc:  # e.g. no flash kernel for this dtype / card
-                if not sdpa_backend:
-                    raise
-                log(f"[{case.name}] torch SDPA {sdpa_backend}: not available ({str(exc).splitlines()[0][:80]})")
+    for device, with_bias, sdpa_backend in jobs:
+        label = "seed form" if with_bias else f"SDPA {sdpa_backend or 'default'} no bias"
+        log(f"[{case.name}] torch {label} ({device}) ...")
+        try:
+            results.append(torch_anchor(case, inputs, dtype, threads, ref, budget_s, with_bias, device,
+                                        sdpa_backend))
+        except RuntimeError as exc:  # e.g. no flash kernel for this dtype / card
+            if not sdpa_backend:
+                raise
+            print(f"[{case.name}] torch SDPA {sdpa_backend}: not available ({str(exc).splitlines()[0][:80]})",
+                  file=sys.stderr)
     for name in backend_names:
         log(f"[{case.name}] {name} ...")
         results.append(run_backend(case, name, inputs, dt, ref, budget_s))
@@ -365,17 +382,25 @@ def run_case(case: Case, backend_names, dtype="float32", with_torch=True, budget
 
 
 def import_torch_first() -> bool:
-    """Import torch (the anchor) before numba starts its OpenMP thread pool.
+    """Import torch (the anchor) before numba starts its OpenMP thread pool;
+    False when PyTorch cannot be imported (see ``torch_problem``).
 
     Measured on the 2-core CPU machine: when numba's pool starts first, torch's own
     OpenMP runtime then runs SDPA up to 25x slower (1.59 s instead of 0.042 s for
     the windowed case); imported first, both run at full speed.
     """
+    return torch_problem() is None
+
+
+def torch_problem() -> str | None:
+    """None when PyTorch imports (it is imported here), else why not, in a few words."""
     try:
         import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":
+            return "PyTorch is not installed"
+        return f"PyTorch failed to import ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})"
+    return None
 
 
 def _threads():
@@ -390,48 +415,162 @@ def _threads():
 
 
 def format_table(results) -> str:
-    head = (f"{'case':<20}{'impl':<30}{'dtype':<9}{'time':>11}{'GFLOP/s':>9}{'peak MiB':>10}{'rel err':>10}"
-            f"{'x seed':>8}{'graph':>11}{'host':>11}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        t = f"{r.time_s * 1e3:.3f} ms" if r.time_s < 1 else f"{r.time_s:.3f} s"
-        peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}"
-        err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
-        ratio = "-" if r.vs_anchor is None else f"{r.vs_anchor:.2f}"
-        graph = "-" if r.gpu_time_s is None else f"{r.gpu_time_s * 1e3:.3f} ms"
-        host = "-" if r.host_time_s is None else f"{r.host_time_s * 1e3:.3f} ms"
-        lines.append(f"{r.case:<20}{r.impl:<30}{r.dtype:<9}{t:>11}{r.gflops:>9.1f}{peak:>10}{err:>10}{ratio:>8}"
-                     f"{graph:>11}{host:>11}")
-    return "\n".join(lines)
+    """The results as a text table.  Columns that no result fills are left out:
+    ``x seed`` (the ratio to the PyTorch seed form) without the PyTorch anchors,
+    ``graph`` and ``host`` without a GPU backend."""
+
+    def ms(seconds):
+        return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+    columns = [  # (header, width, left-aligned, cell, optional)
+        ("case", 20, True, lambda r: r.case, False),
+        ("impl", 30, True, lambda r: r.impl, False),
+        ("dtype", 9, True, lambda r: r.dtype, False),
+        ("time", 11, False, lambda r: ms(r.time_s), False),
+        ("GFLOP/s", 9, False, lambda r: f"{r.gflops:.1f}", False),
+        ("peak MiB", 10, False, lambda r: None if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}", False),
+        ("rel err", 10, False, lambda r: None if r.max_rel_err is None else f"{r.max_rel_err:.1e}", False),
+        ("x seed", 8, False, lambda r: None if r.vs_anchor is None else f"{r.vs_anchor:.2f}", True),
+        ("graph", 11, False, lambda r: None if r.gpu_time_s is None else ms(r.gpu_time_s), True),
+        ("host", 11, False, lambda r: None if r.host_time_s is None else ms(r.host_time_s), True),
+    ]
+    cells = [[cell(r) for *_, cell, _ in columns] for r in results]
+    keep = [i for i, (*_, optional) in enumerate(columns)
+            if not optional or any(row[i] is not None for row in cells)]
+
+    def line(values):
+        out = ""
+        for i in keep:
+            _, width, left, _, _ = columns[i]
+            text = "-" if values[i] is None else str(values[i])
+            out += f"{text:<{width}}" if left else f"{text:>{width}}"
+        return out.rstrip()
+
+    head = line([c[0] for c in columns])
+    return "\n".join([head, "-" * len(head), *(line(row) for row in cells)])
 
 
 # -- grid-size sweep and plots ------------------------------------------------------
 
 
 class Progress:
-    """A dependency-free progress bar on stderr."""
+    """A dependency-free progress bar on stderr, used as a context manager.
 
-    def __init__(self, total, stream=None, width=28):
-        import sys
+    ``step(label)`` is called before each step.  On a terminal the bar is
+    redrawn in place; leaving the ``with`` block completes it (``N/N``) and ends
+    its line, so whatever is printed next starts on a line of its own (with
+    ``clear=True`` it is erased instead).  While the bar is drawn, anything else
+    written to ``sys.stdout`` or ``sys.stderr`` (a notice, a result line) first
+    erases it and the bar is drawn again below.  Not on a terminal, each step
+    is a line of its own and the last one says ``N/N done``.
+    """
 
-        self.total, self.done, self.width = max(1, total), 0, width
+    def __init__(self, total, stream=None, width=28, clear=False):
+        self.total, self.done, self.width, self.clear = max(1, total), 0, width, clear
         self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label = ""
+        self._drawn = 0  # characters of the bar on the terminal's current line (0: none)
+        self._saved = None
 
-    def step(self, label):
-        self.done += 1
-        filled = int(self.width * self.done / self.total)
+    # -- drawing ----------------------------------------------------------------
+
+    def _line(self):
+        filled = int(self.width * min(self.done, self.total) / self.total)
         bar = "#" * filled + "-" * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {label[:40]:<40}"
-        if self.stream.isatty():
-            self.stream.write("\r" + line + ("\n" if self.done >= self.total else ""))
+        return f"[{bar}] {self.done}/{self.total} {self.label[:50]}"
+
+    def _draw(self):
+        line = self._line()
+        if self.tty:
+            pad = max(0, self._drawn - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._drawn = len(line) + pad
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def _erase(self):
+        if self._drawn:
+            self.stream.write("\r" + " " * self._drawn + "\r")
+            self.stream.flush()
+            self._drawn = 0
 
-def sweep(backend_names, grids=(16, 32, 48, 64, 80, 96), heads=12, head_dim=64, with_torch=True,
-          budget_s=1.0, progress=None):
-    """Time the core against grid size (S = g*g): {impl: [(g, seconds), ...]}."""
+    # -- use ----------------------------------------------------------------------
+
+    def step(self, label):
+        self.done += 1
+        self.total = max(self.total, self.done)
+        self.label = label
+        self._draw()
+
+    def finish(self):
+        """Complete the bar (``N/N done``) and end its line, or erase it (``clear``)."""
+        self.done, self.label = self.total, "done"
+        if self.tty and self.clear:
+            self._erase()
+            return
+        self._draw()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = 0
+
+    def __enter__(self):
+        self._saved = sys.stdout, sys.stderr
+        if self.tty:
+            sys.stdout, sys.stderr = _Guarded(sys.stdout, self), _Guarded(sys.stderr, self)
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if self.tty:
+            sys.stdout, sys.stderr = self._saved
+        if exc_type is None:
+            self.finish()
+        else:  # a traceback (or ^C) starts on a line of its own, the bar not claiming "done"
+            self._erase()
+        return False
+
+
+class _Guarded:
+    """A text stream that erases the progress bar before anything is written to
+    it, and redraws the bar after a completed line."""
+
+    def __init__(self, stream, progress):
+        self._stream, self._progress = stream, progress
+
+    def write(self, text):
+        progress = self._progress
+        if text:
+            progress._erase()
+        n = self._stream.write(text)
+        if text.endswith("\n") and progress.done:
+            self._stream.flush()
+            progress._draw()
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+SWEEP_GRIDS = (8, 16, 24, 32)
+SWEEP_HEADS = 4
+SWEEP_HEAD_DIM = 64
+
+
+def sweep_steps(backend_names, grids, with_torch=True) -> int:
+    """How many times ``sweep`` steps its progress bar."""
+    return len(grids) * (len(backend_names) + 2 * bool(with_torch))
+
+
+def sweep(backend_names, grids=SWEEP_GRIDS, heads=SWEEP_HEADS, head_dim=SWEEP_HEAD_DIM, with_torch=True,
+          budget_s=0.5, progress=None):
+    """Time the core against grid size (S = g*g): {impl: [(g, seconds), ...]}.
+
+    The default (grids up to 32x32, 4 heads) takes seconds on 2 cores.  The
+    numpy backend builds each head's S x S logits, so its time and memory grow
+    as S^2: a 96x96 grid has 81 times the logits of a 32x32 one.
+    """
     threads = _threads()
     out = {}
     for g in grids:
@@ -441,18 +580,19 @@ def sweep(backend_names, grids=(16, 32, 48, 64, 80, 96), heads=12, head_dim=64, 
         if with_torch:
             impls = ["torch-seed-form", "torch-sdpa-nobias", *impls]
         for impl in impls:
+            if progress:
+                progress.step(f"sweep: {impl} {g}x{g}")
             if impl.startswith("torch"):
                 r = torch_anchor(case, inputs, "float32", threads, None, budget_s, impl == "torch-seed-form")
             else:
                 r = run_backend(case, impl, inputs, np.float32, None, budget_s)
             out.setdefault(impl, []).append((g, r.time_s))
-            if progress:
-                progress.step(f"{impl} {g}x{g}")
     return out
 
 
-def plot(results, sweep_data, path, title=""):
-    """Bar charts of time and peak memory per case and implementation, and time vs grid size."""
+def plot(results, sweep_data, path, title="", sweep_shape=(SWEEP_HEADS, SWEEP_HEAD_DIM)):
+    """Bar charts of time and peak memory per case and implementation, and time vs grid
+    size (``sweep_shape``: the sweep's heads and head_dim, for the axis label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -485,8 +625,9 @@ def plot(results, sweep_data, path, title=""):
             ax.plot(np.square(g), np.array(t) * 1e3, marker="o", label=impl)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("tokens S = grid^2 (16x16 .. 96x96)")
-        ax.set_ylabel("time (ms), 12 heads, head_dim 64")
+        sides = sorted({g for points in sweep_data.values() for g, _ in points})
+        ax.set_xlabel(f"tokens S = grid^2 ({sides[0]}x{sides[0]} .. {sides[-1]}x{sides[-1]})")
+        ax.set_ylabel(f"time (ms), {sweep_shape[0]} heads, head_dim {sweep_shape[1]}")
         ax.set_title("time grows as S^2")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

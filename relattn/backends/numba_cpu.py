@@ -5,10 +5,21 @@ the output is a few tile buffers per work item, plus contiguous (and, for half
 precision, float32) copies of inputs that arrive as strided views.
 
 Threads follow numba's settings (``NUMBA_NUM_THREADS``, ``numba.set_num_threads``).
+
+The kernels compile on their first use (several seconds per dtype) and numba
+caches them on disk: under ``NUMBA_CACHE_DIR`` when set, else in the
+``__pycache__`` next to ``_numba_kernels.py``, else (not writable) in numba's
+user cache directory (``~/.cache/numba`` on Linux).  Later processes load them
+in a fraction of a second.  The first call that is about to compile says so,
+in one line naming that directory, once per process and kernel, as a warning
+of the ``relattn`` logger (on stderr unless logging is configured otherwise;
+``logging.getLogger("relattn").setLevel(logging.ERROR)`` silences it).
+``relattn warmup`` compiles every kernel ahead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -176,9 +187,70 @@ def _launch(numba, kern, *args):
         setc(old)
 
 
+# -- first-call compile notice ----------------------------------------------------
+
+_log = logging.getLogger("relattn")
+_noticed: set = set()  # (compute dtype, serial) already looked at in this process
+_notice_lock = threading.Lock()
+
+
+def _dispatcher(kern, dtype, serial):
+    """The numba dispatcher ``kern.attention_fwd`` calls for ``dtype`` (and ``serial``)."""
+    kernel = kern._attention_fwd_f32 if dtype == np.float32 else kern._attention_fwd_generic
+    if serial:
+        kernel = kern._serial_kernels.get(kernel) or kern._serial_kernels.setdefault(kernel, kern._serial(kernel))
+    return kernel
+
+
+def _will_compile(dispatcher, args) -> bool:
+    """Whether calling ``dispatcher`` with ``args`` compiles: nothing compiled for
+    these argument types in this process, nor in numba's on-disk cache (the
+    index entry numba itself would look up, which a changed source voids)."""
+    try:
+        argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+        if argtypes in dispatcher.overloads:
+            return False
+        cache = dispatcher._cache
+        if cache.cache_path is None:  # no cache here: every process compiles
+            return True
+        key = cache._index_key(argtypes, dispatcher.targetctx.codegen())
+        return key not in cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001 - numba's internals moved: judge by this process alone
+        return not dispatcher.signatures
+
+
+def _compile_notice(kern, args, serial) -> None:
+    """One line on stderr before the first call that compiles, per process and kernel."""
+    dtype = args[0].dtype
+    if (dtype.name, serial) in _noticed:
+        return
+    with _notice_lock:
+        if (dtype.name, serial) in _noticed:
+            return
+        _noticed.add((dtype.name, serial))
+        if not _log.isEnabledFor(logging.WARNING):
+            return
+        try:
+            dispatcher = _dispatcher(kern, dtype, serial)
+            if not _will_compile(dispatcher, args):
+                return
+            where = dispatcher.stats.cache_path
+        except Exception:  # noqa: BLE001 - a notice never stops a call
+            return
+        what = f"the numba kernels for {dtype.name}{' (single-threaded variant)' if serial else ''}"
+        if where:
+            message = (f"relattn: compiling {what}, a few seconds (first use; cached in {where} for later runs; "
+                       f"'relattn warmup' compiles them ahead)")
+        else:
+            message = (f"relattn: compiling {what}, a few seconds (numba cannot cache them here, so every "
+                       f"process compiles them again: set NUMBA_CACHE_DIR to a writable directory)")
+        _log.warning(message)
+
+
 def _run(numba, kern, *args):
     """The kernel; a failure to compile or launch it marks the backend
     unavailable for the rest of the process and raises BackendFailure."""
+    _compile_notice(kern, args, _forked_child)
     try:
         if _serialize(numba):
             with _workqueue_lock:
