@@ -66,21 +66,10 @@ def one_plus_sync(fn, sync_fn, runs=41):
     return statistics.median(times)
 
 
-def host_time(fn, sync_fn, runs=41):
-    """Wall time of issuing one call (the GPU catches up between calls)."""
-    times = []
-    for _ in range(runs):
-        sync_fn()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        sync_fn()
-    return statistics.median(times)
-
-
 def row(name, what, fn, calls, sync_fn, graph=None):
     r = dict(case=name, what=what, per_call_ms=back_to_back(fn, calls, sync_fn) * 1e3,
-             one_sync_ms=one_plus_sync(fn, sync_fn) * 1e3, host_ms=host_time(fn, sync_fn) * 1e3)
+             one_sync_ms=one_plus_sync(fn, sync_fn) * 1e3,
+             host_ms=_bench.host_time(fn, sync_fn, runs=41) * 1e3)
     r["graph_ms"] = None if graph is None else graph * 1e3
     g = "-" if r["graph_ms"] is None else f"{r['graph_ms']:.4f}"
     print(f"{name:14s} {what:34s} {r['per_call_ms']:9.4f} {r['one_sync_ms']:9.4f} {r['host_ms']:9.4f} {g:>9}",

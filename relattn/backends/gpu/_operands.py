@@ -133,11 +133,21 @@ def core_tail(H, Sq, Sk, D, kh, kw, strides):
     return ints(H, Sq, Sk, D, kh, kw) + tuple(i64(s) for s in strides)
 
 
-def rel_preps(rel_h, rel_w, has_rel, dtype):
-    """(prep_h, prep_w, dummy): how the terms reach the kernel, and the
-    one-element array passed in their place without terms."""
+def terms_prep(has_terms: bool, dtype):
+    """``prep(rel_h, rel_w) -> (rel_h, rel_w)`` as a kernel reads the terms:
+    C-contiguous arrays of ``dtype``, how decided from the first call's terms
+    (a plan's terms step makes them alike on every call); without terms, a
+    one-element array in their place."""
     import cupy
 
-    if has_rel:
-        return dense_prep(rel_h, dtype), dense_prep(rel_w, dtype), None
-    return None, None, cupy.zeros((1,), dtype=dtype)
+    if not has_terms:
+        dummy = cupy.zeros((1,), dtype=dtype)
+        return lambda rel_h, rel_w: (dummy, dummy)
+    preps = []
+
+    def prep(rel_h, rel_w):
+        if not preps:
+            preps.extend((dense_prep(rel_h, dtype), dense_prep(rel_w, dtype)))
+        return preps[0](rel_h), preps[1](rel_w)
+
+    return prep

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 
 from .. import _build, tuning
-from .._operands import LOG2E, core_tail, operand_prep, pad16, rel_preps
+from .._operands import LOG2E, core_tail, operand_prep, pad16
 from .wg import launcher
 
 NAME = "mma"
@@ -82,6 +82,5 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
     fn = _build.portable_kernel(("mma", p.dt, hd), _names(p.dt, hd), (int(c.bias), c.mw), smem, _build.family_source(NAME))
     strides = [s for _, st in preps for s in st]
     tail = core_tail(p.H, p.Sq, p.Sk, d8, kh, kw, strides) + (np.float32(p.scale * LOG2E), np.float32(1.0 / kw))
-    dummy = None if p.terms else rel_preps(None, None, False, "float32")[2]
     grid = (p.B * p.H * ((p.Sq + bm - 1) // bm),)
-    return launcher(p, fn, grid, (128,), smem, [pr for pr, _ in preps], dummy, tail, ()), None
+    return launcher(p, fn, grid, (128,), smem, [pr for pr, _ in preps], tail, ()), None

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 
 from .. import _build
-from .._operands import LOG2E, core_tail, elem_strides, pad16, rel_preps
+from .._operands import LOG2E, core_tail, elem_strides, pad16, terms_prep
 
 NAME = "simt"
 KERNEL = "relattn_simt"
@@ -74,19 +74,11 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
         np.float32(sc) if t == "float" else np.float64(sc), np.float32(1.0 / kw))
     grid = (p.B * p.H * ((p.Sq + 63) // 64),)
     shape, dtype = (p.B, p.H, p.Sq, p.D), q.dtype
-    dummy = None if p.terms else rel_preps(None, None, False, p.dtype)[2]
-    state = {}
+    terms = terms_prep(p.terms, p.dtype)
 
     def run(q, k, v, rel_h, rel_w):
-        from .._operands import dense_prep
-
         out = cupy.empty(shape, dtype=dtype)
-        if dummy is None:
-            if "ph" not in state:
-                state["ph"], state["pw"] = dense_prep(rel_h, p.dtype), dense_prep(rel_w, p.dtype)
-            rh, rw = state["ph"](rel_h), state["pw"](rel_w)
-        else:
-            rh = rw = dummy
+        rh, rw = terms(rel_h, rel_w)
         fn(grid, (256,), (q, k, v, rh, rw, out) + tail, shared_mem=smem)
         return out
 

@@ -17,7 +17,7 @@ import dataclasses
 import enum
 
 from .. import _build, tuning
-from .._operands import LOG2E, core_tail, operand_prep, pad16, rel_preps
+from .._operands import LOG2E, core_tail, operand_prep, pad16, terms_prep
 
 NAME = "tf32"
 KERNEL = "relattn_tf32"
@@ -131,25 +131,17 @@ def launcher(p, first, split, bias, q, k, v):
     nblocks = B * H * ((Sq + 63) // 64)
     tail = core_tail(H, Sq, p.Sk, d4, kh, kw, [s for _, st in preps for s in st]) + (
         np.float32(p.scale * LOG2E), np.float32(1.0 / kw))
-    dummy = None if p.terms else rel_preps(None, None, False, "float32")[2]
+    terms = terms_prep(p.terms, "float32")
     shape = (B, H, Sq, D)
     padded = (B, H, Sq, d4) if d4 != D else None
     f32, i32 = cupy.float32, cupy.int32
-    state = {}
 
     def run(q, k, v, rel_h, rel_w):
-        from .._operands import dense_prep
-
         out = cupy.empty(shape, dtype=f32)
         of = out if padded is None else cupy.empty(padded, dtype=f32)
         # the safe pass reads the fast pass's flags (one per 64 rows); they need no clearing
         flags = cupy.empty((nblocks,), dtype=i32) if split == 3 else of
-        if dummy is None:
-            if "ph" not in state:
-                state["ph"], state["pw"] = dense_prep(rel_h, "float32"), dense_prep(rel_w, "float32")
-            rh, rw = state["ph"](rel_h), state["pw"](rel_w)
-        else:
-            rh = rw = dummy
+        rh, rw = terms(rel_h, rel_w)
         args = (pq(q), pk(k), pv(v), rh, rw, of, flags) + tail
         for fn, grid, nt, sm in launches:
             fn((grid,), (nt,), args, shared_mem=sm)

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 
 from .. import _build, tuning
-from .._operands import LOG2E, core_tail, operand_prep, pad16, rel_preps
+from .._operands import LOG2E, core_tail, operand_prep, pad16, terms_prep
 
 NAME = "wg"
 KERNEL = "relattn_wg"
@@ -112,7 +112,6 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
     d8 = (D + 7) // 8 * 8
     hd = pad16(d8)
     (pq, qs), (pk, ks), (pv, vs) = (operand_prep(x, d8, 8) for x in (q, k, v))
-    dummy = None if p.terms else rel_preps(None, None, False, "float32")[2]
     fn = _build.sm90_kernel(kernel_name(p.dt, hd, c))
     smem = smem_bytes(hd, c, kh, kw)
     bm = 64 * c.nwg
@@ -125,31 +124,24 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
         vv = (hd * 16, 128)  # N-major: leading = next 8 keys, stride = next 8 columns
     tail = core_tail(H, Sq, Sk, d8, kh, kw, (*qs, *ks, *vs)) + (
         np.float32(p.scale * LOG2E), np.float32(1.0 / kw)) + tuple(np.int32(x) for x in (*kq, *vv))
-    return launcher(p, fn, grid, (128 * c.nwg,), smem, (pq, pk, pv), dummy, tail, ()), None
+    return launcher(p, fn, grid, (128 * c.nwg,), smem, (pq, pk, pv), tail, ()), None
 
 
-def launcher(p, fn, grid, block, smem, preps, dummy, tail, mid):
+def launcher(p, fn, grid, block, smem, preps, tail, mid):
     """``run(q, k, v, rel_h, rel_w)`` of the 16-bit kernels that take the
     terms as float32 arrays (relattn_wg, relattn_mma, relattn_win): output
     16-bit, padded to a multiple of 8 columns where head_dim is not."""
     import cupy
 
-    from .._operands import dense_prep
-
     pq, pk, pv = preps
     d8 = (p.D + 7) // 8 * 8
     shape, padded, u16 = (p.B, p.H, p.Sq, p.D), (p.B, p.H, p.Sq, d8) if d8 != p.D else None, cupy.uint16
-    state = {}
+    terms = terms_prep(p.terms, "float32")
 
     def run(q, k, v, rel_h, rel_w):
         out = cupy.empty(shape, dtype=q.dtype)
         ou = out.view(u16) if padded is None else cupy.empty(padded, dtype=u16)
-        if dummy is None:
-            if "ph" not in state:   # decided from the first call's terms
-                state["ph"], state["pw"] = dense_prep(rel_h, "float32"), dense_prep(rel_w, "float32")
-            rh, rw = state["ph"](rel_h), state["pw"](rel_w)
-        else:
-            rh = rw = dummy
+        rh, rw = terms(rel_h, rel_w)
         fn(grid, block, (pq(q), pk(k), pv(v), rh, rw, *mid, ou) + tail, shared_mem=smem)
         if padded is not None:
             out.view(u16)[...] = ou[..., :p.D]

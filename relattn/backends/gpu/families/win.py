@@ -104,7 +104,7 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
     pq, pk, pv = (pr for pr, _ in preps)
     if not c.fuse:
         mid = (cupy.zeros((8,), dtype=cupy.uint16),) * 2 + (cupy.zeros((1,), dtype=cupy.int32),) * 2  # no tables
-        return launcher(p, fn, grid, (128,), smem, (pq, pk, pv), None, head + ints(groups, spb, 0, 0, 1), mid), None
+        return launcher(p, fn, grid, (128,), smem, (pq, pk, pv), head + ints(groups, spb, 0, 0, 1), mid), None
     tables = fused_table_args(p, rel_pos_h, rel_pos_w)
     tail = head + ints(groups, spb)
     shape, u16 = (p.B, p.H, p.Sq, p.D), cupy.uint16

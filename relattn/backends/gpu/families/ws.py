@@ -14,7 +14,7 @@ import dataclasses
 import enum
 
 from .. import _build, tuning
-from .._operands import LOG2E, ints, operand_prep, pad16, same, table_prep, u16
+from .._operands import LOG2E, ints, operand_prep, pad16, same, table_prep, terms_prep, u16
 
 NAME = "ws"
 KERNEL = "relattn_ws"
@@ -292,20 +292,10 @@ def _terms_ptrs(p):
     """``ptrs(rel_h, rel_w) -> (arrays to keep, six pointers)``: the kernel's
     pointer arguments after the tensor maps when the terms are given (or
     absent): rel_h, rel_w as float32, no tables."""
-    import cupy
-
-    from .._operands import dense_prep
-
-    if not p.terms:
-        dummy = cupy.zeros((1,), dtype=cupy.float32)
-        fixed = (None, (dummy.data.ptr,) * 6)
-        return lambda x, y: fixed
-    state = {}
+    terms = terms_prep(p.terms, "float32")
 
     def ptrs(rel_h, rel_w):
-        if "ph" not in state:   # decided from the first call's terms (contiguous float32 from the terms kernel)
-            state["ph"], state["pw"] = dense_prep(rel_h, "float32"), dense_prep(rel_w, "float32")
-        rh, rw = state["ph"](rel_h), state["pw"](rel_w)
+        rh, rw = terms(rel_h, rel_w)
         h, w = rh.data.ptr, rw.data.ptr
         return (rh, rw), (h, w, h, w, h, w)
 
