@@ -14,6 +14,7 @@ from relattn.checkpoint import (
     save_checkpoint,
 )
 from relattn.functional import AttentionPlan, BackendError, explain, plan, rel_pos_attention
+from relattn.autodiff import rel_pos_attention_vjp
 from relattn.module import Attention
 from relattn.precision import get_gpu_float32_mode, gpu_float32_mode, set_gpu_float32_mode
 from relattn.relpos import decomposed_rel_pos, get_rel_pos, resize_rel_pos
@@ -39,6 +40,7 @@ __all__ = [
     "gpu_float32_mode",
     "plan",
     "rel_pos_attention",
+    "rel_pos_attention_vjp",
     "resize_rel_pos",
     "window_partition",
     "window_unpartition",

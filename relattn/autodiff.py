@@ -1,0 +1,288 @@
+"""The reference backward pass: ``rel_pos_attention`` and its pullback (VJP).
+
+Exact, readable like the formulas, numpy only. Per (batch, head), with
+``S = scale * q k^T + rel_h[i, ky] + rel_w[i, kx]``, ``P = softmax(S)`` and
+``O = P V``, the pullback of a cotangent ``dO`` is
+
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - rowsum(dO * O))          (rowsum(dO * O) = rowsum(P * dP))
+    dq = scale * dS k  + sum_ky d_rel_h[i, ky] Rh[y(i), ky] + sum_kx d_rel_w[i, kx] Rw[x(i), kx]
+    dk = scale * dS^T q
+    d_rel_h[i, ky] = sum_kx dS[i, (ky, kx)]     d_rel_w[i, kx] = sum_ky dS[i, (ky, kx)]
+
+and the tables' gradients go back through SAM's ``get_rel_pos``: ``Rh[y, ky] =
+table[index[y, ky]]`` (a gather, whose adjoint is a scatter-add over the index
+table) of the table linearly resized to ``2 * max(q_h, k_h) - 1`` rows when it
+has another row count (whose adjoint sends each output row's cotangent back to
+its two source rows with the same weights). The tables are shared by all heads
+and batch entries, so their gradients are sums over them.
+
+The forward is the numpy backend's (``relattn.backends.reference``): the same
+operations in the same order, so ``out`` is the bits of
+``rel_pos_attention(..., backend="numpy")``; it keeps the log-sum-exp of every
+logit row, as its two parts (the row's max and its sum of exponentials), for the
+backward, which recomputes each head's logits with the same operations and so
+the forward's weights (to rounding; normally bit for bit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from relattn import backends
+from relattn._arrays import array_module, astype, compute_dtype, dtype_name
+from relattn.backends import reference
+from relattn.functional import BackendError, _prepare, _row_chunk
+from relattn.relpos import (
+    _gathered,
+    _relative_index,
+    _resize_arithmetic,
+    _resize_plan,
+    decomposed_rel_pos_rows,
+    resize_ahead,
+)
+from relattn.relpos import terms as relpos_terms
+
+__all__ = ["rel_pos_attention_vjp"]
+
+
+# ------------------------------------------------------------------ forward
+def _logits(qc, kc, hc, wc, k_size, scale):
+    """``scale * q k^T + rel_h[i, ky] + rel_w[i, kx]`` for (n, m, d) query rows,
+    (n, Sk, d) keys and (n, m, k_h), (n, m, k_w) terms (or None) of the compute
+    dtype, with the numpy backend's operations (SAM's order of the additions)."""
+    logits = np.matmul(qc * scale, np.matrix_transpose(kc))            # scale q k^T
+    if hc is not None:
+        grid = logits.reshape(logits.shape[0], logits.shape[1], *k_size)   # a view
+        grid += hc[..., :, None]                                       # (. + rel_h)
+        grid += wc[..., None, :]                                       #   + rel_w
+    return logits
+
+
+def _core(q, k, v, rel_h, rel_w, k_size, scale):
+    """``reference.attention`` step by step (same chunks, same operations in
+    the same order, so the same bits), also returning each logit row's
+    log-sum-exp as its max and its sum of exponentials: shape (B, heads, Sq,
+    2), in the compute dtype."""
+    batch, heads, q_len, _ = q.shape
+    k_len, v_dim = k.shape[2], v.shape[3]
+    work = compute_dtype(q.dtype)
+    out = np.empty((batch, heads, q_len, v_dim), dtype=work)
+    stats = np.empty((batch, heads, q_len, 2), dtype=work)
+    pairs = batch * heads
+    flat = [None if a is None else a.reshape(pairs, *a.shape[2:]) for a in (q, k, v, rel_h, rel_w)]
+    q_flat, k_flat, v_flat, h_flat, w_flat = flat
+    out_flat, stats_flat = out.reshape(pairs, q_len, v_dim), stats.reshape(pairs, q_len, 2)
+    step, rows = reference._chunk_shape(pairs, q_len, k_len, work.itemsize)
+    scale = work.type(scale)
+    for start in range(0, pairs, step):
+        pair_sl = slice(start, start + step)
+        kc, vc = (a[pair_sl].astype(work, copy=False) for a in (k_flat, v_flat))
+        for row in range(0, q_len, rows):
+            sl = (pair_sl, slice(row, row + rows))
+            qc, hc, wc = (None if a is None else a[sl].astype(work, copy=False)
+                          for a in (q_flat, h_flat, w_flat))
+            logits = _logits(qc, kc, hc, wc, k_size, scale)
+            row_max = np.max(logits, axis=-1, keepdims=True)
+            logits -= row_max
+            weights = np.exp(logits, out=logits)
+            row_sum = np.sum(weights, axis=-1, keepdims=True)
+            weights /= row_sum
+            np.matmul(weights, vc, out=out_flat[sl])
+            stats_flat[sl] = np.concatenate([row_max, row_sum], axis=-1)
+    return out.astype(q.dtype, copy=False), stats
+
+
+def _forward(q, k, v, th, tw, q_size, k_size, scale):
+    """``functional._cpu_run`` of the numpy backend (terms whole, or by
+    chunks of query rows past ``TERMS_BUDGET``), through :func:`_core`."""
+    if th is None:
+        return _core(q, k, v, None, None, k_size, scale)
+    rows = _row_chunk(q, th, q_size, k_size)
+    if rows is None:
+        rel_h, rel_w = relpos_terms(q, th, tw, q_size, k_size)
+        return _core(q, k, v, rel_h, rel_w, k_size, scale)
+    out = np.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
+    stats = np.empty(q.shape[:3] + (2,), dtype=compute_dtype(q.dtype))
+    for start in range(0, q.shape[2], rows):
+        q_rows = q[:, :, start:start + rows]
+        rel_h, rel_w = decomposed_rel_pos_rows(q_rows, th, tw, q_size, k_size, start)
+        out[:, :, start:start + rows], stats[:, :, start:start + rows] = _core(
+            q_rows, k, v, rel_h, rel_w, k_size, scale)
+    return out, stats
+
+
+# ----------------------------------------------------------------- backward
+def _resize_adjoint(d_resized, in_rows, arithmetic):
+    """Adjoint of ``resize_rel_pos`` from ``in_rows`` rows: ``out[r] =
+    lambda0[r] x[i0[r]] + lambda1[r] x[i1[r]]``, so ``dx[i0[r]] += lambda0[r]
+    dout[r]`` and ``dx[i1[r]] += lambda1[r] dout[r]`` (the weights of the resize)."""
+    i0, i1, lambda0, lambda1 = _resize_plan(in_rows, d_resized.shape[0], arithmetic)
+    dx = np.zeros((in_rows, d_resized.shape[1]), dtype=d_resized.dtype)
+    np.add.at(dx, i0, lambda0.astype(dx.dtype) * d_resized)
+    np.add.at(dx, i1, lambda1.astype(dx.dtype) * d_resized)
+    return dx
+
+
+def _table_adjoint(d_gathered, table, q_len, k_len, resize_dtype):
+    """Gradient of the stored ``table`` (its shape and dtype) from the gradient
+    of ``get_rel_pos(q_len, k_len, table)`` (q_len, k_len, C): scatter-add
+    through the gather, then the resize's adjoint when the table was resized."""
+    rows = 2 * max(q_len, k_len) - 1
+    d_resized = np.zeros((rows, table.shape[1]), dtype=d_gathered.dtype)
+    np.add.at(d_resized, _relative_index(q_len, k_len), d_gathered)
+    if table.shape[0] != rows:
+        d_resized = _resize_adjoint(d_resized, table.shape[0],
+                                    _resize_arithmetic(table.dtype, resize_dtype))
+    return d_resized.astype(table.dtype)
+
+
+def _check_dout(dout, out):
+    if type(dout) is not np.ndarray:
+        raise TypeError(f"dout: expected a numpy array like out, got {type(dout).__name__}")
+    if dout.dtype != out.dtype:
+        raise TypeError(f"dout: expected dtype {dtype_name(out.dtype)} (that of out), "
+                        f"got {dtype_name(dout.dtype)}")
+    if dout.shape != out.shape:
+        raise ValueError(f"dout: expected shape {tuple(out.shape)} (that of out), got {tuple(dout.shape)}")
+    return dout
+
+
+def _pullback(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, stats):
+    """The pullback of one forward; ``th``/``tw`` are the tables as the
+    backend got them (resized ahead in ``"table"`` mode), ``stored`` the
+    caller's tables (whose shapes and dtypes the gradients take)."""
+    batch, heads, q_len, head_dim = q.shape
+    work = compute_dtype(q.dtype)                  # the attention's arithmetic (as the forward)
+    use_rel = th is not None
+    if use_rel:
+        (q_h, q_w), (k_h, k_w) = q_size, k_size
+        term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)   # the terms' arithmetic
+        # Rh[y, ky] and Rw[x, kx] as the forward gathered them: (q_h, k_h, C), (q_w, k_w, C)
+        Rh = astype(_gathered(q_h, k_h, th), term_work)
+        Rw = astype(_gathered(q_w, k_w, tw), term_work)
+    scale_w = work.type(scale)
+
+    def pullback(dout):
+        dout = _check_dout(dout, out)
+        dq = np.empty(q.shape, dtype=q.dtype)
+        dk = np.empty(k.shape, dtype=k.dtype)
+        dv = np.empty(v.shape, dtype=v.dtype)
+        if use_rel:
+            dRh = np.zeros(Rh.shape, dtype=term_work)
+            dRw = np.zeros(Rw.shape, dtype=term_work)
+        for b in range(batch):
+            for h in range(heads):
+                qi = q[b, h].astype(work)
+                ki = k[b, h].astype(work)
+                vi = v[b, h].astype(work)
+                do = dout[b, h].astype(work)
+                # This head's logits (S_q x S_k, materialized), recomputed with the
+                # forward's operations, and its weights from the saved row max and sum.
+                rel_h = rel_w = None
+                if use_rel:
+                    rel_h, rel_w = (t[0].astype(work) for t in relpos_terms(
+                        q[b, h:h + 1], th, tw, q_size, k_size))        # (1, Sq, k_h), (1, Sq, k_w)
+                S = _logits(qi[None], ki[None], rel_h, rel_w, k_size, scale_w)[0]
+                row_max, row_sum = stats[b, h, :, 0:1], stats[b, h, :, 1:2]
+                P = np.exp(S - row_max) / row_sum                      # softmax, as the forward
+                dv[b, h] = P.T @ do                                    # dV = P^T dO
+                dP = do @ vi.T                                         # dP = dO V^T
+                dS = P * (dP - np.sum(P * dP, axis=-1, keepdims=True))
+                dq_bh = scale_w * (dS @ ki)
+                dk[b, h] = scale_w * (dS.T @ qi)
+                if use_rel:
+                    dS_grid = dS.reshape(q_len, k_h, k_w).astype(term_work)
+                    d_rel_h = dS_grid.sum(axis=2)                       # (Sq, k_h)
+                    d_rel_w = dS_grid.sum(axis=1)                       # (Sq, k_w)
+                    # rel_h[(y, x), ky] = q_(y,x) . Rh[y, ky]; rel_w[(y, x), kx] = q_(y,x) . Rw[x, kx]
+                    q_grid = q[b, h].astype(term_work).reshape(q_h, q_w, head_dim)
+                    dh_grid = d_rel_h.reshape(q_h, q_w, k_h)
+                    dw_grid = d_rel_w.reshape(q_h, q_w, k_w)
+                    dq_terms = (np.einsum("yxk,ykc->yxc", dh_grid, Rh)
+                                + np.einsum("yxk,xkc->yxc", dw_grid, Rw))
+                    dRh += np.einsum("yxk,yxc->ykc", dh_grid, q_grid)
+                    dRw += np.einsum("yxk,yxc->xkc", dw_grid, q_grid)
+                    dq_bh = dq_bh + dq_terms.reshape(q_len, head_dim)
+                dq[b, h] = dq_bh
+        if not use_rel:
+            return dq, dk, dv, None, None
+        d_h = _table_adjoint(dRh, stored[0], q_h, k_h, resize_dtype)
+        d_w = _table_adjoint(dRw, stored[1], q_w, k_w, resize_dtype)
+        return dq, dk, dv, d_h, d_w
+
+    return pullback
+
+
+def rel_pos_attention_vjp(
+    q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",
+    resize_dtype="float32",
+):
+    """:func:`rel_pos_attention` and its pullback (vector-Jacobian product).
+
+    The reference backward: exact, in numpy, written as the formulas (module
+    docstring of :mod:`relattn.autodiff`). The forward is the numpy backend's,
+    so ``out`` is bit for bit ``rel_pos_attention(..., backend="numpy")``; it
+    keeps the log-sum-exp of each logit row (as 2 x B x heads x Sq values). The
+    pullback recomputes each (batch, head)'s logits and materializes their
+    S_q x S_k weights (and a few arrays of that size) one head at a time.
+
+    Parameters
+    ----------
+    q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype
+        As for :func:`rel_pos_attention`, validated the same way; numpy
+        arrays only for now.
+    backend : {"auto", "numpy"}
+        The backward exists on the reference only: ``"auto"`` (on numpy
+        arrays) and ``"numpy"`` run it; ``"numba"`` and ``"cupy"`` raise
+        :class:`BackendError` (no fused backward on them yet).
+
+    Returns
+    -------
+    out : numpy.ndarray, shape (B, heads, Sq, d)
+        The attention, as :func:`rel_pos_attention` with ``backend="numpy"``.
+    pullback : callable
+        ``pullback(dout) -> (dq, dk, dv, d_rel_pos_h, d_rel_pos_w)`` for a
+        cotangent ``dout`` of out's shape and dtype (``ValueError`` /
+        ``TypeError`` naming ``dout`` otherwise). ``dq``, ``dk``, ``dv`` have the
+        shapes and dtypes of ``q``, ``k``, ``v``; the table gradients those of
+        the stored tables (through the resize when a table was resized), or
+        None without tables. float64 inputs are differentiated in float64;
+        half-precision ones in float32, rounded once at the end. The pullback
+        may be called any number of times.
+
+    Raises
+    ------
+    BackendError
+        For CuPy arrays, or ``backend`` ``"numba"`` / ``"cupy"``.
+
+    Examples
+    --------
+    >>> import numpy as np, relattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 6, 4)) for _ in range(3))
+    >>> table_h, table_w = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    >>> out, pullback = relattn.rel_pos_attention_vjp(q, k, v, table_h, table_w, q_size=(2, 3))
+    >>> dq, dk, dv, d_h, d_w = pullback(np.ones_like(out))
+    >>> dq.shape, d_h.shape, d_w.dtype
+    ((1, 2, 6, 4), (3, 4), dtype('float64'))
+    """
+    q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
+        q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
+    if backend != "auto":
+        if not isinstance(backend, str):
+            raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+        backends.get(backend)   # ValueError naming the known backends
+        if backend != "numpy":
+            raise BackendError(f"backend: the fused backward is not available on backend {backend!r} yet; "
+                               "use backend='numpy' (the reference backward)")
+    if type(q) is not np.ndarray:
+        raise BackendError(f"q: the fused backward is not available for {array_module(q).__name__} "
+                           "arrays yet; the reference backward takes numpy arrays")
+    prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
+    th, tw = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
+    out, stats = _forward(q, k, v, th, tw, q_size, k_size, scale)
+    pullback = _pullback(q, k, v, th, tw, (rel_pos_h, rel_pos_w), q_size, k_size, scale,
+                         resize_dtype, out, stats)
+    return out, pullback
