@@ -49,49 +49,19 @@ __all__ = ["rel_pos_attention_vjp"]
 
 # ------------------------------------------------------------------ forward
 def _logits(qc, kc, hc, wc, k_size, scale):
-    """``scale * q k^T + rel_h[i, ky] + rel_w[i, kx]`` for (n, m, d) query rows,
-    (n, Sk, d) keys and (n, m, k_h), (n, m, k_w) terms (or None) of the compute
-    dtype, with the numpy backend's operations (SAM's order of the additions)."""
-    logits = np.matmul(qc * scale, np.matrix_transpose(kc))            # scale q k^T
-    if hc is not None:
-        grid = logits.reshape(logits.shape[0], logits.shape[1], *k_size)   # a view
-        grid += hc[..., :, None]                                       # (. + rel_h)
-        grid += wc[..., None, :]                                       #   + rel_w
-    return logits
+    """The numpy backend's logits (``reference.logits_inplace``) in a new buffer."""
+    buffer = np.empty((qc.shape[0], qc.shape[1], kc.shape[1]), dtype=qc.dtype)
+    return reference.logits_inplace(qc, kc, hc, wc, k_size, scale, buffer)
 
 
 def _core(q, k, v, rel_h, rel_w, k_size, scale):
-    """``reference.attention`` step by step (same chunks, same operations in
-    the same order, so the same bits), also returning each logit row's
-    log-sum-exp as its max and its sum of exponentials: shape (B, heads, Sq,
-    2), in the compute dtype."""
-    batch, heads, q_len, _ = q.shape
-    k_len, v_dim = k.shape[2], v.shape[3]
-    work = compute_dtype(q.dtype)
-    out = np.empty((batch, heads, q_len, v_dim), dtype=work)
-    stats = np.empty((batch, heads, q_len, 2), dtype=work)
-    pairs = batch * heads
-    flat = [None if a is None else a.reshape(pairs, *a.shape[2:]) for a in (q, k, v, rel_h, rel_w)]
-    q_flat, k_flat, v_flat, h_flat, w_flat = flat
-    out_flat, stats_flat = out.reshape(pairs, q_len, v_dim), stats.reshape(pairs, q_len, 2)
-    step, rows = reference._chunk_shape(pairs, q_len, k_len, work.itemsize)
-    scale = work.type(scale)
-    for start in range(0, pairs, step):
-        pair_sl = slice(start, start + step)
-        kc, vc = (a[pair_sl].astype(work, copy=False) for a in (k_flat, v_flat))
-        for row in range(0, q_len, rows):
-            sl = (pair_sl, slice(row, row + rows))
-            qc, hc, wc = (None if a is None else a[sl].astype(work, copy=False)
-                          for a in (q_flat, h_flat, w_flat))
-            logits = _logits(qc, kc, hc, wc, k_size, scale)
-            row_max = np.max(logits, axis=-1, keepdims=True)
-            logits -= row_max
-            weights = np.exp(logits, out=logits)
-            row_sum = np.sum(weights, axis=-1, keepdims=True)
-            weights /= row_sum
-            np.matmul(weights, vc, out=out_flat[sl])
-            stats_flat[sl] = np.concatenate([row_max, row_sum], axis=-1)
-    return out.astype(q.dtype, copy=False), stats
+    """``reference.attention``, also returning each logit row's log-sum-exp as
+    its max and its sum of exponentials: shape (B, heads, Sq, 2), in the
+    compute dtype."""
+    stats = np.empty(q.shape[:3] + (2,), dtype=compute_dtype(q.dtype))
+    if stats.size == 0:
+        return reference.attention(q, k, v, rel_h, rel_w, k_size, scale), stats
+    return reference.attention(q, k, v, rel_h, rel_w, k_size, scale, stats), stats
 
 
 def _forward(q, k, v, th, tw, q_size, k_size, scale):

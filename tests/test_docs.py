@@ -90,7 +90,7 @@ def test_readme_has_a_runnable_quickstart():
 @pytest.mark.parametrize("index", range(len(_README_BLOCKS)))
 def test_readme_examples_run(index, tmp_path, monkeypatch, capsys):
     """Every python block of README.md runs as written, each in a fresh namespace (a new user
-    copies one block, not the session of the one before); ``# needs: X`` blocks skip without X."""
+    copies one block, not the state the one before left); ``# needs: X`` blocks skip without X."""
     import tempfile
 
     block = _README_BLOCKS[index]

@@ -86,7 +86,20 @@ def softmax_attention(xp, q, k, v, rel_h, rel_w, k_size, scale):
     return xp.matmul(weights, v)
 
 
-def _softmax_attention_inplace(q, k, v, rel_h, rel_w, k_size, scale, logits, out):
+def logits_inplace(q, k, rel_h, rel_w, k_size, scale, logits):
+    """``logits = scale * q k^T + rel_h[i, ky] + rel_w[i, kx]`` into the (n, Sq,
+    Sk) buffer ``logits``, in SAM's order ``(scale * q.k + rel_h) + rel_w``;
+    ``rel_h`` / ``rel_w`` None: no bias. Returns ``logits``."""
+    np.matmul(q * scale, np.matrix_transpose(k), out=logits)  # scale q k^T
+    if rel_h is not None:
+        k_h, k_w = k_size
+        grid = logits.reshape(logits.shape[0], logits.shape[1], k_h, k_w)  # a view
+        grid += rel_h[..., :, None]
+        grid += rel_w[..., None, :]
+    return logits
+
+
+def _softmax_attention_inplace(q, k, v, rel_h, rel_w, k_size, scale, logits, out, stats=None):
     """:func:`softmax_attention` for numpy, in place: ``out = softmax(logits) @ v``.
 
     ``logits`` is a C-contiguous (n, Sq, Sk) buffer of the compute dtype that
@@ -94,18 +107,18 @@ def _softmax_attention_inplace(q, k, v, rel_h, rel_w, k_size, scale, logits, out
     the operations and their order are those of :func:`softmax_attention`, so
     the bits are the same; the only extra memory is the scaled ``q``, the row
     max and sum, and numpy's iteration buffer for the broadcast additions.
+    ``stats`` (n, Sq, 2), when given, receives each row's max and sum of
+    exponentials (its log-sum-exp, for a backward pass).
     """
-    np.matmul(q * scale, np.matrix_transpose(k), out=logits)  # scale q k^T
-    if rel_h is not None:
-        k_h, k_w = k_size
-        grid = logits.reshape(logits.shape[0], logits.shape[1], k_h, k_w)  # a view
-        # SAM's order: (scale * q.k + rel_h) + rel_w.
-        grid += rel_h[..., :, None]
-        grid += rel_w[..., None, :]
-    logits -= np.max(logits, axis=-1, keepdims=True)
+    logits_inplace(q, k, rel_h, rel_w, k_size, scale, logits)
+    row_max = np.max(logits, axis=-1, keepdims=True)
+    logits -= row_max
     weights = np.exp(logits, out=logits)
-    weights /= np.sum(weights, axis=-1, keepdims=True)
+    row_sum = np.sum(weights, axis=-1, keepdims=True)
+    weights /= row_sum
     np.matmul(weights, v, out=out)
+    if stats is not None:
+        stats[..., :1], stats[..., 1:] = row_max, row_sum
 
 
 def _chunk_shape(pairs, q_len, k_len, itemsize):
@@ -117,7 +130,10 @@ def _chunk_shape(pairs, q_len, k_len, itemsize):
     return 1, min(q_len, max(1, CHUNK_BYTES // (k_len * itemsize)))
 
 
-def attention(q, k, v, rel_h, rel_w, k_size, scale):
+def attention(q, k, v, rel_h, rel_w, k_size, scale, stats=None):
+    """The backend contract (see ``relattn.backends``); ``stats``, when given,
+    a (B, heads, Sq, 2) array of the compute dtype that receives each logit
+    row's max and sum of exponentials."""
     batch, heads, q_len, head_dim = q.shape
     k_len, v_dim = k.shape[2], v.shape[3]
     work = compute_dtype(q.dtype)
@@ -128,6 +144,7 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
     q_flat, k_flat, v_flat, h_flat, w_flat = (
         None if a is None else a.reshape(pairs, *a.shape[2:]) for a in (q, k, v, rel_h, rel_w))
     out_flat = out.reshape(pairs, q_len, v_dim)
+    stats_flat = None if stats is None else stats.reshape(pairs, q_len, 2)
     step, rows = _chunk_shape(pairs, q_len, k_len, work.itemsize)
     buffer = np.empty(step * rows * k_len, dtype=work)  # one chunk's logits, reused
     scale = work.type(scale)
@@ -141,5 +158,6 @@ def attention(q, k, v, rel_h, rel_w, k_size, scale):
                           for a in (q_flat, h_flat, w_flat))
             n, m = qc.shape[:2]
             logits = buffer[: n * m * k_len].reshape(n, m, k_len)
-            _softmax_attention_inplace(qc, kc, vc, hc, wc, k_size, scale, logits, out_flat[sl])
+            _softmax_attention_inplace(qc, kc, vc, hc, wc, k_size, scale, logits, out_flat[sl],
+                                       None if stats_flat is None else stats_flat[sl])
     return out.astype(q.dtype, copy=False)
