@@ -24,6 +24,10 @@ operations in the same order, so ``out`` is the bits of
 logit row, as its two parts (the row's max and its sum of exponentials), for the
 backward, which recomputes each head's logits with the same operations and so
 the forward's weights (to rounding; normally bit for bit).
+
+``backend="numba"`` takes the fused path instead: the numba forward, then ``relattn.backends._numba_backward``'s
+flash-style kernels for the core (dq, dk, dv and the terms' gradients
+d_rel_h, d_rel_w, never an S_q x S_k buffer), then the same table adjoints.
 """
 
 from __future__ import annotations
@@ -185,33 +189,118 @@ def _pullback(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out,
     return pullback
 
 
+# ------------------------------------------------------------ fused (numba)
+def _numba_available() -> bool:
+    return backends.get("numba").unavailable_reason() is None
+
+
+def _forward_numba(q, k, v, th, tw, q_size, k_size, scale):
+    """The numba backend's forward (``functional._cpu_run`` of it: terms whole,
+    or by chunks of query rows past ``TERMS_BUDGET``), so ``out`` is the bits
+    of ``rel_pos_attention(..., backend="numba")``; and the fused backward's
+    state (``_numba_backward.Problem``: the inputs as its kernels take them
+    and each logit row's max and sum of exponentials). The terms are kept
+    whole for the backward (B x heads x Sq x (k_h + k_w) values)."""
+    from relattn.backends import _numba_backward, numba_cpu
+
+    if th is None:
+        rel_h = rel_w = None
+        out = numba_cpu.attention(q, k, v, None, None, k_size, scale)
+    else:
+        rows = _row_chunk(q, th, q_size, k_size)
+        if rows is None:
+            rel_h, rel_w = relpos_terms(q, th, tw, q_size, k_size)
+            out = numba_cpu.attention(q, k, v, rel_h, rel_w, k_size, scale)
+        else:
+            out = np.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
+            parts = []
+            for start in range(0, q.shape[2], rows):
+                q_rows = q[:, :, start:start + rows]
+                h, w = decomposed_rel_pos_rows(q_rows, th, tw, q_size, k_size, start)
+                out[:, :, start:start + rows] = numba_cpu.attention(q_rows, k, v, h, w, k_size, scale)
+                parts.append((h, w))
+            rel_h = np.concatenate([h for h, _ in parts], axis=2)
+            rel_w = np.concatenate([w for _, w in parts], axis=2)
+    return out, _numba_backward.Problem(q, k, v, rel_h, rel_w, k_size, scale)
+
+
+def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, problem):
+    """The pullback through the fused kernels (``_numba_backward``): the core's
+    gradients and the terms' (``d_rel_h``, ``d_rel_w``) come from the kernels;
+    the tables' go back through ``q . R``, the gather and the resize as in
+    :func:`_pullback`, batched over batch and heads."""
+    batch, heads, q_len, head_dim = q.shape
+    use_rel = th is not None
+    if use_rel:
+        (q_h, q_w), (k_h, k_w) = q_size, k_size
+        term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
+        Rh = astype(_gathered(q_h, k_h, th), term_work)            # (q_h, k_h, C)
+        Rw = astype(_gathered(q_w, k_w, tw), term_work)            # (q_w, k_w, C)
+    n = batch * heads
+    k_shape, k_dtype, v_shape, v_dtype = k.shape, k.dtype, v.shape, v.dtype
+
+    def pullback(dout):
+        dout = _check_dout(dout, out)
+        dq3, dk3, dv3, dh3, dw3 = problem.backward(out, dout)
+        dk = dk3.reshape(k_shape).astype(k_dtype, copy=False)
+        dv = dv3.reshape(v_shape).astype(v_dtype, copy=False)
+        if not use_rel:
+            return dq3.reshape(q.shape).astype(q.dtype, copy=False), dk, dv, None, None
+        dh = dh3.astype(term_work, copy=False).reshape(n, q_h, q_w, k_h)
+        dw = dw3.astype(term_work, copy=False).reshape(n, q_h, q_w, k_w)
+        q_grid = q.astype(term_work).reshape(n, q_h, q_w, head_dim)
+        # dq += sum_ky d_rel_h[(y, x), ky] Rh[y, ky] + sum_kx d_rel_w[(y, x), kx] Rw[x, kx]
+        dq_h = np.matmul(dh.transpose(1, 0, 2, 3).reshape(q_h, n * q_w, k_h), Rh)
+        dq_w = np.matmul(dw.transpose(2, 0, 1, 3).reshape(q_w, n * q_h, k_w), Rw)
+        dq_terms = (dq_h.reshape(q_h, n, q_w, head_dim).transpose(1, 0, 2, 3)
+                    + dq_w.reshape(q_w, n, q_h, head_dim).transpose(1, 2, 0, 3))
+        dq = (dq3.reshape(n, q_h, q_w, head_dim) + dq_terms).reshape(q.shape).astype(q.dtype, copy=False)
+        # dRh[y, ky] = sum_(b, h, x) d_rel_h q;  dRw[x, kx] = sum_(b, h, y) d_rel_w q
+        dRh = np.matmul(dh.transpose(1, 3, 0, 2).reshape(q_h, k_h, n * q_w),
+                        q_grid.transpose(1, 0, 2, 3).reshape(q_h, n * q_w, head_dim))
+        dRw = np.matmul(dw.transpose(2, 3, 0, 1).reshape(q_w, k_w, n * q_h),
+                        q_grid.transpose(2, 0, 1, 3).reshape(q_w, n * q_h, head_dim))
+        d_h = _table_adjoint(dRh, stored[0], q_h, k_h, resize_dtype)
+        d_w = _table_adjoint(dRw, stored[1], q_w, k_w, resize_dtype)
+        return dq, dk, dv, d_h, d_w
+
+    return pullback
+
+
 def rel_pos_attention_vjp(
     q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",
     resize_dtype="float32",
 ):
     """:func:`rel_pos_attention` and its pullback (vector-Jacobian product).
 
-    The reference backward: exact, in numpy, written as the formulas (module
-    docstring of :mod:`relattn.autodiff`). The forward is the numpy backend's,
-    so ``out`` is bit for bit ``rel_pos_attention(..., backend="numpy")``; it
-    keeps the log-sum-exp of each logit row (as 2 x B x heads x Sq values). The
-    pullback recomputes each (batch, head)'s logits and materializes their
-    S_q x S_k weights (and a few arrays of that size) one head at a time.
+    Two implementations. The reference (``backend="numpy"``): exact, in
+    numpy, written as the formulas (module docstring of
+    :mod:`relattn.autodiff`); its forward is the numpy backend's, so ``out`` is
+    bit for bit ``rel_pos_attention(..., backend="numpy")``; it keeps the
+    log-sum-exp of each logit row (as 2 x B x heads x Sq values) and its
+    pullback materializes each (batch, head)'s S_q x S_k weights one head at a
+    time; ``"auto"`` takes it. The fused one (``backend="numba"``): the numba backend's forward (``out`` is bit for bit
+    ``rel_pos_attention(..., backend="numba")``) and flash-style kernels
+    (``relattn.backends._numba_backward``) that recompute the logits tile by
+    tile and never hold an S_q x S_k buffer; the rel_h / rel_w terms are kept
+    whole for the pullback.
 
     Parameters
     ----------
     q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype
         As for :func:`rel_pos_attention`, validated the same way; numpy
         arrays only for now.
-    backend : {"auto", "numpy"}
-        The backward exists on the reference only: ``"auto"`` (on numpy
-        arrays) and ``"numpy"`` run it; ``"numba"`` and ``"cupy"`` raise
-        :class:`BackendError` (no fused backward on them yet).
+    backend : {"auto", "numpy", "numba"}
+        ``"auto"`` and ``"numpy"``: the reference (on numpy arrays; faster
+        than the fused kernels at SAM's sizes on a 2-core machine, but it
+        holds one head's Sq x Sk weights); ``"numba"``: the fused kernels, in
+        O(tile) memory (:class:`BackendError` when numba cannot run);
+        ``"cupy"`` raises :class:`BackendError` (no backward on it yet).
 
     Returns
     -------
     out : numpy.ndarray, shape (B, heads, Sq, d)
-        The attention, as :func:`rel_pos_attention` with ``backend="numpy"``.
+        The attention, as :func:`rel_pos_attention` with the backend that ran.
     pullback : callable
         ``pullback(dout) -> (dq, dk, dv, d_rel_pos_h, d_rel_pos_w)`` for a
         cotangent ``dout`` of out's shape and dtype (``ValueError`` /
@@ -225,7 +314,8 @@ def rel_pos_attention_vjp(
     Raises
     ------
     BackendError
-        For CuPy arrays, or ``backend`` ``"numba"`` / ``"cupy"``.
+        For CuPy arrays, ``backend="cupy"``, or ``backend="numba"`` where
+        numba cannot run.
 
     Examples
     --------
@@ -244,14 +334,31 @@ def rel_pos_attention_vjp(
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
         backends.get(backend)   # ValueError naming the known backends
-        if backend != "numpy":
+        if backend not in ("numpy", "numba"):
             raise BackendError(f"backend: the fused backward is not available on backend {backend!r} yet; "
-                               "use backend='numpy' (the reference backward)")
+                               "use backend='numba' (fused, CPU) or 'numpy' (the reference backward)")
     if type(q) is not np.ndarray:
         raise BackendError(f"q: the fused backward is not available for {array_module(q).__name__} "
-                           "arrays yet; the reference backward takes numpy arrays")
+                           "arrays yet; the backward takes numpy arrays")
+    if backend == "numba" and not _numba_available():
+        raise BackendError(f"backend: 'numba' cannot run: {backends.get('numba').unavailable_reason()}")
+    # "auto" takes the reference: on 2 cores it is faster than the fused kernels
+    # at SAM's sizes (0.47 vs 0.75 s, SAM-B windowed, float32); the fused path
+    # bounds the memory (no Sq x Sk buffer), and is asked for by name.
+    fused = backend == "numba"
     prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
     th, tw = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
+    if fused:
+        try:
+            out, problem = _forward_numba(q, k, v, th, tw, q_size, k_size, scale)
+        except backends.BackendFailure as exc:
+            if backend == "numba":
+                raise BackendError(f"backend: 'numba' cannot run: {exc}") from None
+            fused = False      # "auto": the numba kernels fail here; the reference backward
+    if fused:
+        pullback = _pullback_numba(q, k, v, th, tw, (rel_pos_h, rel_pos_w), q_size, k_size,
+                                   resize_dtype, out, problem)
+        return out, pullback
     out, stats = _forward(q, k, v, th, tw, q_size, k_size, scale)
     pullback = _pullback(q, k, v, th, tw, (rel_pos_h, rel_pos_w), q_size, k_size, scale,
                          resize_dtype, out, stats)

@@ -308,7 +308,7 @@ def test_bad_dout_is_refused_naming_it():
         pullback(out.tolist())
 
 
-@pytest.mark.parametrize("fused", ["numba", "cupy"])
+@pytest.mark.parametrize("fused", ["cupy"])
 def test_fused_backends_have_no_backward_yet(fused):
     q, k, v, th, tw = _small()
     with pytest.raises(relattn.BackendError, match="backward is not available"):
