@@ -25,7 +25,8 @@ logit row, as its two parts (the row's max and its sum of exponentials), for the
 backward, which recomputes each head's logits with the same operations and so
 the forward's weights (to rounding; normally bit for bit).
 
-``backend="numba"`` takes the fused path instead: the numba forward, then ``relattn.backends._numba_backward``'s
+``backend="numba"`` (and ``"auto"`` where numba runs) takes the fused path
+instead: the numba forward, then ``relattn.backends._numba_backward``'s
 flash-style kernels for the core (dq, dk, dv and the terms' gradients
 d_rel_h, d_rel_w, never an S_q x S_k buffer), then the same table adjoints.
 """
@@ -279,7 +280,8 @@ def rel_pos_attention_vjp(
     bit for bit ``rel_pos_attention(..., backend="numpy")``; it keeps the
     log-sum-exp of each logit row (as 2 x B x heads x Sq values) and its
     pullback materializes each (batch, head)'s S_q x S_k weights one head at a
-    time; ``"auto"`` takes it. The fused one (``backend="numba"``): the numba backend's forward (``out`` is bit for bit
+    time. The fused one (``backend="numba"``, and ``"auto"`` where numba
+    runs): the numba backend's forward (``out`` is bit for bit
     ``rel_pos_attention(..., backend="numba")``) and flash-style kernels
     (``relattn.backends._numba_backward``) that recompute the logits tile by
     tile and never hold an S_q x S_k buffer; the rel_h / rel_w terms are kept
@@ -291,10 +293,11 @@ def rel_pos_attention_vjp(
         As for :func:`rel_pos_attention`, validated the same way; numpy
         arrays only for now.
     backend : {"auto", "numpy", "numba"}
-        ``"auto"`` and ``"numpy"``: the reference (on numpy arrays; faster
-        than the fused kernels at SAM's sizes on a 2-core machine, but it
-        holds one head's Sq x Sk weights); ``"numba"``: the fused kernels, in
-        O(tile) memory (:class:`BackendError` when numba cannot run);
+        ``"auto"`` (on numpy arrays): the fused numba kernels where numba can
+        run (O(tile) memory; faster than the reference at SAM's windows), else
+        the reference; ``"numpy"``: the reference (it holds one head's
+        Sq x Sk weights); ``"numba"``: the fused kernels
+        (:class:`BackendError` when numba cannot run);
         ``"cupy"`` raises :class:`BackendError` (no backward on it yet).
 
     Returns
@@ -342,10 +345,7 @@ def rel_pos_attention_vjp(
                            "arrays yet; the backward takes numpy arrays")
     if backend == "numba" and not _numba_available():
         raise BackendError(f"backend: 'numba' cannot run: {backends.get('numba').unavailable_reason()}")
-    # "auto" takes the reference: on 2 cores it is faster than the fused kernels
-    # at SAM's sizes (0.47 vs 0.75 s, SAM-B windowed, float32); the fused path
-    # bounds the memory (no Sq x Sk buffer), and is asked for by name.
-    fused = backend == "numba"
+    fused = backend == "numba" or (backend == "auto" and _numba_available())
     prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
     th, tw = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
     if fused:

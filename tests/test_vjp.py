@@ -61,7 +61,9 @@ def problems(draw, max_side=4):
 
 
 def _vjp(problem, arrays=None, **kw):
+    """The reference pullback (this file tests it; tests/test_vjp_numba.py the fused one)."""
     arrays = problem["arrays"] if arrays is None else arrays
+    kw.setdefault("backend", "numpy")
     return relattn.rel_pos_attention_vjp(*arrays, q_size=problem["q_size"], k_size=problem["k_size"], **kw)
 
 
@@ -217,7 +219,7 @@ def test_out_bits_with_chunked_rows_and_terms(monkeypatch, dtype):
     functional._plans.clear()   # plans made under other budgets
     try:
         want = relattn.rel_pos_attention(q, k, v, th, tw, q_size=(5, 6), backend="numpy")
-        out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(5, 6))
+        out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(5, 6), backend="numpy")
     finally:
         functional._plans.clear()   # made under these budgets
     assert np.array_equal(out, want)

@@ -2,8 +2,8 @@
 
 The attention core's pullback, flash-style: per (batch*head) ``bh``, with
 ``S = scale * q k^T + rel_h[i, ky] + rel_w[i, kx]`` (key ``j = ky * k_w + kx``),
-``P = exp(S - m) / l`` from the forward's row max ``m`` and sum of
-exponentials ``l``, ``D = rowsum(dO * O)``::
+``P = exp(S - m) / l`` with the row max ``m`` and sum of exponentials ``l``,
+``D = rowsum(dO * O)``::
 
     dP = dO V^T      dS = P * (dP - D)
     dq = scale * dS K         dk = scale * dS^T q         dv = P^T dO
@@ -11,8 +11,12 @@ exponentials ``l``, ``D = rowsum(dO * O)``::
 
 Neither ``S``, ``P`` nor ``dS`` is ever stored whole: the logits are
 recomputed tile by tile, in the forward's order ``(scale q . k + rel_h) +
-rel_w``.  Two kernels, each compiled for float32 and float64 (half precision
-is computed in float32 by the caller):
+rel_w``.  Each kernel is compiled for float32 and float64 (half precision is
+computed in float32 by the caller).  With at least 4 (batch, head) pairs per
+thread, ``fused_pass`` (parallel over bh) does it all: blocks of 16 query rows
+against every key, so ``m`` and ``l`` come from whole rows, and dk / dv are
+summed into the work item's own rows.  Otherwise two kernels share the work
+over tiles:
 
 * ``rows_pass`` (parallel over (bh, query tile)): with ``mode == 0`` the row
   statistics ``m``, ``l`` of the logits (an online max / sum of exponentials
@@ -226,6 +230,132 @@ def keys_pass(q, kT, vT, rel_h, rel_w, has_rel, kyi, kxi, scale, tk, m, l, dout,
                 dv[bh, j0 + j, c] = dvT[c, j]
 
 
+@njit(cache=_CACHE, parallel=True, fastmath=_FASTMATH)
+def fused_pass(q, k, kT, vT, rel_h, rel_w, has_rel, kyi, kxi, scale, tq, out, dout,
+               dq, dk, dv, d_rel_h, d_rel_w):
+    """The whole backward of one (batch*head) ``bh`` per work item (parallel
+    over ``bh``): blocks of ``tq`` query rows against all ``Sk`` keys at once,
+    so each row's max and sum of exponentials are taken exactly from the
+    block's logits (no separate statistics pass) and ``dk``, ``dv`` are summed
+    in place over the blocks (``bh``'s rows of them belong to this work item).
+    Memory per work item: a few (tq, Sk) blocks and (tq, d) blocks.
+    Arguments as ``rows_pass``; dq, dk, dv zeroed by the caller."""
+    BH, Sq, d = q.shape
+    Sk = k.shape[1]
+    dt = q.dtype
+    sc = scale
+    k_h = rel_h.shape[2]
+    k_w = rel_w.shape[2]
+    grid = k_h * k_w == Sk   # key j = ky * k_w + kx: the terms by grid rows
+    for bh in prange(BH):
+        qs = np.empty((tq, d), dtype=dt)
+        do = np.empty((tq, d), dtype=dt)
+        acc = np.empty((tq, d), dtype=dt)
+        s = np.empty((tq, Sk), dtype=dt)
+        dp = np.empty((tq, Sk), dtype=dt)
+        dsv = np.empty(tq, dtype=dt)
+        consts = np.zeros(2, dtype=dt)   # typed constants: 0 and -inf
+        consts[1] = -np.inf
+        zero = consts[0]
+        ninf = consts[1]
+        for i0 in range(0, Sq, tq):
+            nq = min(tq, Sq - i0)
+            for r in range(nq):
+                i = i0 + r
+                di = zero
+                for c in range(d):
+                    qs[r, c] = q[bh, i, c] * sc
+                    x = dout[bh, i, c]
+                    do[r, c] = x
+                    di += x * out[bh, i, c]
+                    acc[r, c] = 0
+                dsv[r] = di
+                for j in range(Sk):
+                    s[r, j] = 0
+                    dp[r, j] = 0
+            # logits and dP: k / v rows shared by the block's rows
+            for c in range(d):
+                kr = kT[bh, c]
+                vr = vT[bh, c]
+                for r in range(nq):
+                    a = qs[r, c]
+                    b = do[r, c]
+                    sr = s[r]
+                    pr = dp[r]
+                    for j in range(Sk):
+                        sr[j] += a * kr[j]
+                        pr[j] += b * vr[j]
+            for r in range(nq):
+                i = i0 + r
+                sr = s[r]
+                pr = dp[r]
+                if has_rel:
+                    rh_row = rel_h[bh, i]
+                    rw_row = rel_w[bh, i]
+                    if grid:
+                        for ky in range(k_h):
+                            h = rh_row[ky]
+                            sg = sr[ky * k_w:(ky + 1) * k_w]
+                            for kx in range(k_w):
+                                sg[kx] = (sg[kx] + h) + rw_row[kx]
+                    else:
+                        for j in range(Sk):
+                            sr[j] = (sr[j] + rh_row[kyi[j]]) + rw_row[kxi[j]]
+                mi = ninf
+                for j in range(Sk):
+                    x = sr[j]
+                    mi = x if x > mi else mi
+                for j in range(Sk):
+                    sr[j] = _fexp(sr[j] - mi)
+                li = zero
+                for j in range(Sk):
+                    li += sr[j]
+                di = dsv[r]
+                for j in range(Sk):
+                    p = sr[j] / li
+                    sr[j] = p                       # P
+                    pr[j] = p * (pr[j] - di)        # dS
+                if has_rel:
+                    for a in range(k_h):
+                        d_rel_h[bh, i, a] = 0
+                    for a in range(k_w):
+                        d_rel_w[bh, i, a] = 0
+                    dh = d_rel_h[bh, i]
+                    dw = d_rel_w[bh, i]
+                    if grid:
+                        for ky in range(k_h):
+                            pg = pr[ky * k_w:(ky + 1) * k_w]
+                            t = zero
+                            for kx in range(k_w):
+                                g = pg[kx]
+                                t += g
+                                dw[kx] += g
+                            dh[ky] = t
+                    else:
+                        for j in range(Sk):
+                            g = pr[j]
+                            dh[kyi[j]] += g
+                            dw[kxi[j]] += g
+            # dq += dS k, dk += dS^T q, dv += P^T dO
+            for j in range(Sk):
+                kr = k[bh, j]
+                dkr = dk[bh, j]
+                dvr = dv[bh, j]
+                for r in range(nq):
+                    g = dp[r, j]
+                    p = s[r, j]
+                    ar = acc[r]
+                    qr = qs[r]
+                    dr = do[r]
+                    for c in range(d):
+                        ar[c] += g * kr[c]
+                        dkr[c] += g * qr[c]
+                        dvr[c] += p * dr[c]
+            for r in range(nq):
+                for c in range(d):
+                    dq[bh, i0 + r, c] = sc * acc[r, c]
+
+
 # ---------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------
@@ -234,6 +364,8 @@ _TQ = 16    # query rows per work item of rows_pass
 _TK = 128   # key tile of rows_pass (the length of its row vectors)
 _TK_KEYS = 64  # key tile of keys_pass: (d, 64) accumulators for dk and dv
 _TK_MIN = 16
+_TQ_FUSED = 16  # query rows per block of fused_pass
+_FUSED_MIN_ITEMS = 4  # fused_pass when B*H >= this many per thread
 
 
 def _launch(kernel, *args):
@@ -294,8 +426,16 @@ class Problem:
             tk //= 2
         self.tk_keys = tk
         self.empty = BH * Sq == 0 or Sk == 0 or d == 0
-        if not self.empty:
+        # enough (batch*head)s to keep every thread busy: one fused pass per
+        # bh (its rows' statistics taken from whole logit rows); otherwise the
+        # tiled passes, parallel over query / key tiles too
+        self.fused = BH >= _FUSED_MIN_ITEMS * threads
+        self.have_stats = False
+
+    def _stats(self):
+        if not self.have_stats:
             self._rows(0, self.m, self.l, self.q, self.q, self.m, self.q, self.rh, self.rw)
+            self.have_stats = True
 
     def _rows(self, mode, m, l, out, dout, dsum, dq, d_rel_h, d_rel_w):
         _launch(rows_pass, self.q, self.k, self.kT, self.vT, self.rh, self.rw, self.has_rel,
@@ -319,6 +459,13 @@ class Problem:
         if not self.empty:
             o3 = np.ascontiguousarray(out, dtype=cdt).reshape(BH, Sq, d)
             do3 = np.ascontiguousarray(dout, dtype=cdt).reshape(BH, Sq, d)
+            if self.fused:
+                _launch(fused_pass, self.q, self.k, self.kT, self.vT, self.rh, self.rw, self.has_rel,
+                        self.kyi, self.kxi, self.scale, _TQ_FUSED, o3, do3, dq, dk, dv, dh, dw)
+                if not self.has_rel:
+                    dh = dw = None
+                return dq, dk, dv, dh, dw
+            self._stats()
             dsum = np.empty((BH, Sq), dtype=cdt)
             self._rows(1, self.m, self.l, o3, do3, dsum, dq, dh, dw)
             _launch(keys_pass, self.q, self.kT, self.vT, self.rh, self.rw, self.has_rel, self.kyi,
