@@ -31,11 +31,11 @@ NAMES = ("q", "k", "v", "rel_pos_h", "rel_pos_w")
 
 
 @st.composite
-def problems(draw, max_side=4):
+def problems(draw, max_side=4, max_heads=2, head_dims=(1, 3, 8)):
     """A small float64 problem: q grid and k grid (equal or not), tables of
     SAM's row count, resized up or down, or none (plain attention)."""
-    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    head_dim = draw(st.sampled_from([1, 3, 8]))
+    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, max_heads))
+    head_dim = draw(st.sampled_from(head_dims))
     q_h, q_w = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
     if draw(st.booleans()):
         k_h, k_w = q_h, q_w

@@ -21,70 +21,24 @@ from hypothesis import strategies as st
 
 import relattn
 from relattn import backends, functional
+from test_vjp import HALF_DTYPES, NAMES, _floor, _rel_err
+from test_vjp import _vjp as reference_vjp
+from test_vjp import problems as reference_problems
 
 if backends.get("numba").unavailable_reason() is not None:  # pragma: no cover
     pytest.skip(f"numba unavailable: {backends.get('numba').unavailable_reason()}", allow_module_level=True)
 
-try:
-    import ml_dtypes
-
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - optional dependency
-    BFLOAT16 = None
-
-HALF_DTYPES = [np.dtype(np.float16)] + ([BFLOAT16] if BFLOAT16 is not None else [])
-NAMES = ("q", "k", "v", "rel_pos_h", "rel_pos_w")
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@st.composite
-def problems(draw, max_side=14):
-    """q grid != k grid (or equal), tables of SAM's row count, resized, or
-    none; head dims 1..80; sequences up to max_side**2 (several key tiles)."""
-    batch, heads = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    head_dim = draw(st.sampled_from([1, 3, 8, 16, 64, 80]))
-    q_h, q_w = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
-    if draw(st.booleans()):
-        k_h, k_w = q_h, q_w
-    else:
-        k_h, k_w = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
-    tables = draw(st.sampled_from(["sam", "resized", "none"]))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((batch, heads, q_h * q_w, head_dim))
-    k = rng.standard_normal((batch, heads, k_h * k_w, head_dim))
-    v = rng.standard_normal((batch, heads, k_h * k_w, head_dim))
-    rows_h, rows_w = 2 * max(q_h, k_h) - 1, 2 * max(q_w, k_w) - 1
-    if tables == "resized":
-        rows_h, rows_w = draw(st.integers(1, 2 * rows_h + 2)), draw(st.integers(1, 2 * rows_w + 2))
-    th = tw = None
-    if tables != "none":
-        th = 0.5 * rng.standard_normal((rows_h, head_dim))
-        tw = 0.5 * rng.standard_normal((rows_w, head_dim))
-    return dict(arrays=[q, k, v, th, tw], q_size=(q_h, q_w), k_size=(k_h, k_w),
-                what=f"B{batch} H{heads} d{head_dim} q{(q_h, q_w)} k{(k_h, k_w)} tables {tables} seed {seed}")
+def problems(max_side=14):
+    """The reference's problems, larger: head dims 1..80, sequences up to
+    max_side**2 (several key tiles)."""
+    return reference_problems(max_side=max_side, max_heads=3, head_dims=(1, 3, 8, 16, 64, 80))
 
 
-def _vjp(problem, arrays=None, **kw):
-    arrays = problem["arrays"] if arrays is None else arrays
-    return relattn.rel_pos_attention_vjp(*arrays, q_size=problem["q_size"], k_size=problem["k_size"], **kw)
-
-
-def _rel_err(got, want, floor=0.0):
-    """max |got - want| relative to the largest |want|, or to ``floor`` when
-    larger (a gradient that is zero in exact arithmetic, such as a table's
-    with one key along its side, is rounding noise: it is compared relative
-    to the problem's other gradients)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    scale = max(np.max(np.abs(want), initial=0.0), floor)
-    diff = np.max(np.abs(got - want), initial=0.0)
-    return diff / scale if scale > 0 else diff
-
-
-def _floor(grads, fraction):
-    """``fraction`` of the largest finite gradient entry of a problem."""
-    return fraction * max(np.max(np.abs(g[np.isfinite(g)]), initial=0.0) for g in grads if g is not None)
+def _vjp(problem, arrays=None, **kw):   # every call here names its backend
+    return reference_vjp(problem, arrays, **kw)
 
 
 def _cast(arrays, dtype):
