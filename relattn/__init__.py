@@ -22,6 +22,19 @@ from relattn.window import window_partition, window_unpartition
 
 __version__ = "0.1.0"
 
+# Optional framework bridges, imported on first access (``relattn.torch``), never by
+# ``import relattn``: each imports its framework.
+_LAZY_SUBMODULES = frozenset({"torch", "jax"})
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Attention",
     "AttentionLayerInfo",

@@ -1,8 +1,8 @@
-"""The reference backward pass: ``rel_pos_attention`` and its pullback (VJP).
+"""The backward pass: ``rel_pos_attention`` and its pullback (VJP).
 
-Exact, readable like the formulas, numpy only. Per (batch, head), with
-``S = scale * q k^T + rel_h[i, ky] + rel_w[i, kx]``, ``P = softmax(S)`` and
-``O = P V``, the pullback of a cotangent ``dO`` is
+The reference is exact, readable like the formulas, numpy only. Per (batch,
+head), with ``S = scale * q k^T + rel_h[i, ky] + rel_w[i, kx]``, ``P =
+softmax(S)`` and ``O = P V``, the pullback of a cotangent ``dO`` is
 
     dV = P^T dO
     dP = dO V^T
@@ -16,7 +16,9 @@ table[index[y, ky]]`` (a gather, whose adjoint is a scatter-add over the index
 table) of the table linearly resized to ``2 * max(q_h, k_h) - 1`` rows when it
 has another row count (whose adjoint sends each output row's cotangent back to
 its two source rows with the same weights). The tables are shared by all heads
-and batch entries, so their gradients are sums over them.
+and batch entries, so their gradients are sums over them. The two
+scatter-adds are written with array operations numpy and CuPy share, adding
+in the order of ``np.add.at`` (so with its bits on numpy).
 
 The forward is the numpy backend's (``relattn.backends.reference``): the same
 operations in the same order, so ``out`` is the bits of
@@ -25,13 +27,25 @@ logit row, as its two parts (the row's max and its sum of exponentials), for the
 backward, which recomputes each head's logits with the same operations and so
 the forward's weights (to rounding; normally bit for bit).
 
-``backend="numba"`` (and ``"auto"`` where numba runs) takes the fused path
-instead: the numba forward, then ``relattn.backends._numba_backward``'s
-flash-style kernels for the core (dq, dk, dv and the terms' gradients
-d_rel_h, d_rel_w, never an S_q x S_k buffer), then the same table adjoints.
+``backend="numba"`` (and ``"auto"`` on numpy arrays where numba runs) takes
+the fused path instead: the numba forward, then
+``relattn.backends._numba_backward``'s flash-style kernels for the core (dq,
+dk, dv and the terms' gradients d_rel_h, d_rel_w, never an S_q x S_k buffer),
+then the same table adjoints.
+
+CuPy arrays (``backend="cupy"`` or ``"auto"``) take the GPU path: ``out``
+from ``rel_pos_attention(..., backend="cupy")``, each logit row's max and sum
+of exponentials from the same logits the backward recomputes
+(``relattn.backends.gpu.backward.row_stats``), then the core's gradients
+from :func:`_core_backward_gpu` (CuPy operations over chunks of query rows,
+each chunk's logits within ``relattn.backends.gpu.backward.CHUNK_BYTES``),
+then the table adjoints above in CuPy. Everything stays on the inputs'
+device.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -41,6 +55,7 @@ from relattn.backends import reference
 from relattn.functional import BackendError, _prepare, _row_chunk
 from relattn.relpos import (
     _gathered,
+    _on_device,
     _relative_index,
     _resize_arithmetic,
     _resize_plan,
@@ -89,38 +104,101 @@ def _forward(q, k, v, th, tw, q_size, k_size, scale):
 
 
 # ----------------------------------------------------------------- backward
+# The adjoints of the gather and of the resize are scatter-adds: each target
+# row sums the cotangents of the positions that read it. They are summed one
+# by one, in the order of the positions (the order of ``np.add.at``, so the
+# bits are its bits), with plain array operations that numpy and CuPy both
+# have: every target row lists its positions in a (rows, width) table, padded
+# with a position that holds zeros, and step t adds column t of that table to
+# every row at once (adding +0.0 changes no sum: one that starts at +0.0
+# never becomes -0.0).
+def _accumulation_slots(index, rows):
+    """``slots`` (width, rows): ``slots[t, r]`` is the t-th position p (in
+    increasing order) with ``index[p] == r``, or ``index.size`` (the zero
+    row) past the last; ``width`` is the largest count."""
+    n = index.size
+    order = np.argsort(index, kind="stable")          # positions grouped by row, increasing within
+    counts = np.bincount(index, minlength=rows)
+    starts = np.cumsum(counts) - counts
+    target = index[order]
+    slots = np.full((int(counts.max(initial=0)), rows), n, dtype=np.int64)
+    slots[np.arange(n) - starts[target], target] = order
+    slots.flags.writeable = False
+    return slots
+
+
+@functools.lru_cache(maxsize=256)
+def _gather_slots(q_len, k_len):
+    """The slots of the gather ``Rh[y, ky] = table[index[y, ky]]`` (positions
+    ``y * k_len + ky``)."""
+    return _accumulation_slots(_relative_index(q_len, k_len).ravel(), 2 * max(q_len, k_len) - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _resize_slots(in_rows, length, arithmetic):
+    """The slots of the resize's two reads, ``x[i0[r]]`` (positions ``r``)
+    then ``x[i1[r]]`` (positions ``length + r``)."""
+    i0, i1, _, _ = _resize_plan(in_rows, length, arithmetic)
+    return _accumulation_slots(np.concatenate([i0, i1]), in_rows)
+
+
+def _scatter_add(values, slots, key):
+    """``out[r] = sum of values[p] over the positions p of row r``, added in
+    the slots' order from +0.0; ``values`` (n, C) numpy or CuPy, ``slots``
+    from :func:`_accumulation_slots` (``key`` names them for the device
+    cache). Returns (rows, C) of values' dtype."""
+    xp = array_module(values)
+    slots = _on_device(xp, key, slots)
+    padded = xp.concatenate([values, xp.zeros((1, values.shape[1]), dtype=values.dtype)])
+    out = xp.zeros((slots.shape[1], values.shape[1]), dtype=values.dtype)
+    for column in slots:
+        out += padded[column]
+    return out
+
+
 def _resize_adjoint(d_resized, in_rows, arithmetic):
     """Adjoint of ``resize_rel_pos`` from ``in_rows`` rows: ``out[r] =
     lambda0[r] x[i0[r]] + lambda1[r] x[i1[r]]``, so ``dx[i0[r]] += lambda0[r]
     dout[r]`` and ``dx[i1[r]] += lambda1[r] dout[r]`` (the weights of the resize)."""
-    i0, i1, lambda0, lambda1 = _resize_plan(in_rows, d_resized.shape[0], arithmetic)
-    dx = np.zeros((in_rows, d_resized.shape[1]), dtype=d_resized.dtype)
-    np.add.at(dx, i0, lambda0.astype(dx.dtype) * d_resized)
-    np.add.at(dx, i1, lambda1.astype(dx.dtype) * d_resized)
-    return dx
+    length = d_resized.shape[0]
+    xp = array_module(d_resized)
+    dtype = d_resized.dtype
+    _, _, lambda0, lambda1 = _resize_plan(in_rows, length, arithmetic)
+    weights = [_on_device(xp, ("vjp-resize-weight", in_rows, length, arithmetic, dtype.str, n),
+                          lam.astype(dtype)) for n, lam in enumerate((lambda0, lambda1))]
+    products = xp.concatenate([weights[0] * d_resized, weights[1] * d_resized])
+    return _scatter_add(products, _resize_slots(in_rows, length, arithmetic),
+                        ("vjp-resize-slots", in_rows, length, arithmetic))
 
 
 def _table_adjoint(d_gathered, table, q_len, k_len, resize_dtype):
     """Gradient of the stored ``table`` (its shape and dtype) from the gradient
     of ``get_rel_pos(q_len, k_len, table)`` (q_len, k_len, C): scatter-add
-    through the gather, then the resize's adjoint when the table was resized."""
+    through the gather, then the resize's adjoint when the table was resized.
+    numpy or CuPy arrays (those of ``d_gathered``)."""
     rows = 2 * max(q_len, k_len) - 1
-    d_resized = np.zeros((rows, table.shape[1]), dtype=d_gathered.dtype)
-    np.add.at(d_resized, _relative_index(q_len, k_len), d_gathered)
+    d_resized = _scatter_add(d_gathered.reshape(q_len * k_len, d_gathered.shape[2]),
+                             _gather_slots(q_len, k_len), ("vjp-gather-slots", q_len, k_len))
     if table.shape[0] != rows:
         d_resized = _resize_adjoint(d_resized, table.shape[0],
                                     _resize_arithmetic(table.dtype, resize_dtype))
-    return d_resized.astype(table.dtype)
+    return astype(d_resized, table.dtype)
 
 
 def _check_dout(dout, out):
-    if type(dout) is not np.ndarray:
-        raise TypeError(f"dout: expected a numpy array like out, got {type(dout).__name__}")
+    """``dout`` checked against ``out``: the same array type, dtype and shape
+    (and for CuPy the same device); TypeError / ValueError naming it."""
+    if type(dout) is not type(out):
+        raise TypeError(f"dout: expected a {array_module(out).__name__} array like out, "
+                        f"got {type(dout).__name__}")
     if dout.dtype != out.dtype:
         raise TypeError(f"dout: expected dtype {dtype_name(out.dtype)} (that of out), "
                         f"got {dtype_name(dout.dtype)}")
     if dout.shape != out.shape:
         raise ValueError(f"dout: expected shape {tuple(out.shape)} (that of out), got {tuple(dout.shape)}")
+    if type(out) is not np.ndarray and dout.device.id != out.device.id:
+        raise ValueError(f"dout: expected an array on device {out.device.id} (that of out), "
+                         f"got one on device {dout.device.id}")
     return dout
 
 
@@ -225,19 +303,52 @@ def _forward_numba(q, k, v, th, tw, q_size, k_size, scale):
     return out, _numba_backward.Problem(q, k, v, rel_h, rel_w, k_size, scale)
 
 
+def _gathered_tables(th, tw, q_size, k_size, term_work):
+    """``Rh`` (q_h, k_h, C) and ``Rw`` (q_w, k_w, C) as the forward gathered
+    them, in the terms' arithmetic ``term_work``."""
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    return astype(_gathered(q_h, k_h, th), term_work), astype(_gathered(q_w, k_w, tw), term_work)
+
+
+def _terms_pullback(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, stored, q_size, k_size, resize_dtype, term_work):
+    """The pullback through the terms ``rel_h = q . Rh``, ``rel_w = q . Rw``,
+    batched over batch and heads, numpy or CuPy (the arrays'): ``dq`` (q's
+    shape and dtype: the core's ``dq_core`` plus the terms' part) and the
+    stored tables' gradients (through the gather and the resize).
+    ``d_rel_h`` / ``d_rel_w``: (B*H, Sq, k_h) / (B*H, Sq, k_w) or of shape
+    (B, H, Sq, k_*)."""
+    xp = array_module(q)
+    batch, heads, q_len, head_dim = q.shape
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    n = batch * heads
+    dh = astype(d_rel_h, term_work).reshape(n, q_h, q_w, k_h)
+    dw = astype(d_rel_w, term_work).reshape(n, q_h, q_w, k_w)
+    q_grid = astype(q, term_work).reshape(n, q_h, q_w, head_dim)
+    # dq += sum_ky d_rel_h[(y, x), ky] Rh[y, ky] + sum_kx d_rel_w[(y, x), kx] Rw[x, kx]
+    dq_h = xp.matmul(dh.transpose(1, 0, 2, 3).reshape(q_h, n * q_w, k_h), Rh)
+    dq_w = xp.matmul(dw.transpose(2, 0, 1, 3).reshape(q_w, n * q_h, k_w), Rw)
+    dq_terms = (dq_h.reshape(q_h, n, q_w, head_dim).transpose(1, 0, 2, 3)
+                + dq_w.reshape(q_w, n, q_h, head_dim).transpose(1, 2, 0, 3))
+    dq = astype((dq_core.reshape(n, q_h, q_w, head_dim) + dq_terms).reshape(q.shape), q.dtype)
+    # dRh[y, ky] = sum_(b, h, x) d_rel_h q;  dRw[x, kx] = sum_(b, h, y) d_rel_w q
+    dRh = xp.matmul(dh.transpose(1, 3, 0, 2).reshape(q_h, k_h, n * q_w),
+                    q_grid.transpose(1, 0, 2, 3).reshape(q_h, n * q_w, head_dim))
+    dRw = xp.matmul(dw.transpose(2, 3, 0, 1).reshape(q_w, k_w, n * q_h),
+                    q_grid.transpose(2, 0, 1, 3).reshape(q_w, n * q_h, head_dim))
+    d_h = _table_adjoint(dRh, stored[0], q_h, k_h, resize_dtype)
+    d_w = _table_adjoint(dRw, stored[1], q_w, k_w, resize_dtype)
+    return dq, d_h, d_w
+
+
 def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, problem):
     """The pullback through the fused kernels (``_numba_backward``): the core's
     gradients and the terms' (``d_rel_h``, ``d_rel_w``) come from the kernels;
     the tables' go back through ``q . R``, the gather and the resize as in
-    :func:`_pullback`, batched over batch and heads."""
-    batch, heads, q_len, head_dim = q.shape
+    :func:`_pullback`, batched over batch and heads (:func:`_terms_pullback`)."""
     use_rel = th is not None
     if use_rel:
-        (q_h, q_w), (k_h, k_w) = q_size, k_size
         term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
-        Rh = astype(_gathered(q_h, k_h, th), term_work)            # (q_h, k_h, C)
-        Rw = astype(_gathered(q_w, k_w, tw), term_work)            # (q_w, k_w, C)
-    n = batch * heads
+        Rh, Rw = _gathered_tables(th, tw, q_size, k_size, term_work)
     k_shape, k_dtype, v_shape, v_dtype = k.shape, k.dtype, v.shape, v.dtype
 
     def pullback(dout):
@@ -247,25 +358,86 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
         dv = dv3.reshape(v_shape).astype(v_dtype, copy=False)
         if not use_rel:
             return dq3.reshape(q.shape).astype(q.dtype, copy=False), dk, dv, None, None
-        dh = dh3.astype(term_work, copy=False).reshape(n, q_h, q_w, k_h)
-        dw = dw3.astype(term_work, copy=False).reshape(n, q_h, q_w, k_w)
-        q_grid = q.astype(term_work).reshape(n, q_h, q_w, head_dim)
-        # dq += sum_ky d_rel_h[(y, x), ky] Rh[y, ky] + sum_kx d_rel_w[(y, x), kx] Rw[x, kx]
-        dq_h = np.matmul(dh.transpose(1, 0, 2, 3).reshape(q_h, n * q_w, k_h), Rh)
-        dq_w = np.matmul(dw.transpose(2, 0, 1, 3).reshape(q_w, n * q_h, k_w), Rw)
-        dq_terms = (dq_h.reshape(q_h, n, q_w, head_dim).transpose(1, 0, 2, 3)
-                    + dq_w.reshape(q_w, n, q_h, head_dim).transpose(1, 2, 0, 3))
-        dq = (dq3.reshape(n, q_h, q_w, head_dim) + dq_terms).reshape(q.shape).astype(q.dtype, copy=False)
-        # dRh[y, ky] = sum_(b, h, x) d_rel_h q;  dRw[x, kx] = sum_(b, h, y) d_rel_w q
-        dRh = np.matmul(dh.transpose(1, 3, 0, 2).reshape(q_h, k_h, n * q_w),
-                        q_grid.transpose(1, 0, 2, 3).reshape(q_h, n * q_w, head_dim))
-        dRw = np.matmul(dw.transpose(2, 3, 0, 1).reshape(q_w, k_w, n * q_h),
-                        q_grid.transpose(2, 0, 1, 3).reshape(q_w, n * q_h, head_dim))
-        d_h = _table_adjoint(dRh, stored[0], q_h, k_h, resize_dtype)
-        d_w = _table_adjoint(dRw, stored[1], q_w, k_w, resize_dtype)
+        dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,
+                                       resize_dtype, term_work)
         return dq, dk, dv, d_h, d_w
 
     return pullback
+
+
+# ------------------------------------------------------------------ GPU (cupy)
+def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
+    """The cupy backend's forward, ``out`` by ``rel_pos_attention(...,
+    backend="cupy")`` itself (its bits, its plan cache), and the backward's
+    state: the terms ``rel_h``, ``rel_w`` of the tables ``th``, ``tw`` as the
+    backend got them, whole, in the attention's compute dtype (or None), and
+    each logit row's max and sum of exponentials
+    (:func:`relattn.backends.gpu.backward.row_stats`)."""
+    from relattn.backends.gpu import backward
+    from relattn.functional import rel_pos_attention
+
+    out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=scale,
+                            backend="cupy", resize_dtype=resize_dtype)
+    rel_h = rel_w = None
+    if th is not None:
+        work = compute_dtype(q.dtype)
+        rel_h, rel_w = (astype(t, work) for t in relpos_terms(q, th, tw, q_size, k_size))
+    return out, rel_h, rel_w, backward.row_stats(q, k, rel_h, rel_w, k_size, scale)
+
+
+def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
+    """The attention core's pullback on the GPU: ``(dq, dk, dv, d_rel_h,
+    d_rel_w)`` in the compute dtype, ``dq`` without the terms' part, the
+    terms' gradients (B, H, Sq, k_h) and (B, H, Sq, k_w) or None. CuPy
+    operations over chunks of query rows
+    (:func:`relattn.backends.gpu.backward.core_backward`)."""
+    from relattn.backends.gpu import backward
+
+    return backward.core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
+
+
+def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, rel_h, rel_w, stats):
+    """The pullback on the GPU: the core's gradients from
+    :func:`_core_backward_gpu`, then the tables' as for the fused CPU
+    backward (:func:`_terms_pullback`, in CuPy)."""
+    use_rel = th is not None
+    if use_rel:
+        term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
+        with q.device:
+            Rh, Rw = _gathered_tables(th, tw, q_size, k_size, term_work)
+
+    def pullback(dout):
+        dout = _check_dout(dout, out)
+        with q.device:
+            dq3, dk3, dv3, dh3, dw3 = _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale,
+                                                         out, dout, stats)
+            dk, dv = astype(dk3, k.dtype), astype(dv3, v.dtype)
+            if not use_rel:
+                return astype(dq3, q.dtype), dk, dv, None, None
+            dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,
+                                           resize_dtype, term_work)
+        return dq, dk, dv, d_h, d_w
+
+    return pullback
+
+
+def _check_backend(backend, xp):
+    """``backend`` checked for arrays of the library ``xp``: BackendError when
+    the backward there cannot take them."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    backends.get(backend)   # ValueError naming the known backends
+    if xp is np and backend == "cupy":
+        why = backends.get("cupy").unavailable_reason()
+        raise BackendError(
+            "backend: the backward is not available on backend 'cupy' for numpy arrays: the GPU "
+            "backward takes CuPy arrays (and returns the gradients on their device); pass CuPy "
+            "arrays, or use backend='numba' or 'numpy' on the host"
+            + ("" if why is None else f" (backend 'cupy' cannot run here: {why})"))
+    if xp is not np and backend in ("numpy", "numba"):
+        raise BackendError(
+            f"backend: {backend!r} runs the backward on the host, and these are {xp.__name__} arrays; "
+            f"use backend='cupy' (or 'auto') for the GPU backward, or copy the arrays to the host first")
 
 
 def rel_pos_attention_vjp(
@@ -274,51 +446,61 @@ def rel_pos_attention_vjp(
 ):
     """:func:`rel_pos_attention` and its pullback (vector-Jacobian product).
 
-    Two implementations. The reference (``backend="numpy"``): exact, in
+    Three implementations. The reference (``backend="numpy"``): exact, in
     numpy, written as the formulas (module docstring of
     :mod:`relattn.autodiff`); its forward is the numpy backend's, so ``out`` is
     bit for bit ``rel_pos_attention(..., backend="numpy")``; it keeps the
     log-sum-exp of each logit row (as 2 x B x heads x Sq values) and its
     pullback materializes each (batch, head)'s S_q x S_k weights one head at a
-    time. The fused one (``backend="numba"``, and ``"auto"`` where numba
-    runs): the numba backend's forward (``out`` is bit for bit
-    ``rel_pos_attention(..., backend="numba")``) and flash-style kernels
+    time. The fused CPU one (``backend="numba"``, and ``"auto"`` on numpy
+    arrays where numba runs): the numba backend's forward (``out`` is bit for
+    bit ``rel_pos_attention(..., backend="numba")``) and flash-style kernels
     (``relattn.backends._numba_backward``) that recompute the logits tile by
-    tile and never hold an S_q x S_k buffer; the rel_h / rel_w terms are kept
-    whole for the pullback.
+    tile and never hold an S_q x S_k buffer. The GPU one (``backend="cupy"``,
+    and ``"auto"``, on CuPy arrays): the cupy backend's forward (``out`` is
+    bit for bit ``rel_pos_attention(..., backend="cupy")``) plus each logit
+    row's log-sum-exp computed on the device, and a pullback in CuPy
+    operations over chunks of query rows
+    (``relattn.backends.gpu.backward``: at most two buffers of
+    ``CHUNK_BYTES`` for the logits' blocks, never S_q x S_k); the gradients
+    are CuPy arrays on the inputs' device. The fused and GPU ones keep the
+    rel_h / rel_w terms whole for the pullback.
 
     Parameters
     ----------
     q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype
-        As for :func:`rel_pos_attention`, validated the same way; numpy
-        arrays only for now.
-    backend : {"auto", "numpy", "numba"}
-        ``"auto"`` (on numpy arrays): the fused numba kernels where numba can
-        run (O(tile) memory; faster than the reference at SAM's windows), else
-        the reference; ``"numpy"``: the reference (it holds one head's
-        Sq x Sk weights); ``"numba"``: the fused kernels
-        (:class:`BackendError` when numba cannot run);
-        ``"cupy"`` raises :class:`BackendError` (no backward on it yet).
+        As for :func:`rel_pos_attention`, validated the same way; numpy or
+        CuPy arrays (or DLPack tensors, taken as one or the other).
+    backend : {"auto", "numpy", "numba", "cupy"}
+        ``"auto"``: on numpy arrays the fused numba kernels where numba can
+        run (O(tile) memory; faster than the reference at SAM's windows),
+        else the reference; on CuPy arrays the GPU backward.
+        ``"numpy"``: the reference (it holds one head's Sq x Sk weights);
+        ``"numba"``: the fused kernels (:class:`BackendError` when numba
+        cannot run); both take numpy arrays only. ``"cupy"``: the GPU
+        backward, CuPy arrays only.
 
     Returns
     -------
-    out : numpy.ndarray, shape (B, heads, Sq, d)
+    out : numpy.ndarray or cupy.ndarray, shape (B, heads, Sq, d)
         The attention, as :func:`rel_pos_attention` with the backend that ran.
     pullback : callable
         ``pullback(dout) -> (dq, dk, dv, d_rel_pos_h, d_rel_pos_w)`` for a
-        cotangent ``dout`` of out's shape and dtype (``ValueError`` /
-        ``TypeError`` naming ``dout`` otherwise). ``dq``, ``dk``, ``dv`` have the
-        shapes and dtypes of ``q``, ``k``, ``v``; the table gradients those of
-        the stored tables (through the resize when a table was resized), or
-        None without tables. float64 inputs are differentiated in float64;
-        half-precision ones in float32, rounded once at the end. The pullback
-        may be called any number of times.
+        cotangent ``dout`` of out's array type, shape and dtype (for CuPy,
+        on out's device; ``ValueError`` / ``TypeError`` naming ``dout``
+        otherwise). ``dq``, ``dk``, ``dv`` have the shapes and dtypes of
+        ``q``, ``k``, ``v``; the table gradients those of the stored tables
+        (through the resize when a table was resized), or None without
+        tables; all of the inputs' array type. float64 inputs are
+        differentiated in float64; half-precision ones in float32, rounded
+        once at the end. The pullback may be called any number of times.
 
     Raises
     ------
     BackendError
-        For CuPy arrays, ``backend="cupy"``, or ``backend="numba"`` where
-        numba cannot run.
+        For CuPy arrays with ``backend="numpy"`` or ``"numba"``, numpy
+        arrays with ``backend="cupy"``, ``backend="numba"`` where numba
+        cannot run, or CuPy inputs the cupy backend cannot take.
 
     Examples
     --------
@@ -333,21 +515,22 @@ def rel_pos_attention_vjp(
     """
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
         q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
+    xp = array_module(q)
     if backend != "auto":
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
-        backends.get(backend)   # ValueError naming the known backends
-        if backend not in ("numpy", "numba"):
-            raise BackendError(f"backend: the fused backward is not available on backend {backend!r} yet; "
-                               "use backend='numba' (fused, CPU) or 'numpy' (the reference backward)")
-    if type(q) is not np.ndarray:
-        raise BackendError(f"q: the fused backward is not available for {array_module(q).__name__} "
-                           "arrays yet; the backward takes numpy arrays")
+        _check_backend(backend, xp)
+    stored = (rel_pos_h, rel_pos_w)
+    prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
+    if xp is not np:
+        with q.device:
+            th, tw = stored if prep is None else prep(*stored)
+            out, rel_h, rel_w, stats = _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale,
+                                                    resize_dtype)
+        return out, _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype,
+                                  out, rel_h, rel_w, stats)
     if backend == "numba" and not _numba_available():
         raise BackendError(f"backend: 'numba' cannot run: {backends.get('numba').unavailable_reason()}")
     fused = backend == "numba" or (backend == "auto" and _numba_available())
-    prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
-    th, tw = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
+    th, tw = stored if prep is None else prep(*stored)
     if fused:
         try:
             out, problem = _forward_numba(q, k, v, th, tw, q_size, k_size, scale)
@@ -356,10 +539,8 @@ def rel_pos_attention_vjp(
                 raise BackendError(f"backend: 'numba' cannot run: {exc}") from None
             fused = False      # "auto": the numba kernels fail here; the reference backward
     if fused:
-        pullback = _pullback_numba(q, k, v, th, tw, (rel_pos_h, rel_pos_w), q_size, k_size,
-                                   resize_dtype, out, problem)
+        pullback = _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, problem)
         return out, pullback
     out, stats = _forward(q, k, v, th, tw, q_size, k_size, scale)
-    pullback = _pullback(q, k, v, th, tw, (rel_pos_h, rel_pos_w), q_size, k_size, scale,
-                         resize_dtype, out, stats)
+    pullback = _pullback(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, stats)
     return out, pullback

@@ -10,6 +10,7 @@ import numpy as np
 from relattn._arrays import (
     BFLOAT16,
     array_module,
+    astype,
     check_alloc,
     check_alloc_total,
     check_float_array,
@@ -20,7 +21,7 @@ from relattn._arrays import (
     resolve_dtype,
 )
 from relattn.functional import rel_pos_attention
-from relattn.window import padded_size, window_partition, window_unpartition
+from relattn.window import _unshared, padded_size, window_partition, window_unpartition
 
 __all__ = ["Attention"]
 
@@ -49,6 +50,22 @@ def _host_array(key: str, value) -> np.ndarray:
     if arr.dtype.kind not in "fiu" and not (BFLOAT16 is not None and arr.dtype == BFLOAT16):
         raise TypeError(f"{key}: expected a numeric array, got dtype {arr.dtype}")
     return arr
+
+
+def _check_cotangent(dy, kind, shape, dtype):
+    """``dy`` as a numpy / CuPy array, checked against y: its type as returned
+    (``kind``), and its ``shape`` and ``dtype`` as numpy / CuPy array."""
+    if type(dy) is not kind:
+        raise TypeError(f"dy: expected a {kind.__module__}.{kind.__name__} like y, "
+                        f"got {type(dy).__module__}.{type(dy).__name__}")
+    from relattn._interop import wrap_result
+
+    dy = wrap_result("dy", dy)[0]   # a DLPack tensor (y's kind) as numpy / CuPy
+    if dy.dtype != dtype:
+        raise TypeError(f"dy: expected dtype {dtype_name(dtype)} (that of y), got {dtype_name(dy.dtype)}")
+    if dy.shape != shape:
+        raise ValueError(f"dy: expected shape {shape} (that of y), got {tuple(dy.shape)}")
+    return dy
 
 
 class _Generation:
@@ -650,27 +667,201 @@ class Attention:
 
     def _forward(self, gen, x):
         xp = array_module(x)
-        batch, height, width, dim = x.shape
-        tokens = height * width
         work = compute_dtype(x.dtype, self.dtype)
         p = self._device_params(gen, xp, work)
-        qkv = x.reshape(batch * tokens, dim).astype(work, copy=False) @ p["qkv_weight"].T
+        q, k, v = self._project_qkv(p, self._tokens(x, work), x.shape[0], x.shape[1] * x.shape[2])
+        args, kwargs = self._attention_args(p, x.shape[1], x.shape[2])
+        out = rel_pos_attention(q, k, v, *args, **kwargs)
+        return self._project_out(p, self._merge_heads(out), x.shape, x.dtype)
+
+    # The steps of ``_forward``, shared with ``vjp`` so that both compute the same bits.
+
+    @staticmethod
+    def _tokens(x, work):
+        """``x`` (B, H, W, dim) as (B * H * W, dim) in dtype ``work`` (a view when it can be)."""
+        return astype(x.reshape(x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]), work)
+
+    def _project_qkv(self, p, tokens, batch, seq):
+        """q, k, v of ``tokens`` (B * S, dim), in their dtype: three strided
+        (B, heads, S, head_dim) views of one qkv buffer, no copy."""
+        qkv = tokens @ p["qkv_weight"].T
         if p["qkv_bias"] is not None:
             qkv += p["qkv_bias"]
-        # (B, S, 3, heads, hd) -> three strided (B, heads, S, hd) views, no copy.
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        qkv = qkv.reshape(batch, seq, 3, self.num_heads, self.head_dim)
+        return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+
+    def _attention_args(self, p, height, width):
+        """``(args, kwargs)`` after q, k, v of the attention call on an H x W grid."""
         if self.use_rel_pos:
-            out = rel_pos_attention(
-                q, k, v, p["rel_pos_h"], p["rel_pos_w"], (height, width), (height, width),
+            return (p["rel_pos_h"], p["rel_pos_w"], (height, width), (height, width)), dict(
                 scale=self.scale, backend=self.backend,
                 resize_dtype=getattr(self, "resize_dtype", "float32"),   # absent from older pickles
             )
-        else:
-            out = rel_pos_attention(q, k, v, scale=self.scale, backend=self.backend)
-        out = out.transpose(0, 2, 1, 3).reshape(batch * tokens, dim) @ p["proj_weight"].T
+        return (), dict(scale=self.scale, backend=self.backend)
+
+    def _merge_heads(self, out):
+        """(B, heads, S, head_dim) -> (B * S, dim), a new array."""
+        batch, _, tokens, _ = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(batch * tokens, self.dim)
+
+    @staticmethod
+    def _project_out(p, merged, shape, dtype):
+        out = merged @ p["proj_weight"].T
         out += p["proj_bias"]
-        return out.reshape(batch, height, width, dim).astype(x.dtype, copy=False)
+        return astype(out.reshape(shape), dtype)
+
+    # -- backward -----------------------------------------------------------------
+
+    def vjp(self, x, window_size=None):
+        """The forward pass and its pullback (vector-Jacobian product).
+
+        ``y`` is ``self(x, window_size=window_size)``: the same steps on the
+        same backend (the layer's ``backend``), so the same bits on the CPU
+        backends (``"numpy"``, ``"numba"``, and ``"auto"``, which picks as
+        :func:`relattn.rel_pos_attention_vjp` does: numba where it runs).
+        ``pullback(dy)`` goes back through every step of the forward: the
+        output projection, the attention (:func:`relattn.rel_pos_attention_vjp`,
+        tables through their resize when the grid is not ``input_size``), the
+        qkv projection and, windowed, the partition: padded tokens (zeros, so
+        their q, k, v are the qkv bias) take part as keys and queries, and the
+        gradients reaching them are dropped, as padding's adjoint does.
+
+        Parameters
+        ----------
+        x : array, shape (B, H, W, dim)
+            As for :meth:`forward`: numpy, or CuPy where
+            :func:`relattn.rel_pos_attention_vjp` takes CuPy arrays (the
+            pullback's results then stay on the device); a DLPack tensor comes
+            back as the same kind, and so do ``dx`` and the gradients.
+        window_size : int, optional
+            As for :meth:`forward`.
+
+        Returns
+        -------
+        y : array, shape (B, H, W, dim)
+            The layer's output, as :meth:`forward` returns it.
+        pullback : callable
+            ``pullback(dy) -> (dx, grads)`` for a cotangent ``dy`` of ``y``'s
+            array type, dtype and shape (``TypeError`` / ``ValueError`` naming
+            ``dy`` otherwise). ``dx`` has ``x``'s shape and dtype; ``grads`` is
+            a dict keyed as :meth:`state_dict` (``qkv.weight``, ``qkv.bias``
+            when present, ``proj.weight``, ``proj.bias``, ``rel_pos_h``,
+            ``rel_pos_w`` with ``use_rel_pos``), each gradient of that
+            parameter's shape and dtype. Differentiated in the forward's
+            arithmetic (float64 when ``x`` or the layer is float64, else
+            float32) and rounded once at the end. The pullback uses the
+            parameters the forward used, even after a later parameter write,
+            and may be called any number of times.
+
+        Raises
+        ------
+        BackendError
+            Where :func:`relattn.rel_pos_attention_vjp` has no backward for the
+            call: the layer's ``backend`` is one of the other array library
+            (``"cupy"`` on numpy input, which :meth:`forward` serves by copying
+            to the GPU), or ``"numba"`` where numba cannot run.
+
+        Notes
+        -----
+        ``y`` equals the forward's bits wherever both run the same code: numpy
+        inputs on every CPU backend (and float32 / float64 CuPy inputs, on the
+        cupy backend). CuPy float16 / bfloat16 inputs are the exception:
+        :meth:`forward` runs them through its planned GPU path (cuBLAS
+        projections with float32 accumulation, the fused kernel, half
+        intermediates) and ``vjp`` through the generic one (everything in
+        float32, rounded once), which agree to rounding.
+
+        Memory: besides what the attention's pullback keeps (see
+        :func:`relattn.rel_pos_attention_vjp`), the pullback holds the qkv
+        projection's input (the windows when windowed, else a copy of ``x``
+        in the compute dtype) and the output projection's input, each
+        ``B x H x W x dim`` values (padded when windowed).
+
+        Examples
+        --------
+        >>> import numpy as np, relattn
+        >>> attn = relattn.Attention(16, num_heads=2, use_rel_pos=True, input_size=(4, 4),
+        ...                          rel_pos_zero_init=False, rng=0)
+        >>> x = np.random.default_rng(1).standard_normal((1, 5, 7, 16), dtype=np.float32)
+        >>> y, pullback = attn.vjp(x, window_size=3)   # padded to 6 x 9, six windows
+        >>> bool(np.array_equal(y, attn(x, window_size=3)))
+        True
+        >>> dx, grads = pullback(np.ones_like(y))
+        >>> dx.shape, sorted(grads) == sorted(attn.state_dict()), grads["rel_pos_h"].shape
+        ((1, 5, 7, 16), True, (7, 8))
+        """
+        from relattn._interop import wrap_result
+
+        x, restore = wrap_result("x", x)
+        gen = self._gen   # read once: the forward and every pullback use these parameters
+        x, ws = self._checked_input(x, window_size)
+        height, width = x.shape[1:3]
+        if ws:
+            windows, pad_hw = window_partition(x, ws)   # a new array, the pullback's to keep
+            out, core_pullback = self._vjp(gen, windows, private=True)
+            y = window_unpartition(out, ws, pad_hw, (height, width))
+        else:
+            y, core_pullback = self._vjp(gen, x, private=False)
+        y_user = restore(y)
+        kind, shape, x_dtype = type(y_user), tuple(y.shape), y.dtype   # y's (the pullback keeps no y)
+        dtypes = {attr: value.dtype for attr, value in gen.params.items() if value is not None}
+
+        def pullback(dy):
+            dy = _check_cotangent(dy, kind, shape, x_dtype)
+            if ws:
+                d_out = window_partition(dy, ws)[0]   # unpartition's adjoint: pad with zeros, split
+                d_windows, grads = core_pullback(d_out)
+                dx = window_unpartition(d_windows, ws, pad_hw, (height, width))   # merge, crop
+            else:
+                dx, grads = core_pullback(dy)
+            named = {key: restore(astype(grads[attr], dtypes[attr]))
+                     for key, attr in _PARAM_KEYS.items() if attr in dtypes}
+            return restore(astype(dx, x_dtype)), named
+
+        return y_user, pullback
+
+    def _vjp(self, gen, x, private):
+        """``_forward`` on ``x`` (B, H, W, dim) with its pullback: ``dy`` (x's
+        shape and dtype) -> (dx, grads) in the compute dtype, grads keyed by
+        attribute name. ``private``: ``x`` is the caller's own array (False),
+        copied before the pullback keeps it, or one made for this call (True)."""
+        from relattn.autodiff import rel_pos_attention_vjp
+
+        xp = array_module(x)
+        shape = batch, height, width, dim = x.shape
+        n, heads, head_dim = batch * height * width, self.num_heads, self.head_dim
+        work = compute_dtype(x.dtype, self.dtype)
+        p = self._device_params(gen, xp, work)
+        tokens = self._tokens(x, work)
+        q, k, v = self._project_qkv(p, tokens, batch, height * width)
+        if not private:   # the caller may write to x after the forward: keep a copy
+            tokens = _unshared(xp, tokens, x)
+        args, kwargs = self._attention_args(p, height, width)
+        out, core_pullback = rel_pos_attention_vjp(q, k, v, *args, **kwargs)
+        merged = self._merge_heads(out)                      # (n, dim): the output projection's input
+        y = self._project_out(p, merged, x.shape, x.dtype)
+        del q, k, v, out
+
+        def pullback(dy):
+            # y = merged @ Wp^T + bp
+            d_y = astype(dy, work).reshape(n, dim)
+            grads = {"proj_weight": d_y.T @ merged, "proj_bias": d_y.sum(axis=0)}
+            d_merged = d_y @ p["proj_weight"]
+            d_out = xp.ascontiguousarray(d_merged.reshape(batch, height * width, heads, head_dim)
+                                         .transpose(0, 2, 1, 3))
+            dq, dk, dv, grads["rel_pos_h"], grads["rel_pos_w"] = core_pullback(d_out)
+            # qkv = x @ Wqkv^T + bqkv, read as (B, S, 3, heads, head_dim)
+            d_qkv = xp.empty((batch, height * width, 3, heads, head_dim), dtype=work)
+            for i, d in enumerate((dq, dk, dv)):
+                d_qkv[:, :, i] = d.transpose(0, 2, 1, 3)
+            d_qkv = d_qkv.reshape(n, 3 * dim)
+            grads["qkv_weight"] = d_qkv.T @ tokens
+            if p["qkv_bias"] is not None:
+                grads["qkv_bias"] = d_qkv.sum(axis=0)
+            dx = (d_qkv @ p["qkv_weight"]).reshape(shape)
+            return dx, grads
+
+        return y, pullback
 
     def __repr__(self):
         extra = f", input_size={self.input_size}" if self.use_rel_pos else ""

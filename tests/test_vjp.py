@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import relattn
 from relattn import functional
-from relattn.autodiff import _resize_adjoint
+from relattn.autodiff import _resize_adjoint, _table_adjoint
 from relattn.backends import reference
+from relattn.relpos import _relative_index, _resize_arithmetic, _resize_plan
 
 try:
     import ml_dtypes
@@ -133,6 +134,58 @@ def test_resize_adjoint_is_the_transpose_of_the_resize():
         lhs = np.sum(relattn.resize_rel_pos(x32, length).astype(np.float64) * y)
         rhs = np.sum(x32.astype(np.float64) * _resize_adjoint(y, rows, "float32"))
         assert abs(lhs - rhs) <= 1e-6 * (np.abs(y).sum() * np.abs(x64).max()), (rows, length)
+
+
+def _table_adjoint_add_at(d_gathered, table, q_len, k_len, resize_dtype):
+    """The table adjoint written with ``np.add.at`` (numpy only): the
+    scatter-adds whose bits the array-generic :func:`_table_adjoint` keeps."""
+    rows = 2 * max(q_len, k_len) - 1
+    d_resized = np.zeros((rows, table.shape[1]), dtype=d_gathered.dtype)
+    np.add.at(d_resized, _relative_index(q_len, k_len), d_gathered)
+    if table.shape[0] != rows:
+        i0, i1, lambda0, lambda1 = _resize_plan(table.shape[0], rows, _resize_arithmetic(table.dtype, resize_dtype))
+        dx = np.zeros((table.shape[0], table.shape[1]), dtype=d_resized.dtype)
+        np.add.at(dx, i0, lambda0.astype(dx.dtype) * d_resized)
+        np.add.at(dx, i1, lambda1.astype(dx.dtype) * d_resized)
+        d_resized = dx
+    return d_resized.astype(table.dtype)
+
+
+@pytest.mark.parametrize("work", [np.float64, np.float32])
+def test_table_adjoint_has_the_bits_of_add_at(work):
+    """The array-generic scatter-adds sum in np.add.at's order: the same bits
+    (NaN in the same places), with values whose sums depend on the order
+    (magnitudes 1e-8 to 1e8, signed zeros, infinities and NaN), for grids
+    equal or not, tables of SAM's row count or resized up or down, in both
+    resize arithmetics."""
+    rng = np.random.default_rng(0)
+    grids = [(1, 1), (1, 5), (5, 1), (4, 4), (7, 3), (3, 7), (14, 14), (64, 64), (6, 25)]
+    checked = 0
+    for q_len, k_len in grids:
+        rows = 2 * max(q_len, k_len) - 1
+        for stored in sorted({rows, 1, max(1, rows // 2 + 1), 2 * rows + 3}):
+            for table_dtype in [np.float64, np.float32, np.float16] + ([BFLOAT16] if BFLOAT16 else []):
+                for resize_dtype in ("float32", "table"):
+                    d = rng.standard_normal((q_len, k_len, 5)) * 10.0 ** rng.integers(-8, 9, (q_len, k_len, 5))
+                    d[rng.random(d.shape) < 0.05] = -0.0
+                    if q_len * k_len > 4 and rng.random() < 0.3:
+                        d.flat[rng.integers(d.size, size=3)] = [np.inf, -np.inf, np.nan]
+                    d = d.astype(work)
+                    table = np.zeros((stored, 5), dtype=table_dtype)
+                    with np.errstate(invalid="ignore", over="ignore"):   # inf - inf, 0 * inf
+                        got = _table_adjoint(d, table, q_len, k_len, resize_dtype)
+                        want = _table_adjoint_add_at(d, table, q_len, k_len, resize_dtype)
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    what = (q_len, k_len, stored, table_dtype, resize_dtype)
+                    # NaN where add.at has NaN (which of two NaNs an addition returns,
+                    # and so the sign of the result, is the hardware's choice), and
+                    # the same bits everywhere else
+                    nan = np.isnan(want.astype(np.float64))
+                    assert np.array_equal(np.isnan(got.astype(np.float64)), nan), what
+                    bits = f"u{got.dtype.itemsize}"
+                    assert np.array_equal(got.view(bits)[~nan], want.view(bits)[~nan]), what
+                    checked += 1
+    assert checked > 200
 
 
 # ------------------------------------------------------------- (2) PyTorch autograd
@@ -317,11 +370,12 @@ def test_fused_backends_have_no_backward_yet(fused):
         relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(2, 2), backend=fused)
 
 
-def test_cupy_arrays_have_no_backward_yet():
+def test_cupy_arrays_are_refused_by_the_host_backwards():
     cupy = pytest.importorskip("cupy")
     q, k, v, th, tw = (cupy.asarray(a) for a in _small())
-    with pytest.raises(relattn.BackendError, match="backward is not available"):
-        relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(2, 2))
+    for backend in ("numpy", "numba"):
+        with pytest.raises(relattn.BackendError, match="host"):
+            relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(2, 2), backend=backend)
 
 
 def test_validation_is_rel_pos_attentions():

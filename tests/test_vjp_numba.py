@@ -236,3 +236,19 @@ def test_pullback_allocates_no_sq_by_sk_buffer():
     sxs = 2048 * 2048 * 8
     assert growth["numba"] < sxs / 4, growth
     assert growth["numpy"] > sxs, growth
+
+
+def test_read_only_inputs():
+    """Read-only views (as JAX or np.broadcast_to hand out) are differentiated
+    like writable ones."""
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(1, 2, 12, 8)] * 3 + [(5, 8), (7, 8)]]
+    want_out, want_pb = relattn.rel_pos_attention_vjp(*arrays, q_size=(3, 4), backend="numba")
+    for a in arrays:
+        a.flags.writeable = False
+    out, pullback = relattn.rel_pos_attention_vjp(*arrays, q_size=(3, 4), backend="numba")
+    dout = np.ones_like(out)
+    dout.flags.writeable = False
+    np.testing.assert_array_equal(out, want_out)
+    for got, want in zip(pullback(dout), want_pb(np.ones_like(out))):
+        np.testing.assert_array_equal(got, want)

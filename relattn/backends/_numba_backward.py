@@ -388,6 +388,13 @@ def _launch(kernel, *args):
                 setc(old)
 
 
+def _writable(a):
+    """``a``, or a copy where it is read-only: the kernels take one array type
+    (a read-only view, e.g. from JAX or ``np.broadcast_to``, would be another,
+    and q doubles as an unused output argument of the statistics pass)."""
+    return a if a.flags.writeable else a.copy()
+
+
 class Problem:
     """The inputs of one forward as the kernels take them (compute dtype,
     (BH, ...) layout, transposed k and v) and its row statistics."""
@@ -401,16 +408,16 @@ class Problem:
         cdt = np.float64 if q.dtype == np.float64 else np.float32
         self.cdt = cdt
         BH = B * H
-        self.q = np.ascontiguousarray(q, dtype=cdt).reshape(BH, Sq, d)
-        k3 = np.ascontiguousarray(k, dtype=cdt).reshape(BH, Sk, d)
+        self.q = _writable(np.ascontiguousarray(q, dtype=cdt).reshape(BH, Sq, d))
+        k3 = _writable(np.ascontiguousarray(k, dtype=cdt).reshape(BH, Sk, d))
         self.k = k3
         self.kT = np.ascontiguousarray(k3.transpose(0, 2, 1))
         self.vT = np.ascontiguousarray(np.asarray(v, dtype=cdt).reshape(BH, Sk, d).transpose(0, 2, 1))
         k_h, k_w = int(k_size[0]), int(k_size[1])
         self.has_rel = rel_h is not None
         if self.has_rel:
-            self.rh = np.ascontiguousarray(rel_h, dtype=cdt).reshape(BH, Sq, k_h)
-            self.rw = np.ascontiguousarray(rel_w, dtype=cdt).reshape(BH, Sq, k_w)
+            self.rh = _writable(np.ascontiguousarray(rel_h, dtype=cdt).reshape(BH, Sq, k_h))
+            self.rw = _writable(np.ascontiguousarray(rel_w, dtype=cdt).reshape(BH, Sq, k_w))
             j = np.arange(Sk, dtype=np.int64)
             self.kyi, self.kxi = j // k_w, j % k_w
         else:
@@ -457,8 +464,8 @@ class Problem:
         else:
             dh = dw = np.zeros((1, 1, 1), dtype=cdt)
         if not self.empty:
-            o3 = np.ascontiguousarray(out, dtype=cdt).reshape(BH, Sq, d)
-            do3 = np.ascontiguousarray(dout, dtype=cdt).reshape(BH, Sq, d)
+            o3 = _writable(np.ascontiguousarray(out, dtype=cdt).reshape(BH, Sq, d))
+            do3 = _writable(np.ascontiguousarray(dout, dtype=cdt).reshape(BH, Sq, d))
             if self.fused:
                 _launch(fused_pass, self.q, self.k, self.kT, self.vT, self.rh, self.rw, self.has_rel,
                         self.kyi, self.kxi, self.scale, _TQ_FUSED, o3, do3, dq, dk, dv, dh, dw)

@@ -1,0 +1,452 @@
+"""The GPU backward: ``rel_pos_attention_vjp`` on CuPy arrays (skipped where
+CuPy, a CUDA device or the cupy backend is missing).
+
+Checked against the reference pullback (``backend="numpy"`` on host copies of
+the same arrays): float64 to 1e-10 and float32 to 1e-5 of the largest
+gradient; float16 / bfloat16 to 1e-2, against the reference run on the same
+half-precision values (both compute in float32 and round once) and, where no
+table is resized, against the float32 reference of those values. Cases:
+no tables, tables of the grid's size, interpolated tables, q grid != k grid,
+masked keys, SAM's windows, a sequence length that is no multiple of 64,
+chunks of a few rows or a few heads; then the forward's bits, the core's
+contract, memory (no Sq x Sk buffer), and the errors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+cupy = pytest.importorskip("cupy")
+
+try:
+    _NDEV = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver / no device
+    _NDEV = 0
+if _NDEV < 1:
+    pytest.skip("no usable CUDA device", allow_module_level=True)
+
+import relattn  # noqa: E402
+from relattn import autodiff, backends  # noqa: E402
+from relattn._arrays import BFLOAT16, dtype_name  # noqa: E402
+from relattn.backends.gpu import backward  # noqa: E402
+from test_vjp import NAMES, _floor, _rel_err  # noqa: E402
+from test_vjp import problems as reference_problems  # noqa: E402
+
+if backends.get("cupy").unavailable_reason() is not None:  # pragma: no cover
+    pytest.skip(f"cupy backend unavailable: {backends.get('cupy').unavailable_reason()}",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ------------------------------------------------------------------ helpers
+def _bf16_on_device():
+    """bfloat16 CuPy arrays (views of uint16 device memory), or a skip."""
+    if BFLOAT16 is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    try:
+        cupy.zeros(2, dtype=cupy.uint16).view(BFLOAT16)
+    except Exception as exc:   # this CuPy cannot view memory as bfloat16
+        pytest.skip(f"bfloat16 CuPy arrays unavailable: {exc}")
+    return BFLOAT16
+
+
+def _dtype(name):
+    return _bf16_on_device() if name == "bfloat16" else np.dtype(name)
+
+
+def to_device(a):
+    """A host array as a CuPy array of the same dtype (bfloat16 through its bits)."""
+    if a is None:
+        return None
+    if dtype_name(a.dtype) == "bfloat16":
+        return cupy.asarray(np.ascontiguousarray(a).view(np.uint16)).view(a.dtype)
+    return cupy.asarray(a)
+
+
+def to_host(a):
+    """A CuPy array back on the host, same dtype."""
+    if a is None:
+        return None
+    if dtype_name(a.dtype) == "bfloat16":
+        return a.view(cupy.uint16).get().view(BFLOAT16)
+    return a.get()
+
+
+def _cast(arrays, dtype):
+    return [None if a is None else a.astype(dtype) for a in arrays]
+
+
+def _zero_gradients(arrays, k_size):
+    """The gradients that are zero in exact arithmetic (softmax is
+    shift-invariant): all but dv with one key, a table's with one key along
+    its side or one stored row. Both sides are rounding noise there."""
+    (k_h, k_w), sk = k_size, k_size[0] * k_size[1]
+    rows = [None if a is None else a.shape[0] for a in arrays[3:]]
+    return {"q": sk == 1, "k": sk == 1, "v": False,
+            "rel_pos_h": sk == 1 or k_h == 1 or rows[0] == 1,
+            "rel_pos_w": sk == 1 or k_w == 1 or rows[1] == 1}
+
+
+def assert_grads_close(got, want, arrays, k_size, tol, floor_fraction, what=""):
+    """Each gradient (host arrays) within ``tol`` of the reference's, relative
+    to its largest entry or to ``floor_fraction`` of the problem's largest
+    gradient (``dS = P * (dP - D)`` is a cancellation); 10x where the exact
+    gradient is zero."""
+    zero = _zero_gradients(arrays, k_size)
+    floor = _floor(want, floor_fraction)
+    for name, a, g, w in zip(NAMES, arrays, got, want):
+        if a is None:
+            assert g is None and w is None, name
+            continue
+        assert g.dtype == a.dtype and g.shape == a.shape, f"{name}: {g.dtype} {g.shape} ({what})"
+        g64 = np.asarray(g, np.float64)
+        assert np.all(np.isfinite(g64)), f"{name}: non-finite ({what})"
+        err = _rel_err(g64, np.asarray(w, np.float64), floor)
+        assert err <= (10 * tol if zero[name] else tol), f"{name}: {err:.3g} ({what})"
+
+
+def gpu_vjp(arrays, q_size, k_size, **kw):
+    """out (host) and the pullback on the device arrays; the pullback takes and
+    returns host arrays (it runs on the device)."""
+    dev = [to_device(a) for a in arrays]
+    out, pullback = relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size, **kw)
+    assert isinstance(out, cupy.ndarray)
+    assert pullback.__qualname__.startswith("_pullback_gpu")
+
+    def host_pullback(dout):
+        grads = pullback(to_device(dout))
+        for g, a in zip(grads, dev):
+            assert (g is None) == (a is None)
+            if g is not None:
+                assert isinstance(g, cupy.ndarray) and g.device.id == a.device.id
+        return [to_host(g) for g in grads]
+
+    return to_host(out), host_pullback
+
+
+def reference_vjp(arrays, q_size, k_size, **kw):
+    return relattn.rel_pos_attention_vjp(*arrays, q_size=q_size, k_size=k_size, backend="numpy", **kw)
+
+
+# ------------------------------------------------------------------ cases
+# (B, heads, q grid, k grid, head_dim, tables): tables None (plain attention),
+# "grid" (2 * max - 1 rows: no resize) or (rows_h, rows_w) (interpolated).
+CASES = {
+    "no_tables": (2, 2, (6, 7), (6, 7), 32, None),
+    "grid_tables": (2, 3, (8, 8), (8, 8), 64, "grid"),
+    "interpolated": (1, 2, (12, 10), (12, 10), 64, (15, 31)),
+    "q_grid_ne_k_grid": (2, 2, (8, 8), (4, 4), 48, "grid"),
+    "thin_grids_interpolated": (1, 2, (3, 50), (5, 30), 48, (7, 77)),
+    "sam_windows": (50, 3, (14, 14), (14, 14), 64, "grid"),   # 2 images x 25 windows of 14 x 14
+    "length_667": (1, 2, (23, 29), (23, 29), 80, (27, 27)),   # Sq = Sk = 667, tables trained at 14 x 14
+}
+
+
+def make_case(name, seed=0):
+    batch, heads, (q_h, q_w), (k_h, k_w), head_dim, tables = CASES[name]
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, heads, q_h * q_w, head_dim))
+    k = rng.standard_normal((batch, heads, k_h * k_w, head_dim))
+    v = rng.standard_normal((batch, heads, k_h * k_w, head_dim))
+    th = tw = None
+    if tables is not None:
+        rows = (2 * max(q_h, k_h) - 1, 2 * max(q_w, k_w) - 1) if tables == "grid" else tables
+        th, tw = (0.5 * rng.standard_normal((n, head_dim)) for n in rows)
+    return [q, k, v, th, tw], (q_h, q_w), (k_h, k_w), tables not in (None, "grid")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_match_the_reference(case, dtype):
+    arrays, q_size, k_size, _ = make_case(case)
+    arrays = _cast(arrays, np.dtype(dtype))
+    out, pullback = gpu_vjp(arrays, q_size, k_size)
+    out_ref, pullback_ref = reference_vjp(arrays, q_size, k_size)
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    assert out.dtype == out_ref.dtype and _rel_err(out, out_ref) <= tol, case
+    dout = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+    assert_grads_close(pullback(dout), pullback_ref(dout), arrays, k_size, tol,
+                       1e-3 if dtype == "float64" else 1e-1, case)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_half_precision_matches_the_reference(case, dtype):
+    """Differentiated in float32 and rounded once: within 1e-2 of the
+    reference on the same half-precision values (also float32 inside, one
+    rounding), and of the float32 reference of those values where no table
+    is resized (a resized half table is rounded to the half type on both
+    half paths, not in float32)."""
+    dt = _dtype(dtype)
+    arrays, q_size, k_size, resized = make_case(case)
+    arrays = _cast(arrays, dt)
+    out, pullback = gpu_vjp(arrays, q_size, k_size)
+    assert out.dtype == dt
+    dout = np.random.default_rng(1).standard_normal(out.shape).astype(dt)
+    grads = pullback(dout)
+    out_half, pullback_half = reference_vjp(arrays, q_size, k_size)
+    assert _rel_err(out, out_half) <= 1e-2, case
+    assert_grads_close(grads, pullback_half(dout), arrays, k_size, 1e-2, 1e-1, f"{case}, half reference")
+    if not resized:
+        arrays32 = _cast(arrays, np.float32)
+        want = reference_vjp(arrays32, q_size, k_size)[1](dout.astype(np.float32))
+        got32 = [None if g is None else g.astype(np.float32) for g in grads]
+        assert_grads_close(got32, want, arrays32, k_size, 1e-2, 1e-1, f"{case}, float32 reference")
+
+
+@settings(SLOW, max_examples=15)
+@given(problem=reference_problems(max_side=6, max_heads=3, head_dims=(1, 3, 8, 16)),
+       dtype=st.sampled_from(["float64", "float32"]), resize_dtype=st.sampled_from(["float32", "table"]))
+def test_random_problems_match_the_reference(problem, dtype, resize_dtype):
+    arrays = _cast(problem["arrays"], np.dtype(dtype))
+    q_size, k_size = problem["q_size"], problem["k_size"]
+    out, pullback = gpu_vjp(arrays, q_size, k_size, resize_dtype=resize_dtype)
+    out_ref, pullback_ref = reference_vjp(arrays, q_size, k_size, resize_dtype=resize_dtype)
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    assert _rel_err(out, out_ref) <= tol, problem["what"]
+    dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
+    assert_grads_close(pullback(dout), pullback_ref(dout), arrays, k_size, tol,
+                       1e-3 if dtype == "float64" else 1e-1, problem["what"])
+
+
+@pytest.mark.parametrize("chunk", ["rows", "heads"])
+@pytest.mark.parametrize("case", ["interpolated", "q_grid_ne_k_grid", "grid_tables"])
+def test_chunks_of_rows_and_of_heads(monkeypatch, case, chunk):
+    """Tiny budgets: chunks of 5 query rows of one head, or blocks of all
+    heads but one (B * heads - 1 heads, then the last one alone); the
+    statistics and the gradients come out as with whole problems."""
+    arrays, q_size, k_size, _ = make_case(case, seed=3)
+    batch, heads, q_len, _ = arrays[0].shape
+    k_len = arrays[1].shape[2]
+    per_block = max(1, batch * heads - 1)
+    budget = 5 * k_len * 8 if chunk == "rows" else per_block * q_len * k_len * 8 + 7
+    monkeypatch.setattr(backward, "CHUNK_BYTES", budget)
+    assert backward.chunk_shape(batch * heads, q_len, k_len, 8) == (
+        (1, 5) if chunk == "rows" else (per_block, q_len))
+    out, pullback = gpu_vjp(arrays, q_size, k_size)
+    _, pullback_ref = reference_vjp(arrays, q_size, k_size)
+    dout = np.random.default_rng(4).standard_normal(out.shape)
+    assert_grads_close(pullback(dout), pullback_ref(dout), arrays, k_size, 1e-10, 1e-3, f"{case} {chunk}")
+
+
+def test_row_stats_are_the_reference_forwards():
+    """Each logit row's max and sum of exponentials, as the numpy forward keeps them."""
+    arrays, q_size, k_size, _ = make_case("interpolated", seed=5)
+    q, k, v, th, tw = arrays
+    scale = q.shape[3] ** -0.5
+    _, stats_ref = autodiff._forward(q, k, v, th, tw, q_size, k_size, scale)
+    qd, kd = cupy.asarray(q), cupy.asarray(k)
+    rel_h, rel_w = relattn.relpos.terms(qd, cupy.asarray(th), cupy.asarray(tw), q_size, k_size)
+    stats = backward.row_stats(qd, kd, rel_h, rel_w, k_size, scale).get()
+    assert stats.shape == stats_ref.shape and stats.dtype == stats_ref.dtype
+    np.testing.assert_allclose(stats, stats_ref, rtol=1e-12, atol=1e-12 * np.abs(stats_ref).max())
+
+
+@settings(SLOW, max_examples=12)
+@given(problem=reference_problems(max_side=5), data=st.data())
+def test_masked_keys_match_the_reference(problem, data):
+    """Keys masked with -inf through k (a channel every query weights
+    positively; at least one key left): the same finite entries as the
+    reference, equal there (dq's masked channel is NaN on both: 0 * -inf),
+    and the masked keys' dk / dv rows are zero."""
+    q, k, v, th, tw = problem["arrays"]
+    q, k = q.copy(), k.copy()
+    q[..., 0] = np.abs(q[..., 0]) + 0.5
+    sk = k.shape[2]
+    masked = np.array(data.draw(st.lists(st.booleans(), min_size=sk, max_size=sk)))
+    masked[data.draw(st.integers(0, sk - 1))] = False
+    k[:, :, masked, 0] = -np.inf
+    arrays = [q, k, v, th, tw]
+    q_size, k_size = problem["q_size"], problem["k_size"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # 0 * inf in the reference's matmuls
+        out, pullback = gpu_vjp(arrays, q_size, k_size)
+        out_ref, pullback_ref = reference_vjp(arrays, q_size, k_size)
+        dout = np.random.default_rng(7).standard_normal(out.shape)
+        grads, ref = pullback(dout), pullback_ref(dout)
+    assert np.all(np.isfinite(out)) and _rel_err(out, out_ref) <= 1e-10, problem["what"]
+    for name, got, want in zip(NAMES, grads, ref):
+        if want is None:
+            assert got is None
+            continue
+        finite = np.isfinite(want)
+        assert np.array_equal(np.isfinite(got), finite), f"{name}: finiteness differs ({problem['what']})"
+        assert _rel_err(got[finite], want[finite], _floor(ref, 1e-3)) <= 1e-10, f"{name} ({problem['what']})"
+    dk, dv = grads[1], grads[2]
+    assert np.all(dk[:, :, masked] == 0) and np.all(dv[:, :, masked] == 0)
+
+
+def test_masked_keys_float32():
+    rng = np.random.default_rng(8)
+    arrays, q_size, k_size, _ = make_case("grid_tables", seed=8)
+    arrays = _cast(arrays, np.float32)
+    q, k = arrays[0], arrays[1]
+    q[..., 0] = np.abs(q[..., 0]) + 0.5
+    masked = rng.random(k.shape[2]) < 0.3
+    masked[0] = False
+    k[:, :, masked, 0] = -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, pullback = gpu_vjp(arrays, q_size, k_size)
+        _, pullback_ref = reference_vjp(arrays, q_size, k_size)
+        dout = rng.standard_normal(out.shape).astype(np.float32)
+        grads, ref = pullback(dout), pullback_ref(dout)
+    assert np.all(np.isfinite(out))
+    for name, got, want in zip(NAMES, grads, ref):
+        finite = np.isfinite(want)
+        assert np.array_equal(np.isfinite(got), finite), name
+        assert _rel_err(got[finite], want[finite], _floor(ref, 1e-1)) <= 1e-5, name
+    assert np.all(grads[1][:, :, masked] == 0) and np.all(grads[2][:, :, masked] == 0)
+
+
+# ------------------------------------------------------------------ forward and contract
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("resize_dtype", ["float32", "table"])
+def test_out_is_the_cupy_forward_bit_for_bit(dtype, resize_dtype):
+    dt = _dtype(dtype)
+    arrays, q_size, k_size, _ = make_case("interpolated", seed=9)
+    dev = [to_device(a) for a in _cast(arrays, dt)]
+    want = relattn.rel_pos_attention(*dev, q_size=q_size, k_size=k_size, backend="cupy",
+                                     resize_dtype=resize_dtype)
+    for name in ("cupy", "auto"):
+        out, pullback = relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size, backend=name,
+                                                      resize_dtype=resize_dtype)
+        assert out.dtype == want.dtype and out.shape == want.shape
+        assert cupy.array_equal(out.view(cupy.uint8), want.view(cupy.uint8)), name
+        assert pullback.__qualname__.startswith("_pullback_gpu"), name
+
+
+def test_core_backward_contract(monkeypatch):
+    """The pullback's one call into the core: its arguments and what it returns."""
+    arrays, q_size, k_size, _ = make_case("q_grid_ne_k_grid", seed=10)
+    arrays = _cast(arrays, np.float32)
+    seen = []
+    core = autodiff._core_backward_gpu
+
+    def spy(q, k, v, rel_h, rel_w, k_size_, scale, out, dout, stats):
+        result = core(q, k, v, rel_h, rel_w, k_size_, scale, out, dout, stats)
+        seen.append((q, k, v, rel_h, rel_w, k_size_, stats, result))
+        return result
+
+    monkeypatch.setattr(autodiff, "_core_backward_gpu", spy)
+    out, pullback = gpu_vjp(arrays, q_size, k_size)
+    pullback(np.ones(out.shape, np.float32))
+    assert len(seen) == 1
+    q, k, v, rel_h, rel_w, ks, stats, (dq, dk, dv, dh, dw) = seen[0]
+    batch, heads, q_len, _ = q.shape
+    assert ks == k_size
+    assert rel_h.shape == (batch, heads, q_len, k_size[0]) and rel_w.shape == (batch, heads, q_len, k_size[1])
+    assert stats.shape == (batch, heads, q_len, 2) and stats.dtype == np.float32
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dh.shape == rel_h.shape and dw.shape == rel_w.shape
+    assert all(g.dtype == np.float32 and g.flags.c_contiguous for g in (dq, dk, dv, dh, dw))
+
+
+def test_pullback_is_repeatable():
+    arrays, q_size, k_size, _ = make_case("interpolated", seed=11)
+    out, pullback = gpu_vjp(_cast(arrays, np.float32), q_size, k_size)
+    dout = np.random.default_rng(11).standard_normal(out.shape).astype(np.float32)
+    first, second = pullback(dout), pullback(dout)
+    for a, b in zip(first, second):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_non_contiguous_inputs():
+    arrays, q_size, k_size, _ = make_case("grid_tables", seed=12)
+    arrays = _cast(arrays, np.float32)
+    dev = [to_device(a) for a in arrays]
+    # q, k, v as transposed views of (B, S, H, d) buffers, as a layer's projections give them
+    views = [cupy.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in dev[:3]]
+    assert not views[0].flags.c_contiguous
+    out, pullback = relattn.rel_pos_attention_vjp(*views, *dev[3:], q_size=q_size, k_size=k_size)
+    dout = np.random.default_rng(12).standard_normal(out.shape).astype(np.float32)
+    got = [to_host(g) for g in pullback(cupy.asarray(dout))]
+    _, pullback_ref = reference_vjp(arrays, q_size, k_size)
+    assert_grads_close(got, pullback_ref(dout), arrays, k_size, 1e-5, 1e-1, "non-contiguous")
+
+
+def test_pullback_allocates_no_sq_by_sk_buffer(monkeypatch):
+    """9216 x 9216 float32 logits are 324 MiB. With 4 MiB chunks the
+    pullback's growth of CuPy's memory pool (which keeps freed blocks, so
+    its total is the pullback's peak) stays under a quarter of that: the
+    chunks and the input-sized buffers (1.1 MiB each here)."""
+    pool = cupy.get_default_memory_pool()
+    if cupy.cuda.get_allocator() != pool.malloc:
+        pytest.skip("CuPy's default memory pool is not the allocator")
+    monkeypatch.setattr(backward, "CHUNK_BYTES", 4 * 2**20)
+    rng = np.random.default_rng(13)
+    side, head_dim = 96, 32
+    q, k, v = (cupy.asarray(rng.standard_normal((1, 1, side * side, head_dim), dtype=np.float32))
+               for _ in range(3))
+    th, tw = (cupy.asarray(0.5 * rng.standard_normal((2 * side - 1, head_dim), dtype=np.float32))
+              for _ in range(2))
+    out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(side, side))
+    dout = cupy.asarray(rng.standard_normal(out.shape, dtype=np.float32))
+    pullback(dout)             # warm up (kernels compiled, caches filled)
+    cupy.cuda.get_current_stream().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    grads = pullback(dout)
+    cupy.cuda.get_current_stream().synchronize()
+    growth = pool.total_bytes() - before
+    sxs = (side * side) ** 2 * 4
+    assert growth < sxs / 4, (growth, sxs)
+    assert all(bool(cupy.isfinite(g).all()) for g in grads)
+
+
+# ------------------------------------------------------------------ errors
+def _small_device(dtype=np.float64):
+    arrays, q_size, k_size, _ = make_case("no_tables", seed=14)
+    rng = np.random.default_rng(14)
+    th, tw = (rng.standard_normal((n, 32)) for n in (11, 13))
+    return [to_device(a.astype(dtype)) for a in (*arrays[:3], th, tw)], q_size, k_size
+
+
+def test_bad_dout_is_refused_naming_it():
+    dev, q_size, k_size = _small_device()
+    out, pullback = relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size)
+    with pytest.raises(TypeError, match="dout"):
+        pullback(out.get())                                   # a numpy array
+    with pytest.raises(TypeError, match="dout"):
+        pullback(out.astype(cupy.float32))                    # another dtype
+    with pytest.raises(TypeError, match="dout"):
+        pullback(out.get().tolist())
+    with pytest.raises(ValueError, match="dout"):
+        pullback(out[..., :-1])                               # another shape
+
+
+@pytest.mark.skipif(_NDEV < 2, reason="needs two CUDA devices")
+def test_dout_on_another_device_is_refused():
+    dev, q_size, k_size = _small_device()
+    out, pullback = relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size)
+    with cupy.cuda.Device(1):
+        elsewhere = cupy.asarray(out.get())
+    with pytest.raises(ValueError, match="dout.*device"):
+        pullback(elsewhere)
+
+
+@pytest.mark.parametrize("host_backend", ["numpy", "numba"])
+def test_host_backends_refuse_cupy_arrays(host_backend):
+    dev, q_size, k_size = _small_device()
+    with pytest.raises(relattn.BackendError, match="host"):
+        relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size, backend=host_backend)
+
+
+def test_cupy_backend_refuses_numpy_arrays():
+    dev, q_size, k_size = _small_device()
+    with pytest.raises(relattn.BackendError, match="CuPy arrays"):
+        relattn.rel_pos_attention_vjp(*[a.get() for a in dev], q_size=q_size, k_size=k_size, backend="cupy")
+
+
+def test_unknown_backend():
+    dev, q_size, k_size = _small_device()
+    with pytest.raises(ValueError, match="backend"):
+        relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size, backend="nope")
