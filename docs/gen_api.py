@@ -27,8 +27,10 @@ EXTRA = [
     ("relattn.array_api", relattn.array_api, ["rel_pos_attention"]),
     ("relattn.dask", relattn.dask, ["rel_pos_attention", "attention"]),
     ("relattn.backends", relattn.backends, ["names", "available", "get"]),
+    ("relattn.torch", relattn.torch, ["rel_pos_attention"]),
+    ("relattn.jax", relattn.jax, ["rel_pos_attention"]),
 ]
-METHODS = ["forward", "load_state_dict", "state_dict", "from_state_dict"]
+METHODS = ["forward", "vjp", "load_state_dict", "state_dict", "from_state_dict"]
 
 
 def _entry(qualname, obj, level="###"):
