@@ -565,7 +565,9 @@ def test_cuda_inputs_and_output_are_not_copied(monkeypatch, dtype, grad):
     _recording(monkeypatch, autodiff, "rel_pos_attention_vjp", log)
     _recording(monkeypatch, functional, "rel_pos_attention", log)
     out = attention(q, k, v, th, tw, (3, 4), (2, 5))
-    (args, result), = log
+    # the outermost call is logged last (the GPU vjp runs rel_pos_attention inside)
+    assert len(log) == (2 if grad else 1)
+    args, result = log[-1]
     for name, t, a in zip(NAMES, (q, k, v, th, tw), args):
         assert type(a) is cupy.ndarray and a.data.ptr == t.data_ptr(), name
         assert a.strides == tuple(s * t.element_size() for s in t.stride()), name
@@ -620,7 +622,10 @@ def test_cuda_runs_on_torchs_current_stream_device_and_float32_mode(monkeypatch)
         got = (out.detach().clone(), [t.grad.clone() for t in tensors], plain.clone())
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    assert [s[0] for s in seen] == ["rel_pos_attention_vjp", "rel_pos_attention", "pullback"], seen
+    # the GPU vjp runs rel_pos_attention for its forward: calls inside it are seen too
+    names = [s[0] for s in seen]
+    assert names[0] == "rel_pos_attention_vjp" and names[-1] == "pullback", seen
+    assert names[1:-1] in (["rel_pos_attention"], ["rel_pos_attention"] * 2), seen
     device = torch.cuda.current_device()
     assert all(ptr == side.cuda_stream and dev == device and mode == "fma" for _, ptr, dev, mode in seen), seen
     # the same values as on the default stream (a missing synchronisation would show)
