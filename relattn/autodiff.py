@@ -31,7 +31,9 @@ the forward's weights (to rounding; normally bit for bit).
 the fused path instead: the numba forward, then
 ``relattn.backends._numba_backward``'s flash-style kernels for the core (dq,
 dk, dv and the terms' gradients d_rel_h, d_rel_w, never an S_q x S_k buffer),
-then the same table adjoints.
+then the same table adjoints. With float32 terms the float32 kernel also
+takes the pullback through ``q . R`` (so the terms' gradients never exist
+whole) and only the gather's and the resize's adjoints are left.
 
 CuPy arrays (``backend="cupy"`` or ``"auto"``) take the GPU path: ``out``
 from ``rel_pos_attention(..., backend="cupy")``, each logit row's max and sum
@@ -344,7 +346,11 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
     """The pullback through the fused kernels (``_numba_backward``): the core's
     gradients and the terms' (``d_rel_h``, ``d_rel_w``) come from the kernels;
     the tables' go back through ``q . R``, the gather and the resize as in
-    :func:`_pullback`, batched over batch and heads (:func:`_terms_pullback`)."""
+    :func:`_pullback`, batched over batch and heads (:func:`_terms_pullback`).
+    Where the float32 kernel runs and the terms are float32
+    (``Problem.folds_terms``) it takes the pullback through ``q . R`` too (the
+    terms' gradients, B x heads x Sq x (k_h + k_w) values, never exist whole);
+    then only the gather's and the resize's adjoints are left here."""
     use_rel = th is not None
     if use_rel:
         term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
@@ -353,6 +359,15 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
 
     def pullback(dout):
         dout = _check_dout(dout, out)
+        if use_rel and problem.folds_terms(term_work):
+            # the kernels take the terms' pullback too: no (B*H, Sq, k) gradients of the terms
+            dq3, dk3, dv3, dRh, dRw = problem.backward(out, dout, (Rh, Rw, q_size[1]))
+            dk = dk3.reshape(k_shape).astype(k_dtype, copy=False)
+            dv = dv3.reshape(v_shape).astype(v_dtype, copy=False)
+            dq = dq3.reshape(q.shape).astype(q.dtype, copy=False)
+            d_h = _table_adjoint(dRh, stored[0], q_size[0], k_size[0], resize_dtype)
+            d_w = _table_adjoint(dRw, stored[1], q_size[1], k_size[1], resize_dtype)
+            return dq, dk, dv, d_h, d_w
         dq3, dk3, dv3, dh3, dw3 = problem.backward(out, dout)
         dk = dk3.reshape(k_shape).astype(k_dtype, copy=False)
         dv = dv3.reshape(v_shape).astype(v_dtype, copy=False)
