@@ -356,25 +356,23 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
         term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
         Rh, Rw = _gathered_tables(th, tw, q_size, k_size, term_work)
     k_shape, k_dtype, v_shape, v_dtype = k.shape, k.dtype, v.shape, v.dtype
+    # the kernels take the terms' pullback too: no (B*H, Sq, k) gradients of the terms
+    tables = (Rh, Rw, q_size[1]) if use_rel and problem.folds_terms(term_work) else None
 
     def pullback(dout):
         dout = _check_dout(dout, out)
-        if use_rel and problem.folds_terms(term_work):
-            # the kernels take the terms' pullback too: no (B*H, Sq, k) gradients of the terms
-            dq3, dk3, dv3, dRh, dRw = problem.backward(out, dout, (Rh, Rw, q_size[1]))
-            dk = dk3.reshape(k_shape).astype(k_dtype, copy=False)
-            dv = dv3.reshape(v_shape).astype(v_dtype, copy=False)
-            dq = dq3.reshape(q.shape).astype(q.dtype, copy=False)
-            d_h = _table_adjoint(dRh, stored[0], q_size[0], k_size[0], resize_dtype)
-            d_w = _table_adjoint(dRw, stored[1], q_size[1], k_size[1], resize_dtype)
-            return dq, dk, dv, d_h, d_w
-        dq3, dk3, dv3, dh3, dw3 = problem.backward(out, dout)
+        dq3, dk3, dv3, g_h, g_w = problem.backward(out, dout, tables)
         dk = dk3.reshape(k_shape).astype(k_dtype, copy=False)
         dv = dv3.reshape(v_shape).astype(v_dtype, copy=False)
         if not use_rel:
             return dq3.reshape(q.shape).astype(q.dtype, copy=False), dk, dv, None, None
-        dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,
-                                       resize_dtype, term_work)
+        if tables is not None:   # g_h, g_w: the gathered tables' gradients; dq complete
+            dq = dq3.reshape(q.shape).astype(q.dtype, copy=False)
+            d_h = _table_adjoint(g_h, stored[0], q_size[0], k_size[0], resize_dtype)
+            d_w = _table_adjoint(g_w, stored[1], q_size[1], k_size[1], resize_dtype)
+        else:                    # g_h, g_w: the terms' gradients
+            dq, d_h, d_w = _terms_pullback(q, dq3, g_h, g_w, Rh, Rw, stored, q_size, k_size,
+                                           resize_dtype, term_work)
         return dq, dk, dv, d_h, d_w
 
     return pullback

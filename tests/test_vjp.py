@@ -78,6 +78,36 @@ def _rel_err(got, want, floor=0.0):
     return np.max(np.abs(got - want), initial=0.0) / scale if scale > 0 else np.max(np.abs(got), initial=0.0)
 
 
+def _draw_mask(data, n):
+    """A boolean mask over ``n`` keys drawn by hypothesis, at least one key left."""
+    masked = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    masked[data.draw(st.integers(0, n - 1))] = False
+    return masked
+
+
+def _mask_keys(arrays, masked):
+    """[q, k, v, th, tw] with the keys ``masked`` set to -inf through k's
+    channel 0, which every query weights positively (q's channel 0 made
+    >= 0.5); q and k are copies."""
+    q, k, v, th, tw = arrays
+    q, k = q.copy(), k.copy()
+    q[..., 0] = np.abs(q[..., 0]) + 0.5
+    k[:, :, masked, 0] = -np.inf
+    return [q, k, v, th, tw]
+
+
+def _assert_close_where_finite(grads, ref, floor, tol, what):
+    """Each gradient finite exactly where the reference's is, and within
+    ``tol`` of it there (relative to its largest entry or ``floor``)."""
+    for name, got, want in zip(NAMES, grads, ref):
+        if want is None:
+            assert got is None, name
+            continue
+        finite = np.isfinite(want)
+        assert np.array_equal(np.isfinite(got), finite), f"{name}: finiteness differs ({what})"
+        assert _rel_err(got[finite], want[finite], floor) <= tol, f"{name} ({what})"
+
+
 def _floor(grads, fraction=1e-3):
     """``fraction`` of the largest gradient entry of a problem (finite ones)."""
     return fraction * max(np.max(np.abs(g[np.isfinite(g)]), initial=0.0) for g in grads if g is not None)
@@ -398,14 +428,8 @@ def test_masked_keys_against_torch(problem, data):
     positively): the gradients are finite where torch's are, agree there, and
     the masked keys' dk / dv rows are zero."""
     pytest.importorskip("torch")
-    q, k, v, th, tw = problem["arrays"]
-    q, k = q.copy(), k.copy()
-    q[..., 0] = np.abs(q[..., 0]) + 0.5
-    sk = k.shape[2]
-    masked = np.array(data.draw(st.lists(st.booleans(), min_size=sk, max_size=sk)))
-    masked[data.draw(st.integers(0, sk - 1))] = False      # at least one key left
-    k[:, :, masked, 0] = -np.inf
-    problem = dict(problem, arrays=[q, k, v, th, tw])
+    masked = _draw_mask(data, problem["arrays"][1].shape[2])
+    problem = dict(problem, arrays=_mask_keys(problem["arrays"], masked))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # 0 * inf in dq's matmul
         out, pullback = _vjp(problem, resize_dtype="table")
@@ -413,14 +437,7 @@ def test_masked_keys_against_torch(problem, data):
         grads = pullback(dout)
     want_out, want = _torch_grads(problem, dout)
     assert np.all(np.isfinite(out)) and _rel_err(out, want_out) <= 1e-12
-    floor = _floor(want)
-    for name, got, ref in zip(NAMES, grads, want):
-        if ref is None:
-            assert got is None
-            continue
-        finite = np.isfinite(ref)
-        assert np.array_equal(np.isfinite(got), finite), f"{name}: finiteness differs ({problem['what']})"
-        assert _rel_err(got[finite], ref[finite], floor) <= 1e-10, f"{name} ({problem['what']})"
+    _assert_close_where_finite(grads, want, _floor(want), 1e-10, problem["what"])
     dk, dv = grads[1], grads[2]
     assert np.all(dk[:, :, masked] == 0) and np.all(dv[:, :, masked] == 0)
     assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))

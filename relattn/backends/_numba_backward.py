@@ -67,8 +67,7 @@ the sums differs, so which entries become NaN rather than +-inf may differ.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from ._numba_kernels import (
     _CACHE,
@@ -77,13 +76,15 @@ from ._numba_kernels import (
     _keepalive,
     _pv16,
     _qk16,
-    _vbin,
     aptr,
+    padd,
     vadd,
     vbcast,
+    vdiv,
     vexp,
     vfma,
     vload,
+    vmul,
     vstore,
     vsub,
     vzero,
@@ -400,23 +401,6 @@ def fused_pass(q, k, kT, vT, rel_h, rel_w, has_rel, kyi, kxi, scale, tq, out, do
 # float32: explicit 8-lane vectors, register-blocked micro-kernels
 # ---------------------------------------------------------------------------
 
-vmul = _vbin(lambda b, x, y: b.fmul(x, y))
-vdiv = _vbin(lambda b, x, y: b.fdiv(x, y))
-
-
-@intrinsic
-def _padd(typingctx, ptr, n):
-    """``ptr + n`` (elements) for a raw pointer from ``aptr``."""
-    if not (isinstance(ptr, types.CPointer) and isinstance(n, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-        return builder.gep(args[0], [i])
-
-    return ptr(ptr, n), codegen
-
-
 @njit(fastmath=_FASTMATH)
 def _dp16(vb, j0, nk, d, doT, nq, io, dpT):
     """dpT[j, i] = vb[j0 + j] . doT[:, i] for queries io..io+15, j < nk (flat
@@ -586,8 +570,9 @@ def fused_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, dout,
     """The whole backward of float32 problems on 8-lane vectors.
 
     Work items: ``groups`` runs of consecutive ``bh`` (parallel over the
-    runs; the caller picks one run per bh, or with ``fold`` one per thread).  Per block of ``tq`` query rows (a multiple of 16; the last block
-    padded with zero rows): the whole logit rows ``S^T`` (Sk, tq) by
+    runs; the caller picks one run per bh, or with ``fold`` one per thread).
+    Per block of ``tq`` query rows (a multiple of 16; the last block padded
+    with zero rows): the whole logit rows ``S^T`` (Sk, tq) by
     ``_qk16`` (the forward's micro-kernel: logits and row max), their
     exponentials and sums, then per key tile of ``tk``: ``dP^T``
     (``_dp16``), ``P`` and ``dS`` in place, ``dq^T += K_t^T dS^T``
@@ -720,8 +705,8 @@ def fused_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, dout,
                 for j0 in range(0, Sk, tk):
                     nk = min(tk, Sk - j0)
                     for io in range(0, nq, 16):
-                        _qk16(pk, j0, nk, d, pq, nq, io, _padd(ps, j0 * nq), prh, prw,
-                              _padd(pky, j0), _padd(pkx, j0), pm)
+                        _qk16(pk, j0, nk, d, pq, nq, io, padd(ps, j0 * nq), prh, prw,
+                              padd(pky, j0), padd(pkx, j0), pm)
                 # exp(S - m) in place, and its row sums (per key tile, then summed)
                 for io in range(0, nq, 8):
                     mv = vload(pm, io)
@@ -772,26 +757,26 @@ def fused_f32(q, k, v, rel_h, rel_w, has_rel, k_w, scale, tq, tk, out, dout,
                     # dq^T += K_t^T dS^T;  dk += dS^T (scale q);  dv += P^T dO
                     for io in range(0, nq, 16):
                         _pv16(pk, j0, nk, pdp, nq, io, d, pdq, pone)
-                    _rows_acc(pdp, nq, nq0, pqs, dp, nk4, _padd(pdk, j0 * dp))
-                    _rows_acc(_padd(ps, j0 * nq), nq, nq0, pdos, dp, nk4, _padd(pdv, j0 * dp))
+                    _rows_acc(pdp, nq, nq0, pqs, dp, nk4, padd(pdk, j0 * dp))
+                    _rows_acc(padd(ps, j0 * nq), nq, nq0, pdos, dp, nk4, padd(pdv, j0 * dp))
                 for i in range(nq0):
                     ii = i0 + i
                     dqr = dq[bh, ii]
                     if fold:
                         y = ii // q_w
                         x = ii - y * q_w
-                        pqr = _padd(pqb, ii * d)
+                        pqr = padd(pqb, ii * d)
                         for c in range(d):
                             trow[c] = 0
                         for a in range(k_h):
-                            _terms_row(dhT[a * nq + i], _padd(pRh, (y * k_h + a) * d), pqr, ptr,
-                                       _padd(pgh, (y * k_h + a) * d), d)
+                            _terms_row(dhT[a * nq + i], padd(pRh, (y * k_h + a) * d), pqr, ptr,
+                                       padd(pgh, (y * k_h + a) * d), d)
                         for c in range(d):
                             dqr[c] = trow[c]
                             trow[c] = 0
                         for a in range(kw):
-                            _terms_row(dwT[a * nq + i], _padd(pRw, (x * kw + a) * d), pqr, ptr,
-                                       _padd(pgw, (x * kw + a) * d), d)
+                            _terms_row(dwT[a * nq + i], padd(pRw, (x * kw + a) * d), pqr, ptr,
+                                       padd(pgw, (x * kw + a) * d), d)
                         for c in range(d):
                             dqr[c] = sc * dqT[c * nq + i] + (dqr[c] + trow[c])
                     else:
@@ -891,11 +876,11 @@ class Problem:
             tk //= 2
         self.tk_keys = tk
         self.empty = BH * Sq == 0 or Sk == 0 or d == 0
-        # enough (batch*head)s to keep every thread busy: one fused pass per
-        # bh (its rows' statistics taken from whole logit rows); otherwise the
-        # tiled passes, parallel over query / key tiles too
-        # float32 with at least a quarter bh per thread: fused_f32 (k and v as
-        # they are, no row statistics kept)
+        # float32 with at least one bh per 4 threads: fused_f32 (k and v as
+        # they are, no row statistics kept). Otherwise, with enough bh to keep
+        # every thread busy, one fused_pass per bh (its rows' statistics taken
+        # from whole logit rows), else the tiled passes, parallel over query /
+        # key tiles too
         self.vector = cdt == np.float32 and _VECTOR_THREADS_PER_ITEM * BH >= threads
         self.fused = BH >= _FUSED_MIN_ITEMS * threads
         if self.vector:
@@ -956,7 +941,8 @@ class Problem:
                 dh = dw = unused
             else:
                 groups, q_w = BH, 1
-                Rh = Rw = dRh = dRw = np.zeros((1, 1, 1, 1), dtype=cdt)[0]
+                Rh = Rw = unused
+                dRh = dRw = unused[None]
                 if self.has_rel:
                     dh = np.empty((BH, Sq, self.rh.shape[2]), dtype=cdt)
                     dw = np.empty((BH, Sq, self.rw.shape[2]), dtype=cdt)
@@ -964,7 +950,7 @@ class Problem:
                     dh = dw = unused
             _launch(fused_f32, self.q, self.k, self.v, self.rh, self.rw, self.has_rel, self.k_w,
                     self.scale, _TQ_VEC, _TK_VEC, o3, do3, dq, dk, dv, dh, dw,
-                    groups, fold, Rh, Rw, q_w, dRh if fold else dRh[None], dRw if fold else dRw[None])
+                    groups, fold, Rh, Rw, q_w, dRh, dRw)
             if fold:
                 return dq, dk, dv, dRh.sum(axis=0), dRw.sum(axis=0)
             if not self.has_rel:

@@ -487,6 +487,19 @@ def aptr(typingctx, arr):
 
 
 @intrinsic
+def padd(typingctx, ptr, n):
+    """``ptr + n`` (elements) for a raw pointer from ``aptr``."""
+    if not (isinstance(ptr, types.CPointer) and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.gep(args[0], [i])
+
+    return ptr(ptr, n), codegen
+
+
+@intrinsic
 def vload(typingctx, ptr, idx):
     """ptr[idx:idx + 8] as a vector (float32 pointer, unaligned)."""
     if not (ptr == _F32P and isinstance(idx, types.Integer)):
@@ -548,6 +561,8 @@ def _vbin(op):
 
 vadd = _vbin(lambda b, x, y: b.fadd(x, y))
 vsub = _vbin(lambda b, x, y: b.fsub(x, y))
+vmul = _vbin(lambda b, x, y: b.fmul(x, y))
+vdiv = _vbin(lambda b, x, y: b.fdiv(x, y))
 # max(x, m) as ``x if x > m else m``: a NaN x leaves m (the NaN then reaches
 # the row through exp, as in the scalar kernel).
 vmax = _vbin(lambda b, x, y: b.select(b.fcmp_ordered(">", x, y), x, y))
