@@ -12,6 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_api_reference_is_current():
+    # api.md documents the PyTorch and JAX bridges, whose modules import those packages
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
     spec = importlib.util.spec_from_file_location("gen_api", os.path.join(ROOT, "docs", "gen_api.py"))
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)

@@ -173,8 +173,7 @@ def _torch_vjp(layer, x, dy, window):
     ``layer``'s weights, run windowed as SAM's Block does, by torch autograd
     in the dtype of ``x``. A ``resize_dtype="table"`` layer is compared with
     SAM's ``get_rel_pos`` (float64 tables resized in float64)."""
-    import torch
-
+    torch = pytest.importorskip("torch")
     mg = _seed_module_file()
     dtype = {np.float64: torch.float64, np.float32: torch.float32}[x.dtype.type]
     state = layer.state_dict()
