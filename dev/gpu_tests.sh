@@ -14,10 +14,10 @@ fi
 nvidia-smi --query-gpu=name --format=csv,noheader
 L=${LIMIT:-560}
 P="python3 -m pytest -q -p no:cacheprovider -rs"
-LOG=$(mktemp -d)
+LOG=${LOG:-$(mktemp -d)}   # LOG=dir keeps the four logs there
 timeout $L $P tests/test_gpu.py -k "sm90_kernel_configs" > $LOG/t1.log 2>&1 &
 timeout $L $P tests/test_gpu.py tests/test_gpu_module.py -k "not sm90_kernel_configs" > $LOG/t2.log 2>&1 &
-timeout $L $P tests -k "cupy or plans" --ignore=tests/test_gpu.py --ignore=tests/test_gpu_module.py --ignore=tests/test_gpu_ws.py --ignore=tests/test_gpu_win.py --ignore=tests/test_gpu_wgt.py > $LOG/t3.log 2>&1 &
+timeout $L $P tests -k "cupy or plans or gpu_families" --ignore=tests/test_gpu.py --ignore=tests/test_gpu_module.py --ignore=tests/test_gpu_ws.py --ignore=tests/test_gpu_win.py --ignore=tests/test_gpu_wgt.py > $LOG/t3.log 2>&1 &
 timeout $L $P tests/test_gpu_ws.py tests/test_gpu_win.py tests/test_gpu_wgt.py > $LOG/t4.log 2>&1 &
 wait
 for f in $LOG/t1.log $LOG/t2.log $LOG/t3.log $LOG/t4.log; do echo "== $f"; grep -E "passed|failed|error|FAILED|SKIPPED" $f | tail -8; done

@@ -172,28 +172,7 @@ def test_infinite_values_under_tiny_weights(backend, dtype, data):
     assume(_supported(backend, problem))
     want = _run("numpy", problem, scale=1.0)
     got = _run(backend, problem, scale=1.0)
-    with _gpu_gap(backend):
-        assert_same_ieee(got, want, dtype, f"{backend}: depth {depth}, Sk {Sk}, {np.dtype(dtype).name}")
-
-
-class _gpu_gap:
-    """The GPU kernels multiply unnormalised weights, rounded to the tensor
-    cores' input type (float16 flushes below 6e-8), by the values and divide
-    once at the end; the formula normalises each weight first. With an
-    infinite value under a weight one of them rounds to 0, the GPU's result is
-    NaN where the formula's is inf (or the reverse). Recorded as an expected
-    failure on the GPU backend until its kernels recompute such rows."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is AssertionError and self.backend == "cupy":
-            pytest.xfail(f"GPU: non-finite values under underflowing weights ({exc})")
-        return False
+    assert_same_ieee(got, want, dtype, f"{backend}: depth {depth}, Sk {Sk}, {np.dtype(dtype).name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
@@ -216,5 +195,68 @@ def test_subnormal_weight_times_inf_is_inf(backend):
     k = np.array([0.0, -95.0], np.float32).reshape(1, 1, 2, 1)
     v = np.array([1.0, np.inf], np.float32).reshape(1, 1, 2, 1)
     problem = dict(arrays=[q, k, v, None, None], q_size=None, k_size=None, dtype=np.float32)
-    with _gpu_gap(backend):
-        assert _run(backend, problem, scale=1.0)[0, 0, 0, 0] == np.inf
+    assert _run(backend, problem, scale=1.0)[0, 0, 0, 0] == np.inf
+
+
+# (kernel family, dtype, q grid, tables in q's dtype (the fused-terms modes), float32 mode)
+FAMILY_CASES = [
+    ("ws", "bfloat16", (64, 64), True, None), ("ws", "float16", (64, 64), False, None),
+    ("ws", "bfloat16", (14, 14), True, None), ("ws", "float16", (14, 14), False, None),
+    ("wg", "bfloat16", (32, 32), False, None), ("wg", "float16", (20, 24), False, None),
+    ("mma", "bfloat16", (16, 16), False, None), ("mma", "float16", (14, 14), False, None),
+    ("win", "bfloat16", (14, 14), True, None), ("win", "float16", (14, 14), False, None),
+    ("wgt", "float32", (14, 14), False, "3xtf32"), ("tf32", "float32", (20, 20), False, "3xtf32"),
+    ("tf32", "float32", (14, 14), False, "tf32"), ("simt", "float32", (14, 14), False, "fma"),
+    ("simt", "float64", (10, 12), False, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2][0]}x{c[2][1]}"
+                         + ("-fused" if c[3] else "") + (f"-{c[4]}" if c[4] else ""))
+def test_gpu_families_recompute_non_finite_rows(case):
+    """Each GPU kernel family, forced: values +-inf and NaN under a weight
+    that underflows the fast path (logit about -90 below the row's maximum:
+    a float32 subnormal, zero in the kernels' flushed 16-bit or TF32
+    weights) give the formula's infinities, not 0 x inf = NaN; the rows the
+    kernel recomputes keep their finite columns within tolerance, and the
+    other rows are untouched."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    kernel, name, (qh, qw), fused_tables, mode = case
+    dtype = BFLOAT16 if name == "bfloat16" else np.dtype(name)
+    if dtype is None:
+        pytest.skip("ml_dtypes is not installed")
+    D, Sk = 64, qh * qw
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 2, Sk, D)) * 0.3
+    k = rng.standard_normal((1, 2, Sk, D)) * 0.3
+    v = rng.standard_normal((1, 2, Sk, D))
+    q[..., 0] = 1.0
+    scale = D ** -0.5
+    hot = [3, Sk // 2 + 5, Sk - 1]
+    k[..., hot, 0] = -90.0 / scale          # logit about -90 at these keys for every query
+    v[0, 0, hot[0], 1], v[0, 0, hot[1], 2], v[0, 1, hot[2], 3] = np.inf, -np.inf, np.nan
+    v[0, 1, hot[0], 4] = np.inf
+    v[0, 1, hot[1], 4] = -np.inf             # inf + -inf: NaN in the formula too
+    table_h = rng.standard_normal((2 * qh - 1, D)) * 0.2
+    table_w = rng.standard_normal((2 * qw - 1, D)) * 0.2
+    host = [a.astype(dtype) for a in (q, k, v)]
+    tables = [t.astype(dtype if fused_tables else np.float32) for t in (table_h, table_w)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = relattn.rel_pos_attention(*host, *tables, (qh, qw), scale=scale, backend="numpy")
+    dev = [cupy.asarray(a) for a in host + tables]
+    with relattn.gpu_float32_mode(mode or "3xtf32"):
+        try:
+            p = relattn.plan(*dev, (qh, qw), scale=scale, kernel=kernel)
+        except relattn.BackendError as exc:
+            pytest.skip(f"relattn_{kernel} does not serve this case here: {exc}")
+        assert p.kernel.startswith(f"relattn_{kernel} (")
+        got = _host(p(*dev))
+    assert np.isinf(want.astype(np.float64)).any() and np.isnan(want.astype(np.float64)).any()
+    assert_same_ieee(got, want, dtype, f"{p.kernel}, {name}")

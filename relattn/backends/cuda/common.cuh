@@ -123,3 +123,221 @@ __device__ __forceinline__ float ra_row_inv(float l) {
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     return 1.f / l;
 }
+
+// ---- the exact slow path for rows the fast path leaves non-finite
+// The kernels are built with --use_fast_math (flush to zero, approximate exp2
+// and division) and multiply unnormalised weights, rounded to the tensor
+// cores' input type, by the values: a weight below that type's range meets an
+// infinite value as 0 x inf = NaN, where the formula's tiny weight gives inf
+// (and an unnormalised sum of huge values can overflow where the formula's
+// normalised one does not). Either way the row's output is not finite, while
+// every row whose output the formula gives finite the fast path gives finite
+// too (a non-finite input a row meets makes its fast output non-finite). So
+// each kernel checks its rows at the store, and the warp holding a
+// non-finite row recomputes it with the formula's operations in their order
+// (spec/REFERENCE.md): logits (scale q) . k + rel_h + rel_w, the row max
+// (NaN if any logit is NaN, as numpy's max), exp(logit - max), their sum,
+// each weight divided by it, the weights times v; in IEEE arithmetic (no
+// flush to zero; exp rounded from double precision) in the compute type
+// (float32; float64 for float64 data). Clean rows never take this path.
+
+__device__ __forceinline__ float ra_ieee_fma(float a, float b, float c) {
+    float r;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+    return r;
+}
+__device__ __forceinline__ double ra_ieee_fma(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float ra_ieee_add(float a, float b) {
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ double ra_ieee_add(double a, double b) { return a + b; }
+__device__ __forceinline__ float ra_ieee_sub(float a, float b) {
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ double ra_ieee_sub(double a, double b) { return a - b; }
+__device__ __forceinline__ float ra_ieee_div(float a, float b) {
+    float r;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ double ra_ieee_div(double a, double b) { return a / b; }
+__device__ __forceinline__ float ra_ieee_exp(float x) {
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(exp((double)x)));
+    return r;
+}
+__device__ __forceinline__ double ra_ieee_exp(double x) { return exp(x); }
+__device__ __forceinline__ bool ra_isnan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+__device__ __forceinline__ bool ra_isnan(double x) {
+    return (__double_as_longlong(x) & 0x7fffffffffffffffll) > 0x7ff0000000000000ll;
+}
+__device__ __forceinline__ bool ra_finite(float x) { return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u; }
+__device__ __forceinline__ bool ra_finite(double x) {
+    return (__double_as_longlong(x) & 0x7ff0000000000000ll) != 0x7ff0000000000000ll;
+}
+__device__ __forceinline__ float ra_nan(float) { return __int_as_float(0x7fffffff); }
+__device__ __forceinline__ double ra_nan(double) { return __longlong_as_double(0x7ff8000000000000ll); }
+
+// Element loads and stores of the slow path: 16-bit data (DT 0 float16,
+// DT 1 bfloat16) as float32, float32 and float64 as themselves.
+template <int DT> __device__ __forceinline__ float ra_ld(const u16* p) {
+    const u16 x = *p;
+    if (DT == 1) return __uint_as_float((u32)x << 16);
+    float f;
+    asm("{ .reg .b16 ra_h; mov.b16 ra_h, %1; cvt.f32.f16 %0, ra_h; }" : "=f"(f) : "h"(x));
+    return f;
+}
+template <int DT> __device__ __forceinline__ float ra_ld(const float* p) { return *p; }
+template <int DT> __device__ __forceinline__ double ra_ld(const double* p) { return *p; }
+template <int DT> __device__ __forceinline__ void ra_st(u16* p, float x) {
+    u16 r;
+    if (DT == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    *p = r;
+}
+template <int DT> __device__ __forceinline__ void ra_st(float* p, float x) { *p = x; }
+template <int DT> __device__ __forceinline__ void ra_st(double* p, double x) { *p = x; }
+
+template <typename E> struct RaWork { typedef float T; };   // the compute type of data E
+template <> struct RaWork<double> { typedef double T; };
+
+// Where one (batch, head)'s inputs live for the slow path: q, k, v (rows at
+// q + r * qss, ..., D columns qsd, ... apart) and the relative terms,
+// given (rel_h (Sq, k_h) and rel_w (Sq, k_w) rows of type TT; null: none) or
+// fused (th / tw: the tables' rows of D values of E, gathered through
+// get_rel_pos's index tables idx_h (q_h, k_h) and idx_w (q_w, k_w)).
+template <int DT, typename E, typename TT>
+struct RaRowSrc {
+    const E* q;
+    const E* k;
+    const E* v;
+    long long qss, kss, vss;
+    const TT* rel_h;
+    const TT* rel_w;
+    const E* th;
+    const E* tw;
+    const int* idx_h;
+    const int* idx_w;
+    int qw, Sk, D, kh, kw;
+    long long qsd = 1, ksd = 1, vsd = 1;   // column strides
+};
+
+// logit[r, j] in the formula's order: ((scale q_r) . k_j + rel_h[r, ky]) + rel_w[r, kx]
+template <int DT, typename E, typename TT, typename W>
+__device__ __forceinline__ W ra_exact_logit(const RaRowSrc<DT, E, TT>& s, int r, int j, W scale) {
+    const E* qr = s.q + (long long)r * s.qss;
+    const E* kr = s.k + (long long)j * s.kss;
+    W acc = 0;
+    for (int c = 0; c < s.D; ++c)
+        acc = ra_ieee_fma((W)(scale * ra_ld<DT>(qr + c * s.qsd)), (W)ra_ld<DT>(kr + c * s.ksd), acc);
+    if (s.rel_h != nullptr || s.th != nullptr) {
+        const int ky = j / s.kw, kx = j - ky * s.kw;
+        W bh = 0, bw = 0;
+        if (s.th != nullptr) {
+            const int y = r / s.qw, x = r - y * s.qw;
+            const E* hr = s.th + (long long)s.idx_h[y * s.kh + ky] * s.D;
+            const E* wr = s.tw + (long long)s.idx_w[x * s.kw + kx] * s.D;
+            for (int c = 0; c < s.D; ++c) {
+                const W qc = ra_ld<DT>(qr + c * s.qsd);
+                bh = ra_ieee_fma(qc, (W)ra_ld<DT>(hr + c), bh);
+                bw = ra_ieee_fma(qc, (W)ra_ld<DT>(wr + c), bw);
+            }
+        } else {
+            bh = (W)s.rel_h[(long long)r * s.kh + ky];
+            bw = (W)s.rel_w[(long long)r * s.kw + kx];
+        }
+        acc = ra_ieee_add(ra_ieee_add(acc, bh), bw);
+    }
+    return acc;
+}
+
+// Whether a stored 16-bit value (DT 0 float16, DT 1 bfloat16) is +-inf or NaN.
+template <int DT>
+__device__ __forceinline__ bool ra_nonfinite16(u32 bits) {
+    constexpr u32 E = DT == 1 ? 0x7f80u : 0x7c00u;
+    return (bits & E) == E;
+}
+
+// Whether this thread's columns (8 d + 2 t, + 1 for d < HD / 8, below D) of the
+// stored 16-bit row orow hold a non-finite value: the check the persistent
+// kernels repeat after their loop for the rows of the tiles they flagged.
+template <int DT, int HD>
+__device__ __forceinline__ bool ra_row_nonfinite16(const u16* orow, int D, int t) {
+    bool bad = false;
+#pragma unroll
+    for (int d = 0; d < HD / 8; ++d) {
+        const int col = d * 8 + 2 * t;
+        if (col < D) {
+            const u32 w = *reinterpret_cast<const u32*>(orow + col);
+            bad |= ra_nonfinite16<DT>(w & 0xffffu) || ra_nonfinite16<DT>(w >> 16);
+        }
+    }
+    return bad;
+}
+
+// The scale of the logits in natural units, from the kernels' scale * log2(e).
+__device__ __forceinline__ float ra_scale_from_log2(float scale_log2) {
+    return (float)((double)scale_log2 * 0.6931471805599453);   // x ln(2)
+}
+__device__ __forceinline__ double ra_scale_from_log2(double scale_log2) { return scale_log2 * 0.6931471805599453; }
+
+// Row r of the output, recomputed by the whole warp (lane: its lane) into
+// orow[0 .. D): see the section comment. scale_log2: the kernel's scale of
+// the logits times log2(e). Not inlined: the kernels keep one copy of it, off
+// their hot code (and none of its work is hoisted into them).
+template <int DT, typename E, typename TT>
+__device__ __noinline__ void ra_exact_row(const RaRowSrc<DT, E, TT> s, int r, typename RaWork<E>::T scale_log2, E* orow,
+                                          int lane) {
+    typedef typename RaWork<E>::T W;
+    const W scale = ra_scale_from_log2(scale_log2);
+    W m = -(W)RA_INF;
+    bool nan = false;
+    for (int j = lane; j < s.Sk; j += 32) {
+        const W x = ra_exact_logit<DT>(s, r, j, scale);
+        nan |= ra_isnan(x);
+        m = x > m ? x : m;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const W y = __shfl_xor_sync(0xffffffffu, m, o);
+        m = y > m ? y : m;
+    }
+    if (__any_sync(0xffffffffu, nan)) m = ra_nan(m);
+    W l = 0;
+    for (int j = lane; j < s.Sk; j += 32) l = ra_ieee_add(l, ra_ieee_exp(ra_ieee_sub(ra_exact_logit<DT>(s, r, j, scale), m)));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l = ra_ieee_add(l, __shfl_xor_sync(0xffffffffu, l, o));
+    for (int c0 = 0; c0 < s.D; c0 += 32) {
+        const int c = c0 + lane;
+        W acc = 0;
+        for (int j0 = 0; j0 < s.Sk; j0 += 32) {
+            const int j = j0 + lane;
+            W p = 0;
+            if (j < s.Sk) p = ra_ieee_div(ra_ieee_exp(ra_ieee_sub(ra_exact_logit<DT>(s, r, j, scale), m)), l);
+            const int n = min(32, s.Sk - j0);
+            for (int i = 0; i < n; ++i) {
+                const W pi = __shfl_sync(0xffffffffu, p, i);
+                if (c < s.D) acc = ra_ieee_fma(pi, (W)ra_ld<DT>(s.v + (long long)(j0 + i) * s.vss + c * s.vsd), acc);
+            }
+        }
+        if (c < s.D) ra_st<DT>(orow + c, acc);
+    }
+}
+
+// After the fast store: the rows of this warp with a non-finite output (bad:
+// this thread saw one in its columns of its row `row`; LPR lanes, aligned,
+// share a row) each recomputed once by fix(row), with the whole warp.
+template <int LPR, typename Fix>
+__device__ __forceinline__ void ra_fix_rows_if(bool bad, int row, Fix&& fix) {
+    u32 b = __ballot_sync(0xffffffffu, bad);
+    while (b != 0u) {
+        const int src = __ffs(b) - 1;
+        const int r = __shfl_sync(0xffffffffu, row, src);
+        b &= ~((LPR == 32 ? 0xffffffffu : ((1u << LPR) - 1u)) << (src & ~(LPR - 1)));
+        fix(r);
+    }
+}

@@ -316,23 +316,39 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
     }
 
-    // ---- finalize and store
+    // ---- finalize and store; then the rows left non-finite are recomputed exactly
     u16* ob = out + (long long)bh * Sq * D;
+    bool bad[MW][2];
 #pragma unroll
     for (int mg = 0; mg < MW; ++mg) {
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             const float inv = ra_row_inv(l_run[mg][rr]);
             const int r = rows[mg][rr];
+            bad[mg][rr] = false;
             if (r < Sq) {
 #pragma unroll
                 for (int d = 0; d < ND; ++d) {
                     const int col = d * 8 + 2 * t;
-                    if (col < D)
-                        *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
-                            ra_pack<DT>(o[mg][d][rr * 2] * inv, o[mg][d][rr * 2 + 1] * inv);
+                    if (col < D) {
+                        const float x0 = o[mg][d][rr * 2] * inv, x1 = o[mg][d][rr * 2 + 1] * inv;
+                        bad[mg][rr] |= !(ra_finite(x0) && ra_finite(x1));
+                        *reinterpret_cast<u32*>(ob + (long long)r * D + col) = ra_pack<DT>(x0, x1);
+                    }
                 }
             }
         }
     }
+    const bool terms = (REL != mma_bias::NONE);
+    const RaRowSrc<DT, u16, float> src{qb, kb, vb, qss, kss, vss,
+                                       terms ? rel_h + (long long)bh * Sq * kh : nullptr,
+                                       terms ? rel_w + (long long)bh * Sq * kw : nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+#pragma unroll
+    for (int mg = 0; mg < MW; ++mg)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+            ra_fix_rows_if<4>(bad[mg][rr], rows[mg][rr], [&](int row) {
+                ra_exact_row<DT>(src, row, scale_log2, ob + (long long)row * D, lane);
+            });
 }

@@ -190,6 +190,7 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     }
 
     T* ob = out + (long long)bh * Sq * D;
+    bool bad[4];
 #pragma unroll
     for (int a = 0; a < 4; ++a) {
         T l = l_run[a];
@@ -197,12 +198,28 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         for (int off = 1; off < 16; off <<= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
         const T inv = (T)1 / l;
         const int row = m0 + ty * 4 + a;
+        bad[a] = false;
         if (row < Sq) {
 #pragma unroll
             for (int c = 0; c < NC; ++c) {
                 const int col = tx + 16 * c;
-                if (col < D) ob[(long long)row * D + col] = o[a][c] * inv;
+                if (col < D) {
+                    const T x = o[a][c] * inv;
+                    ob[(long long)row * D + col] = x;
+                    bad[a] |= !ra_finite(x);
+                }
             }
         }
     }
+    // the rows left non-finite are recomputed exactly (ra_exact_row; 16 lanes per row)
+    const bool terms = (REL != simt_bias::NONE);
+    const RaRowSrc<0, T, T> src{qb, kb, vb, qss, kss, vss,
+                                terms ? rel_h + (long long)bh * Sq * kh : nullptr,
+                                terms ? rel_w + (long long)bh * Sq * kw : nullptr,
+                                nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw, qsd, ksd, vsd};
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+        ra_fix_rows_if<16>(bad[a], m0 + ty * 4 + a, [&](int r) {
+            ra_exact_row<0>(src, r, scale_log2, ob + (long long)r * D, tid & 31);
+        });
 }

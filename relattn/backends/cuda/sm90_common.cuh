@@ -26,10 +26,12 @@ __device__ __forceinline__ u64 ra_desc(u32 addr, u32 lbo, u32 sbo, int sw) {
 // warp, wgmma accumulator layout: o[4 d + 2 rr + e] is column 8 d + 2 t + e of
 // row rr) divided by their softmax sums and stored as DT; rows past Sq and
 // columns past D are skipped. ob: this (batch, head)'s output; inv_l: the
-// inverse row sums (ra_row_inv).
+// inverse row sums (ra_row_inv). Returns bit rr set where this thread stored
+// a non-finite value of row rr (for ra_fix_rows_if, after the kernel's loop).
 template <int DT, int HD>
-__device__ __forceinline__ void ra_wg_store_rows(u16* ob, const float* o, const float* inv_l, const int* rows,
-                                                 int Sq, int D, int t) {
+__device__ __forceinline__ int ra_wg_store_rows(u16* ob, const float* o, const float* inv_l, const int* rows,
+                                                int Sq, int D, int t) {
+    int bad = 0;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const float inv = inv_l[rr];
@@ -38,12 +40,15 @@ __device__ __forceinline__ void ra_wg_store_rows(u16* ob, const float* o, const 
 #pragma unroll
             for (int d = 0; d < HD / 8; ++d) {
                 const int col = d * 8 + 2 * t;
-                if (col < D)
-                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) =
-                        ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+                if (col < D) {
+                    const float x0 = o[4 * d + 2 * rr] * inv, x1 = o[4 * d + 2 * rr + 1] * inv;
+                    if (!(ra_finite(x0) && ra_finite(x1))) bad |= 1 << rr;
+                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) = ra_pack<DT>(x0, x1);
+                }
             }
         }
     }
+    return bad;
 }
 
 // ---- mbarriers, TMA, named barriers, register reallocation

@@ -329,6 +329,7 @@ relattn_tf32(RA_F32_KERNEL_PARAMS)
     }
 
     float* ob = out + (long long)bh * Sq * D;
+    bool bad[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const float inv = ra_row_inv(l_run[rr]);
@@ -353,13 +354,30 @@ relattn_tf32(RA_F32_KERNEL_PARAMS)
             nf |= __shfl_xor_sync(0xffffffffu, (int)nf, 2) != 0;
             redo = nf;
         }
+        bad[rr] = false;
         if (r < Sq && redo) {
 #pragma unroll
             for (int d = 0; d < ND; ++d) {
                 const int col = d * 8 + 2 * t;
-                if (col < D) ob[(long long)r * D + col] = o[d][2 * rr] * inv;
-                if (col + 1 < D) ob[(long long)r * D + col + 1] = o[d][2 * rr + 1] * inv;
+                const float x0 = o[d][2 * rr] * inv, x1 = o[d][2 * rr + 1] * inv;
+                if (col < D) ob[(long long)r * D + col] = x0;
+                if (col + 1 < D) ob[(long long)r * D + col + 1] = x1;
+                bad[rr] |= (col < D && !ra_finite(x0)) || (col + 1 < D && !ra_finite(x1));
             }
         }
+    }
+    // the rows still not finite are recomputed exactly (ra_exact_row); not in
+    // the fast 3xTF32 pass, whose non-finite rows the IEEE-safe pass redoes
+    if (SAFE || SPLIT != 3) {
+        const bool terms = (REL != tf32_bias::NONE);
+        const RaRowSrc<0, float, float> src{qb, kb, vb, qss, kss, vss,
+                                            terms ? rel_h + (long long)bh * Sq * kh : nullptr,
+                                            terms ? rel_w + (long long)bh * Sq * kw : nullptr,
+                                            nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+            ra_fix_rows_if<4>(bad[rr], rows[rr], [&](int row) {
+                ra_exact_row<0>(src, row, scale_log2, ob + (long long)row * D, lane);
+            });
     }
 }

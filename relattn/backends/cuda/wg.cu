@@ -315,5 +315,17 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
 
     // ---- finalize and store
     const float inv_l[2] = {ra_row_inv(l_run[0]), ra_row_inv(l_run[1])};
-    ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t);
+    u16* ob = out + (long long)bh * Sq * D;
+    const int bad = ra_wg_store_rows<DT, HD>(ob, o, inv_l, rows, Sq, D, t);
+    // the rows left non-finite are recomputed exactly (ra_exact_row)
+    const bool terms = (REL != wg_bias::NONE);
+    const RaRowSrc<DT, u16, float> src{qb, kb, vb, qss, kss, vss,
+                                       terms ? rel_h + (long long)bh * Sq * kh : nullptr,
+                                       terms ? rel_w + (long long)bh * Sq * kw : nullptr,
+                                       nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+        ra_fix_rows_if<4>((bad >> rr) & 1, rows[rr], [&](int row) {
+            ra_exact_row<DT>(src, row, scale_log2, ob + (long long)row * D, tid & 31);
+        });
 }

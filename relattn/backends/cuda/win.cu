@@ -176,6 +176,7 @@ relattn_win(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
 
     u32 qn[KQ][4];
     ra_win_load_q<KQ>(qn, qb, (grp * spb + warp) * 16 + g, Sq, qss, D, t);
+    bool flagged = false;   // a row of this thread stored non-finite
     for (int si = warp; si < spb; si += 4) {
         const int sl = grp * spb + si;
         if (sl >= nsl) break;
@@ -317,6 +318,7 @@ relattn_win(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
             }
         }
 
+        // store (a non-finite row: flagged, recomputed after the loop)
         u16* ob = out + (long long)bh * Sq * D;
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
@@ -325,10 +327,33 @@ relattn_win(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
 #pragma unroll
                 for (int d = 0; d < ND; ++d) {
                     const int col = d * 8 + 2 * t;
-                    if (col < D)
-                        *reinterpret_cast<u32*>(ob + (long long)rows[rr] * D + col) =
-                            ra_pack<DT>(o[d][rr * 2] * inv, o[d][rr * 2 + 1] * inv);
+                    if (col < D) {
+                        const float x0 = o[d][rr * 2] * inv, x1 = o[d][rr * 2 + 1] * inv;
+                        flagged |= !(ra_finite(x0) && ra_finite(x1));
+                        *reinterpret_cast<u32*>(ob + (long long)rows[rr] * D + col) = ra_pack<DT>(x0, x1);
+                    }
                 }
+            }
+        }
+    }
+
+    // The rows this warp stored non-finite, recomputed exactly (ra_exact_row)
+    // after the loop: the warp looks at its rows of every slice again.
+    if (__any_sync(0xffffffffu, flagged)) {
+        u16* ob = out + (long long)bh * Sq * D;
+        const RaRowSrc<DT, u16, float> src{qb, kb, vb, qss, kss, vss,
+                                           FUSE ? nullptr : rel_h + (long long)bh * Sq * kh,
+                                           FUSE ? nullptr : rel_w + (long long)bh * Sq * kw,
+                                           FUSE ? th : nullptr, FUSE ? tw : nullptr, idx_h, idx_w,
+                                           qw, Sk, D, kh, kw};
+        for (int si = warp; si < spb && grp * spb + si < nsl; si += 4) {
+#pragma unroll 1
+            for (int rr = 0; rr < 2; ++rr) {
+                const int r = (grp * spb + si) * 16 + g + 8 * rr;
+                const bool bad = r < Sq && ra_row_nonfinite16<DT, HD>(ob + (long long)r * D, D, t);
+                ra_fix_rows_if<4>(bad, r, [&](int row) {
+                    ra_exact_row<DT>(src, row, scale_log2, ob + (long long)row * D, lane);
+                });
             }
         }
     }

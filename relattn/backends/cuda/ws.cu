@@ -277,7 +277,10 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
            const float* __restrict__ rel_h, const float* __restrict__ rel_w,
            const u16* __restrict__ th, const u16* __restrict__ tw,
            const int* __restrict__ idx_h, const int* __restrict__ idx_w, int Lh, int Lw, int qw,
-           u16* __restrict__ out, int H, int Sq, int Sk, int D, int kh, int kw, float scale_log2, int ntot)
+           u16* __restrict__ out, int H, int Sq, int Sk, int D, int kh, int kw, float scale_log2, int ntot,
+           const u16* __restrict__ qr, const u16* __restrict__ kr, const u16* __restrict__ vr,
+           long long qsb, long long qsh, long long qss, long long ksb, long long ksh, long long kss,
+           long long vsb, long long vsh, long long vss)
 {
     using C = RaWsCfg<DT, HD, NC, BN, REL, ST, PP, RG>;
     constexpr int BM = C::BM, NS = C::NS, KP = C::KP, NU = C::NU, NW = C::NW, KHM = C::KHM, GN = C::GN;
@@ -439,6 +442,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 
     int it = 0;   // K/V tiles consumed by this block
     int tc = 0;
+    bool flagged = false;   // a row of this thread stored non-finite
     for (int tile = blockIdx.x; tile < ntot; tile += gridDim.x, ++tc) {
         const int mt = tile % mtiles, bh = tile / mtiles, m0 = mt * BM;
         rows[0] = m0 + lrow0;
@@ -622,7 +626,33 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         release(bempty + 8u * (u32)((it + ntiles - 1) % ST));
         it += ntiles;
 
-        // ---- finalize and store
-        ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t);
+        // ---- finalize and store (a non-finite row: flagged, recomputed after the loop)
+        flagged |= ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t) != 0;
+    }
+
+    // The rows this block's warps stored non-finite, recomputed exactly
+    // (ra_exact_row) once the loop is done, so that nothing of the slow path
+    // is live in it: the warps that flagged one look at their rows of every
+    // tile again (the stored output tells which) and fix those.
+    if (__any_sync(0xffffffffu, flagged)) {
+        for (int tile = blockIdx.x; tile < ntot; tile += gridDim.x) {
+            const int mt = tile % mtiles, bh = tile / mtiles, m0 = mt * BM;
+            const int b = bh / H, h = bh - b * H;
+            u16* ob = out + (long long)bh * Sq * D;
+            const bool terms = (REL != ws_bias::NONE) && !FT;
+            const RaRowSrc<DT, u16, float> src{qr + b * qsb + h * qsh, kr + b * ksb + h * ksh, vr + b * vsb + h * vsh,
+                                               qss, kss, vss,
+                                               terms ? rel_h + (long long)bh * Sq * kh : nullptr,
+                                               terms ? rel_w + (long long)bh * Sq * kw : nullptr,
+                                               FT ? th : nullptr, FT ? tw : nullptr, idx_h, idx_w, qw, Sk, D, kh, kw};
+#pragma unroll 1
+            for (int rr = 0; rr < 2; ++rr) {
+                const int r = m0 + lrow0 + 8 * rr;
+                const bool bad = r < Sq && ra_row_nonfinite16<DT, HD>(ob + (long long)r * D, D, t);
+                ra_fix_rows_if<4>(bad, r, [&](int row) {
+                    ra_exact_row<DT>(src, row, scale_log2, ob + (long long)row * D, lane);
+                });
+            }
+        }
     }
 }

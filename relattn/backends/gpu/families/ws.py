@@ -246,7 +246,8 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
         return None, f"TMA: {exc}"
     sc = np.float32(p.scale * LOG2E)
     spec = ["map"] * 6 + ["ptr"] * 6 + list(ints(*p.table_rows, p.q_size[1]) if fused else ints(0, 0, 0)) \
-        + ["ptr"] + list(ints(H, Sq, Sk, d8, kh, kw)) + [sc, ints(ntot)[0]]
+        + ["ptr"] + list(ints(H, Sq, Sk, d8, kh, kw)) + [sc, ints(ntot)[0]] \
+        + ["ptr"] * 3 + [np.int64(x) for x in (*qs, *ks, *vs)]   # plain operands: the exact slow path
     launch = _build.RawLaunch(fn, (grid,), block, smem, spec)
     rel_ptrs = _fused_ptrs(p, rel_pos_h, rel_pos_w) if fused else _terms_ptrs(p)
     shape, dtype, u16t = (B, H, Sq, D), q.dtype, cupy.uint16
@@ -279,7 +280,8 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
         ou = out if padded is None else cupy.empty(padded, dtype=u16t)
         qm, km, vm = tensor_maps(0, a.data.ptr), tensor_maps(1, b.data.ptr), tensor_maps(2, c_.data.ptr)
         keep, ptrs = rel_ptrs(x, y)
-        launch((*ptrs, ou.data.ptr), (qm[0], km[0], vm[0], qm[1], km[1], vm[1]), get_stream().ptr)
+        launch((*ptrs, ou.data.ptr, a.data.ptr, b.data.ptr, c_.data.ptr),
+               (qm[0], km[0], vm[0], qm[1], km[1], vm[1]), get_stream().ptr)
         del keep
         if padded is not None:
             out.view(u16t)[...] = ou[..., :D]
