@@ -36,13 +36,16 @@ takes the pullback through ``q . R`` (so the terms' gradients never exist
 whole) and only the gather's and the resize's adjoints are left.
 
 CuPy arrays (``backend="cupy"`` or ``"auto"``) take the GPU path: ``out``
-from ``rel_pos_attention(..., backend="cupy")``, each logit row's max and sum
-of exponentials from the same logits the backward recomputes
-(``relattn.backends.gpu.backward.row_stats``), then the core's gradients
-from :func:`_core_backward_gpu` (CuPy operations over chunks of query rows,
-each chunk's logits within ``relattn.backends.gpu.backward.CHUNK_BYTES``),
-then the table adjoints above in CuPy. Everything stays on the inputs'
-device.
+from ``rel_pos_attention(..., backend="cupy")``, then the core's gradients
+from :func:`_core_backward_gpu`, then the table adjoints above in CuPy.
+float16 / bfloat16 inputs (head_dim a multiple of 8 up to 128, compute
+capability 8.0 and newer) take fused tensor-core kernels
+(``relattn.backends.gpu.backward``, ``cuda/bwd.cu``): the forward keeps one
+log-sum-exp per query row, the backward recomputes the logits tile by tile
+and never holds an S_q x S_k buffer. Other inputs keep each row's max and
+sum of exponentials and go by CuPy operations over chunks of query rows
+(each chunk's logits within ``relattn.backends.gpu.backward.CHUNK_BYTES``).
+Everything stays on the inputs' device.
 """
 
 from __future__ import annotations
@@ -384,8 +387,10 @@ def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     backend="cupy")`` itself (its bits, its plan cache), and the backward's
     state: the terms ``rel_h``, ``rel_w`` of the tables ``th``, ``tw`` as the
     backend got them, whole, in the attention's compute dtype (or None), and
-    each logit row's max and sum of exponentials
-    (:func:`relattn.backends.gpu.backward.row_stats`)."""
+    what the backward keeps of the logit rows
+    (:func:`relattn.backends.gpu.backward.forward_stats`: each row's
+    log-sum-exp for the fused 16-bit kernels, else its max and sum of
+    exponentials)."""
     from relattn.backends.gpu import backward
     from relattn.functional import rel_pos_attention
 
@@ -395,18 +400,18 @@ def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     if th is not None:
         work = compute_dtype(q.dtype)
         rel_h, rel_w = (astype(t, work) for t in relpos_terms(q, th, tw, q_size, k_size))
-    return out, rel_h, rel_w, backward.row_stats(q, k, rel_h, rel_w, k_size, scale)
+    return out, rel_h, rel_w, backward.forward_stats(q, k, v, rel_h, rel_w, k_size, scale)
 
 
 def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
     """The attention core's pullback on the GPU: ``(dq, dk, dv, d_rel_h,
     d_rel_w)`` in the compute dtype, ``dq`` without the terms' part, the
-    terms' gradients (B, H, Sq, k_h) and (B, H, Sq, k_w) or None. CuPy
-    operations over chunks of query rows
-    (:func:`relattn.backends.gpu.backward.core_backward`)."""
+    terms' gradients (B, H, Sq, k_h) and (B, H, Sq, k_w) or None: the
+    fused kernels for 16-bit inputs they take, else CuPy operations over
+    chunks of query rows (:func:`relattn.backends.gpu.backward.core_gradients`)."""
     from relattn.backends.gpu import backward
 
-    return backward.core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
+    return backward.core_gradients(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
 
 
 def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, rel_h, rel_w, stats):

@@ -19,7 +19,7 @@ import types
 import numpy as np
 import pytest
 
-from relattn.backends.gpu import _build, _device, _operands, tuning
+from relattn.backends.gpu import _build, _device, _operands, backward, tuning
 from relattn.backends.gpu.families import mma, simt, tf32, wg, win, ws
 from relattn.backends.gpu.options import Options
 from relattn.backends.gpu.problem import Problem
@@ -315,6 +315,8 @@ def test_portable_kernels_compile(tmp_path):
         # the terms kernels (relattn.backends.gpu.terms)
         "relattn_relterms<1, 64>", "relattn_relterms<2, 16>", "relattn_relterms<0, 32>",
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
+        # the fused backward (relattn.backends.gpu.backward)
+        *backward._names(1, 64).values(), *backward._names(0, 80).values(), backward._names(1, 32)[("dkv", 2)],
     ]
     assert names[:3] == ["relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>"]
     assert "relattn_tf32<96, 3, 0, 0, 1>" in names and "relattn_win<1, 64, 16, 1>" in names

@@ -385,6 +385,138 @@ def test_pullback_allocates_no_sq_by_sk_buffer(monkeypatch):
     assert all(bool(cupy.isfinite(g).all()) for g in grads)
 
 
+# ------------------------------------------------------------------ fused 16-bit kernels
+def _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed):
+    """Device q, k, v of ``dtype``, the float32 terms of the tables and a dO."""
+    dev = [to_device(a) for a in _cast([q, k, v], dtype)]
+    rel_h = rel_w = None
+    if th is not None:
+        q32 = cupy.asarray(np.asarray(q, np.float32))
+        rel_h, rel_w = relattn.relpos.terms(q32, cupy.asarray(th, np.float32), cupy.asarray(tw, np.float32),
+                                            q_size, k_size)
+    out = relattn.rel_pos_attention(*dev, None if th is None else to_device(th.astype(dtype)),
+                                    None if tw is None else to_device(tw.astype(dtype)),
+                                    q_size=q_size, k_size=k_size, backend="cupy")
+    dout = to_device(np.random.default_rng(seed).standard_normal(out.shape).astype(dtype))
+    return dev, rel_h, rel_w, out, dout
+
+
+def _both_cores(case, dtype, seed=20):
+    """(fused, chunked) core gradients on the same device inputs, host float64."""
+    arrays, q_size, k_size, _ = make_case(case, seed=seed) if isinstance(case, str) else case
+    q, k, v, th, tw = arrays
+    scale = q.shape[3] ** -0.5
+    (qd, kd, vd), rel_h, rel_w, out, dout = _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed)
+    assert not backward.fused_reasons(qd, kd, vd, rel_h, k_size)
+    lse = backward.row_lse(qd, kd, rel_h, rel_w, k_size, scale)
+    stats = backward.row_stats(qd, kd, rel_h, rel_w, k_size, scale)
+    want_lse = (stats[..., 0] + cupy.log(stats[..., 1])) * np.log2(np.e)
+    assert lse.shape == stats.shape[:3] and lse.dtype == np.float32
+    np.testing.assert_allclose(lse.get(), want_lse.get(), rtol=1e-4, atol=1e-4)
+    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, lse)
+    chunked = backward.core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, stats)
+    for g in fused:
+        assert g is None or (g.dtype == np.float32 and g.flags.c_contiguous)
+    host = [[None if g is None else g.get().astype(np.float64) for g in r] for r in (fused, chunked)]
+    return host[0], host[1]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_core_matches_the_chunked_core(case, dtype):
+    """The fused kernels' gradients (P and dS rounded to 16 bits on the
+    tensor cores) within 1e-2 of the chunked float32 core on the same
+    16-bit inputs, gradient by gradient; the row log-sum-exp as the chunked
+    (max, sum) pairs give it."""
+    fused, chunked = _both_cores(case, _dtype(dtype))
+    floor = _floor(chunked, 1e-2)
+    for name, got, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), fused, chunked):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert got.shape == want.shape, name
+            assert np.all(np.isfinite(got)), name
+            assert _rel_err(got, want, floor) <= 1e-2, f"{name} ({case}, {dtype})"
+
+
+@pytest.mark.parametrize("k_grid", [(3, 64), (2, 64), (5, 13)])
+def test_fused_core_bias_modes(k_grid):
+    """k_w == 64 with whole 64-key tiles (the key-rows mode: one key row per
+    tile), and a grid whose rows straddle the tiles (generic), q grid != k grid."""
+    rng = np.random.default_rng(21)
+    q_size, k_size, d = (4, 9), k_grid, 64
+    q = rng.standard_normal((2, 2, q_size[0] * q_size[1], d))
+    k, v = (rng.standard_normal((2, 2, k_size[0] * k_size[1], d)) for _ in range(2))
+    th = 0.5 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, d))
+    tw = 0.5 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, d))
+    assert backward._bias(th, k_size, k_size[0] * k_size[1]) == (
+        backward.Bias.KEY_ROWS if k_size[1] == 64 else backward.Bias.GENERIC)
+    fused, chunked = _both_cores(([q, k, v, th, tw], q_size, k_size, False), _dtype("bfloat16"))
+    floor = _floor(chunked, 1e-2)
+    for name, got, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), fused, chunked):
+        assert _rel_err(got, want, floor) <= 1e-2, f"{name} {k_grid}"
+
+
+@settings(SLOW, max_examples=15)
+@given(problem=reference_problems(max_side=9, max_heads=2, head_dims=(8, 16, 24)),
+       dtype=st.sampled_from(["float16", "bfloat16"]))
+def test_fused_path_random_problems(problem, dtype):
+    """rel_pos_attention_vjp on random 16-bit problems (grids, q != k,
+    resized tables, none) takes the fused kernels and matches the reference
+    pullback on the same 16-bit values within 1e-2."""
+    dt = _dtype(dtype)
+    arrays = _cast(problem["arrays"], dt)
+    q_size, k_size = problem["q_size"], problem["k_size"]
+    out, pullback = gpu_vjp(arrays, q_size, k_size)
+    dout = np.random.default_rng(22).standard_normal(out.shape).astype(dt)
+    calls = []
+    real = backward.fused_core_backward
+    try:
+        backward.fused_core_backward = lambda *a: calls.append(1) or real(*a)
+        grads = pullback(dout)
+    finally:
+        backward.fused_core_backward = real
+    assert calls == [1], problem["what"]
+    _, pullback_ref = reference_vjp(arrays, q_size, k_size)
+    assert_grads_close(grads, pullback_ref(dout), arrays, k_size, 1e-2, 1e-1, problem["what"])
+
+
+def test_fused_path_memory():
+    """bf16, 9216 tokens: the fused pullback's pool growth is the size of
+    its inputs and gradients, far below one head's 324 MiB of logits."""
+    pool = cupy.get_default_memory_pool()
+    if cupy.cuda.get_allocator() != pool.malloc:
+        pytest.skip("CuPy's default memory pool is not the allocator")
+    bf16 = _bf16_on_device()
+    rng = np.random.default_rng(23)
+    side, head_dim = 96, 64
+    q, k, v = (to_device(rng.standard_normal((1, 1, side * side, head_dim)).astype(bf16)) for _ in range(3))
+    th, tw = (to_device((0.5 * rng.standard_normal((2 * side - 1, head_dim))).astype(bf16)) for _ in range(2))
+    out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(side, side))
+    dout = to_device(rng.standard_normal(out.shape).astype(bf16))
+    pullback(dout)
+    cupy.cuda.get_current_stream().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    grads = pullback(dout)
+    cupy.cuda.get_current_stream().synchronize()
+    growth = pool.total_bytes() - before
+    assert growth < 32 * 2**20, growth
+    assert all(np.isfinite(to_host(g).astype(np.float32)).all() for g in grads)
+
+
+def test_fused_reasons():
+    """What sends a problem to the chunked path."""
+    dev, q_size, k_size = _small_device(np.float32)
+    q, k, v = dev[:3]
+    assert any("dtype" in r for r in backward.fused_reasons(q, k, v, None, k_size))
+    h = q.astype(cupy.float16)
+    assert backward.fused_reasons(h, k.astype(cupy.float16), v.astype(cupy.float16), None, k_size) == []
+    h12 = cupy.zeros(q.shape[:3] + (12,), cupy.float16)
+    assert any("head_dim 12" in r for r in backward.fused_reasons(h12, h12, h12, None, k_size))
+    big = cupy.zeros((1, 1, 4, 8), cupy.float16)
+    assert any("k_h + k_w" in r for r in backward.fused_reasons(big, big, big, big, (200, 100)))
+
+
 # ------------------------------------------------------------------ errors
 def _small_device(dtype=np.float64):
     arrays, q_size, k_size, _ = make_case("no_tables", seed=14)

@@ -1,4 +1,16 @@
-"""The attention core's backward on the GPU, as CuPy operations over chunks.
+"""The attention core's backward on the GPU: fused kernels for 16-bit inputs,
+CuPy operations over chunks for the rest.
+
+Fused (:func:`row_lse`, :func:`fused_core_backward`; ``cuda/bwd.cu``):
+float16 / bfloat16 q, k, v on ``mma.sync`` with float32 accumulation. The
+forward keeps each query row's log-sum-exp; the backward runs two kernels,
+one per block of 64 query rows (dq and the terms' gradients, summed over the
+key tiles) and one per block of 64 keys (dk and dv, summed over the query
+tiles), each recomputing its tiles of the logits and weights. P and dS meet
+the tensor cores rounded to the input's 16-bit type, as in flash attention's
+backward; the terms' gradients are summed in float32 from the unrounded dS.
+
+Chunked (:func:`row_stats`, :func:`core_backward`), for every other input:
 
 Per (batch*head) ``n``, with the logits ``S = scale * q k^T + rel_h[i, ky] +
 rel_w[i, kx]`` (key ``j = ky * k_w + kx``) and the weights ``P = exp(S - m) /
@@ -31,11 +43,14 @@ Importing this module does not import CuPy.
 
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 
 from relattn._arrays import astype, compute_dtype
 
-__all__ = ["CHUNK_BYTES", "chunk_shape", "row_stats", "core_backward"]
+__all__ = ["CHUNK_BYTES", "chunk_shape", "row_stats", "core_backward", "fused_reasons", "row_lse",
+           "fused_core_backward", "forward_stats", "core_gradients"]
 
 # Bytes of one chunk's logits (a block of (batch*head) pairs by query rows by
 # all keys, in the compute dtype). A chunk of the backward holds two such
@@ -206,3 +221,171 @@ def core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
         d_rel_h = d_rel_h.reshape(B, H, q_len, k_h)
         d_rel_w = d_rel_w.reshape(B, H, q_len, k_w)
     return dq, dk, dv, d_rel_h, d_rel_w
+
+
+# ------------------------------------------------------------------ fused (16-bit)
+# relattn_bwd_stats / relattn_bwd_dq / relattn_bwd_dkv (cuda/bwd.cu): the
+# 16-bit core's backward on mma.sync, flash-style, nothing Sq x Sk in memory.
+FUSED_DTYPES = ("float16", "bfloat16")
+FUSED_MAX_HEAD_DIM = 128
+FUSED_MAX_TERMS = 256   # k_h + k_w: GENERIC sums the terms' gradients of 64 rows in shared memory
+_LOG2E = 1.4426950408889634
+
+
+class Bias(enum.IntEnum):
+    """The bias modes of the fused kernels (their ``REL``)."""
+    NONE = 0        # no terms
+    KEY_ROWS = 1    # k_w == 64 and Sk % 64 == 0: a 64-key tile is one key row
+    GENERIC = 2     # any grid: (ky, kx) per key
+
+
+def _names(dt: int, hd: int) -> dict:
+    return {(kind, rel): f"relattn_bwd_{kind}<{dt}, {hd}, {rel}>"
+            for kind in ("stats", "dq", "dkv") for rel in (0, 1, 2)}
+
+
+def fused_reasons(q, k, v, rel_h, k_size) -> list[str]:
+    """Why the fused kernels cannot take this problem (empty: they can).
+    ``q``, ``k``, ``v`` CuPy arrays (B, H, S, d); ``rel_h`` the terms or None."""
+    from relattn._arrays import dtype_name
+
+    from . import _device
+
+    reasons = []
+    name = dtype_name(q.dtype)
+    if name not in FUSED_DTYPES or dtype_name(k.dtype) != name or dtype_name(v.dtype) != name:
+        reasons.append(f"dtype {name} (takes {', '.join(FUSED_DTYPES)} for q, k and v alike)")
+    d = q.shape[3]
+    if d % 8 or d > FUSED_MAX_HEAD_DIM or v.shape[3] != d:
+        reasons.append(f"head_dim {d} (takes a multiple of 8 up to {FUSED_MAX_HEAD_DIM}, v's the same)")
+    if q.size == 0 or k.size == 0:
+        reasons.append("an empty axis")
+    if k.shape[2] >= 2**22:
+        reasons.append(f"{k.shape[2]} keys (takes fewer than 2**22)")
+    if rel_h is not None and sum(k_size) > FUSED_MAX_TERMS:
+        reasons.append(f"k_h + k_w = {sum(k_size)} > {FUSED_MAX_TERMS}")
+    dev = _device.current()
+    if dev.cc < 80:
+        reasons.append(f"compute capability {dev.cc // 10}.{dev.cc % 10} < 8.0 (mma.sync bf16)")
+    return reasons
+
+
+def _bias(rel_h, k_size, k_len) -> Bias:
+    if rel_h is None:
+        return Bias.NONE
+    return Bias.KEY_ROWS if (k_size[1] == 64 and k_len % 64 == 0) else Bias.GENERIC
+
+
+def _fused(q, rel_h, k_size, k_len):
+    """(kernel getter, bias mode, shared bytes of one K/V or Q/dO stage pair, float32 terms)."""
+    from relattn._arrays import dtype_name
+
+    from . import _build
+
+    d = q.shape[3]
+    hd = max(16, (d + 15) // 16 * 16)
+    dt = 1 if dtype_name(q.dtype) == "bfloat16" else 0
+    names = _names(dt, hd)
+    source = _build.family_source("bwd")
+
+    def kernel(kind, bias, smem):
+        return _build.portable_kernel(("bwd", dt, hd), names, (kind, int(bias)), smem, source)
+
+    return kernel, _bias(rel_h, k_size, k_len), 2 * 64 * (hd + 8) * 2
+
+
+def _u16(x):
+    """(B, H, S, d) 16-bit CuPy array -> its bits, C-contiguous (B*H, S, d) uint16."""
+    import cupy
+
+    return cupy.ascontiguousarray(x.view(cupy.uint16)).reshape(-1, x.shape[2], x.shape[3])
+
+
+def _terms32(rel_h, rel_w):
+    import cupy
+
+    if rel_h is None:
+        dummy = cupy.zeros((1,), dtype=np.float32)
+        return dummy, dummy
+    return (cupy.ascontiguousarray(astype(t, np.float32)).reshape(-1, t.shape[2], t.shape[3])
+            for t in (rel_h, rel_w))
+
+
+def row_lse(q, k, rel_h, rel_w, k_size, scale):
+    """Each logit row's log-sum-exp in the log2 domain, ``log2 sum_j
+    exp2(log2(e) * S_j)``, (B, H, Sq) float32, by ``relattn_bwd_stats``
+    (the logits as the fused backward computes them); -inf for a row whose
+    logits are all -inf. 16-bit inputs that :func:`fused_reasons` accepts."""
+    import cupy
+
+    B, H, q_len, d = q.shape
+    k_len = k.shape[2]
+    kernel, bias, stage = _fused(q, rel_h, k_size, k_len)
+    rh, rw = _terms32(rel_h, rel_w)
+    lse = cupy.empty((B * H, q_len), dtype=np.float32)
+    smem = stage   # two stages of K
+    kh, kw = (int(n) for n in k_size)
+    ints = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw))
+    fn = kernel("stats", bias, smem)
+    fn((B * H * -(-q_len // 64),), (128,), (_u16(q), _u16(k), rh, rw, lse) + ints
+       + (np.float32(scale * _LOG2E), np.float32(1.0 / kw)), shared_mem=smem)
+    return lse.reshape(B, H, q_len)
+
+
+def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
+    """:func:`core_backward`'s gradients by the fused kernels, from
+    :func:`row_lse`'s ``lse``: float32 (B, H, ...) arrays, ``dq`` the core's
+    part only, ``delta = rowsum(dO * O)`` taken from ``out`` as rounded to
+    the 16-bit type. 16-bit inputs that :func:`fused_reasons` accepts."""
+    import cupy
+
+    B, H, q_len, d = q.shape
+    k_len = k.shape[2]
+    pairs = B * H
+    kernel, bias, stage = _fused(q, rel_h, k_size, k_len)
+    kh, kw = (int(n) for n in k_size)
+    rh, rw = _terms32(rel_h, rel_w)
+    f32 = np.float32
+    dq = cupy.empty((pairs, q_len, d), dtype=f32)
+    dk = cupy.empty((pairs, k_len, d), dtype=f32)
+    dv = cupy.empty((pairs, k_len, d), dtype=f32)
+    delta = cupy.empty((pairs, q_len), dtype=f32)
+    if rel_h is None:
+        d_rel_h = d_rel_w = cupy.zeros((1,), dtype=f32)
+    else:
+        d_rel_h = cupy.empty((pairs, q_len, kh), dtype=f32)
+        d_rel_w = cupy.empty((pairs, q_len, kw), dtype=f32)
+    q16, k16, v16, o16, do16 = (_u16(x) for x in (q, k, v, out, dout))
+    tail = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw)) + (
+        f32(scale * _LOG2E), f32(1.0 / kw), f32(scale))
+    lse = cupy.ascontiguousarray(lse, dtype=f32)
+    smem_dq = 2 * stage + (64 * (kh + kw) * 4 if bias == Bias.GENERIC else 0)
+    kernel("dq", bias, smem_dq)((pairs * -(-q_len // 64),), (128,),
+                                (q16, k16, v16, o16, do16, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail,
+                                shared_mem=smem_dq)
+    kernel("dkv", bias, 2 * stage)((pairs * -(-k_len // 64),), (128,),
+                                   (q16, k16, v16, do16, rh, rw, lse, delta, dk, dv) + tail,
+                                   shared_mem=2 * stage)
+    dq = dq.reshape(B, H, q_len, d)
+    dk = dk.reshape(B, H, k_len, d)
+    dv = dv.reshape(B, H, k_len, d)
+    if rel_h is None:
+        return dq, dk, dv, None, None
+    return dq, dk, dv, d_rel_h.reshape(B, H, q_len, kh), d_rel_w.reshape(B, H, q_len, kw)
+
+
+def forward_stats(q, k, v, rel_h, rel_w, k_size, scale):
+    """What the backward keeps of the forward: :func:`row_lse`'s (B, H, Sq)
+    where the fused kernels take the problem, else :func:`row_stats`'s (B,
+    H, Sq, 2). :func:`core_gradients` tells them apart by their rank."""
+    if fused_reasons(q, k, v, rel_h, k_size):
+        return row_stats(q, k, rel_h, rel_w, k_size, scale)
+    return row_lse(q, k, rel_h, rel_w, k_size, scale)
+
+
+def core_gradients(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
+    """The core's gradients from :func:`forward_stats`' ``stats``: the fused
+    kernels for a log-sum-exp, the chunks for the (max, sum) pairs."""
+    if stats.ndim == 3:
+        return fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
+    return core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
