@@ -764,12 +764,15 @@ class Attention:
         Notes
         -----
         ``y`` equals the forward's bits wherever both run the same code: numpy
-        inputs on every CPU backend (and float32 / float64 CuPy inputs, on the
-        cupy backend). CuPy float16 / bfloat16 inputs are the exception:
-        :meth:`forward` runs them through its planned GPU path (cuBLAS
-        projections with float32 accumulation, the fused kernel, half
-        intermediates) and ``vjp`` through the generic one (everything in
-        float32, rounded once), which agree to rounding.
+        inputs on every CPU backend, float32 / float64 CuPy inputs on the cupy
+        backend, and CuPy float16 / bfloat16 inputs, which both take the
+        planned GPU path (cuBLAS projections with float32 accumulation, the
+        fused kernel, 16-bit intermediates). The pullback of the latter keeps
+        that arithmetic: 16-bit operands with float32 accumulation in every
+        product (the attention's fused backward included), the weights'
+        gradients and the bias sums in float32, each rounded once to its
+        parameter's dtype; the other inputs are differentiated in float32 (or
+        float64) and rounded once.
 
         Memory: besides what the attention's pullback keeps (see
         :func:`relattn.rel_pos_attention_vjp`), the pullback holds the qkv
@@ -828,6 +831,8 @@ class Attention:
         from relattn.autodiff import rel_pos_attention_vjp
 
         xp = array_module(x)
+        if xp is not np and x.dtype.itemsize == 2:
+            return self._vjp_half(gen, x)
         shape = batch, height, width, dim = x.shape
         n, heads, head_dim = batch * height * width, self.num_heads, self.head_dim
         work = compute_dtype(x.dtype, self.dtype)
@@ -859,6 +864,58 @@ class Attention:
             if p["qkv_bias"] is not None:
                 grads["qkv_bias"] = d_qkv.sum(axis=0)
             dx = (d_qkv @ p["qkv_weight"]).reshape(shape)
+            return dx, grads
+
+        return y, pullback
+
+    def _vjp_half(self, gen, x):
+        """``_vjp`` for a float16 / bfloat16 CuPy ``x``: the forward's planned
+        GPU path (16-bit weights, cuBLAS projections with float32 accumulation
+        rounded once to x's dtype, the attention on 16-bit q, k, v, so its
+        fused backward), and a pullback in the same arithmetic: each product
+        on 16-bit operands with float32 accumulation (the weights' gradients
+        and the bias sums in float32), dx and the attention's cotangent
+        rounded to x's dtype, as PyTorch's autocast backward does."""
+        import cupy
+
+        from relattn.autodiff import rel_pos_attention_vjp
+        from relattn.backends.gpu.cublas import contiguous, linear, linear_half, to_float32
+
+        half, f32 = x.dtype, np.dtype(np.float32)
+        shape = batch, height, width, dim = x.shape
+        n, heads, head_dim, seq = batch * height * width, self.num_heads, self.head_dim, height * width
+        w = self._device_params(gen, cupy, half)
+        b = self._device_params(gen, cupy, f32)
+        tables = self._gpu_tables(gen, cupy, half)
+        tokens = contiguous(x.reshape(n, dim))
+        qkv = linear_half(tokens, w["qkv_weight"], b["qkv_bias"], half).reshape(batch, seq, 3, heads, head_dim)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
+        out, core_pullback = rel_pos_attention_vjp(q, k, v, *tables, *sizes, scale=self.scale,
+                                                   backend=self.backend)
+        merged = contiguous(out.transpose(0, 2, 1, 3)).reshape(n, dim)
+        y = linear_half(merged, w["proj_weight"], b["proj_bias"], half).reshape(shape)
+        del qkv, q, k, v, out
+        key = ("transposed", cupy.cuda.Device().id, half.str)
+        wT = gen.cache.get(key)
+        if wT is None:   # W^T, for dx = dy @ W as (dy) @ (W^T)^T
+            wT = gen.cache.setdefault(key, {a: contiguous(w[a].T) for a in ("qkv_weight", "proj_weight")})
+
+        def pullback(dy):
+            d_y = contiguous(dy.reshape(n, dim))
+            grads = {"proj_weight": linear(contiguous(d_y.T), contiguous(merged.T)),   # dy^T merged
+                     "proj_bias": to_float32(d_y).sum(axis=0)}
+            d_merged = linear_half(d_y, wT["proj_weight"], None, half)                # dy Wp
+            d_out = contiguous(d_merged.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3))
+            dq, dk, dv, grads["rel_pos_h"], grads["rel_pos_w"] = core_pullback(d_out)
+            bits = cupy.empty((batch, seq, 3, heads, head_dim), dtype=cupy.uint16)
+            for i, d in enumerate((dq, dk, dv)):
+                bits[:, :, i] = d.view(cupy.uint16).transpose(0, 2, 1, 3)
+            d_qkv = bits.reshape(n, 3 * dim).view(half)
+            grads["qkv_weight"] = linear(contiguous(d_qkv.T), contiguous(tokens.T))   # d_qkv^T x
+            if b["qkv_bias"] is not None:
+                grads["qkv_bias"] = to_float32(d_qkv).sum(axis=0)
+            dx = linear_half(d_qkv, wT["qkv_weight"], None, half).reshape(shape)      # d_qkv Wqkv
             return dx, grads
 
         return y, pullback
