@@ -832,7 +832,7 @@ class Attention:
 
         xp = array_module(x)
         if xp is not np and x.dtype.itemsize == 2:
-            return self._vjp_half(gen, x)
+            return self._vjp_half(gen, x, private)
         shape = batch, height, width, dim = x.shape
         n, heads, head_dim = batch * height * width, self.num_heads, self.head_dim
         work = compute_dtype(x.dtype, self.dtype)
@@ -868,7 +868,7 @@ class Attention:
 
         return y, pullback
 
-    def _vjp_half(self, gen, x):
+    def _vjp_half(self, gen, x, private):
         """``_vjp`` for a float16 / bfloat16 CuPy ``x``: the forward's planned
         GPU path (16-bit weights, cuBLAS projections with float32 accumulation
         rounded once to x's dtype, the attention on 16-bit q, k, v, so its
@@ -888,6 +888,8 @@ class Attention:
         b = self._device_params(gen, cupy, f32)
         tables = self._gpu_tables(gen, cupy, half)
         tokens = contiguous(x.reshape(n, dim))
+        if not private:   # the pullback keeps tokens; the caller may write to x after the forward
+            tokens = tokens.view(cupy.uint16).copy().view(half)
         qkv = linear_half(tokens, w["qkv_weight"], b["qkv_bias"], half).reshape(batch, seq, 3, heads, head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
