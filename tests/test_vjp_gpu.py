@@ -356,6 +356,19 @@ def test_non_contiguous_inputs():
     assert_grads_close(got, pullback_ref(dout), arrays, k_size, 1e-5, 1e-1, "non-contiguous")
 
 
+def _pool_growth(pool, pullback, dout):
+    """``pullback(dout)`` after a warm-up call (kernels compiled, caches
+    filled) and the growth of CuPy's pool it caused (the pool keeps freed
+    blocks, so its growth is the call's peak)."""
+    pullback(dout)
+    cupy.cuda.get_current_stream().synchronize()
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    grads = pullback(dout)
+    cupy.cuda.get_current_stream().synchronize()
+    return grads, pool.total_bytes() - before
+
+
 def test_pullback_allocates_no_sq_by_sk_buffer(monkeypatch):
     """9216 x 9216 float32 logits are 324 MiB. With 4 MiB chunks the
     pullback's growth of CuPy's memory pool (which keeps freed blocks, so
@@ -373,13 +386,7 @@ def test_pullback_allocates_no_sq_by_sk_buffer(monkeypatch):
               for _ in range(2))
     out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(side, side))
     dout = cupy.asarray(rng.standard_normal(out.shape, dtype=np.float32))
-    pullback(dout)             # warm up (kernels compiled, caches filled)
-    cupy.cuda.get_current_stream().synchronize()
-    pool.free_all_blocks()
-    before = pool.total_bytes()
-    grads = pullback(dout)
-    cupy.cuda.get_current_stream().synchronize()
-    growth = pool.total_bytes() - before
+    grads, growth = _pool_growth(pool, pullback, dout)
     sxs = (side * side) ** 2 * 4
     assert growth < sxs / 4, (growth, sxs)
     assert all(bool(cupy.isfinite(g).all()) for g in grads)
@@ -493,13 +500,7 @@ def test_fused_path_memory():
     th, tw = (to_device((0.5 * rng.standard_normal((2 * side - 1, head_dim))).astype(bf16)) for _ in range(2))
     out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(side, side))
     dout = to_device(rng.standard_normal(out.shape).astype(bf16))
-    pullback(dout)
-    cupy.cuda.get_current_stream().synchronize()
-    pool.free_all_blocks()
-    before = pool.total_bytes()
-    grads = pullback(dout)
-    cupy.cuda.get_current_stream().synchronize()
-    growth = pool.total_bytes() - before
+    grads, growth = _pool_growth(pool, pullback, dout)
     assert growth < 32 * 2**20, growth
     assert all(np.isfinite(to_host(g).astype(np.float32)).all() for g in grads)
 
