@@ -505,6 +505,22 @@ def test_fused_path_memory():
     assert all(np.isfinite(to_host(g).astype(np.float32)).all() for g in grads)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_plain_attention_without_sizes(dtype):
+    """No tables and no grid sizes: the fused kernels without terms, against
+    the reference pullback on the same 16-bit values."""
+    dt = _dtype(dtype)
+    rng = np.random.default_rng(24)
+    arrays = [rng.standard_normal((2, 3, 100, 32)).astype(dt) for _ in range(3)]
+    dev = [to_device(a) for a in arrays]
+    out, pullback = relattn.rel_pos_attention_vjp(*dev)
+    dout = rng.standard_normal(out.shape).astype(dt)
+    grads = [to_host(g) for g in pullback(to_device(dout))]
+    assert grads[3] is None and grads[4] is None
+    _, pullback_ref = relattn.rel_pos_attention_vjp(*arrays, backend="numpy")
+    assert_grads_close(grads, pullback_ref(dout), arrays + [None, None], (10, 10), 1e-2, 1e-1, "plain")
+
+
 def test_fused_reasons():
     """What sends a problem to the chunked path."""
     dev, q_size, k_size = _small_device(np.float32)

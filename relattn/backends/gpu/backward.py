@@ -324,7 +324,7 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
     rh, rw = _terms32(rel_h, rel_w)
     lse = cupy.empty((B * H, q_len), dtype=np.float32)
     smem = stage   # two stages of K
-    kh, kw = (int(n) for n in k_size)
+    kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
     ints = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw))
     fn = kernel("stats", bias, smem)
     fn((B * H * -(-q_len // 64),), (128,), (_u16(q), _u16(k), rh, rw, lse) + ints
@@ -343,7 +343,7 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     k_len = k.shape[2]
     pairs = B * H
     kernel, bias, stage = _fused(q, rel_h, k_size, k_len)
-    kh, kw = (int(n) for n in k_size)
+    kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
