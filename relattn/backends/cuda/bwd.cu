@@ -61,6 +61,24 @@ __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, in
     ra_cp_commit();
 }
 
+// Tile n of ntiles (64 rows each, one or two matrices per stage, two stages):
+// starts the load of tile n + 1 into the other stage, waits for tile n and
+// makes it visible to the block; returns tile n's stage. The loop's first
+// tile is loaded before it (rb_load at stage 0).
+template <int HD, bool TWO>
+__device__ __forceinline__ const u16* rb_next(u16* smem, const u16* a, const u16* b, int n, int ntiles, int rows,
+                                              int D, int tid) {
+    constexpr int STAGE = (TWO ? 2 : 1) * 64 * (HD + 8);
+    if (n + 1 < ntiles) {
+        rb_load<HD, TWO>(smem + ((n + 1) & 1) * STAGE, a, b, (n + 1) * 64, rows, D, tid);
+        ra_cp_wait<1>();
+    } else {
+        ra_cp_wait<0>();
+    }
+    __syncthreads();
+    return smem + (n & 1) * STAGE;
+}
+
 // ---- products
 // acc (the warp's 16 rows x the tile's 64 rows, as 8 blocks of 8 columns) =
 // A (fragments af: 16 rows x HD) times the tile transposed. `addr`: the
@@ -146,7 +164,7 @@ relattn_bwd_stats(const u16* __restrict__ q, const u16* __restrict__ k,
                   const float* __restrict__ rel_h, const float* __restrict__ rel_w, float* __restrict__ lse2,
                   int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw)
 {
-    constexpr int SROW = HD + 8, KQ = HD / 16, TILE = 64 * SROW;
+    constexpr int SROW = HD + 8, KQ = HD / 16;
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     u16* smem = reinterpret_cast<u16*>(ra_smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -173,15 +191,9 @@ relattn_bwd_stats(const u16* __restrict__ q, const u16* __restrict__ k,
     const int ntiles = (Sk + 63) / 64;
     rb_load<HD, false>(smem, kb, kb, 0, Sk, D, tid);
     for (int n = 0; n < ntiles; ++n) {
-        if (n + 1 < ntiles) {
-            rb_load<HD, false>(smem + ((n + 1) & 1) * TILE, kb, kb, (n + 1) * 64, Sk, D, tid);
-            ra_cp_wait<1>();
-        } else {
-            ra_cp_wait<0>();
-        }
-        __syncthreads();
+        const u16* cK = rb_next<HD, false>(smem, kb, kb, n, ntiles, Sk, D, tid);
         float s[8][4];
-        rb_abt<DT, KQ, HD>(s, qf, ra_smem_addr(smem + (n & 1) * TILE + k_off));
+        rb_abt<DT, KQ, HD>(s, qf, ra_smem_addr(cK + k_off));
         rb_query_logits<REL>(s, n * 64, Sk, kw, inv_kw, scale_log2, rh, rw, t);
         float alpha[2];
         ra_online_softmax<8>(&s[0][0], off, m_run, l_run, alpha);
@@ -265,14 +277,7 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     rb_load<HD, true>(smem, kb, vb, 0, Sk, D, tid);
     for (int n = 0; n < ntiles; ++n) {
         const int j0 = n * 64;
-        if (n + 1 < ntiles) {
-            rb_load<HD, true>(smem + ((n + 1) & 1) * 2 * TILE, kb, vb, j0 + 64, Sk, D, tid);
-            ra_cp_wait<1>();
-        } else {
-            ra_cp_wait<0>();
-        }
-        __syncthreads();
-        const u16* cK = smem + (n & 1) * 2 * TILE;
+        const u16* cK = rb_next<HD, true>(smem, kb, vb, n, ntiles, Sk, D, tid);
         const u16* cV = cK + TILE;
 
         float s[8][4], dp[8][4];
@@ -393,14 +398,7 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     rb_load<HD, true>(smem, qb, ob, 0, Sq, D, tid);
     for (int n = 0; n < ntiles; ++n) {
         const int i0 = n * 64;
-        if (n + 1 < ntiles) {
-            rb_load<HD, true>(smem + ((n + 1) & 1) * 2 * TILE, qb, ob, i0 + 64, Sq, D, tid);
-            ra_cp_wait<1>();
-        } else {
-            ra_cp_wait<0>();
-        }
-        __syncthreads();
-        const u16* cQ = smem + (n & 1) * 2 * TILE;
+        const u16* cQ = rb_next<HD, true>(smem, qb, ob, n, ntiles, Sq, D, tid);
         const u16* cO = cQ + TILE;
 
         float s[8][4], dp[8][4];                  // transposed: rows keys, columns queries

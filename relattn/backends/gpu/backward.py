@@ -358,7 +358,6 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     q16, k16, v16, o16, do16 = (_u16(x) for x in (q, k, v, out, dout))
     tail = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw)) + (
         f32(scale * _LOG2E), f32(1.0 / kw), f32(scale))
-    lse = cupy.ascontiguousarray(lse, dtype=f32)
     smem_dq = 2 * stage + (64 * (kh + kw) * 4 if bias == Bias.GENERIC else 0)
     kernel("dq", bias, smem_dq)((pairs * -(-q_len // 64),), (128,),
                                 (q16, k16, v16, o16, do16, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail,
