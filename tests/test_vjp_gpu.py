@@ -397,10 +397,9 @@ def _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed):
     """Device q, k, v of ``dtype``, the float32 terms of the tables and a dO."""
     dev = [to_device(a) for a in _cast([q, k, v], dtype)]
     rel_h = rel_w = None
-    if th is not None:
-        q32 = cupy.asarray(np.asarray(q, np.float32))
-        rel_h, rel_w = relattn.relpos.terms(q32, cupy.asarray(th, np.float32), cupy.asarray(tw, np.float32),
-                                            q_size, k_size)
+    if th is not None:   # the terms of the 16-bit values the forward sees, in float32
+        q32, th32, tw32 = (cupy.asarray(a.astype(dtype).astype(np.float32)) for a in (q, th, tw))
+        rel_h, rel_w = relattn.relpos.terms(q32, th32, tw32, q_size, k_size)
     out = relattn.rel_pos_attention(*dev, None if th is None else to_device(th.astype(dtype)),
                                     None if tw is None else to_device(tw.astype(dtype)),
                                     q_size=q_size, k_size=k_size, backend="cupy")

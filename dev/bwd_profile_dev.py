@@ -1,0 +1,104 @@
+"""GPU time of each stage of the 16-bit vjp (SAM-B global and windows, bf16):
+the forward, the terms, the row log-sum-exp, the dq and dkv kernels, the
+tables' pullback; median of CUDA-event-timed loops.
+
+    PYTHONPATH=. python3 dev/bwd_profile_dev.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import os
+
+import cupy
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu_dev import make, tables  # noqa: E402
+
+import relattn  # noqa: E402
+from relattn import autodiff  # noqa: E402
+from relattn.backends.gpu import backward as bw  # noqa: E402
+
+
+def gtime(fn, reps=7, inner=10):
+    for _ in range(2):
+        fn()
+    cupy.cuda.get_current_stream().synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = cupy.cuda.Event(), cupy.cuda.Event()
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(a, b) / inner)
+    return statistics.median(times)
+
+
+def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
+    """fused_core_backward's two launches, each alone."""
+    B, H, q_len, d = q.shape
+    k_len = k.shape[2]
+    pairs = B * H
+    kernel, bias, stage = bw._fused(q, rel_h, k_size, k_len)
+    kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+    rh, rw = bw._terms32(rel_h, rel_w)
+    f32 = np.float32
+    dq = cupy.empty((pairs, q_len, d), dtype=f32)
+    dk = cupy.empty((pairs, k_len, d), dtype=f32)
+    dv = cupy.empty((pairs, k_len, d), dtype=f32)
+    delta = cupy.empty((pairs, q_len), dtype=f32)
+    d_rel_h = cupy.empty((pairs, q_len, kh), dtype=f32)
+    d_rel_w = cupy.empty((pairs, q_len, kw), dtype=f32)
+    q16, k16, v16, o16, do16 = (bw._u16(x) for x in (q, k, v, out, dout))
+    tail = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw)) + (
+        f32(scale * bw._LOG2E), f32(1.0 / kw), f32(scale))
+    smem_dq = 2 * stage + (64 * (kh + kw) * 4 if bias == bw.Bias.GENERIC else 0)
+    fdq = kernel("dq", bias, smem_dq)
+    fdkv = kernel("dkv", bias, 2 * stage)
+    lse = lse.reshape(pairs, q_len)
+
+    def run_dq():
+        fdq((pairs * -(-q_len // 64),), (128,),
+            (q16, k16, v16, o16, do16, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail, shared_mem=smem_dq)
+
+    def run_dkv():
+        fdkv((pairs * -(-k_len // 64),), (128,),
+             (q16, k16, v16, do16, rh, rw, lse, delta, dk, dv) + tail, shared_mem=2 * stage)
+    return bias, run_dq, run_dkv
+
+
+def main():
+    for name, B, H, g, d in (("B-global", 1, 12, 64, 64), ("B-window", 25, 12, 14, 64),
+                             ("H-global", 1, 16, 64, 80)):
+        q, k, v, _, _ = make(B, H, (g, g), (g, g), d, "bfloat16")
+        th, tw = tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
+        scale = d ** -0.5
+        res = {}
+        res["forward"] = gtime(lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g)))
+        res["vjp fwd"] = gtime(lambda: relattn.rel_pos_attention_vjp(q, k, v, th, tw, (g, g)))
+        out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, (g, g))
+        dout = out.copy()
+        res["pullback"] = gtime(lambda: pullback(dout))
+        rel_h, rel_w = (autodiff.astype(t, np.float32)
+                        for t in autodiff.relpos_terms(q, th, tw, (g, g), (g, g)))
+        res["terms"] = gtime(lambda: autodiff.relpos_terms(q, th, tw, (g, g), (g, g)))
+        res["row_lse"] = gtime(lambda: bw.row_lse(q, k, rel_h, rel_w, (g, g), scale))
+        lse = bw.row_lse(q, k, rel_h, rel_w, (g, g), scale)
+        res["fused_core_backward"] = gtime(
+            lambda: bw.fused_core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse))
+        bias, run_dq, run_dkv = kernels_apart(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse)
+        res[f"dq kernel ({bias.name})"] = gtime(run_dq)
+        res["dkv kernel"] = gtime(run_dkv)
+        res["dq kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
+                                                         lse)[1])
+        res["dkv kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
+                                                          lse)[2])
+        print(name, "  ".join(f"{key} {val:.3f}" for key, val in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
