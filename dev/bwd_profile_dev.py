@@ -7,6 +7,9 @@ tables' pullback; median of CUDA-event-timed loops.
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import os
@@ -97,6 +100,17 @@ def main():
                                                          lse)[1])
         res["dkv kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
                                                           lse)[2])
+        if d == 64:   # where the host time goes in vjp + pullback
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(10):
+                o, pb = relattn.rel_pos_attention_vjp(q, k, v, th, tw, (g, g))
+                pb(dout)
+            cupy.cuda.get_current_stream().synchronize()
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+            print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:26]))
         print(name, "  ".join(f"{key} {val:.3f}" for key, val in res.items()), flush=True)
 
 
