@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import relattn
-from relattn import functional
+from relattn import autodiff, functional
 from relattn.autodiff import _resize_adjoint, _table_adjoint
 from relattn.backends import reference
 from relattn.relpos import _relative_index, _resize_arithmetic, _resize_plan
@@ -216,6 +216,36 @@ def test_table_adjoint_has_the_bits_of_add_at(work):
                     assert np.array_equal(got.view(bits)[~nan], want.view(bits)[~nan]), what
                     checked += 1
     assert checked > 200
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3 * 5 * 8 * 7, None])
+def test_blocked_scatter_add_sums_as_add_at(monkeypatch, block_bytes):
+    """The blocked scatter-add (CuPy's, forced here on numpy): the sums of
+    np.add.at to rounding, the same non-finite entries, whether each block
+    is one slot row, a few, or all (the default budget)."""
+    if block_bytes is not None:
+        monkeypatch.setattr(autodiff, "SCATTER_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(1)
+    for q_len, k_len in [(1, 1), (1, 5), (5, 1), (7, 3), (14, 14), (64, 64), (6, 25)]:
+        index = _relative_index(q_len, k_len).ravel()
+        rows = 2 * max(q_len, k_len) - 1
+        slots = autodiff._accumulation_slots(index, rows)
+        values = rng.standard_normal((index.size, 5)) * 10.0 ** rng.integers(-4, 5, (index.size, 5))
+        if index.size > 4:
+            values.flat[rng.integers(values.size, size=2)] = [np.inf, np.nan]
+        want = np.zeros((rows, 5))
+        np.add.at(want, index, values)
+        key = ("test-blocked", q_len, k_len)
+        got = autodiff._scatter_add(values, slots, key, blocked=True)
+        loop = autodiff._scatter_add(values, slots, key, blocked=False)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.array_equal(loop.view(np.uint64)[np.isfinite(want)], want.view(np.uint64)[np.isfinite(want)])
+        finite = np.isfinite(want)
+        assert np.array_equal(np.isfinite(got), finite) and np.array_equal(np.isnan(got), np.isnan(want))
+        assert np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
+        scale = np.zeros((rows, 5))
+        np.add.at(scale, index, np.abs(np.where(np.isfinite(values), values, 0)))
+        assert np.all(np.abs(got[finite] - want[finite]) <= 1e-13 * scale[finite]), (q_len, k_len)
 
 
 # ------------------------------------------------------------- (2) PyTorch autograd
