@@ -10,7 +10,6 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
-import statistics
 import sys
 import os
 
@@ -18,27 +17,15 @@ import cupy
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gpu_dev import make, tables  # noqa: E402
+from bench_gpu_dev import make, tables, time_cupy  # noqa: E402
 
 import relattn  # noqa: E402
 from relattn import autodiff  # noqa: E402
 from relattn.backends.gpu import backward as bw  # noqa: E402
 
 
-def gtime(fn, reps=7, inner=10):
-    for _ in range(2):
-        fn()
-    cupy.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cupy.cuda.Event(), cupy.cuda.Event()
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(a, b) / inner)
-    return statistics.median(times)
+def gtime(fn):
+    return time_cupy(fn, reps=7, inner=10, warm=2)
 
 
 def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
