@@ -33,39 +33,39 @@ def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
-    kernel, bias, stage = bw._fused(q, rel_h, k_size, k_len)
-    kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+    f = bw._Fused(q, rel_h, k_size, k_len)
     rh, rw = bw._terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
     dk = cupy.empty((pairs, k_len, d), dtype=f32)
     dv = cupy.empty((pairs, k_len, d), dtype=f32)
     delta = cupy.empty((pairs, q_len), dtype=f32)
-    d_rel_h = cupy.empty((pairs, q_len, kh), dtype=f32)
-    d_rel_w = cupy.empty((pairs, q_len, kw), dtype=f32)
-    q16, k16, v16, o16, do16 = (bw._u16(x) for x in (q, k, v, out, dout))
-    tail = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw)) + (
-        f32(scale * bw._LOG2E), f32(1.0 / kw), f32(scale))
-    smem_dq = 2 * stage + (64 * (kh + kw) * 4 if bias == bw.Bias.GENERIC else 0)
-    fdq = kernel("dq", bias, smem_dq)
-    fdkv = kernel("dkv", bias, 2 * stage)
+    d_rel_h = cupy.empty((pairs, q_len, f.kh), dtype=f32)
+    d_rel_w = cupy.empty((pairs, q_len, f.kw), dtype=f32)
+    qx, kx, vx, ox, dox = (f.operand(x) for x in (q, k, v, out, dout))
+    tail = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw)) + (
+        f32(scale * bw._LOG2E), f32(1.0 / f.kw), f32(scale))
     lse = lse.reshape(pairs, q_len)
 
     def run_dq():
-        fdq((pairs * -(-q_len // 64),), (128,),
-            (q16, k16, v16, o16, do16, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail, shared_mem=smem_dq)
+        f.launch("dq", pairs * -(-q_len // 64),
+                 (qx, kx, vx, ox, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
 
     def run_dkv():
-        fdkv((pairs * -(-k_len // 64),), (128,),
-             (q16, k16, v16, do16, rh, rw, lse, delta, dk, dv) + tail, shared_mem=2 * stage)
-    return bias, run_dq, run_dkv
+        f.launch("dkv", pairs * -(-k_len // 64), (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
+    return f.bias, run_dq, run_dkv
 
 
 def main():
-    for name, B, H, g, d in (("B-global", 1, 12, 64, 64), ("B-window", 25, 12, 14, 64),
-                             ("H-global", 1, 16, 64, 80)):
-        q, k, v, _, _ = make(B, H, (g, g), (g, g), d, "bfloat16")
-        th, tw = tables(cupy.random.RandomState(0), (g, g), (g, g), d, "bfloat16")
+    for name, B, H, g, d, dt in (("B-global", 1, 12, 64, 64, "bfloat16"), ("B-window", 25, 12, 14, 64, "bfloat16"),
+                                 ("H-global", 1, 16, 64, 80, "bfloat16"), ("B-global", 1, 12, 64, 64, "float32"),
+                                 ("B-window", 25, 12, 14, 64, "float32")):
+        if dt == "float32":
+            q, k, v = (cupy.random.standard_normal((B, H, g * g, d), dtype=cupy.float32) for _ in range(3))
+            th, tw = (0.3 * cupy.random.standard_normal((2 * g - 1, d), dtype=cupy.float32) for _ in range(2))
+        else:
+            q, k, v, _, _ = make(B, H, (g, g), (g, g), d, dt)
+            th, tw = tables(cupy.random.RandomState(0), (g, g), (g, g), d, dt)
         scale = d ** -0.5
         res = {}
         res["forward"] = gtime(lambda: relattn.rel_pos_attention(q, k, v, th, tw, (g, g)))
@@ -85,9 +85,13 @@ def main():
         res["dkv kernel"] = gtime(run_dkv)
         res["dq kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
                                                          lse)[1])
+        if dt == "float32":
+            stats = bw.row_stats(q, k, rel_h, rel_w, (g, g), scale)
+            res["chunked core"] = gtime(
+                lambda: bw.core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, stats))
         res["dkv kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
                                                           lse)[2])
-        if d == 64:   # where the host time goes in vjp + pullback
+        if dt == "bfloat16" and d == 64:   # where the host time goes in vjp + pullback
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(10):
@@ -98,7 +102,7 @@ def main():
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
             print("\n".join(line[:150] for line in buf.getvalue().splitlines()[6:26]))
-        print(name, "  ".join(f"{key} {val:.3f}" for key, val in res.items()), flush=True)
+        print(name, dt, "  ".join(f"{key} {val:.3f}" for key, val in res.items()), flush=True)
 
 
 if __name__ == "__main__":

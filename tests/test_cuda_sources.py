@@ -317,6 +317,8 @@ def test_portable_kernels_compile(tmp_path):
         "relattn_relterms_mma<1, 64, 2>", "relattn_relterms_mma<0, 80, 0>", "relattn_relterms_mma<1, 112, 1>",
         # the fused backward (relattn.backends.gpu.backward)
         *backward._names(1, 64).values(), *backward._names(0, 80).values(), backward._names(1, 32)[("dkv", 2)],
+        *backward._names(2, 64).values(), backward._names(2, 80)[("dq", 2)], backward._names(2, 128)[("dkv", 1)],
+        backward._names(2, 16)[("stats", 2)],
     ]
     assert names[:3] == ["relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>"]
     assert "relattn_tf32<96, 3, 0, 0, 1>" in names and "relattn_win<1, 64, 16, 1>" in names

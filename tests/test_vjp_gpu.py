@@ -307,10 +307,13 @@ def test_out_is_the_cupy_forward_bit_for_bit(dtype, resize_dtype):
         assert pullback.__qualname__.startswith("_pullback_gpu"), name
 
 
-def test_core_backward_contract(monkeypatch):
-    """The pullback's one call into the core: its arguments and what it returns."""
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_core_backward_contract(monkeypatch, dtype):
+    """The pullback's one call into the core: its arguments and what it
+    returns; the statistics are the chunks' (max, sum) pairs in float64 and
+    the fused kernels' log-sum-exp in float32."""
     arrays, q_size, k_size, _ = make_case("q_grid_ne_k_grid", seed=10)
-    arrays = _cast(arrays, np.float32)
+    arrays = _cast(arrays, np.dtype(dtype))
     seen = []
     core = autodiff._core_backward_gpu
 
@@ -321,16 +324,18 @@ def test_core_backward_contract(monkeypatch):
 
     monkeypatch.setattr(autodiff, "_core_backward_gpu", spy)
     out, pullback = gpu_vjp(arrays, q_size, k_size)
-    pullback(np.ones(out.shape, np.float32))
+    pullback(np.ones(out.shape, dtype))
     assert len(seen) == 1
     q, k, v, rel_h, rel_w, ks, stats, (dq, dk, dv, dh, dw) = seen[0]
     batch, heads, q_len, _ = q.shape
     assert ks == k_size
     assert rel_h.shape == (batch, heads, q_len, k_size[0]) and rel_w.shape == (batch, heads, q_len, k_size[1])
-    assert stats.shape == (batch, heads, q_len, 2) and stats.dtype == np.float32
+    fused = dtype == "float32"
+    assert stats.shape == ((batch, heads, q_len) if fused else (batch, heads, q_len, 2))
+    assert stats.dtype == np.dtype(dtype)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dh.shape == rel_h.shape and dw.shape == rel_w.shape
-    assert all(g.dtype == np.float32 and g.flags.c_contiguous for g in (dq, dk, dv, dh, dw))
+    assert all(g.dtype == np.dtype(dtype) and g.flags.c_contiguous for g in (dq, dk, dv, dh, dw))
 
 
 def test_pullback_is_repeatable():
@@ -370,29 +375,27 @@ def _pool_growth(pool, pullback, dout):
 
 
 def test_pullback_allocates_no_sq_by_sk_buffer(monkeypatch):
-    """9216 x 9216 float32 logits are 324 MiB. With 4 MiB chunks the
-    pullback's growth of CuPy's memory pool (which keeps freed blocks, so
-    its total is the pullback's peak) stays under a quarter of that: the
-    chunks and the input-sized buffers (1.1 MiB each here)."""
+    """9216 x 9216 float64 logits (the chunked path) are 648 MiB. With 4 MiB
+    chunks the pullback's growth of CuPy's memory pool (which keeps freed
+    blocks, so its total is the pullback's peak) stays under a quarter of
+    that: the chunks and the input-sized buffers (2.3 MiB each here)."""
     pool = cupy.get_default_memory_pool()
     if cupy.cuda.get_allocator() != pool.malloc:
         pytest.skip("CuPy's default memory pool is not the allocator")
     monkeypatch.setattr(backward, "CHUNK_BYTES", 4 * 2**20)
     rng = np.random.default_rng(13)
     side, head_dim = 96, 32
-    q, k, v = (cupy.asarray(rng.standard_normal((1, 1, side * side, head_dim), dtype=np.float32))
-               for _ in range(3))
-    th, tw = (cupy.asarray(0.5 * rng.standard_normal((2 * side - 1, head_dim), dtype=np.float32))
-              for _ in range(2))
+    q, k, v = (cupy.asarray(rng.standard_normal((1, 1, side * side, head_dim))) for _ in range(3))
+    th, tw = (cupy.asarray(0.5 * rng.standard_normal((2 * side - 1, head_dim))) for _ in range(2))
     out, pullback = relattn.rel_pos_attention_vjp(q, k, v, th, tw, q_size=(side, side))
-    dout = cupy.asarray(rng.standard_normal(out.shape, dtype=np.float32))
+    dout = cupy.asarray(rng.standard_normal(out.shape))
     grads, growth = _pool_growth(pool, pullback, dout)
-    sxs = (side * side) ** 2 * 4
+    sxs = (side * side) ** 2 * 8
     assert growth < sxs / 4, (growth, sxs)
     assert all(bool(cupy.isfinite(g).all()) for g in grads)
 
 
-# ------------------------------------------------------------------ fused 16-bit kernels
+# ------------------------------------------------------------------ fused kernels
 def _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed):
     """Device q, k, v of ``dtype``, the float32 terms of the tables and a dO."""
     dev = [to_device(a) for a in _cast([q, k, v], dtype)]
@@ -427,25 +430,30 @@ def _both_cores(case, dtype, seed=20):
     return host[0], host[1]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def _fused_tol(dtype):
+    return 1e-5 if dtype == "float32" else 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fused_core_matches_the_chunked_core(case, dtype):
-    """The fused kernels' gradients (P and dS rounded to 16 bits on the
-    tensor cores) within 1e-2 of the chunked float32 core on the same
-    16-bit inputs, gradient by gradient; the row log-sum-exp as the chunked
-    (max, sum) pairs give it."""
+    """The fused kernels' gradients within 1e-2 (16-bit: P and dS rounded to
+    16 bits on the tensor cores) or 1e-5 (float32, FMA) of the chunked
+    float32 core on the same inputs, gradient by gradient; the row
+    log-sum-exp as the chunked (max, sum) pairs give it."""
     fused, chunked = _both_cores(case, _dtype(dtype))
-    floor = _floor(chunked, 1e-2)
+    floor, tol = _floor(chunked, 1e-2), _fused_tol(dtype)
     for name, got, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), fused, chunked):
         assert (got is None) == (want is None), name
         if got is not None:
             assert got.shape == want.shape, name
             assert np.all(np.isfinite(got)), name
-            assert _rel_err(got, want, floor) <= 1e-2, f"{name} ({case}, {dtype})"
+            assert _rel_err(got, want, floor) <= tol, f"{name} ({case}, {dtype})"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("k_grid", [(3, 64), (2, 64), (5, 13)])
-def test_fused_core_bias_modes(k_grid):
+def test_fused_core_bias_modes(k_grid, dtype):
     """k_w == 64 with whole 64-key tiles (the key-rows mode: one key row per
     tile), and a grid whose rows straddle the tiles (generic), q grid != k grid."""
     rng = np.random.default_rng(21)
@@ -456,19 +464,19 @@ def test_fused_core_bias_modes(k_grid):
     tw = 0.5 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, d))
     assert backward._bias(th, k_size, k_size[0] * k_size[1]) == (
         backward.Bias.KEY_ROWS if k_size[1] == 64 else backward.Bias.GENERIC)
-    fused, chunked = _both_cores(([q, k, v, th, tw], q_size, k_size, False), _dtype("bfloat16"))
+    fused, chunked = _both_cores(([q, k, v, th, tw], q_size, k_size, False), _dtype(dtype))
     floor = _floor(chunked, 1e-2)
     for name, got, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), fused, chunked):
-        assert _rel_err(got, want, floor) <= 1e-2, f"{name} {k_grid}"
+        assert _rel_err(got, want, floor) <= _fused_tol(dtype), f"{name} {k_grid} {dtype}"
 
 
 @settings(SLOW, max_examples=15)
 @given(problem=reference_problems(max_side=9, max_heads=2, head_dims=(8, 16, 24)),
-       dtype=st.sampled_from(["float16", "bfloat16"]))
+       dtype=st.sampled_from(["float16", "bfloat16", "float32"]))
 def test_fused_path_random_problems(problem, dtype):
-    """rel_pos_attention_vjp on random 16-bit problems (grids, q != k,
-    resized tables, none) takes the fused kernels and matches the reference
-    pullback on the same 16-bit values within 1e-2."""
+    """rel_pos_attention_vjp on random problems (grids, q != k, resized
+    tables, none) takes the fused kernels and matches the reference pullback
+    on the same values within 1e-2 (16-bit) or 1e-5 (float32)."""
     dt = _dtype(dtype)
     arrays = _cast(problem["arrays"], dt)
     q_size, k_size = problem["q_size"], problem["k_size"]
@@ -483,7 +491,7 @@ def test_fused_path_random_problems(problem, dtype):
         backward.fused_core_backward = real
     assert calls == [1], problem["what"]
     _, pullback_ref = reference_vjp(arrays, q_size, k_size)
-    assert_grads_close(grads, pullback_ref(dout), arrays, k_size, 1e-2, 1e-1, problem["what"])
+    assert_grads_close(grads, pullback_ref(dout), arrays, k_size, _fused_tol(dtype), 1e-1, problem["what"])
 
 
 def test_fused_path_memory():
@@ -504,10 +512,10 @@ def test_fused_path_memory():
     assert all(np.isfinite(to_host(g).astype(np.float32)).all() for g in grads)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_fused_plain_attention_without_sizes(dtype):
     """No tables and no grid sizes: the fused kernels without terms, against
-    the reference pullback on the same 16-bit values."""
+    the reference pullback on the same values."""
     dt = _dtype(dtype)
     rng = np.random.default_rng(24)
     arrays = [rng.standard_normal((2, 3, 100, 32)).astype(dt) for _ in range(3)]
@@ -517,14 +525,17 @@ def test_fused_plain_attention_without_sizes(dtype):
     grads = [to_host(g) for g in pullback(to_device(dout))]
     assert grads[3] is None and grads[4] is None
     _, pullback_ref = relattn.rel_pos_attention_vjp(*arrays, backend="numpy")
-    assert_grads_close(grads, pullback_ref(dout), arrays + [None, None], (10, 10), 1e-2, 1e-1, "plain")
+    assert_grads_close(grads, pullback_ref(dout), arrays + [None, None], (10, 10), _fused_tol(dtype), 1e-1,
+                       "plain")
 
 
 def test_fused_reasons():
     """What sends a problem to the chunked path."""
-    dev, q_size, k_size = _small_device(np.float32)
+    dev, q_size, k_size = _small_device(np.float64)
     q, k, v = dev[:3]
-    assert any("dtype" in r for r in backward.fused_reasons(q, k, v, None, k_size))
+    assert any("dtype float64" in r for r in backward.fused_reasons(q, k, v, None, k_size))
+    assert backward.fused_reasons(q.astype(cupy.float32), k.astype(cupy.float32), v.astype(cupy.float32),
+                                  None, k_size) == []
     h = q.astype(cupy.float16)
     assert backward.fused_reasons(h, k.astype(cupy.float16), v.astype(cupy.float16), None, k_size) == []
     h12 = cupy.zeros(q.shape[:3] + (12,), cupy.float16)

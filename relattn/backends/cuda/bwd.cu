@@ -16,14 +16,7 @@
 // zero). rel_h (B*H, Sq, kh) and rel_w (B*H, Sq, kw) float32. lse2, delta
 // (B*H, Sq) float32 (delta written by relattn_bwd_dq, which runs first). Gradients float32, contiguous. Blocks of 4 warps, each
 // warp 16 rows (queries or keys) of a 64-row block; tiles of 64 double-buffered
-// in shared memory by cp.async. Needs common.cuh and mma_sync.cuh before it.
-
-// The bias modes (REL), as backward.py's Bias numbers them.
-namespace bwd_bias {
-constexpr int NONE = 0;       // no relative terms
-constexpr int KEY_ROWS = 1;   // k_w == 64 and Sk % 64 == 0: key tile n is key row ky = n
-constexpr int GENERIC = 2;    // any grid: (ky, kx) per key; the terms' gradients summed in shared memory
-}
+// in shared memory by cp.async. Needs common.cuh, mma_sync.cuh and bwd_common.cuh before it.
 
 // ---- loads
 // A-operand fragments of a warp's rows r0 .. r0 + 15 of an (n, D) matrix

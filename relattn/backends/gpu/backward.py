@@ -223,13 +223,15 @@ def core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
     return dq, dk, dv, d_rel_h, d_rel_w
 
 
-# ------------------------------------------------------------------ fused (16-bit)
-# relattn_bwd_stats / relattn_bwd_dq / relattn_bwd_dkv (cuda/bwd.cu): the
-# 16-bit core's backward on mma.sync, flash-style, nothing Sq x Sk in memory.
-FUSED_DTYPES = ("float16", "bfloat16")
+# ------------------------------------------------------------------ fused
+# relattn_bwd_stats / _dq / _dkv (cuda/bwd.cu, 16-bit on mma.sync) and
+# relattn_bwd32_stats / _dq / _dkv (cuda/bwd32.cu, float32 on the SIMT cores):
+# flash-style, nothing Sq x Sk in memory.
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
 FUSED_MAX_HEAD_DIM = 128
 FUSED_MAX_TERMS = 256   # k_h + k_w: GENERIC sums the terms' gradients of 64 rows in shared memory
 _LOG2E = 1.4426950408889634
+_LDT32 = 68             # bwd32.cu's RB32_LDT: a transposed tile's row of 64 values, padded
 
 
 class Bias(enum.IntEnum):
@@ -240,8 +242,33 @@ class Bias(enum.IntEnum):
 
 
 def _names(dt: int, hd: int) -> dict:
+    """The kernels' instantiation names, by (kind, bias): dt 0 float16, 1
+    bfloat16 (bwd.cu), 2 float32 (bwd32.cu)."""
+    if dt == 2:
+        return {(kind, rel): f"relattn_bwd32_{kind}<{hd}, {rel}>"
+                for kind in ("stats", "dq", "dkv") for rel in (0, 1, 2)}
     return {(kind, rel): f"relattn_bwd_{kind}<{dt}, {hd}, {rel}>"
             for kind in ("stats", "dq", "dkv") for rel in (0, 1, 2)}
+
+
+def _padded(d: int) -> int:
+    return max(16, (d + 15) // 16 * 16)
+
+
+def _smem(dtype_name_: str, d: int, bias, kh: int, kw: int) -> dict:
+    """Shared bytes of each kernel: double-buffered 16-bit tiles of (64, HD +
+    8), or float32 tiles transposed (HD, 68) and the (64, 68) P / dS tiles;
+    GENERIC's dq adds the 64 rows' terms gradients (float32)."""
+    hd = _padded(d)
+    if dtype_name_ == "float32":
+        tile, rows = hd * _LDT32 * 4, 64 * _LDT32 * 4
+        sizes = {"stats": 2 * tile, "dq": 4 * tile + rows, "dkv": 4 * tile + 2 * rows}
+    else:
+        stage = 2 * 64 * (hd + 8) * 2   # a K / V (or Q / dO) pair of tiles
+        sizes = {"stats": stage, "dq": 2 * stage, "dkv": 2 * stage}
+    if bias == Bias.GENERIC:
+        sizes["dq"] += 64 * (kh + kw) * 4
+    return sizes
 
 
 def fused_reasons(q, k, v, rel_h, k_size) -> list[str]:
@@ -256,8 +283,10 @@ def fused_reasons(q, k, v, rel_h, k_size) -> list[str]:
     if name not in FUSED_DTYPES or dtype_name(k.dtype) != name or dtype_name(v.dtype) != name:
         reasons.append(f"dtype {name} (takes {', '.join(FUSED_DTYPES)} for q, k and v alike)")
     d = q.shape[3]
-    if d % 8 or d > FUSED_MAX_HEAD_DIM or v.shape[3] != d:
-        reasons.append(f"head_dim {d} (takes a multiple of 8 up to {FUSED_MAX_HEAD_DIM}, v's the same)")
+    step = 1 if name == "float32" else 8
+    if d % step or d > FUSED_MAX_HEAD_DIM or v.shape[3] != d:
+        what = "any" if step == 1 else f"a multiple of {step}"
+        reasons.append(f"head_dim {d} (takes {what} up to {FUSED_MAX_HEAD_DIM}, v's the same)")
     if q.size == 0 or k.size == 0:
         reasons.append("an empty axis")
     if k.shape[2] >= 2**22:
@@ -265,8 +294,13 @@ def fused_reasons(q, k, v, rel_h, k_size) -> list[str]:
     if rel_h is not None and sum(k_size) > FUSED_MAX_TERMS:
         reasons.append(f"k_h + k_w = {sum(k_size)} > {FUSED_MAX_TERMS}")
     dev = _device.current()
-    if dev.cc < 80:
+    if name != "float32" and dev.cc < 80:
         reasons.append(f"compute capability {dev.cc // 10}.{dev.cc % 10} < 8.0 (mma.sync bf16)")
+    if not reasons:
+        kh, kw = (1, 1) if rel_h is None else k_size
+        need = max(_smem(name, d, _bias(rel_h, k_size, k.shape[2]), kh, kw).values())
+        if need > dev.smem_optin:
+            reasons.append(f"{need} bytes of shared memory per block (the device gives {dev.smem_optin})")
     return reasons
 
 
@@ -276,29 +310,40 @@ def _bias(rel_h, k_size, k_len) -> Bias:
     return Bias.KEY_ROWS if (k_size[1] == 64 and k_len % 64 == 0) else Bias.GENERIC
 
 
-def _fused(q, rel_h, k_size, k_len):
-    """(kernel getter, bias mode, shared bytes of one K/V or Q/dO stage pair, float32 terms)."""
-    from relattn._arrays import dtype_name
+class _Fused:
+    """The fused kernels for one problem: its bias mode, block size, shared
+    bytes per kernel and the operands as the kernels read them."""
 
-    from . import _build
+    def __init__(self, q, rel_h, k_size, k_len):
+        from relattn._arrays import dtype_name
 
-    d = q.shape[3]
-    hd = max(16, (d + 15) // 16 * 16)
-    dt = 1 if dtype_name(q.dtype) == "bfloat16" else 0
-    names = _names(dt, hd)
-    source = _build.family_source("bwd")
+        from . import _build
 
-    def kernel(kind, bias, smem):
-        return _build.portable_kernel(("bwd", dt, hd), names, (kind, int(bias)), smem, source)
+        name = dtype_name(q.dtype)
+        d = q.shape[3]
+        hd = _padded(d)
+        self.float32 = name == "float32"
+        dt = 2 if self.float32 else 1 if name == "bfloat16" else 0
+        self.bias = _bias(rel_h, k_size, k_len)
+        self.kh, self.kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+        self.threads = 256 if self.float32 else 128
+        self.smem = _smem(name, d, self.bias, self.kh, self.kw)
+        names = _names(dt, hd)
+        family = "bwd32" if self.float32 else "bwd"
+        source = _build.family_source(family)
+        self._get = lambda kind: _build.portable_kernel(
+            (family, dt, hd), names, (kind, int(self.bias)), self.smem[kind], source)
 
-    return kernel, _bias(rel_h, k_size, k_len), 2 * 64 * (hd + 8) * 2
+    def launch(self, kind, blocks, args):
+        self._get(kind)((blocks,), (self.threads,), args, shared_mem=self.smem[kind])
 
+    def operand(self, x):
+        """(B, H, S, d) -> C-contiguous (B*H, S, d): float32 as it is, 16-bit as its bits."""
+        import cupy
 
-def _u16(x):
-    """(B, H, S, d) 16-bit CuPy array -> its bits, C-contiguous (B*H, S, d) uint16."""
-    import cupy
-
-    return cupy.ascontiguousarray(x.view(cupy.uint16)).reshape(-1, x.shape[2], x.shape[3])
+        if not self.float32:
+            x = x.view(cupy.uint16)
+        return cupy.ascontiguousarray(x).reshape(-1, x.shape[2], x.shape[3])
 
 
 def _terms32(rel_h, rel_w):
@@ -313,37 +358,33 @@ def _terms32(rel_h, rel_w):
 
 def row_lse(q, k, rel_h, rel_w, k_size, scale):
     """Each logit row's log-sum-exp in the log2 domain, ``log2 sum_j
-    exp2(log2(e) * S_j)``, (B, H, Sq) float32, by ``relattn_bwd_stats``
-    (the logits as the fused backward computes them); -inf for a row whose
-    logits are all -inf. 16-bit inputs that :func:`fused_reasons` accepts."""
+    exp2(log2(e) * S_j)``, (B, H, Sq) float32, by the stats kernel (the
+    logits as the fused backward computes them); -inf for a row whose
+    logits are all -inf. Inputs that :func:`fused_reasons` accepts."""
     import cupy
 
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
-    kernel, bias, stage = _fused(q, rel_h, k_size, k_len)
+    f = _Fused(q, rel_h, k_size, k_len)
     rh, rw = _terms32(rel_h, rel_w)
     lse = cupy.empty((B * H, q_len), dtype=np.float32)
-    smem = stage   # two stages of K
-    kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
-    ints = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw))
-    fn = kernel("stats", bias, smem)
-    fn((B * H * -(-q_len // 64),), (128,), (_u16(q), _u16(k), rh, rw, lse) + ints
-       + (np.float32(scale * _LOG2E), np.float32(1.0 / kw)), shared_mem=smem)
+    ints = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw))
+    f.launch("stats", B * H * -(-q_len // 64), (f.operand(q), f.operand(k), rh, rw, lse) + ints
+             + (np.float32(scale * _LOG2E), np.float32(1.0 / f.kw)))
     return lse.reshape(B, H, q_len)
 
 
 def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     """:func:`core_backward`'s gradients by the fused kernels, from
     :func:`row_lse`'s ``lse``: float32 (B, H, ...) arrays, ``dq`` the core's
-    part only, ``delta = rowsum(dO * O)`` taken from ``out`` as rounded to
-    the 16-bit type. 16-bit inputs that :func:`fused_reasons` accepts."""
+    part only, ``delta = rowsum(dO * O)`` taken from ``out`` (16-bit inputs:
+    as rounded to their type). Inputs that :func:`fused_reasons` accepts."""
     import cupy
 
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
-    kernel, bias, stage = _fused(q, rel_h, k_size, k_len)
-    kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+    f = _Fused(q, rel_h, k_size, k_len)
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
@@ -353,24 +394,20 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     if rel_h is None:
         d_rel_h = d_rel_w = cupy.zeros((1,), dtype=f32)
     else:
-        d_rel_h = cupy.empty((pairs, q_len, kh), dtype=f32)
-        d_rel_w = cupy.empty((pairs, q_len, kw), dtype=f32)
-    q16, k16, v16, o16, do16 = (_u16(x) for x in (q, k, v, out, dout))
-    tail = tuple(np.int32(n) for n in (q_len, k_len, d, kh, kw)) + (
-        f32(scale * _LOG2E), f32(1.0 / kw), f32(scale))
-    smem_dq = 2 * stage + (64 * (kh + kw) * 4 if bias == Bias.GENERIC else 0)
-    kernel("dq", bias, smem_dq)((pairs * -(-q_len // 64),), (128,),
-                                (q16, k16, v16, o16, do16, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail,
-                                shared_mem=smem_dq)
-    kernel("dkv", bias, 2 * stage)((pairs * -(-k_len // 64),), (128,),
-                                   (q16, k16, v16, do16, rh, rw, lse, delta, dk, dv) + tail,
-                                   shared_mem=2 * stage)
+        d_rel_h = cupy.empty((pairs, q_len, f.kh), dtype=f32)
+        d_rel_w = cupy.empty((pairs, q_len, f.kw), dtype=f32)
+    qx, kx, vx, ox, dox = (f.operand(x) for x in (q, k, v, out, dout))
+    lse = lse.reshape(pairs, q_len)
+    tail = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw)) + (
+        f32(scale * _LOG2E), f32(1.0 / f.kw), f32(scale))
+    f.launch("dq", pairs * -(-q_len // 64), (qx, kx, vx, ox, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
+    f.launch("dkv", pairs * -(-k_len // 64), (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
     dq = dq.reshape(B, H, q_len, d)
     dk = dk.reshape(B, H, k_len, d)
     dv = dv.reshape(B, H, k_len, d)
     if rel_h is None:
         return dq, dk, dv, None, None
-    return dq, dk, dv, d_rel_h.reshape(B, H, q_len, kh), d_rel_w.reshape(B, H, q_len, kw)
+    return dq, dk, dv, d_rel_h.reshape(B, H, q_len, f.kh), d_rel_w.reshape(B, H, q_len, f.kw)
 
 
 def forward_stats(q, k, v, rel_h, rel_w, k_size, scale):
