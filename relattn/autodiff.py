@@ -39,12 +39,13 @@ CuPy arrays (``backend="cupy"`` or ``"auto"``) take the GPU path: ``out``
 from ``rel_pos_attention(..., backend="cupy")``, then the core's gradients
 from :func:`_core_backward_gpu`, then the table adjoints above in CuPy.
 float16 / bfloat16 inputs (head_dim a multiple of 8 up to 128, compute
-capability 8.0 and newer) take fused tensor-core kernels
-(``relattn.backends.gpu.backward``, ``cuda/bwd.cu``): the forward keeps one
-log-sum-exp per query row, the backward recomputes the logits tile by tile
-and never holds an S_q x S_k buffer. Other inputs keep each row's max and
-sum of exponentials and go by CuPy operations over chunks of query rows
-(each chunk's logits within ``relattn.backends.gpu.backward.CHUNK_BYTES``).
+capability 8.0 and newer) take fused tensor-core kernels, float32 inputs
+(head_dim up to 128) fused SIMT kernels (``relattn.backends.gpu.backward``,
+``cuda/bwd.cu``, ``cuda/bwd32.cu``): the forward keeps one log-sum-exp per
+query row, the backward recomputes the logits tile by tile and never holds
+an S_q x S_k buffer. Other inputs (float64) keep each row's max and sum of
+exponentials and go by CuPy operations over chunks of query rows (each
+chunk's logits within ``relattn.backends.gpu.backward.CHUNK_BYTES``).
 Everything stays on the inputs' device.
 """
 
@@ -411,7 +412,7 @@ def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     backend got them, whole, in the attention's compute dtype (or None), and
     what the backward keeps of the logit rows
     (:func:`relattn.backends.gpu.backward.forward_stats`: each row's
-    log-sum-exp for the fused 16-bit kernels, else its max and sum of
+    log-sum-exp for the fused kernels, else its max and sum of
     exponentials)."""
     from relattn.backends.gpu import backward
     from relattn.functional import rel_pos_attention
@@ -429,7 +430,7 @@ def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
     """The attention core's pullback on the GPU: ``(dq, dk, dv, d_rel_h,
     d_rel_w)`` in the compute dtype, ``dq`` without the terms' part, the
     terms' gradients (B, H, Sq, k_h) and (B, H, Sq, k_w) or None: the
-    fused kernels for 16-bit inputs they take, else CuPy operations over
+    fused kernels for the inputs they take, else CuPy operations over
     chunks of query rows (:func:`relattn.backends.gpu.backward.core_gradients`)."""
     from relattn.backends.gpu import backward
 

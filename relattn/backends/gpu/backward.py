@@ -1,16 +1,18 @@
-"""The attention core's backward on the GPU: fused kernels for 16-bit inputs,
-CuPy operations over chunks for the rest.
+"""The attention core's backward on the GPU: fused kernels for float16,
+bfloat16 and float32 inputs, CuPy operations over chunks for the rest.
 
-Fused (:func:`row_lse`, :func:`fused_core_backward`; ``cuda/bwd.cu``):
-float16 / bfloat16 q, k, v on ``mma.sync`` with float32 accumulation. The
-forward keeps each query row's log-sum-exp; the backward runs two kernels,
-one per block of 64 query rows (dq and the terms' gradients, summed over the
-key tiles) and one per block of 64 keys (dk and dv, summed over the query
-tiles), each recomputing its tiles of the logits and weights. P and dS meet
-the tensor cores rounded to the input's 16-bit type, as in flash attention's
-backward; the terms' gradients are summed in float32 from the unrounded dS.
+Fused (:func:`row_lse`, :func:`fused_core_backward`): float16 / bfloat16 q,
+k, v on ``mma.sync`` with float32 accumulation (``cuda/bwd.cu``), float32 on
+the SIMT cores with FMA (``cuda/bwd32.cu``). The forward keeps each query
+row's log-sum-exp; the backward runs two kernels, one per block of 64 query
+rows (dq and the terms' gradients, summed over the key tiles) and one per
+block of 64 keys (dk and dv, summed over the query tiles), each recomputing
+its tiles of the logits and weights. On the tensor cores P and dS are
+rounded to the input's 16-bit type, as in flash attention's backward; the
+terms' gradients are summed in float32 from the unrounded dS.
 
-Chunked (:func:`row_stats`, :func:`core_backward`), for every other input:
+Chunked (:func:`row_stats`, :func:`core_backward`), for every other input
+(float64, and what :func:`fused_reasons` turns away):
 
 Per (batch*head) ``n``, with the logits ``S = scale * q k^T + rel_h[i, ky] +
 rel_w[i, kx]`` (key ``j = ky * k_w + kx``) and the weights ``P = exp(S - m) /
