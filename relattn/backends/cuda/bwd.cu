@@ -117,37 +117,50 @@ __device__ __forceinline__ void rb_xb(float (&acc)[HD / 8][4], const float (&x)[
     }
 }
 
-// s (a warp's query rows x 64 keys from key j0) -> s2 of the header, -inf
-// beyond the last key. rh[rr], rw[rr]: the terms' rows of the thread's rows.
+// The keys of a warp's accumulator columns in the 64-key tile from j0: for
+// column j * 8 + 2 t + e, key(j, e, ky, kx) below Sk, past(j, e) beyond it.
 // KEY_ROWS: the tile is key row j0 / 64, kx the column.
-template <int REL>
-__device__ __forceinline__ void rb_query_logits(float (&s)[8][4], int j0, int Sk, int kw, float inv_kw,
-                                                float scale_log2, const float* const (&rh)[2],
-                                                const float* const (&rw)[2], int t) {
+template <int REL, typename Key, typename Past>
+__device__ __forceinline__ void rb_tile_keys(int j0, int Sk, int kw, float inv_kw, int t, Key&& key, Past&& past) {
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const int key = j0 + j * 8 + 2 * t + e;
-            if (key < Sk) {
+            const int n = j0 + j * 8 + 2 * t + e;
+            if (n < Sk) {
                 int ky = 0, kx = 0;
                 if (REL == bwd_bias::KEY_ROWS) {
                     ky = j0 >> 6;
-                    kx = key - j0;
+                    kx = n - j0;
                 } else if (REL == bwd_bias::GENERIC) {
-                    ra_split_key(key, kw, inv_kw, ky, kx);
+                    ra_split_key(n, kw, inv_kw, ky, kx);
                 }
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr) {
-                    const float bias = (REL == bwd_bias::NONE) ? 0.f
-                        : (__ldg(rh[rr] + ky) + __ldg(rw[rr] + kx)) * RA_LOG2E;
-                    s[j][2 * rr + e] = fmaf(s[j][2 * rr + e], scale_log2, bias);
-                }
+                key(j, e, ky, kx);
             } else {
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr) s[j][2 * rr + e] = -RA_INF;
+                past(j, e);
             }
         }
+}
+
+// s (a warp's query rows x 64 keys from key j0) -> s2 of the header, -inf
+// beyond the last key. rh[rr], rw[rr]: the terms' rows of the thread's rows.
+template <int REL>
+__device__ __forceinline__ void rb_query_logits(float (&s)[8][4], int j0, int Sk, int kw, float inv_kw,
+                                                float scale_log2, const float* const (&rh)[2],
+                                                const float* const (&rw)[2], int t) {
+    rb_tile_keys<REL>(j0, Sk, kw, inv_kw, t,
+        [&](int j, int e, int ky, int kx) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                const float bias = (REL == bwd_bias::NONE) ? 0.f
+                    : (__ldg(rh[rr] + ky) + __ldg(rw[rr] + kx)) * RA_LOG2E;
+                s[j][2 * rr + e] = fmaf(s[j][2 * rr + e], scale_log2, bias);
+            }
+        },
+        [&](int j, int e) {
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) s[j][2 * rr + e] = -RA_INF;
+        });
 }
 
 // ---- relattn_bwd_stats: lse2 of every query row
@@ -301,22 +314,16 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
                 if (t == 0 && r < Sq) d_rel_h[(qrow0 + r) * kh + n] = sum;
             }
         } else if (REL == bwd_bias::GENERIC) {
+            rb_tile_keys<REL>(j0, Sk, kw, inv_kw, t,
+                [&](int j, int e, int ky, int kx) {
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int key = j0 + j * 8 + 2 * t + e;
-                    if (key < Sk) {
-                        int ky, kx;
-                        ra_split_key(key, kw, inv_kw, ky, kx);
-#pragma unroll
-                        for (int rr = 0; rr < 2; ++rr) {
-                            const int lr = warp * 16 + g + 8 * rr;
-                            atomicAdd(sDH + lr * kh + ky, s[j][2 * rr + e]);
-                            atomicAdd(sDW + lr * kw + kx, s[j][2 * rr + e]);
-                        }
+                    for (int rr = 0; rr < 2; ++rr) {
+                        const int lr = warp * 16 + g + 8 * rr;
+                        atomicAdd(sDH + lr * kh + ky, s[j][2 * rr + e]);
+                        atomicAdd(sDW + lr * kw + kx, s[j][2 * rr + e]);
                     }
-                }
+                },
+                [](int, int) {});
         }
 
         rb_xb<DT, HD>(acc, s, ra_smem_addr(cK + t_off));    // dq += dS K

@@ -226,6 +226,19 @@ struct RaRowSrc {
     long long qsd = 1, ksd = 1, vsd = 1;   // column strides
 };
 
+// The slow path's source for a kernel that reads given terms: (batch, head)
+// bh's rows of rel_h (Sq, kh) and rel_w (Sq, kw), or none (terms false).
+template <int DT, typename E, typename TT>
+__device__ __forceinline__ RaRowSrc<DT, E, TT> ra_given_terms_src(const E* q, const E* k, const E* v, long long qss,
+                                                                  long long kss, long long vss, bool terms,
+                                                                  const TT* rel_h, const TT* rel_w, int bh, int Sq,
+                                                                  int Sk, int D, int kh, int kw) {
+    return {q, k, v, qss, kss, vss,
+            terms ? rel_h + (long long)bh * Sq * kh : nullptr,
+            terms ? rel_w + (long long)bh * Sq * kw : nullptr,
+            nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+}
+
 // logit[r, j] in the formula's order: ((scale q_r) . k_j + rel_h[r, ky]) + rel_w[r, kx]
 template <int DT, typename E, typename TT, typename W>
 __device__ __forceinline__ W ra_exact_logit(const RaRowSrc<DT, E, TT>& s, int r, int j, W scale) {

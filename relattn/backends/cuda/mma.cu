@@ -339,11 +339,8 @@ relattn_mma(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __r
             }
         }
     }
-    const bool terms = (REL != mma_bias::NONE);
-    const RaRowSrc<DT, u16, float> src{qb, kb, vb, qss, kss, vss,
-                                       terms ? rel_h + (long long)bh * Sq * kh : nullptr,
-                                       terms ? rel_w + (long long)bh * Sq * kw : nullptr,
-                                       nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+    const auto src = ra_given_terms_src<DT>(qb, kb, vb, qss, kss, vss, REL != mma_bias::NONE, rel_h, rel_w, bh,
+                                            Sq, Sk, D, kh, kw);
 #pragma unroll
     for (int mg = 0; mg < MW; ++mg)
 #pragma unroll

@@ -212,11 +212,11 @@ relattn_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         }
     }
     // the rows left non-finite are recomputed exactly (ra_exact_row; 16 lanes per row)
-    const bool terms = (REL != simt_bias::NONE);
-    const RaRowSrc<0, T, T> src{qb, kb, vb, qss, kss, vss,
-                                terms ? rel_h + (long long)bh * Sq * kh : nullptr,
-                                terms ? rel_w + (long long)bh * Sq * kw : nullptr,
-                                nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw, qsd, ksd, vsd};
+    auto src = ra_given_terms_src<0>(qb, kb, vb, qss, kss, vss, REL != simt_bias::NONE, rel_h, rel_w, bh, Sq, Sk,
+                                     D, kh, kw);
+    src.qsd = qsd;
+    src.ksd = ksd;
+    src.vsd = vsd;
 #pragma unroll
     for (int a = 0; a < 4; ++a)
         ra_fix_rows_if<16>(bad[a], m0 + ty * 4 + a, [&](int r) {

@@ -369,11 +369,8 @@ relattn_tf32(RA_F32_KERNEL_PARAMS)
     // the rows still not finite are recomputed exactly (ra_exact_row); not in
     // the fast 3xTF32 pass, whose non-finite rows the IEEE-safe pass redoes
     if (SAFE || SPLIT != 3) {
-        const bool terms = (REL != tf32_bias::NONE);
-        const RaRowSrc<0, float, float> src{qb, kb, vb, qss, kss, vss,
-                                            terms ? rel_h + (long long)bh * Sq * kh : nullptr,
-                                            terms ? rel_w + (long long)bh * Sq * kw : nullptr,
-                                            nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+        const auto src = ra_given_terms_src<0>(qb, kb, vb, qss, kss, vss, REL != tf32_bias::NONE, rel_h, rel_w,
+                                               bh, Sq, Sk, D, kh, kw);
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr)
             ra_fix_rows_if<4>(bad[rr], rows[rr], [&](int row) {

@@ -318,11 +318,8 @@ relattn_wg(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __re
     u16* ob = out + (long long)bh * Sq * D;
     const int bad = ra_wg_store_rows<DT, HD>(ob, o, inv_l, rows, Sq, D, t);
     // the rows left non-finite are recomputed exactly (ra_exact_row)
-    const bool terms = (REL != wg_bias::NONE);
-    const RaRowSrc<DT, u16, float> src{qb, kb, vb, qss, kss, vss,
-                                       terms ? rel_h + (long long)bh * Sq * kh : nullptr,
-                                       terms ? rel_w + (long long)bh * Sq * kw : nullptr,
-                                       nullptr, nullptr, nullptr, nullptr, 0, Sk, D, kh, kw};
+    const auto src = ra_given_terms_src<DT>(qb, kb, vb, qss, kss, vss, REL != wg_bias::NONE, rel_h, rel_w, bh,
+                                            Sq, Sk, D, kh, kw);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr)
         ra_fix_rows_if<4>((bad >> rr) & 1, rows[rr], [&](int row) {
