@@ -606,20 +606,18 @@ class Attention:
         else:
             part, unpart = contiguous, None
             batch, gh, gw = B, H, W
-        n, heads, hd = batch * gh * gw, self.num_heads, self.head_dim
+        n = batch * gh * gw
         weights = self._device_params(gen, cupy, x.dtype)
         biases = self._device_params(gen, cupy, np.dtype(np.float32))
         qkv_lin = linear_half_plan(n, weights["qkv_weight"], biases["qkv_bias"], x.dtype)
         proj_lin = linear_half_plan(n, weights["proj_weight"], biases["proj_bias"], x.dtype)
         tables = self._gpu_tables(gen, cupy, x.dtype)
         sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
-        scale, backend = self.scale, self.backend
+        scale, backend, split_heads = self.scale, self.backend, self._split_heads
         attention = []   # the functional plan, taken after the first call made it
 
         def run(x):
-            qkv = qkv_lin(part(x).reshape(n, C)).reshape(batch, gh * gw, 3, heads, hd)
-            q, k, v = qkv[:, :, 0].transpose(0, 2, 1, 3), qkv[:, :, 1].transpose(0, 2, 1, 3), \
-                qkv[:, :, 2].transpose(0, 2, 1, 3)
+            q, k, v = split_heads(qkv_lin(part(x).reshape(n, C)), batch, gh * gw)
             if attention:
                 out = attention[0](q, k, v, *tables)
             else:
@@ -687,6 +685,11 @@ class Attention:
         qkv = tokens @ p["qkv_weight"].T
         if p["qkv_bias"] is not None:
             qkv += p["qkv_bias"]
+        return self._split_heads(qkv, batch, seq)
+
+    def _split_heads(self, qkv, batch, seq):
+        """q, k, v of a (B * S, 3 * dim) qkv buffer (read as (B, S, 3, heads,
+        head_dim)): three strided (B, heads, S, head_dim) views, no copy."""
         qkv = qkv.reshape(batch, seq, 3, self.num_heads, self.head_dim)
         return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
@@ -890,14 +893,13 @@ class Attention:
         tokens = contiguous(x.reshape(n, dim))
         if not private:   # the pullback keeps tokens; the caller may write to x after the forward
             tokens = tokens.view(cupy.uint16).copy().view(half)
-        qkv = linear_half(tokens, w["qkv_weight"], b["qkv_bias"], half).reshape(batch, seq, 3, heads, head_dim)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        q, k, v = self._split_heads(linear_half(tokens, w["qkv_weight"], b["qkv_bias"], half), batch, seq)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
         out, core_pullback = rel_pos_attention_vjp(q, k, v, *tables, *sizes, scale=self.scale,
                                                    backend=self.backend)
         merged = contiguous(out.transpose(0, 2, 1, 3)).reshape(n, dim)
         y = linear_half(merged, w["proj_weight"], b["proj_bias"], half).reshape(shape)
-        del qkv, q, k, v, out
+        del q, k, v, out
         key = ("transposed", cupy.cuda.Device().id, half.str)
         wT = gen.cache.get(key)
         if wT is None:   # W^T, for dx = dy @ W as (dy) @ (W^T)^T
