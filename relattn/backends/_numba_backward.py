@@ -73,6 +73,8 @@ from ._numba_kernels import (
     _CACHE,
     _FASTMATH,
     _fexp,
+    _dot1,
+    _dot4,
     _keepalive,
     _pv16,
     _qk16,
@@ -410,30 +412,7 @@ def _dp16(vb, j0, nk, d, doT, nq, io, dpT):
     nk4 = nk - nk % 4
     zero = vzero()
     for j in range(0, nk4, 4):
-        a0 = zero
-        a1 = zero
-        b0 = zero
-        b1 = zero
-        c0 = zero
-        c1 = zero
-        e0 = zero
-        e1 = zero
-        r0 = j0 + j
-        for c in range(d):
-            x0 = vload(doT, c * nq + io)
-            x1 = vload(doT, c * nq + io1)
-            t = vbcast(vb[r0 * d + c])
-            a0 = vfma(t, x0, a0)
-            a1 = vfma(t, x1, a1)
-            t = vbcast(vb[(r0 + 1) * d + c])
-            b0 = vfma(t, x0, b0)
-            b1 = vfma(t, x1, b1)
-            t = vbcast(vb[(r0 + 2) * d + c])
-            c0 = vfma(t, x0, c0)
-            c1 = vfma(t, x1, c1)
-            t = vbcast(vb[(r0 + 3) * d + c])
-            e0 = vfma(t, x0, e0)
-            e1 = vfma(t, x1, e1)
+        a0, a1, b0, b1, c0, c1, e0, e1 = _dot4(vb, j0 + j, d, doT, nq, io, io1, zero)
         s = j * nq + io
         vstore(dpT, s, a0)
         vstore(dpT, s + 8, a1)
@@ -444,13 +423,7 @@ def _dp16(vb, j0, nk, d, doT, nq, io, dpT):
         vstore(dpT, s + 3 * nq, e0)
         vstore(dpT, s + 3 * nq + 8, e1)
     for j in range(nk4, nk):
-        a0 = zero
-        a1 = zero
-        r0 = j0 + j
-        for c in range(d):
-            t = vbcast(vb[r0 * d + c])
-            a0 = vfma(t, vload(doT, c * nq + io), a0)
-            a1 = vfma(t, vload(doT, c * nq + io1), a1)
+        a0, a1 = _dot1(vb, j0 + j, d, doT, nq, io, io1, zero)
         vstore(dpT, j * nq + io, a0)
         vstore(dpT, j * nq + io1, a1)
 

@@ -635,6 +635,50 @@ def vexp(typingctx, x):
 _VQ = 16  # queries per micro-kernel (two vectors); tiles are padded to this
 
 
+@njit(fastmath=_FASTMATH, inline="always")
+def _dot4(kb, r0, d, xT, nq, io, io1, zero):
+    """kb[r0 + a] . xT[:, i] for keys a < 4 and the 16 queries io..io+7,
+    io1..io1+7 (kb rows of d values, xT flat with row stride nq): eight 8-lane
+    accumulators from ``zero``, key by key two vectors, four keys x two query
+    vectors per pass over the channels."""
+    a0 = zero
+    a1 = zero
+    b0 = zero
+    b1 = zero
+    c0 = zero
+    c1 = zero
+    e0 = zero
+    e1 = zero
+    for c in range(d):
+        x0 = vload(xT, c * nq + io)
+        x1 = vload(xT, c * nq + io1)
+        t = vbcast(kb[r0 * d + c])
+        a0 = vfma(t, x0, a0)
+        a1 = vfma(t, x1, a1)
+        t = vbcast(kb[(r0 + 1) * d + c])
+        b0 = vfma(t, x0, b0)
+        b1 = vfma(t, x1, b1)
+        t = vbcast(kb[(r0 + 2) * d + c])
+        c0 = vfma(t, x0, c0)
+        c1 = vfma(t, x1, c1)
+        t = vbcast(kb[(r0 + 3) * d + c])
+        e0 = vfma(t, x0, e0)
+        e1 = vfma(t, x1, e1)
+    return a0, a1, b0, b1, c0, c1, e0, e1
+
+
+@njit(fastmath=_FASTMATH, inline="always")
+def _dot1(kb, r0, d, xT, nq, io, io1, zero):
+    """``_dot4`` for one key: kb[r0] . xT[:, i], two 8-lane accumulators."""
+    a0 = zero
+    a1 = zero
+    for c in range(d):
+        t = vbcast(kb[r0 * d + c])
+        a0 = vfma(t, vload(xT, c * nq + io), a0)
+        a1 = vfma(t, vload(xT, c * nq + io1), a1)
+    return a0, a1
+
+
 @njit(fastmath=_FASTMATH)
 def _qk16(kb, j0, nk, d, qT, nq, io, sT, rhT, rwT, kyo, kxo, m):
     """For queries io..io+15: sT[j, i] = bias(j0 + j, i) + kb[j0 + j] . qT[:, i]
@@ -649,30 +693,7 @@ def _qk16(kb, j0, nk, d, qT, nq, io, sT, rhT, rwT, kyo, kxo, m):
         # q.k accumulates from zero and the bias is added once at the end, in
         # SAM's order (scale q.k + rel_h) + rel_w: rounding then scales with the
         # dot product alone, not with the bias carried through the whole chain.
-        a0 = zero
-        a1 = zero
-        b0 = zero
-        b1 = zero
-        c0 = zero
-        c1 = zero
-        e0 = zero
-        e1 = zero
-        r0 = j0 + j
-        for c in range(d):
-            x0 = vload(qT, c * nq + io)
-            x1 = vload(qT, c * nq + io1)
-            t = vbcast(kb[r0 * d + c])
-            a0 = vfma(t, x0, a0)
-            a1 = vfma(t, x1, a1)
-            t = vbcast(kb[(r0 + 1) * d + c])
-            b0 = vfma(t, x0, b0)
-            b1 = vfma(t, x1, b1)
-            t = vbcast(kb[(r0 + 2) * d + c])
-            c0 = vfma(t, x0, c0)
-            c1 = vfma(t, x1, c1)
-            t = vbcast(kb[(r0 + 3) * d + c])
-            e0 = vfma(t, x0, e0)
-            e1 = vfma(t, x1, e1)
+        a0, a1, b0, b1, c0, c1, e0, e1 = _dot4(kb, j0 + j, d, qT, nq, io, io1, zero)
         h = kyo[j]
         w = kxo[j]
         a0 = vadd(vadd(a0, vload(rhT, h + io)), vload(rwT, w + io))
@@ -707,13 +728,7 @@ def _qk16(kb, j0, nk, d, qT, nq, io, sT, rhT, rwT, kyo, kxo, m):
         mx0 = vmax(e0, mx0)
         mx1 = vmax(e1, mx1)
     for j in range(nk4, nk):
-        a0 = zero
-        a1 = zero
-        r0 = j0 + j
-        for c in range(d):
-            t = vbcast(kb[r0 * d + c])
-            a0 = vfma(t, vload(qT, c * nq + io), a0)
-            a1 = vfma(t, vload(qT, c * nq + io1), a1)
+        a0, a1 = _dot1(kb, j0 + j, d, qT, nq, io, io1, zero)
         h = kyo[j]
         w = kxo[j]
         a0 = vadd(vadd(a0, vload(rhT, h + io)), vload(rwT, w + io))
