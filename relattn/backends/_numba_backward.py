@@ -72,9 +72,9 @@ from numba import njit, prange
 from ._numba_kernels import (
     _CACHE,
     _FASTMATH,
-    _fexp,
     _dot1,
     _dot4,
+    _fexp,
     _keepalive,
     _pv16,
     _qk16,
