@@ -1,6 +1,7 @@
-"""GPU time of each stage of the 16-bit vjp (SAM-B global and windows, bf16):
-the forward, the terms, the row log-sum-exp, the dq and dkv kernels, the
-tables' pullback; median of CUDA-event-timed loops.
+"""GPU time of each stage of the vjp (SAM-B global and windows, bf16 and
+float32; SAM-H global bf16): the forward, the terms, the row log-sum-exp,
+the rows, dq and dkv kernels, the tables' pullback; median of
+CUDA-event-timed loops, and a host profile of vjp + pullback.
 
     PYTHONPATH=. python3 dev/bwd_profile_dev.py
 """
@@ -21,7 +22,7 @@ from bench_gpu_dev import make, tables, time_cupy  # noqa: E402
 
 import relattn  # noqa: E402
 from relattn import autodiff  # noqa: E402
-from relattn.backends.gpu import backward as bw  # noqa: E402
+from relattn.backends.gpu import backward as bw, terms  # noqa: E402
 
 
 def gtime(fn):
@@ -29,7 +30,8 @@ def gtime(fn):
 
 
 def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
-    """fused_core_backward's two launches, each alone."""
+    """fused_core_backward's launches, each alone: (bias, rows, dq, dkv);
+    float32: no rows kernel (None), the forward's lse."""
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
@@ -39,21 +41,32 @@ def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
     dk = cupy.empty((pairs, k_len, d), dtype=f32)
     dv = cupy.empty((pairs, k_len, d), dtype=f32)
-    delta = cupy.empty((pairs, q_len), dtype=f32)
+    delta = cupy.zeros((pairs, q_len), dtype=f32)
     d_rel_h = cupy.empty((pairs, q_len, f.kh), dtype=f32)
     d_rel_w = cupy.empty((pairs, q_len, f.kw), dtype=f32)
     qx, kx, vx, ox, dox = (f.operand(x) for x in (q, k, v, out, dout))
     tail = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw)) + (
         f32(scale * bw._LOG2E), f32(1.0 / f.kw), f32(scale))
     lse = lse.reshape(pairs, q_len)
+    qb, kb = pairs * -(-q_len // 64), pairs * -(-k_len // 64)
+    if f.float32:
+        run_rows = None
 
-    def run_dq():
-        f.launch("dq", pairs * -(-q_len // 64),
-                 (qx, kx, vx, ox, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
+        def run_dq():
+            f.launch("dq", qb, (qx, kx, vx, ox, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
 
-    def run_dkv():
-        f.launch("dkv", pairs * -(-k_len // 64), (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
-    return f.bias, run_dq, run_dkv
+        def run_dkv():
+            f.launch("dkv", kb, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
+    else:
+        def run_rows():
+            f.launch("rows", qb, (qx, kx, vx, dox, rh, rw, lse, delta) + tail[:-1])
+
+        def run_dq():
+            f.launch("dq", qb, (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
+
+        def run_dkv():
+            f.launch("dkv", kb, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail + (np.int32(f.nh),))
+    return f.bias, run_rows, run_dq, run_dkv
 
 
 def main():
@@ -75,22 +88,24 @@ def main():
         res["pullback"] = gtime(lambda: pullback(dout))
         rel_h, rel_w = (autodiff.astype(t, np.float32)
                         for t in autodiff.relpos_terms(q, th, tw, (g, g), (g, g)))
-        res["terms"] = gtime(lambda: autodiff.relpos_terms(q, th, tw, (g, g), (g, g)))
+        res["terms"] = gtime(lambda: terms.plan(q, th, tw, (g, g), (g, g))[0](q, th, tw))
         res["row_lse"] = gtime(lambda: bw.row_lse(q, k, rel_h, rel_w, (g, g), scale))
         lse = bw.row_lse(q, k, rel_h, rel_w, (g, g), scale)
+        given = lse if dt == "float32" else None
         res["fused_core_backward"] = gtime(
-            lambda: bw.fused_core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse))
-        bias, run_dq, run_dkv = kernels_apart(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse)
+            lambda: bw.fused_core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, given))
+        bias, run_rows, run_dq, run_dkv = kernels_apart(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse)
+        if run_rows is not None:
+            res["rows kernel"] = gtime(run_rows)
         res[f"dq kernel ({bias.name})"] = gtime(run_dq)
         res["dkv kernel"] = gtime(run_dkv)
-        res["dq kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
-                                                         lse)[1])
+        plain = kernels_apart(q, k, v, None, None, (g, g), scale, out, dout, lse)
+        res["dq kernel, no terms"] = gtime(plain[2])
+        res["dkv kernel, no terms"] = gtime(plain[3])
         if dt == "float32":
             stats = bw.row_stats(q, k, rel_h, rel_w, (g, g), scale)
             res["chunked core"] = gtime(
                 lambda: bw.core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, stats))
-        res["dkv kernel, no terms"] = gtime(kernels_apart(q, k, v, None, None, (g, g), scale, out, dout,
-                                                          lse)[2])
         if dt == "bfloat16" and d == 64:   # where the host time goes in vjp + pullback
             prof = cProfile.Profile()
             prof.enable()

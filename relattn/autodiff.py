@@ -411,18 +411,20 @@ def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     state: the terms ``rel_h``, ``rel_w`` of the tables ``th``, ``tw`` as the
     backend got them, whole, in the attention's compute dtype (or None), and
     what the backward keeps of the logit rows
-    (:func:`relattn.backends.gpu.backward.forward_stats`: each row's
-    log-sum-exp for the fused kernels, else its max and sum of
+    (:func:`relattn.backends.gpu.backward.forward_stats`: nothing for the
+    16-bit fused kernels, which take each row's log-sum-exp in the pullback;
+    the log-sum-exp for the float32 ones; else its max and sum of
     exponentials)."""
-    from relattn.backends.gpu import backward
+    from relattn.backends.gpu import backward, terms
     from relattn.functional import rel_pos_attention
 
     out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=scale,
                             backend="cupy", resize_dtype=resize_dtype)
     rel_h = rel_w = None
-    if th is not None:
+    if th is not None:   # the terms kernel the cupy backend runs (einsum for float64)
         work = compute_dtype(q.dtype)
-        rel_h, rel_w = (astype(t, work) for t in relpos_terms(q, th, tw, q_size, k_size))
+        run, _ = terms.plan(q, th, tw, q_size, k_size)
+        rel_h, rel_w = (astype(t, work) for t in run(q, th, tw))
     return out, rel_h, rel_w, backward.forward_stats(q, k, v, rel_h, rel_w, k_size, scale)
 
 

@@ -307,13 +307,15 @@ def test_out_is_the_cupy_forward_bit_for_bit(dtype, resize_dtype):
         assert pullback.__qualname__.startswith("_pullback_gpu"), name
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_core_backward_contract(monkeypatch, dtype):
     """The pullback's one call into the core: its arguments and what it
     returns; the statistics are the chunks' (max, sum) pairs in float64 and
-    the fused kernels' log-sum-exp in float32."""
+    the float32 fused kernels' log-sum-exp in float32; the 16-bit ones keep
+    nothing (they take the log-sum-exp in the pullback) and differentiate in float32."""
     arrays, q_size, k_size, _ = make_case("q_grid_ne_k_grid", seed=10)
-    arrays = _cast(arrays, np.dtype(dtype))
+    dt = _dtype(dtype)
+    arrays = _cast(arrays, dt)
     seen = []
     core = autodiff._core_backward_gpu
 
@@ -324,18 +326,22 @@ def test_core_backward_contract(monkeypatch, dtype):
 
     monkeypatch.setattr(autodiff, "_core_backward_gpu", spy)
     out, pullback = gpu_vjp(arrays, q_size, k_size)
-    pullback(np.ones(out.shape, dtype))
+    pullback(np.ones(out.shape, out.dtype))
     assert len(seen) == 1
     q, k, v, rel_h, rel_w, ks, stats, (dq, dk, dv, dh, dw) = seen[0]
     batch, heads, q_len, _ = q.shape
     assert ks == k_size
     assert rel_h.shape == (batch, heads, q_len, k_size[0]) and rel_w.shape == (batch, heads, q_len, k_size[1])
-    fused = dtype == "float32"
-    assert stats.shape == ((batch, heads, q_len) if fused else (batch, heads, q_len, 2))
-    assert stats.dtype == np.dtype(dtype)
+    work = np.dtype(np.float64 if dtype == "float64" else np.float32)
+    if dtype == "bfloat16":
+        assert stats is None
+    else:
+        fused = dtype == "float32"
+        assert stats.shape == ((batch, heads, q_len) if fused else (batch, heads, q_len, 2))
+        assert stats.dtype == work
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert dh.shape == rel_h.shape and dw.shape == rel_w.shape
-    assert all(g.dtype == np.dtype(dtype) and g.flags.c_contiguous for g in (dq, dk, dv, dh, dw))
+    assert all(g.dtype == work and g.flags.c_contiguous for g in (dq, dk, dv, dh, dw))
 
 
 def test_pullback_is_repeatable():
@@ -422,7 +428,9 @@ def _both_cores(case, dtype, seed=20):
     want_lse = (stats[..., 0] + cupy.log(stats[..., 1])) * np.log2(np.e)
     assert lse.shape == stats.shape[:3] and lse.dtype == np.float32
     np.testing.assert_allclose(lse.get(), want_lse.get(), rtol=1e-4, atol=1e-4)
-    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, lse)
+    # float32 takes the forward's log-sum-exp; 16-bit computes it (and delta) in the pullback
+    given = lse if dtype == np.float32 else None
+    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, given)
     chunked = backward.core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, stats)
     for g in fused:
         assert g is None or (g.dtype == np.float32 and g.flags.c_contiguous)

@@ -3,20 +3,31 @@
 // log2 domain (s2 = log2(e) * logit):
 //
 //   s2[i, j]  = scale_log2 * q_i . k_j + log2(e) * (rel_h[i, ky] + rel_w[i, kx])
-//   lse2[i]   = log2 sum_j exp2(s2[i, j])              (relattn_bwd_stats)
-//   P = exp2(s2 - lse2)    dP = dO V^T    dS = P * (dP - delta),  delta_i = dO_i . O_i
+//   P = exp2(s2 - lse2)    dP = dO V^T    dS = P * (dP - delta)
+//   lse2[i]   = log2 sum_j exp2(s2[i, j]),  delta_i = sum_j P_ij dP_ij
+//                                                     (relattn_bwd_rows: both in one pass, online)
 //   dq = scale dS K, d_rel_h[i, ky] = sum_kx dS, d_rel_w[i, kx] = sum_ky dS
 //                                                     (relattn_bwd_dq: query-major)
 //   dk = scale dS^T q, dv = P^T dO                    (relattn_bwd_dkv: key-major)
 //
-// Nothing Sq x Sk is stored: each kernel recomputes its tiles of S and P. Every
-// sum is owned by one block (no atomics in global memory), so results are the
-// same bits on every run. Operands: q, dout (B*H, Sq, D), k, v (B*H, Sk, D)
-// 16-bit, contiguous, D a multiple of 8; HD = D rounded up to 16 (columns >= D
-// zero). rel_h (B*H, Sq, kh) and rel_w (B*H, Sq, kw) float32. lse2, delta
-// (B*H, Sq) float32 (delta written by relattn_bwd_dq, which runs first). Gradients float32, contiguous. Blocks of 4 warps, each
-// warp 16 rows (queries or keys) of a 64-row block; tiles of 64 double-buffered
-// in shared memory by cp.async. Needs common.cuh, mma_sync.cuh and bwd_common.cuh before it.
+// delta is the exact rowsum(P * dP) in float32, not dO . O with O rounded to
+// 16 bits: the terms' gradients sum dS over part of a row, where that
+// rounding would not cancel. Nothing Sq x Sk is stored: each kernel
+// recomputes its tiles of S and P. Every sum is owned by one block (no
+// atomics), so results are the same bits on every run. Operands: q, dout
+// (B*H, Sq, D), k, v (B*H, Sk, D) 16-bit, contiguous, D a multiple of 8; HD =
+// D rounded up to 16 (columns >= D zero). rel_h (B*H, Sq, kh) and rel_w
+// (B*H, Sq, kw) float32, read through shared memory: the query-major kernels
+// hold their 64 rows' terms for the whole loop, the key-major one stages
+// each query tile's terms, lse2 and delta with the tile. lse2, delta (B*H,
+// Sq) float32. Gradients float32, contiguous. Blocks of 4 warps, each warp
+// 16 rows (queries or keys) of a 64-row block; tiles of 64 double-buffered in
+// shared memory by cp.async. Needs common.cuh, mma_sync.cuh and
+// bwd_common.cuh before it.
+
+// Row strides (floats) of staged rel_w rows in the key-rows mode (k_w 64):
+// conflict-free float2 reads query-major (8 g + 2 t), scalar reads key-major (8 t + g).
+constexpr int RB_SW_Q = 72, RB_SW_K = 68;
 
 // ---- loads
 // A-operand fragments of a warp's rows r0 .. r0 + 15 of an (n, D) matrix
@@ -39,8 +50,8 @@ __device__ __forceinline__ void rb_frags(u32 (&f)[KQ][4], const u16* base, int r
 }
 
 // Rows r0 .. r0 + 63 of one (a) or two (a, b) (n, D) matrices into shared
-// memory (padded rows of HD + 8; b's tile after a's), by cp.async, as one
-// commit group; rows >= n zero-filled.
+// memory (padded rows of HD + 8; b's tile after a's) by cp.async, uncommitted;
+// rows >= n zero-filled.
 template <int HD, bool TWO>
 __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, int r0, int n, int D, int tid) {
     constexpr int SROW = HD + 8, TILE = 64 * SROW, CH = HD / 8;
@@ -51,25 +62,52 @@ __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, in
         ra_cp_async16(ra_smem_addr(dst + r * SROW + col), a + off, ok ? 16 : 0);
         if (TWO) ra_cp_async16(ra_smem_addr(dst + TILE + r * SROW + col), b + off, ok ? 16 : 0);
     }
-    ra_cp_commit();
 }
 
-// Tile n of ntiles (64 rows each, one or two matrices per stage, two stages):
-// starts the load of tile n + 1 into the other stage, waits for tile n and
-// makes it visible to the block; returns tile n's stage. The loop's first
-// tile is loaded before it (rb_load at stage 0).
-template <int HD, bool TWO>
-__device__ __forceinline__ const u16* rb_next(u16* smem, const u16* a, const u16* b, int n, int ntiles, int rows,
-                                              int D, int tid) {
-    constexpr int STAGE = (TWO ? 2 : 1) * 64 * (HD + 8);
+// Columns c0 .. c0 + cols - 1 of rows r0 .. r0 + 63 of a float32 matrix
+// with rows of len values, into dst (row stride ld) by cp.async,
+// uncommitted; rows >= n zero-filled. VEC: 16-byte copies (cols, len, c0
+// and ld multiples of 4, src 16-byte aligned).
+template <bool VEC>
+__device__ __forceinline__ void rb_load_f32(float* dst, int ld, const float* src, int len, int c0, int cols, int r0,
+                                            int n, int tid) {
+    constexpr int W = VEC ? 4 : 1;
+    const int per = cols / W;
+    for (int c = tid; c < 64 * per; c += 128) {
+        const int r = c / per, col = (c - r * per) * W;
+        const bool ok = r0 + r < n;
+        const float* s = src + (ok ? (long long)(r0 + r) * len + c0 + col : 0);
+        if (VEC) ra_cp_async16(ra_smem_addr(dst + r * ld + col), s, ok ? 16 : 0);
+        else rb_cp_async4(ra_smem_addr(dst + r * ld + col), s, ok ? 4 : 0);
+    }
+}
+
+// The terms of 64 query rows from r0 (of Sq) into shared memory, uncommitted:
+// rel_h rows (kh values, stride kh), rel_w rows (kw values, stride
+// RB_SW_Q in the key-rows mode, else kw).
+template <int REL>
+__device__ __forceinline__ void rb_load_terms(float* sRH, float* sRW, const float* rel_h, const float* rel_w,
+                                              int r0, int Sq, int kh, int kw, int tid) {
+    if (REL == bwd_bias::NONE) return;
+    rb_load_f32<false>(sRH, kh, rel_h, kh, 0, kh, r0, Sq, tid);
+    if (REL == bwd_bias::KEY_ROWS) rb_load_f32<true>(sRW, RB_SW_Q, rel_w, kw, 0, kw, r0, Sq, tid);
+    else rb_load_f32<false>(sRW, kw, rel_w, kw, 0, kw, r0, Sq, tid);
+}
+
+// Tile n of ntiles in a two-stage cp.async pipeline: load(n + 1, its
+// stage) issues and commits the next tile's copies; waits for tile n and
+// makes it visible to the block; returns tile n's stage. The first tile is
+// loaded (load(0, 0)) before the loop.
+template <typename Load>
+__device__ __forceinline__ int rb_next(int n, int ntiles, Load&& load) {
     if (n + 1 < ntiles) {
-        rb_load<HD, TWO>(smem + ((n + 1) & 1) * STAGE, a, b, (n + 1) * 64, rows, D, tid);
+        load(n + 1, (n + 1) & 1);
         ra_cp_wait<1>();
     } else {
         ra_cp_wait<0>();
     }
     __syncthreads();
-    return smem + (n & 1) * STAGE;
+    return n & 1;
 }
 
 // ---- products
@@ -119,7 +157,6 @@ __device__ __forceinline__ void rb_xb(float (&acc)[HD / 8][4], const float (&x)[
 
 // The keys of a warp's accumulator columns in the 64-key tile from j0: for
 // column j * 8 + 2 t + e, key(j, e, ky, kx) below Sk, past(j, e) beyond it.
-// KEY_ROWS: the tile is key row j0 / 64, kx the column.
 template <int REL, typename Key, typename Past>
 __device__ __forceinline__ void rb_tile_keys(int j0, int Sk, int kw, float inv_kw, int t, Key&& key, Past&& past) {
 #pragma unroll
@@ -129,12 +166,7 @@ __device__ __forceinline__ void rb_tile_keys(int j0, int Sk, int kw, float inv_k
             const int n = j0 + j * 8 + 2 * t + e;
             if (n < Sk) {
                 int ky = 0, kx = 0;
-                if (REL == bwd_bias::KEY_ROWS) {
-                    ky = j0 >> 6;
-                    kx = n - j0;
-                } else if (REL == bwd_bias::GENERIC) {
-                    ra_split_key(n, kw, inv_kw, ky, kx);
-                }
+                if (REL != bwd_bias::NONE) ra_split_key(n, kw, inv_kw, ky, kx);
                 key(j, e, ky, kx);
             } else {
                 past(j, e);
@@ -143,94 +175,179 @@ __device__ __forceinline__ void rb_tile_keys(int j0, int Sk, int kw, float inv_k
 }
 
 // s (a warp's query rows x 64 keys from key j0) -> s2 of the header, -inf
-// beyond the last key. rh[rr], rw[rr]: the terms' rows of the thread's rows.
+// beyond the last key. rh[rr], rw[rr]: the staged terms' rows (shared
+// memory) of the thread's rows. The key-rows mode has whole tiles: key row
+// j0 / 64, kx the column.
 template <int REL>
 __device__ __forceinline__ void rb_query_logits(float (&s)[8][4], int j0, int Sk, int kw, float inv_kw,
                                                 float scale_log2, const float* const (&rh)[2],
                                                 const float* const (&rw)[2], int t) {
-    rb_tile_keys<REL>(j0, Sk, kw, inv_kw, t,
-        [&](int j, int e, int ky, int kx) {
+    if constexpr (REL == bwd_bias::KEY_ROWS) {
 #pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                const float bias = (REL == bwd_bias::NONE) ? 0.f
-                    : (__ldg(rh[rr] + ky) + __ldg(rw[rr] + kx)) * RA_LOG2E;
-                s[j][2 * rr + e] = fmaf(s[j][2 * rr + e], scale_log2, bias);
+        for (int rr = 0; rr < 2; ++rr) {
+            const float h = rh[rr][j0 >> 6];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 w = *reinterpret_cast<const float2*>(rw[rr] + j * 8 + 2 * t);
+                s[j][2 * rr] = fmaf(s[j][2 * rr], scale_log2, (h + w.x) * RA_LOG2E);
+                s[j][2 * rr + 1] = fmaf(s[j][2 * rr + 1], scale_log2, (h + w.y) * RA_LOG2E);
             }
-        },
-        [&](int j, int e) {
+        }
+    } else {
+        rb_tile_keys<REL>(j0, Sk, kw, inv_kw, t,
+            [&](int j, int e, int ky, int kx) {
 #pragma unroll
-            for (int rr = 0; rr < 2; ++rr) s[j][2 * rr + e] = -RA_INF;
-        });
+                for (int rr = 0; rr < 2; ++rr) {
+                    const float bias = (REL == bwd_bias::NONE) ? 0.f : (rh[rr][ky] + rw[rr][kx]) * RA_LOG2E;
+                    s[j][2 * rr + e] = fmaf(s[j][2 * rr + e], scale_log2, bias);
+                }
+            },
+            [&](int j, int e) {
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) s[j][2 * rr + e] = -RA_INF;
+            });
+    }
 }
 
-// ---- relattn_bwd_stats: lse2 of every query row
-template <int DT, int HD, int REL>
+// The query-major kernels' staged terms: rel_h rows (64, kh), then rel_w
+// rows (64, RB_SW_Q in the key-rows mode, else kw), after the tiles.
+__host__ __device__ constexpr int rb_sw_q(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_Q : kw; }
+
+// ---- relattn_bwd_rows: lse2 of every query row, and with DELTA its delta
+// (the online rowsum of P * dP, rescaled with the running maximum as l)
+template <int DT, int HD, int REL, bool DELTA>
 __global__ void __launch_bounds__(128)
-relattn_bwd_stats(const u16* __restrict__ q, const u16* __restrict__ k,
-                  const float* __restrict__ rel_h, const float* __restrict__ rel_w, float* __restrict__ lse2,
-                  int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw)
+relattn_bwd_rows(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                 const u16* __restrict__ dout, const float* __restrict__ rel_h, const float* __restrict__ rel_w,
+                 float* __restrict__ lse2, float* __restrict__ delta,
+                 int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw)
 {
-    constexpr int SROW = HD + 8, KQ = HD / 16;
+    constexpr int SROW = HD + 8, KQ = HD / 16, TILE = 64 * SROW, STAGE = (DELTA ? 2 : 1) * TILE;
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     u16* smem = reinterpret_cast<u16*>(ra_smem_raw);
+    float* sRH = reinterpret_cast<float*>(smem + 2 * STAGE);
+    float* sRW = sRH + 64 * kh;
+    const int SW = rb_sw_q(REL, kw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int mtiles = (Sq + 63) / 64;
     const int bh = blockIdx.x / mtiles;
-    const int r0 = (blockIdx.x - bh * mtiles) * 64 + warp * 16;
-    const u16* qb = q + (long long)bh * Sq * D;
+    const int b0 = (blockIdx.x - bh * mtiles) * 64;
+    const int r0 = b0 + warp * 16;
+    const long long qrow0 = (long long)bh * Sq;
     const u16* kb = k + (long long)bh * Sk * D;
+    const u16* vb = v + (long long)bh * Sk * D;
 
-    u32 qf[KQ][4];
-    rb_frags<KQ>(qf, qb, r0, Sq, D, g, t);
+    u32 qf[KQ][4], of[KQ][4];
+    rb_frags<KQ>(qf, q + qrow0 * D, r0, Sq, D, g, t);
+    if constexpr (DELTA) rb_frags<KQ>(of, dout + qrow0 * D, r0, Sq, D, g, t);
     const float* rh[2];
     const float* rw[2];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-        const long long row = (long long)bh * Sq + min(r0 + g + 8 * rr, Sq - 1);
-        rh[rr] = rel_h + row * kh;
-        rw[rr] = rel_w + row * kw;
+        rh[rr] = sRH + (warp * 16 + g + 8 * rr) * kh;
+        rw[rr] = sRW + (warp * 16 + g + 8 * rr) * SW;
     }
     const int mi = lane >> 3, ri = lane & 7;
     const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;
-    float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f};
+    float m_run[2] = {-RA_INF, -RA_INF}, l_run[2] = {0.f, 0.f}, a_run[2] = {0.f, 0.f};
     const float off[2] = {0.f, 0.f};
     const int ntiles = (Sk + 63) / 64;
-    rb_load<HD, false>(smem, kb, kb, 0, Sk, D, tid);
+    auto load = [&](int n, int stage) {
+        rb_load<HD, DELTA>(smem + stage * STAGE, kb, vb, n * 64, Sk, D, tid);
+        ra_cp_commit();
+    };
+    rb_load_terms<REL>(sRH, sRW, rel_h + qrow0 * kh, rel_w + qrow0 * kw, b0, Sq, kh, kw, tid);
+    load(0, 0);
     for (int n = 0; n < ntiles; ++n) {
-        const u16* cK = rb_next<HD, false>(smem, kb, kb, n, ntiles, Sk, D, tid);
+        const u16* cK = smem + rb_next(n, ntiles, load) * STAGE;
         float s[8][4];
         rb_abt<DT, KQ, HD>(s, qf, ra_smem_addr(cK + k_off));
         rb_query_logits<REL>(s, n * 64, Sk, kw, inv_kw, scale_log2, rh, rw, t);
         float alpha[2];
-        ra_online_softmax<8>(&s[0][0], off, m_run, l_run, alpha);
+        ra_online_softmax<8>(&s[0][0], off, m_run, l_run, alpha);   // s: exp2(s2 - running max)
+        if constexpr (DELTA) {
+            float dp[8][4];
+            rb_abt<DT, KQ, HD>(dp, of, ra_smem_addr(cK + TILE + k_off));
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                float sum = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) sum += s[j][2 * rr] * dp[j][2 * rr] + s[j][2 * rr + 1] * dp[j][2 * rr + 1];
+                a_run[rr] = a_run[rr] * alpha[rr] + sum;
+            }
+        }
         __syncthreads();
     }
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
-        float l = l_run[rr];
+        float l = l_run[rr], a = a_run[rr];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
+        a += __shfl_xor_sync(0xffffffffu, a, 1);
+        a += __shfl_xor_sync(0xffffffffu, a, 2);
         const int r = r0 + g + 8 * rr;
-        if (t == 0 && r < Sq)
-            lse2[(long long)bh * Sq + r] = (m_run[rr] == -RA_INF) ? -RA_INF : m_run[rr] + __log2f(l);
+        if (t == 0 && r < Sq) {
+            lse2[qrow0 + r] = (m_run[rr] == -RA_INF) ? -RA_INF : m_run[rr] + __log2f(l);
+            if constexpr (DELTA) delta[qrow0 + r] = a / l;
+        }
     }
 }
 
 // ---- relattn_bwd_dq: dq and the terms' gradients, per block of 64 query rows
+// Shared memory: the K / V stages, the staged terms (rb_sw_q), then in the
+// generic mode the 64 rows' d_rel_h (64, kh), d_rel_w (64, kw) and each
+// warp's dS tile (16, RB_DS) for their sums.
+constexpr int RB_DS = 68;
+
+// The generic mode's terms' gradients of one tile, for a warp's 16 rows:
+// its dS (the accumulator layout) goes to the warp's (16, RB_DS) tile ds,
+// then lane by lane each (row, ky) of the tile sums its keys (a run of
+// consecutive keys) into dh (16, kh) and each (row, kx) its keys (kw apart)
+// into dw (16, kw). Keys j0 .. jend - 1; every sum in float32, one owner.
+__device__ __forceinline__ void rb_dq_generic_terms(const float (&s)[8][4], float* ds, float* dh, float* dw, int j0,
+                                                    int jend, int kh, int kw, int lane, int g, int t) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ds[(g + 8 * (e >> 1)) * RB_DS + j * 8 + 2 * t + (e & 1)] = s[j][e];
+    __syncwarp();
+    const int ky_lo = j0 / kw, nky = (jend - 1) / kw - ky_lo + 1, n = jend - j0;
+    for (int task = lane; task < 16 * nky; task += 32) {
+        const int r = task & 15, ky = ky_lo + (task >> 4);
+        const int a = max(j0, ky * kw) - j0, b = min(jend, (ky + 1) * kw) - j0;
+        float sum = 0.f;
+        for (int c = a; c < b; ++c) sum += ds[r * RB_DS + c];
+        dh[r * kh + ky] += sum;
+    }
+    const int first = j0 % kw;
+    for (int task = lane; task < 16 * kw; task += 32) {
+        const int r = task & 15, kx = task >> 4;
+        int c = kx - first;
+        if (c < 0) c += kw;
+        float sum = 0.f;
+        for (; c < n; c += kw) sum += ds[r * RB_DS + c];
+        dw[r * kw + kx] += sum;
+    }
+    __syncwarp();
+}
+
 template <int DT, int HD, int REL>
 __global__ void __launch_bounds__(128)
 relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-               const u16* __restrict__ out, const u16* __restrict__ dout,
-               const float* __restrict__ rel_h, const float* __restrict__ rel_w,
-               const float* __restrict__ lse2, float* __restrict__ delta,
+               const u16* __restrict__ dout, const float* __restrict__ rel_h, const float* __restrict__ rel_w,
+               const float* __restrict__ lse2, const float* __restrict__ delta,
                float* __restrict__ dq, float* __restrict__ d_rel_h, float* __restrict__ d_rel_w,
                int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw, float scale)
 {
-    constexpr int SROW = HD + 8, KQ = HD / 16, ND = HD / 8, TILE = 64 * SROW;
+    constexpr int SROW = HD + 8, KQ = HD / 16, ND = HD / 8, TILE = 64 * SROW, STAGE = 2 * TILE;
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     u16* smem = reinterpret_cast<u16*>(ra_smem_raw);
-    float* sDH = reinterpret_cast<float*>(smem + 4 * TILE);   // GENERIC: (64, kh) then (64, kw)
+    const int SW = rb_sw_q(REL, kw);
+    float* sRH = reinterpret_cast<float*>(smem + 2 * STAGE);
+    float* sRW = sRH + 64 * kh;
+    float* sDH = sRW + 64 * SW;      // GENERIC
     float* sDW = sDH + 64 * kh;
+    float* sDS = sDW + 64 * kw;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int mtiles = (Sq + 63) / 64;
     const int bh = blockIdx.x / mtiles;
@@ -249,20 +366,12 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const long long row = qrow0 + min(r0 + g + 8 * rr, Sq - 1);
-        rh[rr] = rel_h + row * kh;
-        rw[rr] = rel_w + row * kw;
+        rh[rr] = sRH + (warp * 16 + g + 8 * rr) * kh;
+        rw[rr] = sRW + (warp * 16 + g + 8 * rr) * SW;
         lse[rr] = lse2[row];
-        // delta = dO . O over the row's columns (this thread's 2 of every 8, then the quad's)
-        float sum = 0.f;
-        for (int col = 2 * t; col < D; col += 8)
-            sum += ra_ld<DT>(dout + row * D + col) * ra_ld<DT>(out + row * D + col)
-                 + ra_ld<DT>(dout + row * D + col + 1) * ra_ld<DT>(out + row * D + col + 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        dl[rr] = sum;
-        if (t == 0 && r0 + g + 8 * rr < Sq) delta[row] = sum;   // read by relattn_bwd_dkv
+        dl[rr] = delta[row];
     }
-    if (REL == bwd_bias::GENERIC)
+    if constexpr (REL == bwd_bias::GENERIC)
         for (int c = tid; c < 64 * (kh + kw); c += 128) sDH[c] = 0.f;   // seen after the loop's first barrier
     const int mi = lane >> 3, ri = lane & 7;
     const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;
@@ -280,10 +389,15 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
         for (int e = 0; e < 4; ++e) dw[j][e] = 0.f;
 
     const int ntiles = (Sk + 63) / 64;
-    rb_load<HD, true>(smem, kb, vb, 0, Sk, D, tid);
+    auto load = [&](int n, int stage) {
+        rb_load<HD, true>(smem + stage * STAGE, kb, vb, n * 64, Sk, D, tid);
+        ra_cp_commit();
+    };
+    rb_load_terms<REL>(sRH, sRW, rel_h + qrow0 * kh, rel_w + qrow0 * kw, b0, Sq, kh, kw, tid);
+    load(0, 0);
     for (int n = 0; n < ntiles; ++n) {
         const int j0 = n * 64;
-        const u16* cK = rb_next<HD, true>(smem, kb, vb, n, ntiles, Sk, D, tid);
+        const u16* cK = smem + rb_next(n, ntiles, load) * STAGE;
         const u16* cV = cK + TILE;
 
         float s[8][4], dp[8][4];
@@ -298,7 +412,7 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
                 s[j][e] = p * (dp[j][e] - dl[e >> 1]);      // dS
             }
 
-        if (REL == bwd_bias::KEY_ROWS) {
+        if constexpr (REL == bwd_bias::KEY_ROWS) {
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
                 float sum = 0.f;
@@ -313,17 +427,9 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
                 const int r = r0 + g + 8 * rr;
                 if (t == 0 && r < Sq) d_rel_h[(qrow0 + r) * kh + n] = sum;
             }
-        } else if (REL == bwd_bias::GENERIC) {
-            rb_tile_keys<REL>(j0, Sk, kw, inv_kw, t,
-                [&](int j, int e, int ky, int kx) {
-#pragma unroll
-                    for (int rr = 0; rr < 2; ++rr) {
-                        const int lr = warp * 16 + g + 8 * rr;
-                        atomicAdd(sDH + lr * kh + ky, s[j][2 * rr + e]);
-                        atomicAdd(sDW + lr * kw + kx, s[j][2 * rr + e]);
-                    }
-                },
-                [](int, int) {});
+        } else if constexpr (REL == bwd_bias::GENERIC) {
+            rb_dq_generic_terms(s, sDS + warp * 16 * RB_DS, sDH + warp * 16 * kh, sDW + warp * 16 * kw, j0,
+                                min(j0 + 64, Sk), kh, kw, lane, g, t);
         }
 
         rb_xb<DT, HD>(acc, s, ra_smem_addr(cK + t_off));    // dq += dS K
@@ -341,14 +447,14 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
             if (col < D)
                 *reinterpret_cast<float2*>(dst + col) = make_float2(acc[d][2 * rr] * scale, acc[d][2 * rr + 1] * scale);
         }
-        if (REL == bwd_bias::KEY_ROWS) {
+        if constexpr (REL == bwd_bias::KEY_ROWS) {
             float* wdst = d_rel_w + (qrow0 + r) * kw;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
                 *reinterpret_cast<float2*>(wdst + j * 8 + 2 * t) = make_float2(dw[j][2 * rr], dw[j][2 * rr + 1]);
         }
     }
-    if (REL == bwd_bias::GENERIC) {
+    if constexpr (REL == bwd_bias::GENERIC) {
         __syncthreads();
         const int rows = min(64, Sq - b0);
         for (int c = tid; c < rows * kh; c += 128) d_rel_h[(qrow0 + b0) * kh + c] = sDH[c];
@@ -357,21 +463,30 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
 }
 
 // ---- relattn_bwd_dkv: dk and dv, per block of 64 keys
+// Each stage holds a query tile's q and dO, then (float32) its rows' lse2
+// (64), delta (64), the terms of the block's keys: rel_h columns ky_lo ..
+// ky_lo + nh - 1 (64, nh) and rel_w (64, RB_SW_K in the key-rows mode, else kw).
+__host__ __device__ constexpr int rb_sw_k(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_K : kw; }
+
 template <int DT, int HD, int REL>
 __global__ void __launch_bounds__(128)
 relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                 const u16* __restrict__ dout, const float* __restrict__ rel_h, const float* __restrict__ rel_w,
                 const float* __restrict__ lse2, const float* __restrict__ delta,
                 float* __restrict__ dk, float* __restrict__ dv,
-                int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw, float scale)
+                int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw, float scale, int nh)
 {
-    constexpr int SROW = HD + 8, KQ = HD / 16, ND = HD / 8, TILE = 64 * SROW;
+    constexpr int SROW = HD + 8, KQ = HD / 16, ND = HD / 8, TILE = 64 * SROW, STAGE = 2 * TILE;
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     u16* smem = reinterpret_cast<u16*>(ra_smem_raw);
+    const int SW = rb_sw_k(REL, kw);
+    const int FST = 128 + (REL == bwd_bias::NONE ? 0 : 64 * (nh + SW));   // floats of a stage
+    float* fsm = reinterpret_cast<float*>(smem + 2 * STAGE);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int ktiles = (Sk + 63) / 64;
     const int bh = blockIdx.x / ktiles;
-    const int key0 = (blockIdx.x - bh * ktiles) * 64 + warp * 16;
+    const int kb0 = (blockIdx.x - bh * ktiles) * 64;
+    const int key0 = kb0 + warp * 16;
     const long long qrow0 = (long long)bh * Sq;
     const u16* qb = q + qrow0 * D;
     const u16* ob = dout + qrow0 * D;
@@ -379,10 +494,16 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     u32 kf[KQ][4], vf[KQ][4];
     rb_frags<KQ>(kf, k + (long long)bh * Sk * D, key0, Sk, D, g, t);
     rb_frags<KQ>(vf, v + (long long)bh * Sk * D, key0, Sk, D, g, t);
-    int ky[2] = {0, 0}, kx[2] = {0, 0};
-    if (REL != bwd_bias::NONE) {
+    const int ky_lo = (REL == bwd_bias::NONE) ? 0 : kb0 / kw;
+    int hcol[2] = {0, 0}, wcol[2] = {0, 0};   // the thread's keys' columns in the staged terms
+    if constexpr (REL != bwd_bias::NONE) {
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) ra_split_key(min(key0 + g + 8 * rr, Sk - 1), kw, inv_kw, ky[rr], kx[rr]);
+        for (int rr = 0; rr < 2; ++rr) {
+            int ky, kx;
+            ra_split_key(min(key0 + g + 8 * rr, Sk - 1), kw, inv_kw, ky, kx);
+            hcol[rr] = ky - ky_lo;
+            wcol[rr] = kx;
+        }
     }
     const int mi = lane >> 3, ri = lane & 7;
     const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;
@@ -395,11 +516,30 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
         for (int e = 0; e < 4; ++e) { ak[d][e] = 0.f; av[d][e] = 0.f; }
 
     const int ntiles = (Sq + 63) / 64;
-    rb_load<HD, true>(smem, qb, ob, 0, Sq, D, tid);
-    for (int n = 0; n < ntiles; ++n) {
+    auto load = [&](int n, int stage) {
         const int i0 = n * 64;
-        const u16* cQ = rb_next<HD, true>(smem, qb, ob, n, ntiles, Sq, D, tid);
+        float* f = fsm + stage * FST;
+        rb_load<HD, true>(smem + stage * STAGE, qb, ob, i0, Sq, D, tid);
+        rb_load_f32<false>(f, 1, lse2 + qrow0, 1, 0, 1, i0, Sq, tid);
+        rb_load_f32<false>(f + 64, 1, delta + qrow0, 1, 0, 1, i0, Sq, tid);
+        if constexpr (REL != bwd_bias::NONE) {
+            rb_load_f32<false>(f + 128, nh, rel_h + qrow0 * kh, kh, ky_lo, min(nh, kh - ky_lo), i0, Sq, tid);
+            if constexpr (REL == bwd_bias::KEY_ROWS)
+                rb_load_f32<true>(f + 128 + 64 * nh, SW, rel_w + qrow0 * kw, kw, 0, kw, i0, Sq, tid);
+            else
+                rb_load_f32<false>(f + 128 + 64 * nh, SW, rel_w + qrow0 * kw, kw, 0, kw, i0, Sq, tid);
+        }
+        ra_cp_commit();
+    };
+    load(0, 0);
+    for (int n = 0; n < ntiles; ++n) {
+        const int i0 = n * 64, stage = rb_next(n, ntiles, load);
+        const u16* cQ = smem + stage * STAGE;
         const u16* cO = cQ + TILE;
+        const float* sL = fsm + stage * FST;
+        const float* sD = sL + 64;
+        const float* sRH = sL + 128;
+        const float* sRW = sRH + 64 * nh;
 
         float s[8][4], dp[8][4];                  // transposed: rows keys, columns queries
         rb_abt<DT, KQ, HD>(s, kf, ra_smem_addr(cQ + k_off));
@@ -408,14 +548,13 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
         for (int j = 0; j < 8; ++j)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int i = i0 + j * 8 + 2 * t + e;
-                if (i < Sq) {
-                    const long long row = qrow0 + i;
-                    const float L = __ldg(lse2 + row), Dl = __ldg(delta + row);
+                const int il = j * 8 + 2 * t + e;
+                if (i0 + il < Sq) {
+                    const float L = sL[il], Dl = sD[il];
 #pragma unroll
                     for (int rr = 0; rr < 2; ++rr) {
                         const float bias = (REL == bwd_bias::NONE) ? 0.f
-                            : (__ldg(rel_h + row * kh + ky[rr]) + __ldg(rel_w + row * kw + kx[rr])) * RA_LOG2E;
+                            : (sRH[il * nh + hcol[rr]] + sRW[il * SW + wcol[rr]]) * RA_LOG2E;
                         const float p = ra_exp2(fmaf(s[j][2 * rr + e], scale_log2, bias) - L);
                         s[j][2 * rr + e] = p;
                         dp[j][2 * rr + e] = p * (dp[j][2 * rr + e] - Dl);   // dS^T

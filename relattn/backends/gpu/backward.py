@@ -1,15 +1,18 @@
 """The attention core's backward on the GPU: fused kernels for float16,
 bfloat16 and float32 inputs, CuPy operations over chunks for the rest.
 
-Fused (:func:`row_lse`, :func:`fused_core_backward`): float16 / bfloat16 q,
-k, v on ``mma.sync`` with float32 accumulation (``cuda/bwd.cu``), float32 on
-the SIMT cores with FMA (``cuda/bwd32.cu``). The forward keeps each query
-row's log-sum-exp; the backward runs two kernels, one per block of 64 query
-rows (dq and the terms' gradients, summed over the key tiles) and one per
-block of 64 keys (dk and dv, summed over the query tiles), each recomputing
-its tiles of the logits and weights. On the tensor cores P and dS are
-rounded to the input's 16-bit type, as in flash attention's backward; the
-terms' gradients are summed in float32 from the unrounded dS.
+Fused (:func:`fused_core_backward`): float16 / bfloat16 q, k, v on
+``mma.sync`` with float32 accumulation (``cuda/bwd.cu``), float32 on the
+SIMT cores with FMA (``cuda/bwd32.cu``). The 16-bit pullback runs three
+kernels: one pass over the keys per block of 64 query rows for each row's
+log-sum-exp and its exact ``delta = rowsum(P * dP)``, then one per block of
+64 query rows (dq and the terms' gradients, summed over the key tiles) and
+one per block of 64 keys (dk and dv, summed over the query tiles), each
+recomputing its tiles of the logits and weights. The float32 forward keeps
+each row's log-sum-exp (:func:`row_lse`) and its pullback takes ``delta``
+from ``out``. On the tensor cores P and dS are rounded to the input's 16-bit
+type for the products, as in flash attention's backward; the terms'
+gradients are summed in float32 from the unrounded dS.
 
 Chunked (:func:`row_stats`, :func:`core_backward`), for every other input
 (float64, and what :func:`fused_reasons` turns away):
@@ -226,7 +229,7 @@ def core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
 
 
 # ------------------------------------------------------------------ fused
-# relattn_bwd_stats / _dq / _dkv (cuda/bwd.cu, 16-bit on mma.sync) and
+# relattn_bwd_rows / _dq / _dkv (cuda/bwd.cu, 16-bit on mma.sync) and
 # relattn_bwd32_stats / _dq / _dkv (cuda/bwd32.cu, float32 on the SIMT cores):
 # flash-style, nothing Sq x Sk in memory.
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
@@ -234,6 +237,7 @@ FUSED_MAX_HEAD_DIM = 128
 FUSED_MAX_TERMS = 256   # k_h + k_w: GENERIC sums the terms' gradients of 64 rows in shared memory
 _LOG2E = 1.4426950408889634
 _LDT32 = 68             # bwd32.cu's RB32_LDT: a transposed tile's row of 64 values, padded
+_SW_Q, _SW_K, _DS = 72, 68, 68   # bwd.cu's RB_SW_Q, RB_SW_K, RB_DS
 
 
 class Bias(enum.IntEnum):
@@ -245,31 +249,48 @@ class Bias(enum.IntEnum):
 
 def _names(dt: int, hd: int) -> dict:
     """The kernels' instantiation names, by (kind, bias): dt 0 float16, 1
-    bfloat16 (bwd.cu), 2 float32 (bwd32.cu)."""
+    bfloat16 (bwd.cu: "stats" the log-sum-exp alone, "rows" with delta), 2
+    float32 (bwd32.cu)."""
     if dt == 2:
         return {(kind, rel): f"relattn_bwd32_{kind}<{hd}, {rel}>"
                 for kind in ("stats", "dq", "dkv") for rel in (0, 1, 2)}
-    return {(kind, rel): f"relattn_bwd_{kind}<{dt}, {hd}, {rel}>"
-            for kind in ("stats", "dq", "dkv") for rel in (0, 1, 2)}
+    names = {(kind, rel): f"relattn_bwd_{kind}<{dt}, {hd}, {rel}>" for kind in ("dq", "dkv") for rel in (0, 1, 2)}
+    for rel in (0, 1, 2):
+        names[("stats", rel)] = f"relattn_bwd_rows<{dt}, {hd}, {rel}, false>"
+        names[("rows", rel)] = f"relattn_bwd_rows<{dt}, {hd}, {rel}, true>"
+    return names
 
 
 def _padded(d: int) -> int:
     return max(16, (d + 15) // 16 * 16)
 
 
+def _key_columns(bias, kh: int, kw: int) -> int:
+    """bwd.cu's ``nh``: the rel_h columns a block of 64 keys reads."""
+    return 1 if bias != Bias.GENERIC else min(kh, 63 // kw + 2)
+
+
 def _smem(dtype_name_: str, d: int, bias, kh: int, kw: int) -> dict:
-    """Shared bytes of each kernel: double-buffered 16-bit tiles of (64, HD +
-    8), or float32 tiles transposed (HD, 68) and the (64, 68) P / dS tiles;
-    GENERIC's dq adds the 64 rows' terms gradients (float32)."""
+    """Shared bytes of each kernel. float32: tiles transposed (HD, 68) and the
+    (64, 68) P / dS tiles. 16-bit: double-buffered tiles of (64, HD + 8);
+    the query-major kernels add their rows' terms, the generic dq their
+    gradients and a dS tile per warp; dkv's stages add the query tile's
+    lse2, delta and terms."""
     hd = _padded(d)
     if dtype_name_ == "float32":
         tile, rows = hd * _LDT32 * 4, 64 * _LDT32 * 4
         sizes = {"stats": 2 * tile, "dq": 4 * tile + rows, "dkv": 4 * tile + 2 * rows}
-    else:
-        stage = 2 * 64 * (hd + 8) * 2   # a K / V (or Q / dO) pair of tiles
-        sizes = {"stats": stage, "dq": 2 * stage, "dkv": 2 * stage}
+        if bias == Bias.GENERIC:
+            sizes["dq"] += 64 * (kh + kw) * 4
+        return sizes
+    tile = 64 * (hd + 8) * 2
+    terms = 0 if bias == Bias.NONE else 64 * (kh + (_SW_Q if bias == Bias.KEY_ROWS else kw)) * 4
+    key_terms = 0 if bias == Bias.NONE else 64 * (_key_columns(bias, kh, kw)
+                                                  + (_SW_K if bias == Bias.KEY_ROWS else kw)) * 4
+    sizes = {"stats": 2 * tile + terms, "rows": 4 * tile + terms, "dq": 4 * tile + terms,
+             "dkv": 4 * tile + 2 * (128 * 4 + key_terms)}
     if bias == Bias.GENERIC:
-        sizes["dq"] += 64 * (kh + kw) * 4
+        sizes["dq"] += 64 * (kh + kw) * 4 + 64 * _DS * 4
     return sizes
 
 
@@ -328,6 +349,7 @@ class _Fused:
         dt = 2 if self.float32 else 1 if name == "bfloat16" else 0
         self.bias = _bias(rel_h, k_size, k_len)
         self.kh, self.kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+        self.nh = _key_columns(self.bias, self.kh, self.kw)
         self.threads = 256 if self.float32 else 128
         self.smem = _smem(name, d, self.bias, self.kh, self.kw)
         names = _names(dt, hd)
@@ -370,23 +392,30 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
     f = _Fused(q, rel_h, k_size, k_len)
     rh, rw = _terms32(rel_h, rel_w)
     lse = cupy.empty((B * H, q_len), dtype=np.float32)
-    ints = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw))
-    f.launch("stats", B * H * -(-q_len // 64), (f.operand(q), f.operand(k), rh, rw, lse) + ints
-             + (np.float32(scale * _LOG2E), np.float32(1.0 / f.kw)))
+    tail = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw)) + (
+        np.float32(scale * _LOG2E), np.float32(1.0 / f.kw))
+    qx, kx = f.operand(q), f.operand(k)
+    args = (qx, kx, rh, rw, lse) if f.float32 else (qx, kx, kx, qx, rh, rw, lse, lse)
+    f.launch("stats", B * H * -(-q_len // 64), args + tail)
     return lse.reshape(B, H, q_len)
 
 
-def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
-    """:func:`core_backward`'s gradients by the fused kernels, from
-    :func:`row_lse`'s ``lse``: float32 (B, H, ...) arrays, ``dq`` the core's
-    part only, ``delta = rowsum(dO * O)`` taken from ``out`` (16-bit inputs:
-    as rounded to their type). Inputs that :func:`fused_reasons` accepts."""
+def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None):
+    """:func:`core_backward`'s gradients by the fused kernels: float32 (B, H,
+    ...) arrays, ``dq`` the core's part only. float32 inputs take
+    :func:`row_lse`'s ``lse`` from the forward and ``delta = rowsum(dO *
+    O)`` from ``out``; 16-bit inputs (``lse`` None) compute each row's
+    log-sum-exp and its exact ``delta = rowsum(P * dP)`` here, in one pass
+    (``out`` rounded to 16 bits would put its rounding into the terms'
+    gradients, partial sums of dS). Inputs that :func:`fused_reasons` accepts."""
     import cupy
 
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
     f = _Fused(q, rel_h, k_size, k_len)
+    if (lse is None) == f.float32:
+        raise ValueError("lse: float32 inputs take row_lse's, 16-bit inputs none (computed here)")
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
@@ -398,12 +427,19 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     else:
         d_rel_h = cupy.empty((pairs, q_len, f.kh), dtype=f32)
         d_rel_w = cupy.empty((pairs, q_len, f.kw), dtype=f32)
-    qx, kx, vx, ox, dox = (f.operand(x) for x in (q, k, v, out, dout))
-    lse = lse.reshape(pairs, q_len)
-    tail = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw)) + (
-        f32(scale * _LOG2E), f32(1.0 / f.kw), f32(scale))
-    f.launch("dq", pairs * -(-q_len // 64), (qx, kx, vx, ox, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
-    f.launch("dkv", pairs * -(-k_len // 64), (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
+    qx, kx, vx, dox = (f.operand(x) for x in (q, k, v, dout))
+    ints = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw))
+    tail = ints + (f32(scale * _LOG2E), f32(1.0 / f.kw), f32(scale))
+    q_blocks, k_blocks = pairs * -(-q_len // 64), pairs * -(-k_len // 64)
+    if f.float32:
+        lse = lse.reshape(pairs, q_len)
+        f.launch("dq", q_blocks, (qx, kx, vx, f.operand(out), dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
+        f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
+    else:
+        lse = cupy.empty((pairs, q_len), dtype=f32)
+        f.launch("rows", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta) + tail[:-1])
+        f.launch("dq", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
+        f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail + (np.int32(f.nh),))
     dq = dq.reshape(B, H, q_len, d)
     dk = dk.reshape(B, H, k_len, d)
     dv = dv.reshape(B, H, k_len, d)
@@ -413,17 +449,23 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
 
 
 def forward_stats(q, k, v, rel_h, rel_w, k_size, scale):
-    """What the backward keeps of the forward: :func:`row_lse`'s (B, H, Sq)
-    where the fused kernels take the problem, else :func:`row_stats`'s (B,
-    H, Sq, 2). :func:`core_gradients` tells them apart by their rank."""
+    """What the backward keeps of the forward: None where the 16-bit fused
+    kernels take the problem (they compute each row's log-sum-exp in the
+    pullback, with its delta), :func:`row_lse`'s (B, H, Sq) for the float32
+    fused kernels, else :func:`row_stats`'s (B, H, Sq, 2).
+    :func:`core_gradients` tells them apart."""
+    from relattn._arrays import dtype_name
+
     if fused_reasons(q, k, v, rel_h, k_size):
         return row_stats(q, k, rel_h, rel_w, k_size, scale)
+    if dtype_name(q.dtype) != "float32":
+        return None
     return row_lse(q, k, rel_h, rel_w, k_size, scale)
 
 
 def core_gradients(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
     """The core's gradients from :func:`forward_stats`' ``stats``: the fused
-    kernels for a log-sum-exp, the chunks for the (max, sum) pairs."""
-    if stats.ndim == 3:
+    kernels for None or a log-sum-exp, the chunks for the (max, sum) pairs."""
+    if stats is None or stats.ndim == 3:
         return fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
     return core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
