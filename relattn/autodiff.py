@@ -207,7 +207,15 @@ def _table_adjoint(d_gathered, table, q_len, k_len, resize_dtype):
     rows = 2 * max(q_len, k_len) - 1
     d_resized = _scatter_add(d_gathered.reshape(q_len * k_len, d_gathered.shape[2]),
                              _gather_slots(q_len, k_len), ("vjp-gather-slots", q_len, k_len))
-    if table.shape[0] != rows:
+    assert d_resized.shape[0] == rows
+    return _resized_adjoint(d_resized, table, resize_dtype)
+
+
+def _resized_adjoint(d_resized, table, resize_dtype):
+    """The stored ``table``'s gradient from that of the table SAM's gather
+    read (``2 * max - 1`` rows): the resize's adjoint when the table was
+    resized, in the table's dtype."""
+    if table.shape[0] != d_resized.shape[0]:
         d_resized = _resize_adjoint(d_resized, table.shape[0],
                                     _resize_arithmetic(table.dtype, resize_dtype))
     return astype(d_resized, table.dtype)
@@ -441,11 +449,18 @@ def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
 
 def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, rel_h, rel_w, stats):
     """The pullback on the GPU: the core's gradients from
-    :func:`_core_backward_gpu`, then the tables' as for the fused CPU
-    backward (:func:`_terms_pullback`, in CuPy)."""
+    :func:`_core_backward_gpu`, then the tables': for float32 terms and
+    16-bit or float32 q by the terms' pullback kernels
+    (:func:`relattn.backends.gpu.backward.terms_pullback`: dq's terms part,
+    the gathered tables' gradients and the gather's adjoint), else as for
+    the fused CPU backward (:func:`_terms_pullback`, in CuPy); then the
+    resize's adjoint where a table was resized."""
+    from relattn.backends.gpu import backward
+
     use_rel = th is not None
     if use_rel:
         term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
+        kernels = term_work == np.float32 and dtype_name(q.dtype) in backward.TERMS_DTYPES
         with q.device:
             Rh, Rw = _gathered_tables(th, tw, q_size, k_size, term_work)
 
@@ -457,8 +472,12 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
             dk, dv = astype(dk3, k.dtype), astype(dv3, v.dtype)
             if not use_rel:
                 return astype(dq3, q.dtype), dk, dv, None, None
-            dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,
-                                           resize_dtype, term_work)
+            if kernels:
+                dq, g_h, g_w = backward.terms_pullback(q, dq3, dh3, dw3, Rh, Rw, q_size, k_size)
+                d_h, d_w = (_resized_adjoint(g, t, resize_dtype) for g, t in zip((g_h, g_w), stored))
+            else:
+                dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,
+                                               resize_dtype, term_work)
         return dq, dk, dv, d_h, d_w
 
     return pullback

@@ -66,8 +66,9 @@ FAMILY_FILES = {
     "win": ("portable", ("mma_sync.cuh", "win.cu")),       # relattn_win
     "simt": ("portable", ("simt.cu",)),                    # relattn_simt
     "terms": ("portable", ("mma_sync.cuh", "terms.cu")),   # relattn_relterms, relattn_relterms_mma
-    "bwd": ("portable", ("mma_sync.cuh", "bwd_common.cuh", "bwd.cu")),   # relattn_bwd_stats, _dq, _dkv (16-bit)
+    "bwd": ("portable", ("mma_sync.cuh", "bwd_common.cuh", "bwd.cu")),   # relattn_bwd_rows, _dq, _dkv (16-bit)
     "bwd32": ("portable", ("bwd_common.cuh", "bwd32.cu")),                # relattn_bwd32_* (float32)
+    "bwd_terms": ("portable", ("bwd_terms.cu",)),   # relattn_bwd_terms_*: the pullback through the terms
     "tf32": ("portable", ("tf32_common.cuh", "tf32.cu")),  # relattn_tf32
     "wg": ("sm90", ("sm90_common.cuh", "wg.cu")),          # relattn_wg
     "ws": ("sm90", ("sm90_common.cuh", "ws.cu")),          # relattn_ws

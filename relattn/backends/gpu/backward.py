@@ -469,3 +469,80 @@ def core_gradients(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
     if stats is None or stats.ndim == 3:
         return fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
     return core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
+
+
+# ------------------------------------------------------------------ terms' pullback
+# relattn_bwd_terms_dq / _grid / _scatter (cuda/bwd_terms.cu): the pullback
+# through rel_h = q . Rh, rel_w = q . Rw and SAM's gather, for float32
+# terms' gradients and gathered tables; 16-bit or float32 q.
+TERMS_DTYPES = ("float16", "bfloat16", "float32")
+_TERMS_DT = {"float16": 0, "bfloat16": 1, "float32": 2}
+_TERMS_SPLIT_BLOCKS = 256   # blocks the grid kernel aims for, splitting the (batch, head) range
+
+
+def _terms_kernel(kind, dt):
+    from . import _build
+
+    names = {("dq", d): f"relattn_bwd_terms_dq<{d}, {'float' if d == 2 else 'u16'}>" for d in (0, 1, 2)}
+    names.update({("grid", d): f"relattn_bwd_terms_grid<{d}, {'float' if d == 2 else 'u16'}>" for d in (0, 1, 2)})
+    names[("scatter", 0)] = "relattn_bwd_terms_scatter"
+    return _build.portable_kernel(("bwd_terms",), names, (kind, dt), 0, _build.family_source("bwd_terms"))
+
+
+def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
+    """The gradient of one side's table before the resize (2 max - 1 rows,
+    float32): from the terms' gradients d3 (B*H, Sq, kl) and q3 (B*H, Sq, D)
+    by the grid kernel (split over (batch, head) for enough blocks), then the
+    gather's adjoint by the scatter kernel, which also sums the splits."""
+    import cupy
+
+    from relattn.autodiff import _gather_slots, _on_device
+
+    nbh, Sq, D = q3.shape
+    (qh, qw), (kh, kw) = q_size, k_size
+    na, nb, kl, sa, sb = (qh, qw, kh, qw, 1) if side == "h" else (qw, qh, kw, 1, qw)
+    kc = 16 * 256 // D
+    chunks = -(-kl // kc)
+    splits = max(1, min(nbh, _TERMS_SPLIT_BLOCKS // max(1, na * chunks)))
+    part = cupy.empty((splits, na, kl, D), dtype=np.float32)
+    smem = 16 * (kc + D) * 4
+    _terms_kernel("grid", dt)((na, chunks, splits), (256,),
+                              (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)),
+                              shared_mem=smem)
+    slots = _gather_slots(na, kl)
+    width, rows = slots.shape
+    dev_slots = _on_device(cupy, ("vjp-gather-slots", na, kl), slots)
+    g = cupy.empty((rows, D), dtype=np.float32)
+    _terms_kernel("scatter", 0)((rows,), (128,), (part, dev_slots, g, np.int32(width), np.int32(rows),
+                                                  np.int64(na * kl), np.int64(na * kl), np.int32(D),
+                                                  np.int32(splits)))
+    return g
+
+
+def terms_pullback(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
+    """``(dq, g_h, g_w)``: ``dq`` of q's shape and dtype, the core's float32
+    part plus the terms' (rounded once), and the gradients of the two
+    gathered-side tables (``2 max - 1`` rows, float32; the resize's adjoint,
+    if any, is the caller's). ``d_rel_h`` / ``d_rel_w`` float32 (B, H, Sq,
+    k_*) , ``Rh`` (q_h, k_h, D) / ``Rw`` (q_w, k_w, D) float32, q 16-bit or
+    float32 (:data:`TERMS_DTYPES`)."""
+    import cupy
+
+    from relattn._arrays import dtype_name
+
+    B, H, Sq, D = q.shape
+    (qh, qw), (kh, kw) = q_size, k_size
+    name = dtype_name(q.dtype)
+    dt = _TERMS_DT[name]
+    q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
+    dh3, dw3 = (cupy.ascontiguousarray(t).reshape(B * H, Sq, -1) for t in (d_rel_h, d_rel_w))
+    Rh, Rw = (cupy.ascontiguousarray(t) for t in (Rh, Rw))
+    dq = cupy.empty((B, H, Sq, D), dtype=q.dtype)
+    n = B * H * Sq * D
+    out = dq.view(cupy.uint16) if dt < 2 else dq
+    _terms_kernel("dq", dt)((-(-n // 256),), (256,),
+                            (cupy.ascontiguousarray(dq_core), dh3, dw3, Rh, Rw, out, np.int64(n))
+                            + tuple(np.int32(v) for v in (Sq, qw, D, kh, kw)))
+    g_h = _gather_adjoint(dh3, q3, "h", q_size, k_size, dt)
+    g_w = _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
+    return dq, g_h, g_w
