@@ -198,6 +198,29 @@ def test_subnormal_weight_times_inf_is_inf(backend):
     assert _run(backend, problem, scale=1.0)[0, 0, 0, 0] == np.inf
 
 
+@pytest.mark.parametrize("table_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES[2:], ids=lambda d: d.name)
+def test_infinite_table_entries(backend, dtype, table_dtype):
+    """A -inf entry of a table masks the keys its row reaches (the query's
+    weight on that channel is positive); the GPU's terms kernel splits
+    float32 tables into two 16-bit halves, where -inf - -inf must not
+    become NaN. One head, q grid == k grid (2, 1)."""
+    rng = np.random.default_rng(3)
+    q = np.abs(rng.standard_normal((1, 1, 2, 2))) + 0.5
+    k, v = rng.standard_normal((1, 1, 2, 2)), rng.standard_normal((1, 1, 2, 2))
+    table_h = rng.standard_normal((3, 2)) * 0.5
+    table_h[1, 0] = -np.inf                      # the diagonal (ky == y): each query's own key row
+    table_w = rng.standard_normal((1, 2)) * 0.5
+    tdt = dtype if table_dtype == "same" else np.dtype(np.float32)
+    problem = dict(arrays=[q.astype(dtype), k.astype(dtype), v.astype(dtype), table_h.astype(tdt),
+                           table_w.astype(tdt)], q_size=(2, 1), k_size=(2, 1), dtype=dtype)
+    if not _supported(backend, problem):
+        pytest.skip(f"backend {backend!r} does not take {dtype.name}")
+    want = _run("numpy", problem)
+    assert np.isfinite(want).all()
+    assert_same_ieee(_run(backend, problem), want, dtype, f"{backend}: {dtype.name}, tables {tdt.name}")
+
+
 # (kernel family, dtype, q grid, tables in q's dtype (the fused-terms modes), float32 mode)
 FAMILY_CASES = [
     ("ws", "bfloat16", (64, 64), True, None), ("ws", "float16", (64, 64), False, None),

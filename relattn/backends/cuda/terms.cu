@@ -130,7 +130,10 @@ relattn_relterms(const void* __restrict__ q, const float* __restrict__ Rh, const
 // Same contract as relattn_relterms for float16 (DT 0) / bfloat16 (DT 1) q, on
 // mma.sync: each float32 table value t is split into t_hi + t_lo (both 16-bit,
 // t_lo = t - t_hi) and q . t = q . t_hi + q . t_lo is accumulated in float32,
-// so the result matches float32 arithmetic to ~2^-17 relative. Blocks of 128
+// so the result matches float32 arithmetic to ~2^-17 relative. An infinite or
+// NaN t_hi carries the value alone (t_lo = 0: t - t_hi would be NaN and turn a
+// masking -inf into NaN); a float32 value beyond float16's range (|t| > 65504)
+// with float16 q becomes +-inf. Blocks of 128
 // threads compute 64 rows x 64 columns with the whole head dim (HD = D rounded
 // up to 16, at most 128) in shared memory; column blocks past K are skipped.
 template <int DT>
@@ -146,6 +149,13 @@ __device__ __forceinline__ float ra_from16(u16 u) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
     return f;
+}
+
+// t_lo of the split t = t_hi + t_lo, zero where t_hi is not finite.
+template <int DT>
+__device__ __forceinline__ u16 ra_split_lo(float x, u16 hi) {
+    const float h = ra_from16<DT>(hi);
+    return ra_finite(h) ? ra_to16<DT>(x - h) : (u16)0;
 }
 
 template <int TT>
@@ -244,8 +254,7 @@ relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, con
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const u16 h0 = ra_to16<DT>(x[2 * e]), h1 = ra_to16<DT>(x[2 * e + 1]);
-                const u16 l0 = ra_to16<DT>(x[2 * e] - ra_from16<DT>(h0));
-                const u16 l1 = ra_to16<DT>(x[2 * e + 1] - ra_from16<DT>(h1));
+                const u16 l0 = ra_split_lo<DT>(x[2 * e], h0), l1 = ra_split_lo<DT>(x[2 * e + 1], h1);
                 ph[e] = (u32)h0 | ((u32)h1 << 16);
                 pl[e] = (u32)l0 | ((u32)l1 << 16);
             }
@@ -261,7 +270,7 @@ relattn_relterms_mma(const u16* __restrict__ q, const void* __restrict__ Th, con
             const float x = (to >= 0 && d < D) ? ra_table_f32<TT>(T, to + d) : 0.f;
             const u16 hi = ra_to16<DT>(x);
             sBh[r * SROW + d] = hi;
-            sBl[r * SROW + d] = ra_to16<DT>(x - ra_from16<DT>(hi));
+            sBl[r * SROW + d] = ra_split_lo<DT>(x, hi);
         }
     }
     __syncthreads();
