@@ -39,8 +39,8 @@ def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     rh, rw = bw._terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
-    dk = cupy.empty((pairs, k_len, d), dtype=f32)
-    dv = cupy.empty((pairs, k_len, d), dtype=f32)
+    dk = cupy.empty((pairs, k_len, d), dtype=f32 if f.float32 else cupy.uint16)
+    dv = cupy.empty((pairs, k_len, d), dtype=f32 if f.float32 else cupy.uint16)
     delta = cupy.zeros((pairs, q_len), dtype=f32)
     d_rel_h = cupy.empty((pairs, q_len, f.kh), dtype=f32)
     d_rel_w = cupy.empty((pairs, q_len, f.kw), dtype=f32)

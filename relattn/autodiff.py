@@ -413,6 +413,28 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
 
 
 # ------------------------------------------------------------------ GPU (cupy)
+# The terms kernel's run of each (q, tables, sizes) signature (array keys as
+# the call plans take them: shapes, strides, dtypes, device, alignment).
+_terms_runs: dict = {}
+_TERMS_RUNS_MAX = 64
+
+
+def _gpu_terms(q, th, tw, q_size, k_size):
+    """``(rel_h, rel_w)`` by the cupy backend's terms kernel (einsum for
+    float64), its run planned once per signature."""
+    from relattn.backends.gpu import terms
+    from relattn.functional import _array_key
+
+    key = (tuple(_array_key(a) for a in (q, th, tw)), q_size, k_size)
+    run = _terms_runs.get(key)
+    if run is None:
+        run = terms.plan(q, th, tw, q_size, k_size)[0]
+        if len(_terms_runs) >= _TERMS_RUNS_MAX:
+            _terms_runs.pop(next(iter(_terms_runs)), None)
+        _terms_runs[key] = run
+    return run(q, th, tw)
+
+
 def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     """The cupy backend's forward, ``out`` by ``rel_pos_attention(...,
     backend="cupy")`` itself (its bits, its plan cache), and the backward's
@@ -423,7 +445,7 @@ def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     16-bit fused kernels, which take each row's log-sum-exp in the pullback;
     the log-sum-exp for the float32 ones; else its max and sum of
     exponentials)."""
-    from relattn.backends.gpu import backward, terms
+    from relattn.backends.gpu import backward
     from relattn.functional import rel_pos_attention
 
     out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=scale,
@@ -431,8 +453,7 @@ def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
     rel_h = rel_w = None
     if th is not None:   # the terms kernel the cupy backend runs (einsum for float64)
         work = compute_dtype(q.dtype)
-        run, _ = terms.plan(q, th, tw, q_size, k_size)
-        rel_h, rel_w = (astype(t, work) for t in run(q, th, tw))
+        rel_h, rel_w = (astype(t, work) for t in _gpu_terms(q, th, tw, q_size, k_size))
     return out, rel_h, rel_w, backward.forward_stats(q, k, v, rel_h, rel_w, k_size, scale)
 
 

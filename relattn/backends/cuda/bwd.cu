@@ -20,7 +20,8 @@
 // (B*H, Sq, kw) float32, read through shared memory: the query-major kernels
 // hold their 64 rows' terms for the whole loop, the key-major one stages
 // each query tile's terms, lse2 and delta with the tile. lse2, delta (B*H,
-// Sq) float32. Gradients float32, contiguous. Blocks of 4 warps, each warp
+// Sq) float32. Gradients contiguous: dq and the terms' float32, dk and dv in
+// the inputs' 16-bit type (rounded once). Blocks of 4 warps, each warp
 // 16 rows (queries or keys) of a 64-row block; tiles of 64 double-buffered in
 // shared memory by cp.async. Needs common.cuh, mma_sync.cuh and
 // bwd_common.cuh before it.
@@ -473,7 +474,7 @@ __global__ void __launch_bounds__(128)
 relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                 const u16* __restrict__ dout, const float* __restrict__ rel_h, const float* __restrict__ rel_w,
                 const float* __restrict__ lse2, const float* __restrict__ delta,
-                float* __restrict__ dk, float* __restrict__ dv,
+                u16* __restrict__ dk, u16* __restrict__ dv,
                 int Sq, int Sk, int D, int kh, int kw, float scale_log2, float inv_kw, float scale, int nh)
 {
     constexpr int SROW = HD + 8, KQ = HD / 16, ND = HD / 8, TILE = 64 * SROW, STAGE = 2 * TILE;
@@ -580,9 +581,9 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
 #pragma unroll
         for (int d = 0; d < ND; ++d) {
             const int col = d * 8 + 2 * t;
-            if (col < D) {
-                *reinterpret_cast<float2*>(dk + base + col) = make_float2(ak[d][2 * rr] * scale, ak[d][2 * rr + 1] * scale);
-                *reinterpret_cast<float2*>(dv + base + col) = make_float2(av[d][2 * rr], av[d][2 * rr + 1]);
+            if (col < D) {   // rounded once to the inputs' type
+                *reinterpret_cast<u32*>(dk + base + col) = ra_pack<DT>(ak[d][2 * rr] * scale, ak[d][2 * rr + 1] * scale);
+                *reinterpret_cast<u32*>(dv + base + col) = ra_pack<DT>(av[d][2 * rr], av[d][2 * rr + 1]);
             }
         }
     }

@@ -401,8 +401,9 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
 
 
 def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None):
-    """:func:`core_backward`'s gradients by the fused kernels: float32 (B, H,
-    ...) arrays, ``dq`` the core's part only. float32 inputs take
+    """:func:`core_backward`'s gradients by the fused kernels: (B, H, ...)
+    arrays, ``dq`` the core's part only; float32, but for 16-bit inputs
+    ``dk`` and ``dv`` come in their type (rounded once from float32). float32 inputs take
     :func:`row_lse`'s ``lse`` from the forward and ``delta = rowsum(dO *
     O)`` from ``out``; 16-bit inputs (``lse`` None) compute each row's
     log-sum-exp and its exact ``delta = rowsum(P * dP)`` here, in one pass
@@ -419,8 +420,9 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
-    dk = cupy.empty((pairs, k_len, d), dtype=f32)
-    dv = cupy.empty((pairs, k_len, d), dtype=f32)
+    half = np.float32 if f.float32 else k.dtype     # dk and dv: the 16-bit kernels round them once
+    dk = cupy.empty((pairs, k_len, d), dtype=half)
+    dv = cupy.empty((pairs, k_len, d), dtype=half)
     delta = cupy.empty((pairs, q_len), dtype=f32)
     if rel_h is None:
         d_rel_h = d_rel_w = cupy.zeros((1,), dtype=f32)
@@ -439,7 +441,8 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
         lse = cupy.empty((pairs, q_len), dtype=f32)
         f.launch("rows", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta) + tail[:-1])
         f.launch("dq", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
-        f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail + (np.int32(f.nh),))
+        f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk.view(cupy.uint16),
+                                   dv.view(cupy.uint16)) + tail + (np.int32(f.nh),))
     dq = dq.reshape(B, H, q_len, d)
     dk = dk.reshape(B, H, k_len, d)
     dv = dv.reshape(B, H, k_len, d)
