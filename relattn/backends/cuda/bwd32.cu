@@ -76,6 +76,23 @@ __device__ __forceinline__ void rb32_key(int key, int n, int j0, int kw, float i
     }
 }
 
+// A thread's 4 x 4 block of scaled dot products (columns tx * 4 + c of tile
+// n, from key j0) -> s2 of the header, -inf past the last key.
+template <int REL>
+__device__ __forceinline__ void rb32_logits(float (&s)[4][4], int n, int j0, int Sk, int kw, float inv_kw,
+                                            float scale_log2, const float* const (&rh)[4],
+                                            const float* const (&rw)[4], int tx) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const int key = j0 + tx * 4 + c;
+        int ky, kx;
+        rb32_key<REL>(key, n, j0, kw, inv_kw, ky, kx);
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+            s[a][c] = key < Sk ? rb32_bias<REL>(s[a][c], scale_log2, rh[a], rw[a], ky, kx) : -RA_INF;
+    }
+}
+
 // Sum over the 16 lanes that share ty (lanes 16 apart hold another ty).
 __device__ __forceinline__ float rb32_sum16(float x) {
 #pragma unroll
@@ -119,15 +136,7 @@ relattn_bwd32_stats(const float* __restrict__ q, const float* __restrict__ k,
         __syncthreads();
         float s[4][4];
         rb32_abt<HD>(s, sQ, sK, ty * 4, tx * 4);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int key = j0 + tx * 4 + c;
-            int ky, kx;
-            rb32_key<REL>(key, n, j0, kw, inv_kw, ky, kx);
-#pragma unroll
-            for (int a = 0; a < 4; ++a)
-                s[a][c] = key < Sk ? rb32_bias<REL>(s[a][c], scale_log2, rh[a], rw[a], ky, kx) : -RA_INF;
-        }
+        rb32_logits<REL>(s, n, j0, Sk, kw, inv_kw, scale_log2, rh, rw, tx);
 #pragma unroll
         for (int a = 0; a < 4; ++a) {
             float mx = fmaxf(fmaxf(s[a][0], s[a][1]), fmaxf(s[a][2], s[a][3]));
@@ -219,6 +228,7 @@ relattn_bwd32_dq(const float* __restrict__ q, const float* __restrict__ k, const
         float s[4][4], dp[4][4];
         rb32_abt<HD>(s, sQ, sK, ty * 4, tx * 4);
         rb32_abt<HD>(dp, sO, sV, ty * 4, tx * 4);
+        rb32_logits<REL>(s, n, j0, Sk, kw, inv_kw, scale_log2, rh, rw, tx);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const int key = j0 + tx * 4 + c;
@@ -228,8 +238,7 @@ relattn_bwd32_dq(const float* __restrict__ q, const float* __restrict__ k, const
             for (int a = 0; a < 4; ++a) {
                 float ds = 0.f;   // past the last key: nothing
                 if (key < Sk) {
-                    const float p = ra_exp2(rb32_bias<REL>(s[a][c], scale_log2, rh[a], rw[a], ky, kx) - lse[a]);
-                    ds = p * (dp[a][c] - dl[a]);
+                    ds = ra_exp2(s[a][c] - lse[a]) * (dp[a][c] - dl[a]);
                     if (REL == bwd_bias::GENERIC) {
                         atomicAdd(sDH + (ty * 4 + a) * kh + ky, ds);
                         atomicAdd(sDW + (ty * 4 + a) * kw + kx, ds);
