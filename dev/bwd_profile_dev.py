@@ -35,7 +35,7 @@ def kernels_apart(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse):
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
-    f = bw._Fused(q, rel_h, k_size, k_len)
+    f = bw._Fused.of(q, rel_h, k_size, k_len)
     rh, rw = bw._terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)

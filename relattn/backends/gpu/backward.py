@@ -49,6 +49,7 @@ Importing this module does not import CuPy.
 from __future__ import annotations
 
 import enum
+import functools
 
 import numpy as np
 
@@ -335,20 +336,30 @@ def _bias(rel_h, k_size, k_len) -> Bias:
 
 class _Fused:
     """The fused kernels for one problem: its bias mode, block size, shared
-    bytes per kernel and the operands as the kernels read them."""
+    bytes per kernel and the operands as the kernels read them. One per
+    (dtype, head_dim, bias mode, key grid): :meth:`of`."""
 
-    def __init__(self, q, rel_h, k_size, k_len):
+    @classmethod
+    def of(cls, q, rel_h, k_size, k_len):
         from relattn._arrays import dtype_name
 
+        bias = _bias(rel_h, k_size, k_len)
+        kh, kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+        return cls._cached(dtype_name(q.dtype), int(q.shape[3]), bias, kh, kw)
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)
+    def _cached(cls, name, d, bias, kh, kw):
+        return cls(name, d, bias, kh, kw)
+
+    def __init__(self, name, d, bias, kh, kw):
         from . import _build
 
-        name = dtype_name(q.dtype)
-        d = q.shape[3]
         hd = _padded(d)
         self.float32 = name == "float32"
         dt = 2 if self.float32 else 1 if name == "bfloat16" else 0
-        self.bias = _bias(rel_h, k_size, k_len)
-        self.kh, self.kw = (1, 1) if rel_h is None else (int(n) for n in k_size)
+        self.bias = bias
+        self.kh, self.kw = kh, kw
         self.nh = _key_columns(self.bias, self.kh, self.kw)
         self.threads = 256 if self.float32 else 128
         self.smem = _smem(name, d, self.bias, self.kh, self.kw)
@@ -389,7 +400,7 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
 
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
-    f = _Fused(q, rel_h, k_size, k_len)
+    f = _Fused.of(q, rel_h, k_size, k_len)
     rh, rw = _terms32(rel_h, rel_w)
     lse = cupy.empty((B * H, q_len), dtype=np.float32)
     tail = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw)) + (
@@ -414,7 +425,7 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
-    f = _Fused(q, rel_h, k_size, k_len)
+    f = _Fused.of(q, rel_h, k_size, k_len)
     if (lse is None) == f.float32:
         raise ValueError("lse: float32 inputs take row_lse's, 16-bit inputs none (computed here)")
     rh, rw = _terms32(rel_h, rel_w)
