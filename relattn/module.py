@@ -537,7 +537,10 @@ class Attention:
         -------
         array, shape (B, H, W, dim)
             Same array type and dtype as ``x``; computed in float32 (float64 for
-            float64 input) and rounded once.
+            float64 input) and rounded once. float16 / bfloat16 CuPy input takes
+            the planned GPU path, in the arithmetic of PyTorch's half-precision
+            layer: the weights and biases in x's dtype, float32 accumulation,
+            q, k, v and the attention's output rounded to x's dtype.
         """
         from relattn._interop import wrap_result
 
@@ -607,10 +610,9 @@ class Attention:
             part, unpart = contiguous, None
             batch, gh, gw = B, H, W
         n = batch * gh * gw
-        weights = self._device_params(gen, cupy, x.dtype)
-        biases = self._device_params(gen, cupy, np.dtype(np.float32))
-        qkv_lin = linear_half_plan(n, weights["qkv_weight"], biases["qkv_bias"], x.dtype)
-        proj_lin = linear_half_plan(n, weights["proj_weight"], biases["proj_bias"], x.dtype)
+        weights = self._device_params(gen, cupy, x.dtype)   # the biases too: a half nn.Linear's
+        qkv_lin = linear_half_plan(n, weights["qkv_weight"], weights["qkv_bias"], x.dtype)
+        proj_lin = linear_half_plan(n, weights["proj_weight"], weights["proj_bias"], x.dtype)
         tables = self._gpu_tables(gen, cupy, x.dtype)
         sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
         scale, backend, split_heads = self.scale, self.backend, self._split_heads
@@ -873,8 +875,8 @@ class Attention:
 
     def _vjp_half(self, gen, x, private):
         """``_vjp`` for a float16 / bfloat16 CuPy ``x``: the forward's planned
-        GPU path (16-bit weights, cuBLAS projections with float32 accumulation
-        rounded once to x's dtype, the attention on 16-bit q, k, v, so its
+        GPU path (16-bit weights and biases, cuBLAS projections with float32
+        accumulation rounded once to x's dtype, the attention on 16-bit q, k, v, so its
         fused backward), and a pullback in the same arithmetic: each product
         on 16-bit operands with float32 accumulation (the weights' gradients
         and the bias sums in float32), dx and the attention's cotangent
@@ -884,21 +886,20 @@ class Attention:
         from relattn.autodiff import rel_pos_attention_vjp
         from relattn.backends.gpu.cublas import contiguous, linear, linear_half, to_float32
 
-        half, f32 = x.dtype, np.dtype(np.float32)
+        half = x.dtype
         shape = batch, height, width, dim = x.shape
         n, heads, head_dim, seq = batch * height * width, self.num_heads, self.head_dim, height * width
         w = self._device_params(gen, cupy, half)
-        b = self._device_params(gen, cupy, f32)
         tables = self._gpu_tables(gen, cupy, half)
         tokens = contiguous(x.reshape(n, dim))
         if not private:   # the pullback keeps tokens; the caller may write to x after the forward
             tokens = tokens.view(cupy.uint16).copy().view(half)
-        q, k, v = self._split_heads(linear_half(tokens, w["qkv_weight"], b["qkv_bias"], half), batch, seq)
+        q, k, v = self._split_heads(linear_half(tokens, w["qkv_weight"], w["qkv_bias"], half), batch, seq)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
         out, core_pullback = rel_pos_attention_vjp(q, k, v, *tables, *sizes, scale=self.scale,
                                                    backend=self.backend)
         merged = contiguous(out.transpose(0, 2, 1, 3)).reshape(n, dim)
-        y = linear_half(merged, w["proj_weight"], b["proj_bias"], half).reshape(shape)
+        y = linear_half(merged, w["proj_weight"], w["proj_bias"], half).reshape(shape)
         del q, k, v, out
         key = ("transposed", cupy.cuda.Device().id, half.str)
         wT = gen.cache.get(key)
@@ -917,7 +918,7 @@ class Attention:
                 bits[:, :, i] = d.view(cupy.uint16).transpose(0, 2, 1, 3)
             d_qkv = bits.reshape(n, 3 * dim).view(half)
             grads["qkv_weight"] = linear(contiguous(d_qkv.T), contiguous(tokens.T))   # d_qkv^T x
-            if b["qkv_bias"] is not None:
+            if w["qkv_bias"] is not None:
                 grads["qkv_bias"] = to_float32(d_qkv).sum(axis=0)
             dx = linear_half(d_qkv, wT["qkv_weight"], None, half).reshape(shape)      # d_qkv Wqkv
             return dx, grads

@@ -2,10 +2,12 @@
 
 CuPy 14's bfloat16 support is minimal (``x_bf16 @ w_bf16`` raises), so the
 ``Attention`` layer calls cuBLAS ``gemmEx`` directly: bf16/fp16 operands,
-float32 accumulation and output (bias folded in through ``beta = 1``), then one
-rounding to the half type, as PyTorch's half-precision ``nn.Linear`` does.
-Casts to and from bfloat16 go through the bit patterns (round to nearest even)
-where CuPy's own ``astype`` cannot do them.
+float32 accumulation, and the product written in the half type by cuBLAS (one
+rounding). A bias is the half type's, as a half-precision ``nn.Linear`` holds
+it: one kernel writes it into every output row and cuBLAS adds the product
+to it (``beta = 1``) before its rounding. Casts to and from bfloat16 go
+through the bit patterns (round to nearest even) where CuPy's own ``astype``
+cannot do them.
 """
 
 from __future__ import annotations
@@ -27,24 +29,21 @@ _ONE_PTR = _ONE.ctypes.data    # host scalars for cuBLAS (module constants: neve
 _ZERO = np.zeros((), dtype=np.float32)
 _ZERO_PTR = _ZERO.ctypes.data
 
-# float32 (+ bias per column) -> one rounding to float16 / bfloat16, in one pass
-_ROUND_SRC = r"""
-extern "C" __global__ void relattn_bias_round(const float* __restrict__ x, const float* __restrict__ bias,
-                                              unsigned short* __restrict__ y, long long n, int m,
-                                              int has_bias, int to_bf16) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        float f = x[i];
-        if (has_bias) f += bias[(int)(i % m)];
-        unsigned short h;
-        if (to_bf16) {
-            const unsigned int u = __float_as_uint(f);
-            h = ((u & 0x7fffffffu) > 0x7f800000u) ? (unsigned short)((u >> 16) | 0x40u)
-                                                  : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        } else {
-            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        }
-        y[i] = h;
+# each row of y (n, m) <- the bias row (m 16-bit values); pairs of values per
+# thread where m is even (y 4-byte aligned: it is a fresh allocation)
+_FILL_SRC = r"""
+extern "C" __global__ void relattn_bias_fill(const unsigned short* __restrict__ bias, unsigned short* __restrict__ y,
+                                             long long n, int m) {
+    const long long step = (long long)gridDim.x * blockDim.x;
+    if ((m & 1) == 0) {
+        const int mp = m >> 1;
+        const unsigned int* b2 = reinterpret_cast<const unsigned int*>(bias);
+        unsigned int* y2 = reinterpret_cast<unsigned int*>(y);
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * mp; i += step)
+            y2[i] = b2[(int)(i % mp)];
+    } else {
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * m; i += step)
+            y[i] = bias[(int)(i % m)];
     }
 }
 """
@@ -96,9 +95,10 @@ def linear(x2d, weight, bias=None):
 def linear_half(x2d, weight, bias, dtype):
     """``x2d @ weight.T + bias`` rounded once to ``dtype`` (float16 / bfloat16).
 
-    Same arithmetic as ``from_float32(linear(x2d, weight, bias), dtype)`` (float32
-    accumulation, float32 bias add, one rounding) with two launches: the
-    cuBLAS product and one pass that adds the bias and rounds.
+    The arithmetic of a half-precision ``nn.Linear``: float32 accumulation,
+    the bias rounded to ``dtype`` and added in float32, one rounding; cuBLAS
+    writes the result (after one launch that fills the rows with the bias).
+    ``bias`` may be float32 (it is rounded) or of ``dtype``.
     """
     x2d, n, m, k, code = _operands(x2d, weight)
     return linear_half_plan(n, weight, bias, dtype)(x2d)
@@ -106,35 +106,42 @@ def linear_half(x2d, weight, bias, dtype):
 
 def linear_half_plan(n, weight, bias, dtype):
     """``run(x2d) -> x2d @ weight.T + bias`` as :func:`linear_half` does it, for
-    C-contiguous ``x2d`` of shape ``(n, k)`` and weight's dtype: the kernel, its
-    grid and scalar arguments and the cuBLAS operation decided once."""
+    C-contiguous ``x2d`` of shape ``(n, k)`` and weight's dtype: the bias in
+    ``dtype``, the fill kernel's grid and the cuBLAS operation decided once."""
     import cupy
 
     m, k = (int(d) for d in weight.shape)
     code = _type_code(weight.dtype)
+    u16 = np.uint16
     if n == 0 or m == 0:
-        return lambda x2d: cupy.empty((n, m), dtype=np.uint16).view(dtype)
-    fn = _kernels.get("bias_round")
+        return lambda x2d: cupy.empty((n, m), dtype=u16).view(dtype)
+    if bias is None:
+        def run(x2d):
+            out = cupy.empty((n, m), dtype=u16)
+            _gemm(x2d, weight, out, code, n, m, k, _ZERO_PTR, code)
+            return out.view(dtype)
+
+        return run
+    fn = _kernels.get("bias_fill")
     if fn is None:
-        fn = _kernels.setdefault("bias_round", cupy.RawKernel(_ROUND_SRC, "relattn_bias_round"))
-    total = n * m
-    grid = (int(min((total + 255) // 256, 65536)),)
-    has_bias = bias is not None
-    tail = (np.int64(total), np.int32(m), np.int32(has_bias), np.int32(dtype_name(dtype) == "bfloat16"))
-    f32, u16 = np.float32, np.uint16
+        fn = _kernels.setdefault("bias_fill", cupy.RawKernel(_FILL_SRC, "relattn_bias_fill"))
+    bias_half = contiguous(bias if bias.dtype == dtype else from_float32(bias, dtype)).view(u16)
+    per_thread = 2 if m % 2 == 0 else 1
+    grid = (int(min((n * m // per_thread + 255) // 256, 65536)),)
+    tail = (np.int64(n), np.int32(m))
 
     def run(x2d):
-        acc = cupy.empty((n, m), dtype=f32)
         out = cupy.empty((n, m), dtype=u16)
-        _gemm(x2d, weight, acc, code, n, m, k, _ZERO_PTR)
-        fn(grid, (256,), (acc, bias if has_bias else acc, out) + tail)
+        fn(grid, (256,), (bias_half, out) + tail)
+        _gemm(x2d, weight, out, code, n, m, k, _ONE_PTR, code)
         return out.view(dtype)
 
     return run
 
 
-def _gemm(x2d, weight, out, code, n, m, k, beta):
-    """out = x2d @ weight.T (+ out when beta points at 1), float32 accumulation."""
+def _gemm(x2d, weight, out, code, n, m, k, beta, out_code=_CUDA_R_32F):
+    """out = x2d @ weight.T (+ out when beta points at 1), float32 accumulation;
+    out float32 (``out_code``: that of x2d's half type for a half out, one rounding)."""
     import cupy
 
     lib, entry = _cublas_handle()
@@ -144,7 +151,7 @@ def _gemm(x2d, weight, out, code, n, m, k, beta):
     _check(lib.cublasGemmEx(handle, _CUBLAS_OP_T, _CUBLAS_OP_N, m, n, k,
                             _ONE_PTR, weight.data.ptr, code, k,
                             x2d.data.ptr, code, k,
-                            beta, out.data.ptr, _CUDA_R_32F, m,
+                            beta, out.data.ptr, out_code, m,
                             _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
 
 
