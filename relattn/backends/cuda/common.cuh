@@ -300,10 +300,11 @@ __device__ __forceinline__ double ra_scale_from_log2(double scale_log2) { return
 
 // Row r of the output, recomputed by the whole warp (lane: its lane) into
 // orow[0 .. D): see the section comment. scale_log2: the kernel's scale of
-// the logits times log2(e). Not inlined: the kernels keep one copy of it, off
-// their hot code (and none of its work is hoisted into them).
+// the logits times log2(e). Inlined: a call would cost every kernel its ABI
+// (a stack frame of ~300 bytes and spills around the call: relattn_ws spilled
+// 4-40 bytes at 128 registers with it, none inlined, by ptxas -v).
 template <int DT, typename E, typename TT>
-__device__ __noinline__ void ra_exact_row(const RaRowSrc<DT, E, TT> s, int r, typename RaWork<E>::T scale_log2, E* orow,
+__device__ __forceinline__ void ra_exact_row(const RaRowSrc<DT, E, TT> s, int r, typename RaWork<E>::T scale_log2, E* orow,
                                           int lane) {
     typedef typename RaWork<E>::T W;
     const W scale = ra_scale_from_log2(scale_log2);
