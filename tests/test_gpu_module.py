@@ -309,3 +309,33 @@ def test_half_layer_vjp_on_gpu(dtype, window_size):
         w = want.get().astype(np.float64)
         assert np.all(np.isfinite(g)), name
         assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max(), (name, np.abs(g - w).max() / np.abs(w).max())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("n, m, k", [(37, 24, 16), (5, 9, 8), (0, 8, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_half_projection_is_a_half_linear(dtype, n, m, k, with_bias):
+    # cuBLAS writes x @ W.T + b in the half type: float32 accumulation of half
+    # operands, the bias rounded to the half type first, one rounding at the end
+    # (within one unit in the last place of float64 arithmetic rounded once; odd
+    # m takes the bias fill's one-value-per-thread path)
+    from relattn.backends.gpu.cublas import linear_half, linear_half_plan
+
+    if dtype == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes missing")
+    half = np.dtype(BF16 if dtype == "bfloat16" else np.float16)
+    dev = lambda a: cp.asarray(a.view(np.uint16)).view(half)  # noqa: E731
+    rng = np.random.default_rng(n + m)
+    x = rng.standard_normal((n, k)).astype(half)
+    w = rng.standard_normal((m, k)).astype(half)
+    b = (rng.standard_normal(m) * 4).astype(np.float32) if with_bias else None
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    if with_bias:
+        exact += b.astype(half).astype(np.float64)
+    want = exact.astype(half).astype(np.float64)
+    tol = np.abs(want) * 2.0 ** -(7 if dtype == "bfloat16" else 10) + 1e-30
+    for got in (linear_half(dev(x), dev(w), None if b is None else cp.asarray(b), half),
+                linear_half_plan(n, dev(w), None if b is None else dev(b.astype(half)), half)(dev(x))):
+        assert got.dtype == half and got.shape == (n, m)
+        got = to_float32(got).get().astype(np.float64)
+        assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) / tol)
