@@ -300,12 +300,15 @@ __device__ __forceinline__ double ra_scale_from_log2(double scale_log2) { return
 
 // Row r of the output, recomputed by the whole warp (lane: its lane) into
 // orow[0 .. D): see the section comment. scale_log2: the kernel's scale of
-// the logits times log2(e). Inlined: a call would cost every kernel its ABI
-// (a stack frame of ~300 bytes and spills around the call: relattn_ws spilled
-// 4-40 bytes at 128 registers with it, none inlined, by ptxas -v).
+// the logits times log2(e). Two forms, by what ptxas -v shows per family:
+// ra_exact_row is a call (one copy of the slow path, off the hot code: where
+// it is inlined, relattn_win drops to 128 registers and spills 250-290
+// bytes); relattn_ws inlines it (ra_exact_row_inline: the call cost its
+// 128-register configurations a ~300-byte stack frame and 4-40 bytes of
+// spills, none inlined).
 template <int DT, typename E, typename TT>
-__device__ __forceinline__ void ra_exact_row(const RaRowSrc<DT, E, TT> s, int r, typename RaWork<E>::T scale_log2, E* orow,
-                                          int lane) {
+__device__ __forceinline__ void ra_exact_row_inline(const RaRowSrc<DT, E, TT> s, int r,
+                                                    typename RaWork<E>::T scale_log2, E* orow, int lane) {
     typedef typename RaWork<E>::T W;
     const W scale = ra_scale_from_log2(scale_log2);
     W m = -(W)RA_INF;
@@ -340,6 +343,12 @@ __device__ __forceinline__ void ra_exact_row(const RaRowSrc<DT, E, TT> s, int r,
         }
         if (c < s.D) ra_st<DT>(orow + c, acc);
     }
+}
+
+template <int DT, typename E, typename TT>
+__device__ __noinline__ void ra_exact_row(const RaRowSrc<DT, E, TT> s, int r, typename RaWork<E>::T scale_log2, E* orow,
+                                          int lane) {
+    ra_exact_row_inline<DT>(s, r, scale_log2, orow, lane);
 }
 
 // After the fast store: the rows of this warp with a non-finite output (bad:

@@ -631,7 +631,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     }
 
     // The rows this block's warps stored non-finite, recomputed exactly
-    // (ra_exact_row) once the loop is done, so that nothing of the slow path
+    // (ra_exact_row_inline) once the loop is done, so that nothing of the slow path
     // is live in it: the warps that flagged one look at their rows of every
     // tile again (the stored output tells which) and fix those.
     if (__any_sync(0xffffffffu, flagged)) {
@@ -650,7 +650,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
                 const int r = m0 + lrow0 + 8 * rr;
                 const bool bad = r < Sq && ra_row_nonfinite16<DT, HD>(ob + (long long)r * D, D, t);
                 ra_fix_rows_if<4>(bad, r, [&](int row) {
-                    ra_exact_row<DT>(src, row, scale_log2, ob + (long long)row * D, lane);
+                    ra_exact_row_inline<DT>(src, row, scale_log2, ob + (long long)row * D, lane);
                 });
             }
         }
