@@ -52,6 +52,7 @@ Everything stays on the inputs' device.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
@@ -416,6 +417,7 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
 # The terms kernel's run of each (q, tables, sizes) signature (array keys as
 # the call plans take them: shapes, strides, dtypes, device, alignment).
 _terms_runs: dict = {}
+_terms_lock = threading.Lock()
 _TERMS_RUNS_MAX = 64
 
 
@@ -429,9 +431,10 @@ def _gpu_terms(q, th, tw, q_size, k_size):
     run = _terms_runs.get(key)
     if run is None:
         run = terms.plan(q, th, tw, q_size, k_size)[0]
-        if len(_terms_runs) >= _TERMS_RUNS_MAX:
-            _terms_runs.pop(next(iter(_terms_runs)), None)
-        _terms_runs[key] = run
+        with _terms_lock:   # threads may plan the same signature; one run is kept
+            if len(_terms_runs) >= _TERMS_RUNS_MAX:
+                _terms_runs.pop(next(iter(_terms_runs)), None)
+            run = _terms_runs.setdefault(key, run)
     return run(q, th, tw)
 
 
