@@ -28,8 +28,10 @@ Ratios ("x seed", "x SDPA") are time / anchor time. "peak MiB" is memory above t
 inputs and the call's results (output and gradients): on the CPU the process's
 resident-set high-water mark during one call (relattn._bench.host_peak_extra, the
 allocator's free pages released first), the same method for every row; on CUDA the
-CuPy pool's growth for relattn (plus torch's for the bridge) and
-torch.cuda.max_memory_allocated for torch. "max diff" is the largest of
+high-water mark of live bytes: CuPy's allocations through a memory hook for relattn
+(relattn._bench.device_peak_extra; plus torch's for the bridge) and
+torch.cuda.max_memory_allocated for torch; blocks a caching pool keeps after a free
+count on neither. "max diff" is the largest of
 max|a - b| / max|b| over the output and each gradient, against the seed autograd.
 """
 
@@ -162,7 +164,6 @@ class Measure:
             peak = _bench.host_peak_extra(fn)
             return None if peak is None else max(0.0, (peak - results_bytes) / MIB)
         torch, cupy = self.torch, self.cupy
-        pool = cupy.get_default_memory_pool()
         uses_torch = kind in ("torch", "bridge") and torch is not None
         uses_pool = kind in ("relattn", "bridge")
         cupy.cuda.Device().synchronize()
@@ -170,14 +171,14 @@ class Measure:
             torch.cuda.synchronize()
             base_t = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        # Live bytes on both sides: CuPy's pool through a memory hook, PyTorch's
+        # caching allocator through max_memory_allocated (cached free blocks
+        # count on neither).
         if uses_pool:
-            pool.free_all_blocks()
-            base_p = pool.total_bytes()
-        fn()
-        grown = 0
-        if uses_pool:
-            cupy.cuda.Device().synchronize()
-            grown += pool.total_bytes() - base_p     # the pool keeps freed blocks: its high-water mark
+            grown = _bench.device_peak_extra(fn)
+        else:
+            fn()
+            grown = 0
         if uses_torch:
             torch.cuda.synchronize()
             grown += torch.cuda.max_memory_allocated() - base_t

@@ -99,6 +99,34 @@ def host_peak_extra(fn):
     return max(0, (peak - before) * 1024)
 
 
+def device_peak_extra(fn):
+    """Run ``fn`` once on CuPy; return the high-water mark of the bytes it held
+    allocated from CuPy's memory pool above those held before it (live bytes, as
+    PyTorch's ``max_memory_allocated``: blocks the pool caches after a free are
+    not counted). The memory hook sees every allocation of this thread."""
+    import cupy
+
+    class _Peak(cupy.cuda.MemoryHook):
+        name = "relattn_peak"
+
+        def __init__(self):
+            self.live = self.peak = 0
+
+        def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+            self.live += mem_size
+            self.peak = max(self.peak, self.live)
+
+        def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+            self.live -= mem_size
+
+    cupy.cuda.get_current_stream().synchronize()
+    hook = _Peak()
+    with hook:
+        fn()
+        cupy.cuda.get_current_stream().synchronize()
+    return hook.peak
+
+
 # -- timing ----------------------------------------------------------------------
 
 
@@ -167,12 +195,7 @@ def run_backend(case: Case, name: str, inputs, dtype, ref, budget_s=3.0):
 
         gpu_time = graph_time(call)
         host = host_time(call, sync)
-        pool = cupy.get_default_memory_pool()
-        pool.free_all_blocks()
-        base = pool.total_bytes()
-        call()
-        sync()
-        peak = (pool.total_bytes() - base - out.nbytes) / 2**20
+        peak = max(0.0, (device_peak_extra(call) - out.nbytes) / 2**20)
         out = out.get()
     else:
         peak = host_peak_extra(call)

@@ -99,6 +99,30 @@ def test_bench_gpu_anchors_include_sdpa_flash_backend(dtype):
     assert all(r.time_s > 0 for r in rows)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_torch_and_cupy(), reason="needs CuPy, PyTorch with CUDA and a device")
+def test_device_peak_counts_live_bytes():
+    """The GPU peak is the high-water mark of live bytes: 8 MiB held while 4 MiB
+    more is allocated peaks at 12 MiB, and freed blocks the pool caches (then
+    reused by a second 8 MiB array) do not add up."""
+    import cupy
+
+    from relattn import _bench
+
+    mib = 2**20
+
+    def fn():
+        a = cupy.empty(8 * mib, dtype=cupy.uint8)
+        b = cupy.empty(4 * mib, dtype=cupy.uint8)
+        del a, b
+        c = cupy.empty(8 * mib, dtype=cupy.uint8)
+        del c
+
+    kept = cupy.empty(mib, dtype=cupy.uint8)  # held before: not counted
+    assert _bench.device_peak_extra(fn) == 12 * mib
+    del kept
+
+
 # ---------------------------------------------------------------------------
 # Usage mistakes: one line on stderr, exit status 2, before any slow work
 # ---------------------------------------------------------------------------
