@@ -48,10 +48,12 @@ def stages(window):
     if ws:
         hp, wp = padded_size(x.shape, x.dtype.itemsize, ws)
         part = windows.partition_plan(x, ws, hp, wp)
+        part_tail = windows.partition_plan(x, ws, hp, wp, tail=True)
         batch, gh, gw = (hp // ws) * (wp // ws), ws, ws
         unpart = windows.unpartition_plan(cupy.empty((batch, ws, ws, C), dtype=bf16), ws, hp, wp, H, W)
     else:
         part, unpart, batch, gh, gw = (lambda a: a), None, 1, 64, 64
+        part_tail = windows.tail_plan(x.reshape(-1, 768))
     n = batch * gh * gw
     w = {k: cublas.from_float32(cupy.asarray(v.astype(np.float32)), bf16) if k.endswith("weight") and "rel" not in k
          else cupy.asarray(v.astype(np.float32)) for k, v in layer.state_dict().items()}
@@ -64,6 +66,9 @@ def stages(window):
     planned = functional.plan(q, k, v, *tables, (gh, gw), (gh, gw))
     out = planned(q, k, v, *tables)
     o2 = cublas.contiguous(out.transpose(0, 2, 1, 3)).reshape(n, C)
+    merge = windows.merge_heads_plan(out, tail=True)
+    xt = part_tail(x if ws else x.reshape(-1, C)).reshape(n, -1)
+    ot = merge(out).reshape(n, -1)
     y = proj_lin(o2)
     acc = cupy.empty((n, 3 * C), dtype=cupy.float32)
     code = cublas._type_code(bf16)
@@ -75,12 +80,14 @@ def stages(window):
         "partition": lambda: part(x),
         "qkv gemm (float32 out)": lambda: cublas._gemm(xw.reshape(n, C), w["qkv.weight"], acc, code, n, 3 * C, C,
                                                        cublas._ZERO_PTR),
-        "qkv projection (plan)": lambda: qkv_lin(xw.reshape(n, C)),
+        "partition with the bias tail": lambda: part_tail(x if ws else x.reshape(-1, C)),
+        "qkv projection (plan, tailed rows)": lambda: qkv_lin.tailed(xt),
         "qkv gemm, bf16 out": lambda: gemm_half_out(xw.reshape(n, C), w["qkv.weight"], h3, code),
         "qkv gemm, bf16 out, unpadded rows": lambda: gemm_half_out(xr, w["qkv.weight"], h3u, code),
         "attention (plan)": lambda: planned(q, k, v, *tables),
         "out transpose copy": lambda: cublas.contiguous(out.transpose(0, 2, 1, 3)),
-        "proj projection (plan)": lambda: proj_lin(o2),
+        "heads merge with the bias tail": lambda: merge(out),
+        "proj projection (plan, tailed rows)": lambda: proj_lin.tailed(ot),
         "proj gemm, bf16 out": lambda: gemm_half_out(o2, w["proj.weight"], h1, code),
         "unpartition": (lambda: unpart(y.reshape(batch, gh, gw, C))) if unpart else None,
         "layer forward (planned)": lambda: layer(x, window_size=ws or None),

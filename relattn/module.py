@@ -601,25 +601,33 @@ class Attention:
 
         x, ws = self._checked_input(x, window_size)
         B, H, W, C = (int(n) for n in x.shape)
+        heads = self.num_heads
+        batch, gh, gw = B, H, W
         if ws:
             hp, wp = padded_size(x.shape, x.dtype.itemsize, ws)
-            part = _window_gpu.partition_plan(x, ws, hp, wp)
             batch, gh, gw = B * (hp // ws) * (wp // ws), ws, ws
-            unpart = _window_gpu.unpartition_plan(cupy.empty((batch, ws, ws, C), dtype=x.dtype), ws, hp, wp, H, W)
-        else:
-            part, unpart = contiguous, None
-            batch, gh, gw = B, H, W
         n = batch * gh * gw
         weights = self._device_params(gen, cupy, x.dtype)   # the biases too: a half nn.Linear's
         qkv_lin = linear_half_plan(n, weights["qkv_weight"], weights["qkv_bias"], x.dtype)
         proj_lin = linear_half_plan(n, weights["proj_weight"], weights["proj_bias"], x.dtype)
+        # the projections' inputs carry the bias's tail column where there is a bias
+        # (HalfLinear); the window partition and the heads' merge write it as they copy
+        if ws:
+            part = _window_gpu.partition_plan(x, ws, hp, wp, tail=qkv_lin.tail)
+            qkv = qkv_lin.tailed if qkv_lin.tail else qkv_lin
+            unpart = _window_gpu.unpartition_plan(cupy.empty((batch, ws, ws, C), dtype=x.dtype), ws, hp, wp, H, W)
+        else:
+            part, qkv, unpart = contiguous, qkv_lin, None
+        merge = _window_gpu.merge_heads_plan(cupy.empty((batch, heads, gh * gw, C // heads), dtype=x.dtype),
+                                             tail=proj_lin.tail)
+        proj = proj_lin.tailed if proj_lin.tail else proj_lin
         tables = self._gpu_tables(gen, cupy, x.dtype)
         sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
         scale, backend, split_heads = self.scale, self.backend, self._split_heads
         attention = []   # the functional plan, taken after the first call made it
 
         def run(x):
-            q, k, v = split_heads(qkv_lin(part(x).reshape(n, C)), batch, gh * gw)
+            q, k, v = split_heads(qkv(part(x).reshape(n, -1)), batch, gh * gw)
             if attention:
                 out = attention[0](q, k, v, *tables)
             else:
@@ -627,7 +635,7 @@ class Attention:
                 planned = functional.planned(q, k, v, *tables, *sizes, scale, backend)
                 if planned is not None:
                     attention.append(planned)
-            y = proj_lin(contiguous(out.transpose(0, 2, 1, 3)).reshape(n, C))
+            y = proj(merge(out).reshape(n, -1))
             return y.reshape(B, H, W, C) if unpart is None else unpart(y.reshape(batch, gh, gw, C))
 
         return run

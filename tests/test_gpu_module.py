@@ -339,3 +339,38 @@ def test_half_projection_is_a_half_linear(dtype, n, m, k, with_bias):
         assert got.dtype == half and got.shape == (n, m)
         got = to_float32(got).get().astype(np.float64)
         assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) / tol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_projection_input_copies_with_the_bias_tail(dtype):
+    # the window partition and the heads' merge that feed the projections append
+    # [1, 0, ..., 0] to every token (padding tokens too) and move the values bit
+    # for bit; without the tail they are the plain copies
+    from relattn.backends.gpu import windows
+
+    if dtype == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes missing")
+    half = np.dtype(BF16 if dtype == "bfloat16" else np.float16)
+    dev = lambda a: cp.asarray(a.view(np.uint16)).view(half)  # noqa: E731
+    bits = lambda a: a.view(cp.uint16).get()  # noqa: E731
+    one = np.array(1.0, dtype=half).view(np.uint16)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 7, 24)).astype(half)
+    padded = np.zeros((2, 8, 8, 24), dtype=half)
+    padded[:, :5, :7] = x
+    wins = padded.reshape(2, 2, 4, 2, 4, 24).transpose(0, 1, 3, 2, 4, 5).reshape(8, 4, 4, 24).view(np.uint16)
+    tail = np.zeros(wins.shape[:-1] + (windows.TAIL,), dtype=np.uint16)
+    tail[..., 0] = one
+    got = bits(windows.partition_plan(dev(x), 4, 8, 8, tail=True)(dev(x)))
+    np.testing.assert_array_equal(got, np.concatenate([wins, tail], axis=-1))
+    np.testing.assert_array_equal(bits(windows.partition_plan(dev(x), 4, 8, 8)(dev(x))), wins)
+    rows = x.reshape(70, 24)
+    got = bits(windows.tail_plan(dev(rows))(dev(rows)).reshape(70, -1))
+    np.testing.assert_array_equal(got[:, :24], rows.view(np.uint16))
+    np.testing.assert_array_equal(got[:, 24:], tail.reshape(-1, windows.TAIL)[:70])
+    a = rng.standard_normal((3, 4, 6, 8)).astype(half)      # (B, heads, S, D)
+    merged = a.transpose(0, 2, 1, 3).reshape(3, 6, 32).view(np.uint16)
+    got = bits(windows.merge_heads_plan(dev(a), tail=True)(dev(a)))
+    np.testing.assert_array_equal(got[..., :32], merged)
+    np.testing.assert_array_equal(got[..., 32:], tail.reshape(-1, windows.TAIL)[:18].reshape(3, 6, -1))
+    np.testing.assert_array_equal(bits(windows.merge_heads_plan(dev(a))(dev(a))), merged)

@@ -4,10 +4,14 @@ CuPy 14's bfloat16 support is minimal (``x_bf16 @ w_bf16`` raises), so the
 ``Attention`` layer calls cuBLAS ``gemmEx`` directly: bf16/fp16 operands,
 float32 accumulation, and the product written in the half type by cuBLAS (one
 rounding). A bias is the half type's, as a half-precision ``nn.Linear`` holds
-it: one kernel writes it into every output row and cuBLAS adds the product
-to it (``beta = 1``) before its rounding. Casts to and from bfloat16 go
-through the bit patterns (round to nearest even) where CuPy's own ``astype``
-cannot do them.
+it, and goes inside the product: each input row gets a tail ``[1, 0, ..., 0]``
+(8 values, :data:`relattn.backends.gpu.windows.TAIL`) and the weight the
+tail column ``[bias, 0, ..., 0]``, so that ``[x, 1] @ [W, b].T = x @ W.T + b``
+is one float32 sum rounded once, with no output-sized bias buffer. (Adding a
+bias through cuBLAS's ``beta = 1`` rounds the product to the half type before
+the addition for some shapes.) The layer's window partition writes the tail
+as it copies the tokens. Casts to and from bfloat16 go through the bit
+patterns (round to nearest even) where CuPy's own ``astype`` cannot do them.
 """
 
 from __future__ import annotations
@@ -28,25 +32,6 @@ _ONE = np.ones((), dtype=np.float32)
 _ONE_PTR = _ONE.ctypes.data    # host scalars for cuBLAS (module constants: never freed)
 _ZERO = np.zeros((), dtype=np.float32)
 _ZERO_PTR = _ZERO.ctypes.data
-
-# each row of y (n, m) <- the bias row (m 16-bit values); pairs of values per
-# thread where m is even (y 4-byte aligned: it is a fresh allocation)
-_FILL_SRC = r"""
-extern "C" __global__ void relattn_bias_fill(const unsigned short* __restrict__ bias, unsigned short* __restrict__ y,
-                                             long long n, int m) {
-    const long long step = (long long)gridDim.x * blockDim.x;
-    if ((m & 1) == 0) {
-        const int mp = m >> 1;
-        const unsigned int* b2 = reinterpret_cast<const unsigned int*>(bias);
-        unsigned int* y2 = reinterpret_cast<unsigned int*>(y);
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * mp; i += step)
-            y2[i] = b2[(int)(i % mp)];
-    } else {
-        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * m; i += step)
-            y[i] = bias[(int)(i % m)];
-    }
-}
-"""
 
 
 def _type_code(dtype) -> int:
@@ -96,51 +81,72 @@ def linear_half(x2d, weight, bias, dtype):
     """``x2d @ weight.T + bias`` rounded once to ``dtype`` (float16 / bfloat16).
 
     The arithmetic of a half-precision ``nn.Linear``: float32 accumulation,
-    the bias rounded to ``dtype`` and added in float32, one rounding; cuBLAS
-    writes the result (after one launch that fills the rows with the bias).
-    ``bias`` may be float32 (it is rounded) or of ``dtype``.
+    the bias rounded to ``dtype`` and added inside the float32 sum, one
+    rounding, written by cuBLAS. ``bias`` may be float32 (it is rounded) or of
+    ``dtype``.
     """
     x2d, n, m, k, code = _operands(x2d, weight)
     return linear_half_plan(n, weight, bias, dtype)(x2d)
 
 
 def linear_half_plan(n, weight, bias, dtype):
+    """``run(x2d) -> x2d @ weight.T + bias`` as :func:`linear_half` does it
+    (a :class:`HalfLinear`)."""
+    return HalfLinear(n, weight, bias, dtype)
+
+
+class HalfLinear:
     """``run(x2d) -> x2d @ weight.T + bias`` as :func:`linear_half` does it, for
-    C-contiguous ``x2d`` of shape ``(n, k)`` and weight's dtype: the bias in
-    ``dtype``, the fill kernel's grid and the cuBLAS operation decided once."""
-    import cupy
+    C-contiguous ``x2d`` of shape ``(n, k)`` and weight's dtype: the weight
+    with its bias column and the cuBLAS operation decided once.
 
-    m, k = (int(d) for d in weight.shape)
-    code = _type_code(weight.dtype)
-    u16 = np.uint16
-    if n == 0 or m == 0:
-        return lambda x2d: cupy.empty((n, m), dtype=u16).view(dtype)
-    if bias is None:
-        def run(x2d):
-            out = cupy.empty((n, m), dtype=u16)
-            _gemm(x2d, weight, out, code, n, m, k, _ZERO_PTR, code)
-            return out.view(dtype)
+    With a bias, ``run.tail`` is True and ``run.tailed(xt)`` takes rows that
+    already carry the tail (``(n, k + TAIL)``, as the window partition's
+    ``tail=True`` writes them); ``run(x2d)`` appends it by one copy first.
+    """
 
-        return run
-    fn = _kernels.get("bias_fill")
-    if fn is None:
-        fn = _kernels.setdefault("bias_fill", cupy.RawKernel(_FILL_SRC, "relattn_bias_fill"))
-    bias_half = contiguous(bias if bias.dtype == dtype else from_float32(bias, dtype)).view(u16)
-    per_thread = 2 if m % 2 == 0 else 1
-    grid = (int(min((n * m // per_thread + 255) // 256, 65536)),)
-    tail = (np.int64(n), np.int32(m))
+    def __init__(self, n, weight, bias, dtype):
+        import cupy
 
-    def run(x2d):
-        out = cupy.empty((n, m), dtype=u16)
-        fn(grid, (256,), (bias_half, out) + tail)
-        _gemm(x2d, weight, out, code, n, m, k, _ONE_PTR, code)
-        return out.view(dtype)
+        from relattn.backends.gpu.windows import TAIL
 
-    return run
+        self.n = int(n)
+        self.m, self.k = (int(d) for d in weight.shape)
+        self.code = _type_code(weight.dtype)
+        self.dtype = dtype
+        self.tail = bias is not None
+        self.weight = weight
+        self._tail_copy = None
+        if self.tail and self.n and self.m:
+            wt = cupy.zeros((self.m, self.k + TAIL), dtype=np.uint16)
+            wt[:, :self.k] = contiguous(weight).view(np.uint16)
+            wt[:, self.k] = contiguous(bias if bias.dtype == dtype else from_float32(bias, dtype)).view(np.uint16)
+            self.weight = wt.view(dtype)
+
+    def __call__(self, x2d):
+        if self.tail and self.n and self.m:
+            if self._tail_copy is None:
+                from relattn.backends.gpu.windows import tail_plan
+
+                self._tail_copy = tail_plan(x2d)
+            return self.tailed(self._tail_copy(x2d).reshape(self.n, -1))
+        return self._product(x2d, self.k)
+
+    def tailed(self, xt):
+        return self._product(xt, int(self.weight.shape[1]))
+
+    def _product(self, x2d, k):
+        import cupy
+
+        out = cupy.empty((self.n, self.m), dtype=np.uint16)
+        if self.n and self.m:
+            _gemm(x2d, self.weight, out, self.code, self.n, self.m, k, _ZERO_PTR, self.code)
+        return out.view(self.dtype)
 
 
 def _gemm(x2d, weight, out, code, n, m, k, beta, out_code=_CUDA_R_32F):
     """out = x2d @ weight.T (+ out when beta points at 1), float32 accumulation;
+    x2d (n, k), weight (m, k) C-contiguous;
     out float32 (``out_code``: that of x2d's half type for a half out, one rounding)."""
     import cupy
 

@@ -3,6 +3,9 @@
 The kernels (``cuda/relattn_window.cu``) move whole words of up to 16 bytes:
 the largest size dividing a token's bytes and both base addresses. Used by
 :mod:`relattn.window` for CuPy arrays after its argument checks; any dtype.
+The partition can also append a tail of 8 values ``[1, 0, ..., 0]`` to every
+16-bit token (:data:`TAIL`): the layer's projections take the bias as the
+weight's tail column (:mod:`relattn.backends.gpu.cublas`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import threading
 # (bytes, C++ word type), largest first
 _WORDS = ((16, "ra_w16"), (8, "unsigned long long"), (4, "unsigned int"), (2, "unsigned short"),
           (1, "unsigned char"))
-_DIRECTIONS = ("partition", "unpartition")
+_DIRECTIONS = ("partition", "unpartition", "merge_heads")
+TAIL = 8   # values of a tail: 16 bytes of a 16-bit type
 _lock = threading.Lock()
 _functions: dict = {}   # (device, direction, word) -> kernel
 _modules: list = []     # the modules behind them, kept loaded
@@ -38,10 +42,12 @@ def _kernel(direction: str, word: str):
     return fn
 
 
-def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
+def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw, one=None):
     """``run(src) -> out``: one kernel moving ``src`` (any layout; made
     contiguous first when it is not) into a new array of ``out_shape``,
-    decided from src's shape, dtype, contiguity and alignment."""
+    decided from src's shape, dtype, contiguity and alignment. ``one``
+    (partition, 16-bit src): the bits of 1 in src's type; each out token is
+    src's followed by the tail [1, 0, ..., 0] (out_shape's last axis C + TAIL)."""
     import cupy
     import numpy as np
 
@@ -49,19 +55,23 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
 
     dtype = src.dtype
     token = int(src.shape[-1]) * dtype.itemsize
+    out_token = int(out_shape[-1]) * dtype.itemsize
     dense = src.flags.c_contiguous
     align = src.data.ptr if dense else 0   # a contiguous copy starts on 256 bytes
-    total_bytes = token
+    total_bytes = out_token
     for n in out_shape[:-1]:
         total_bytes *= int(n)
     if total_bytes == 0:
         return lambda a: cupy.empty(out_shape, dtype=dtype)
-    size, word = next((n, w) for n, w in _WORDS if token % n == 0 and align % n == 0)
+    size, word = next((n, w) for n, w in _WORDS
+                      if token % n == 0 and out_token % n == 0 and align % n == 0)
     total = total_bytes // size
     fn = _kernel(direction, word)
     grid = (int(min((total + 255) // 256, 1 << 20)),)
     tail = (np.int64(total), np.int32(H), np.int32(W), np.int32(ws), np.int32(nh), np.int32(nw),
             np.int32(token // size))
+    if direction in ("partition", "merge_heads"):
+        tail += (np.int32(out_token // size), np.uint32(0 if one is None else one))
     u8 = cupy.uint8
 
     def run(a):
@@ -73,12 +83,43 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw):
     return run
 
 
-def partition_plan(x, ws: int, hp: int, wp: int):
+def partition_plan(x, ws: int, hp: int, wp: int, tail: bool = False):
     """``run(x) -> windows`` (B * hp / ws * wp / ws, ws, ws, C) of arrays with
-    x's signature (B, H, W, C), zero-padded to (hp, wp)."""
+    x's signature (B, H, W, C), zero-padded to (hp, wp). ``tail`` (x float16 /
+    bfloat16): each token (padding tokens too) followed by [1, 0, ..., 0],
+    windows of C + TAIL values."""
     B, H, W, C = (int(n) for n in x.shape)
     nh, nw = hp // ws, wp // ws
-    return _copy_plan("partition", x, (B * nh * nw, ws, ws, C), H, W, ws, nh, nw)
+    one = _one_bits(x.dtype) if tail else None
+    return _copy_plan("partition", x, (B * nh * nw, ws, ws, C + (TAIL if tail else 0)), H, W, ws, nh, nw, one)
+
+
+def tail_plan(x2d):
+    """``run(x2d) -> (n, k + TAIL)``: rows of arrays with the signature of
+    ``x2d`` (n, k), float16 / bfloat16, each followed by [1, 0, ..., 0]."""
+    n, k = (int(d) for d in x2d.shape)
+    # the partition's map with windows of one token over a 1 x n map is the identity
+    return _copy_plan("partition", x2d, (n, 1, 1, k + TAIL), 1, n, 1, 1, n, _one_bits(x2d.dtype))
+
+
+def merge_heads_plan(a, tail: bool = False):
+    """``run(a) -> (B, S, heads * D)`` for arrays with the signature of the
+    attention's ``a`` (B, heads, S, D): the heads side by side per token, as
+    the output projection takes them; ``tail`` (16-bit a): each token followed
+    by [1, 0, ..., 0]."""
+    B, heads, S, D = (int(n) for n in a.shape)
+    one = _one_bits(a.dtype) if tail else None
+    # the kernel reads (H, W) as (heads, S); a token of the source is one head's row
+    return _copy_plan("merge_heads", a, (B, S, heads * D + (TAIL if tail else 0)), heads, S, 1, 1, 1, one)
+
+
+def _one_bits(dtype) -> int:
+    from relattn._arrays import dtype_name
+
+    bits = {"float16": 0x3C00, "bfloat16": 0x3F80}.get(dtype_name(dtype))
+    if bits is None:
+        raise TypeError(f"expected float16 or bfloat16 tokens, got {dtype_name(dtype)}")
+    return bits
 
 
 def unpartition_plan(windows, ws: int, hp: int, wp: int, H: int, W: int):
