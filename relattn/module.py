@@ -612,22 +612,25 @@ class Attention:
         proj_lin = linear_half_plan(n, weights["proj_weight"], weights["proj_bias"], x.dtype)
         # the projections' inputs carry the bias's tail column where there is a bias
         # (HalfLinear); the window partition and the heads' merge write it as they copy
+        tail = _window_gpu.TAIL
         if ws:
             part = _window_gpu.partition_plan(x, ws, hp, wp, tail=qkv_lin.tail)
             qkv = qkv_lin.tailed if qkv_lin.tail else qkv_lin
+            qkv_in = C + (tail if qkv_lin.tail else 0)
             unpart = _window_gpu.unpartition_plan(cupy.empty((batch, ws, ws, C), dtype=x.dtype), ws, hp, wp, H, W)
         else:
-            part, qkv, unpart = contiguous, qkv_lin, None
+            part, qkv, qkv_in, unpart = contiguous, qkv_lin, C, None
         merge = _window_gpu.merge_heads_plan(cupy.empty((batch, heads, gh * gw, C // heads), dtype=x.dtype),
                                              tail=proj_lin.tail)
         proj = proj_lin.tailed if proj_lin.tail else proj_lin
+        proj_in = C + (tail if proj_lin.tail else 0)
         tables = self._gpu_tables(gen, cupy, x.dtype)
         sizes = ((gh, gw), (gh, gw)) if self.use_rel_pos else (None, None)
         scale, backend, split_heads = self.scale, self.backend, self._split_heads
         attention = []   # the functional plan, taken after the first call made it
 
         def run(x):
-            q, k, v = split_heads(qkv(part(x).reshape(n, -1)), batch, gh * gw)
+            q, k, v = split_heads(qkv(part(x).reshape(n, qkv_in)), batch, gh * gw)
             if attention:
                 out = attention[0](q, k, v, *tables)
             else:
@@ -635,7 +638,7 @@ class Attention:
                 planned = functional.planned(q, k, v, *tables, *sizes, scale, backend)
                 if planned is not None:
                     attention.append(planned)
-            y = proj(merge(out).reshape(n, -1))
+            y = proj(merge(out).reshape(n, proj_in))
             return y.reshape(B, H, W, C) if unpart is None else unpart(y.reshape(batch, gh, gw, C))
 
         return run

@@ -129,7 +129,7 @@ class HalfLinear:
                 from relattn.backends.gpu.windows import tail_plan
 
                 self._tail_copy = tail_plan(x2d)
-            return self.tailed(self._tail_copy(x2d).reshape(self.n, -1))
+            return self.tailed(self._tail_copy(x2d).reshape(self.n, int(self.weight.shape[1])))
         return self._product(x2d, self.k)
 
     def tailed(self, xt):
