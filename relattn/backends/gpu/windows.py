@@ -3,7 +3,8 @@
 The kernels (``cuda/relattn_window.cu``) move whole words of up to 16 bytes:
 the largest size dividing a token's bytes and both base addresses. Used by
 :mod:`relattn.window` for CuPy arrays after its argument checks; any dtype.
-The partition can also append a tail of 8 values ``[1, 0, ..., 0]`` to every
+The partition, and the merge of the attention's heads before the output
+projection, can also append a tail of 8 values ``[1, 0, ..., 0]`` to every
 16-bit token (:data:`TAIL`): the layer's projections take the bias as the
 weight's tail column (:mod:`relattn.backends.gpu.cublas`).
 """
@@ -46,8 +47,9 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw, one=None):
     """``run(src) -> out``: one kernel moving ``src`` (any layout; made
     contiguous first when it is not) into a new array of ``out_shape``,
     decided from src's shape, dtype, contiguity and alignment. ``one``
-    (partition, 16-bit src): the bits of 1 in src's type; each out token is
-    src's followed by the tail [1, 0, ..., 0] (out_shape's last axis C + TAIL)."""
+    (partition and heads' merge, 16-bit src): the bits of 1 in src's type;
+    each out token is followed by the tail [1, 0, ..., 0] (out_shape's last
+    axis TAIL values longer)."""
     import cupy
     import numpy as np
 
