@@ -703,8 +703,8 @@ class Attention:
     def _split_heads(self, qkv, batch, seq):
         """q, k, v of a (B * S, 3 * dim) qkv buffer (read as (B, S, 3, heads,
         head_dim)): three strided (B, heads, S, head_dim) views, no copy."""
-        qkv = qkv.reshape(batch, seq, 3, self.num_heads, self.head_dim)
-        return tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        qkv = qkv.reshape(batch, seq, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
 
     def _attention_args(self, p, height, width):
         """``(args, kwargs)`` after q, k, v of the attention call on an H x W grid."""
@@ -905,12 +905,13 @@ class Attention:
         tokens = contiguous(x.reshape(n, dim))
         if not private:   # the pullback keeps tokens; the caller may write to x after the forward
             tokens = tokens.view(cupy.uint16).copy().view(half)
-        q, k, v = self._split_heads(linear_half(tokens, w["qkv_weight"], w["qkv_bias"], half), batch, seq)
+        qkv = self._half_linear(gen, "qkv", n, half, tokens.data.ptr & 15)(tokens)
+        q, k, v = self._split_heads(qkv, batch, seq)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
         out, core_pullback = rel_pos_attention_vjp(q, k, v, *tables, *sizes, scale=self.scale,
                                                    backend=self.backend)
         merged = contiguous(out.transpose(0, 2, 1, 3)).reshape(n, dim)
-        y = linear_half(merged, w["proj_weight"], w["proj_bias"], half).reshape(shape)
+        y = self._half_linear(gen, "proj", n, half, merged.data.ptr & 15)(merged).reshape(shape)
         del q, k, v, out
         key = ("transposed", cupy.cuda.Device().id, half.str)
         wT = gen.cache.get(key)
@@ -935,6 +936,29 @@ class Attention:
             return dx, grads
 
         return y, pullback
+
+    _MAX_HALF_LINEARS = 16
+
+    def _half_linear(self, gen, name, n, dtype, align):
+        """The ``HalfLinear`` of projection ``name`` ("qkv" or "proj") for
+        ``n`` rows of ``dtype`` whose base address is ``align`` modulo 16: its
+        weight with the bias column is built once per parameter generation."""
+        import cupy
+
+        from relattn.backends.gpu.cublas import linear_half_plan
+
+        key = ("half-linear", name, n, cupy.cuda.runtime.getDevice(), dtype.str, align)
+        cache = gen.cache
+        lin = cache.get(key)
+        if lin is None:
+            w = self._device_params(gen, cupy, dtype)
+            lin = linear_half_plan(n, w[f"{name}_weight"], w[f"{name}_bias"], dtype)
+            built = [k for k in list(cache) if k[0] == "half-linear"]
+            if len(built) >= self._MAX_HALF_LINEARS:
+                for k in built:
+                    cache.pop(k, None)
+            lin = cache.setdefault(key, lin)
+        return lin
 
     def __repr__(self):
         extra = f", input_size={self.input_size}" if self.use_rel_pos else ""

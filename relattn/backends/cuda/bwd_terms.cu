@@ -7,7 +7,7 @@
 //                             rounded once to q's type
 //   relattn_bwd_terms_grid    one side's gathered-table gradient dR[a, kk] = sum over (bh, b) of
 //                             d[i, kk] q[i] (side h: a = y, b = x, d = dh; side w: a = x, b = y, d = dw),
-//                             a split of the (bh) range per blockIdx.z into part[split]
+//                             a split of the (bh, b) rows per blockIdx.z into part[split]
 //   relattn_bwd_terms_scatter the adjoint of SAM's gather: g[r] = sum over the positions p = a * kl + kk
 //                             that read table row r (slots[t, r], padded with the zero position) and
 //                             over the splits of part[split, p]
@@ -36,71 +36,131 @@ relattn_bwd_terms_dq(const float* __restrict__ dq, const float* __restrict__ dh,
     ra_st<DT>(out + idx, dq[idx] + (a + b));
 }
 
-// Block (a, kk chunk, split) of 256 threads: outputs (kk, c) for KC values of
-// kk from blockIdx.y * KC (KC = 16 * 256 / D, each thread 16 outputs), rows
-// (bh, b) of its split staged 16 at a time in shared memory (d's KC columns
-// and q's D columns).
-constexpr int RBT_ROWS = 16, RBT_OUT = 16;
+// Block (a, kk tile, split) of 256 threads = 16 x 16 (tr, tc): thread (tr, tc)
+// owns the outputs kk = kk0 + tr + 16 i (i < TI) and c = tc + 16 j (j < D / 16,
+// rounded up), a tile of KT = 16 TI values of kk by all D columns, so that each
+// staged row costs TI + CJ shared-memory reads for TI * CJ products. Rows (bh, b)
+// of the split are staged RBT_ROWS at a time (d's KT columns, q's columns as
+// float32, zero-padded), their addresses computed once per row.
+constexpr int RBT_ROWS = 32, RBT_MAXCJ = 8;   // D <= 128
 
-template <int DT, typename E>
+template <int DT, typename E, int TI>
 __global__ void __launch_bounds__(256)
 relattn_bwd_terms_grid(const float* __restrict__ d, const E* __restrict__ q, float* __restrict__ part,
                        int na, int kl, int nbh, int Sq, int nb, int sa, int sb, int D, int splits)
 {
+    constexpr int KT = 16 * TI;
     extern __shared__ float rbt_smem[];
-    const int KC = RBT_OUT * 256 / D;
-    float* sd = rbt_smem;                  // [RBT_ROWS][KC]
-    float* sq = sd + RBT_ROWS * KC;        // [RBT_ROWS][D]
-    const int a = blockIdx.x, kk0 = blockIdx.y * KC, split = blockIdx.z, tid = threadIdx.x;
-    const int kn = min(KC, kl - kk0);
-    const long long m0 = (long long)nbh * split / splits * nb, m1 = (long long)nbh * (split + 1) / splits * nb;
-    float acc[RBT_OUT];
+    const int CJ = (D + 15) / 16, DP = 16 * CJ;
+    float* sd = rbt_smem;                          // [RBT_ROWS][KT]
+    float* sq = sd + RBT_ROWS * KT;                // [RBT_ROWS][DP]
+    long long* srow = (long long*)(sq + RBT_ROWS * DP);   // [RBT_ROWS] row of each staged row
+    const int a = blockIdx.x, kk0 = blockIdx.y * KT, split = blockIdx.z, tid = threadIdx.x;
+    const int tr = tid >> 4, tc = tid & 15;
+    const long long M = (long long)nbh * nb;
+    const long long m0 = M * split / splits, m1 = M * (split + 1) / splits;
+    float acc[TI][RBT_MAXCJ];
 #pragma unroll
-    for (int o = 0; o < RBT_OUT; ++o) acc[o] = 0.f;
+    for (int i = 0; i < TI; ++i)
+#pragma unroll
+        for (int j = 0; j < RBT_MAXCJ; ++j) acc[i][j] = 0.f;
     for (long long m = m0; m < m1; m += RBT_ROWS) {
         const int rows = (int)min((long long)RBT_ROWS, m1 - m);
-        __syncthreads();
-        for (int e = tid; e < RBT_ROWS * (KC + D); e += 256) {
-            const int r = e / (KC + D), col = e - r * (KC + D);
-            float val = 0.f;
-            if (r < rows) {
-                const long long mm = m + r;
-                const int bh = (int)(mm / nb), b = (int)(mm - (long long)bh * nb);
-                const long long row = (long long)bh * Sq + a * sa + b * sb;
-                if (col < KC) val = (col < kn) ? d[row * kl + kk0 + col] : 0.f;
-                else val = ra_ld<DT>(q + row * D + (col - KC));
-            }
-            if (col < KC) sd[r * KC + col] = val;
-            else sq[r * D + col - KC] = val;
+        __syncthreads();   // the previous rows are read
+        if (tid < RBT_ROWS && tid < rows) {
+            const long long mm = m + tid, bh = mm / nb;
+            srow[tid] = bh * Sq + (long long)a * sa + (mm - bh * nb) * sb;
         }
         __syncthreads();
+        for (int e = tid; e < RBT_ROWS * KT; e += 256) {
+            const int r = e / KT, col = e - r * KT;
+            sd[e] = (r < rows && kk0 + col < kl) ? d[srow[r] * kl + kk0 + col] : 0.f;
+        }
+        for (int e = tid; e < RBT_ROWS * DP; e += 256) {
+            const int r = e / DP, c = e - r * DP;
+            sq[e] = (r < rows && c < D) ? ra_ld<DT>(q + srow[r] * D + c) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 4
         for (int r = 0; r < rows; ++r) {
+            float dv[TI], qv[RBT_MAXCJ];
 #pragma unroll
-            for (int o = 0; o < RBT_OUT; ++o) {
-                const int out = tid + o * 256, kk = out / D, c = out - kk * D;
-                acc[o] = fmaf(sd[r * KC + kk], sq[r * D + c], acc[o]);
-            }
+            for (int i = 0; i < TI; ++i) dv[i] = sd[r * KT + tr + 16 * i];
+#pragma unroll
+            for (int j = 0; j < RBT_MAXCJ; ++j) qv[j] = (j < CJ) ? sq[r * DP + tc + 16 * j] : 0.f;
+#pragma unroll
+            for (int i = 0; i < TI; ++i)
+#pragma unroll
+                for (int j = 0; j < RBT_MAXCJ; ++j)
+                    if (j < CJ) acc[i][j] = fmaf(dv[i], qv[j], acc[i][j]);
         }
     }
 #pragma unroll
-    for (int o = 0; o < RBT_OUT; ++o) {
-        const int out = tid + o * 256, kk = out / D, c = out - kk * D;
-        if (kk < kn) part[(((long long)split * na + a) * kl + kk0 + kk) * D + c] = acc[o];
+    for (int i = 0; i < TI; ++i) {
+        const int kk = kk0 + tr + 16 * i;
+#pragma unroll
+        for (int j = 0; j < RBT_MAXCJ; ++j) {
+            const int c = tc + 16 * j;
+            if (j < CJ && kk < kl && c < D) part[(((long long)split * na + a) * kl + kk) * D + c] = acc[i][j];
+        }
     }
 }
 
-__global__ void __launch_bounds__(128)
+// Block r of 256 threads: table row r's positions (at most RBT_SLOTS of them
+// staged in shared memory, the rest read in turn) times the splits, as one
+// list of (position, split) pairs, cut into 8 contiguous runs, one per warp;
+// lane l sums columns l + 32 j over its run in order, its loads issued
+// RBT_LOADS at a time; the 8 warps' sums are then added in warp order.
+constexpr int RBT_SLOTS = 256, RBT_LOADS = 8;
+
+__global__ void __launch_bounds__(256)
 relattn_bwd_terms_scatter(const float* __restrict__ part, const long long* __restrict__ slots, float* __restrict__ g,
                           int width, int rows, long long pad, long long positions, int D, int splits)
 {
-    const int r = blockIdx.x;
-    for (int c = threadIdx.x; c < D; c += blockDim.x) {
-        float acc = 0.f;
-        for (int t = 0; t < width; ++t) {
-            const long long p = slots[(long long)t * rows + r];
-            if (p == pad) break;
-            for (int s = 0; s < splits; ++s) acc += part[(s * positions + p) * D + c];
+    __shared__ long long sp[RBT_SLOTS];
+    __shared__ float red[8][128];
+    __shared__ int count;
+    const int r = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid == 0) count = width;   // or the first pad among the staged slots
+    __syncthreads();
+    for (int t = tid; t < min(width, RBT_SLOTS); t += 256) {
+        const long long p = slots[(long long)t * rows + r];
+        sp[t] = p;
+        if (p == pad) atomicMin(&count, t);   // positions come first, then the pad
+    }
+    __syncthreads();
+    int n = count;
+    if (n > RBT_SLOTS) {   // more positions than staged: count the rest
+        n = RBT_SLOTS;
+        while (n < width && slots[(long long)n * rows + r] != pad) ++n;
+    }
+    const int total = n * splits, run = (total + 7) / 8;
+    const int e0 = min(total, warp * run), e1 = min(total, e0 + run);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int e = e0; e < e1; e += RBT_LOADS) {
+        float v[RBT_LOADS][4];
+#pragma unroll
+        for (int u = 0; u < RBT_LOADS; ++u) {
+            const int ee = e + u, t = ee / splits, s = ee - t * splits;
+            const bool ok = ee < e1;
+            const long long p = !ok ? 0 : t < RBT_SLOTS ? sp[t] : slots[(long long)t * rows + r];
+            const float* src = part + (s * positions + p) * D;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v[u][j] = (ok && lane + 32 * j < D) ? src[lane + 32 * j] : 0.f;
         }
-        g[(long long)r * D + c] = acc;
+#pragma unroll
+        for (int u = 0; u < RBT_LOADS; ++u)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (e + u < e1) acc[j] += v[u][j];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        if (lane + 32 * j < D) red[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    for (int c = tid; c < D; c += 256) {
+        float sum = red[0][c];
+        for (int w = 1; w < 8; ++w) sum += red[w][c];
+        g[(long long)r * D + c] = sum;
     }
 }

@@ -316,6 +316,17 @@ def _libcuda():
     return _driver[0]
 
 
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+def _make_context_current():
+    """Make the current device's primary context current on this thread, as
+    CUDA runtime calls do on first use (a driver-API launch does not)."""
+    import cupy
+
+    cupy.cuda.runtime.setDevice(cupy.cuda.runtime.getDevice())
+
+
 class RawLaunch:
     """One kernel launch through ``cuLaunchKernel`` with its argument block
     built once: a planned call writes only the pointers (and 128-byte TMA
@@ -324,18 +335,21 @@ class RawLaunch:
 
     ``spec`` lists the kernel's parameters in order: ``"ptr"`` (a device
     pointer set per call), ``"map"`` (a 128-byte CUtensorMap set per call), or
-    a fixed numpy scalar (``np.int32``, ``np.float32``, ``np.int64``) or
+    a fixed numpy scalar (``np.int32``, ``np.uint32``, ``np.float32``, ``np.int64``) or
     integer pointer held for the plan's life.
     """
 
     def __init__(self, fn, grid, block, smem, spec):
+        """``fn``: a loaded ``cupy.cuda.Function`` or a ``cupy.RawKernel``
+        (its function on the current device)."""
         import ctypes
 
         import numpy as np
 
         self._lib = _libcuda()
-        self._fn = fn   # keeps the module's function alive
-        self._func = ctypes.c_void_p(fn.ptr)
+        func = fn if hasattr(fn, "ptr") else fn.kernel   # a RawKernel: its function on the current device
+        self._fn = (fn, func)   # keeps the module's function alive
+        self._func = ctypes.c_void_p(func.ptr)
         self._dims = (*grid, *(1,) * (3 - len(grid)), *block, *(1,) * (3 - len(block)), int(smem))
         nmaps = sum(1 for s in spec if isinstance(s, str) and s == "map")
         self._maps = np.zeros(nmaps * 128 + 64, dtype=np.uint8)   # 64-byte aligned 128-byte slots
@@ -353,7 +367,8 @@ class RawLaunch:
                 slot = ctypes.c_void_p(0)
                 self._ptr_slots.append(slot)
             else:   # fixed for the plan's life
-                kind = {np.dtype(np.int32): ctypes.c_int, np.dtype(np.float32): ctypes.c_float,
+                kind = {np.dtype(np.int32): ctypes.c_int, np.dtype(np.uint32): ctypes.c_uint,
+                        np.dtype(np.float32): ctypes.c_float,
                         np.dtype(np.int64): ctypes.c_longlong}.get(getattr(s, "dtype", None))
                 slot = ctypes.c_void_p(int(s)) if kind is None else kind(s.item())
             self._keep.append(slot)
@@ -371,5 +386,8 @@ class RawLaunch:
             for addr, src in zip(self._map_addr, maps):
                 self._memmove(addr, src, 128)
             status = self._lib.cuLaunchKernel(self._func, *self._dims, stream_ptr, self._params, None)
+            if status == _CUDA_ERROR_INVALID_CONTEXT:   # a thread whose CUDA context is not yet current
+                _make_context_current()
+                status = self._lib.cuLaunchKernel(self._func, *self._dims, stream_ptr, self._params, None)
         if status != 0:
             raise RuntimeError(f"relattn: cuLaunchKernel failed (CUresult {status})")

@@ -491,43 +491,59 @@ def core_gradients(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
 # terms' gradients and gathered tables; 16-bit or float32 q.
 TERMS_DTYPES = ("float16", "bfloat16", "float32")
 _TERMS_DT = {"float16": 0, "bfloat16": 1, "float32": 2}
-_TERMS_SPLIT_BLOCKS = 256   # blocks the grid kernel aims for, splitting the (batch, head) range
+_TERMS_SPLIT_BLOCKS = 528         # blocks the grid kernel aims for (4 per SM of an H100), splitting its rows
+_TERMS_SPLIT_MIN_ROWS = 64        # but no split of fewer rows than this
+_TERMS_PART_BYTES = 4 * 2**20     # nor a split buffer larger than this
 
 
-def _terms_kernel(kind, dt):
+def _terms_kernel(kind, dt, ti=4):
     from . import _build
 
-    names = {("dq", d): f"relattn_bwd_terms_dq<{d}, {'float' if d == 2 else 'u16'}>" for d in (0, 1, 2)}
-    names.update({("grid", d): f"relattn_bwd_terms_grid<{d}, {'float' if d == 2 else 'u16'}>" for d in (0, 1, 2)})
-    names[("scatter", 0)] = "relattn_bwd_terms_scatter"
-    return _build.portable_kernel(("bwd_terms",), names, (kind, dt), 0, _build.family_source("bwd_terms"))
+    names = {("dq", d, 0): f"relattn_bwd_terms_dq<{d}, {'float' if d == 2 else 'u16'}>" for d in (0, 1, 2)}
+    names.update({("grid", d, t): f"relattn_bwd_terms_grid<{d}, {'float' if d == 2 else 'u16'}, {t}>"
+                  for d in (0, 1, 2) for t in (1, 4)})
+    names[("scatter", 0, 0)] = "relattn_bwd_terms_scatter"
+    which = (kind, dt, ti if kind == "grid" else 0)
+    return _build.portable_kernel(("bwd_terms",), names, which, 0, _build.family_source("bwd_terms"))
+
+
+def _terms_split(na, tiles, rows, kl, D):
+    """How many row ranges the grid kernel splits each (a, kk tile) into."""
+    want = -(-_TERMS_SPLIT_BLOCKS // max(1, na * tiles))
+    by_rows = max(1, rows // _TERMS_SPLIT_MIN_ROWS)
+    by_bytes = max(1, _TERMS_PART_BYTES // max(1, na * kl * D * 4))
+    return max(1, min(want, by_rows, by_bytes))
 
 
 def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     """The gradient of one side's table before the resize (2 max - 1 rows,
     float32): from the terms' gradients d3 (B*H, Sq, kl) and q3 (B*H, Sq, D)
-    by the grid kernel (split over (batch, head) for enough blocks), then the
-    gather's adjoint by the scatter kernel, which also sums the splits."""
+    by the grid kernel (its rows (batch, head, b) split for enough blocks),
+    then the gather's adjoint by the scatter kernel, which also sums the
+    splits."""
     import cupy
 
     from relattn.autodiff import _gather_slots, _on_device
 
     nbh, Sq, D = q3.shape
+    if D > 128:
+        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
     (qh, qw), (kh, kw) = q_size, k_size
     na, nb, kl, sa, sb = (qh, qw, kh, qw, 1) if side == "h" else (qw, qh, kw, 1, qw)
-    kc = 16 * 256 // D
-    chunks = -(-kl // kc)
-    splits = max(1, min(nbh, _TERMS_SPLIT_BLOCKS // max(1, na * chunks)))
+    ti = 1 if kl <= 16 else 4
+    kt, dp = 16 * ti, -(-D // 16) * 16
+    tiles = -(-kl // kt)
+    splits = _terms_split(na, tiles, nbh * nb, kl, D)
     part = cupy.empty((splits, na, kl, D), dtype=np.float32)
-    smem = 16 * (kc + D) * 4
-    _terms_kernel("grid", dt)((na, chunks, splits), (256,),
-                              (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)),
-                              shared_mem=smem)
+    smem = 32 * (kt + dp) * 4 + 32 * 8
+    _terms_kernel("grid", dt, ti)((na, tiles, splits), (256,),
+                                  (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)),
+                                  shared_mem=smem)
     slots = _gather_slots(na, kl)
     width, rows = slots.shape
     dev_slots = _on_device(cupy, ("vjp-gather-slots", na, kl), slots)
     g = cupy.empty((rows, D), dtype=np.float32)
-    _terms_kernel("scatter", 0)((rows,), (128,), (part, dev_slots, g, np.int32(width), np.int32(rows),
+    _terms_kernel("scatter", 0)((rows,), (256,), (part, dev_slots, g, np.int32(width), np.int32(rows),
                                                   np.int64(na * kl), np.int64(na * kl), np.int32(D),
                                                   np.int32(splits)))
     return g

@@ -127,16 +127,26 @@ def _terms_run(q, th, tw, q_size, k_size, idx_h, idx_w, resize=(None, None)):
     Lh, Lw = resize
     if Lh is not None or Lw is not None:
         from relattn.relpos import resize_rel_pos
+    # the argument block is built once; a call writes the five pointers (an
+    # operand read in place needs no uint16 view: only its address travels)
+    launch = None
+    if grid[0]:
+        launch = _build.RawLaunch(fn, grid, block, 0,
+                                  ["ptr"] * 3 + [idx_h.data.ptr, idx_w.data.ptr] + ["ptr"] * 2 + list(tail))
+        launch.keep = (idx_h, idx_w)   # the index tables live as long as the launch
+    pq, ph, pw = (same if prep is u16 else prep for prep in (pq, ph, pw))
+    get_stream, empty = cupy.cuda.get_current_stream, cupy.empty
 
     def run(q, th, tw):
         if Lh is not None:
             th = resize_rel_pos(th, Lh)
         if Lw is not None:
             tw = resize_rel_pos(tw, Lw)
-        rel_h = cupy.empty((B, H, Sq, kh), dtype=f32)
-        rel_w = cupy.empty((B, H, Sq, kw), dtype=f32)
-        if grid[0]:
-            fn(grid, block, (pq(q), ph(th), pw(tw), idx_h, idx_w, rel_h, rel_w) + tail)
+        rel_h = empty((B, H, Sq, kh), dtype=f32)
+        rel_w = empty((B, H, Sq, kw), dtype=f32)
+        if launch is not None:
+            a, h, w = pq(q), ph(th), pw(tw)
+            launch((a.data.ptr, h.data.ptr, w.data.ptr, rel_h.data.ptr, rel_w.data.ptr), (), get_stream().ptr)
         return rel_h, rel_w
 
     return run

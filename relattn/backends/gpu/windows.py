@@ -46,13 +46,16 @@ def _kernel(direction: str, word: str):
 def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw, one=None):
     """``run(src) -> out``: one kernel moving ``src`` (any layout; made
     contiguous first when it is not) into a new array of ``out_shape``,
-    decided from src's shape, dtype, contiguity and alignment. ``one``
-    (partition and heads' merge, 16-bit src): the bits of 1 in src's type;
-    each out token is followed by the tail [1, 0, ..., 0] (out_shape's last
-    axis TAIL values longer)."""
+    decided from src's shape, dtype, contiguity and alignment; ``run`` takes
+    arrays of src's memory layout (its shape may differ: only the address is
+    read). ``one`` (partition and heads' merge, 16-bit src): the bits of 1 in
+    src's type; each out token is followed by the tail [1, 0, ..., 0]
+    (out_shape's last axis TAIL values longer). The launch's argument block is
+    built here: a call allocates the output and writes two pointers."""
     import cupy
     import numpy as np
 
+    from relattn.backends.gpu._build import RawLaunch
     from relattn.backends.gpu.cublas import contiguous
 
     dtype = src.dtype
@@ -68,18 +71,19 @@ def _copy_plan(direction, src, out_shape, H, W, ws, nh, nw, one=None):
     size, word = next((n, w) for n, w in _WORDS
                       if token % n == 0 and out_token % n == 0 and align % n == 0)
     total = total_bytes // size
-    fn = _kernel(direction, word)
     grid = (int(min((total + 255) // 256, 1 << 20)),)
-    tail = (np.int64(total), np.int32(H), np.int32(W), np.int32(ws), np.int32(nh), np.int32(nw),
-            np.int32(token // size))
+    spec = ["ptr", "ptr", np.int64(total), np.int32(H), np.int32(W), np.int32(ws), np.int32(nh), np.int32(nw),
+            np.int32(token // size)]
     if direction in ("partition", "merge_heads"):
-        tail += (np.int32(out_token // size), np.uint32(0 if one is None else one))
-    u8 = cupy.uint8
+        spec += [np.int32(out_token // size), np.uint32(0 if one is None else one)]
+    launch = RawLaunch(_kernel(direction, word), grid, (256,), 0, spec)
+    get_stream, empty = cupy.cuda.get_current_stream, cupy.empty
 
     def run(a):
-        out = cupy.empty(out_shape, dtype=dtype)
-        a = a if dense else contiguous(a)
-        fn(grid, (256,), (a.view(u8), out.view(u8)) + tail)
+        out = empty(out_shape, dtype=dtype)
+        if not dense:
+            a = contiguous(a)
+        launch((a.data.ptr, out.data.ptr), (), get_stream().ptr)
         return out
 
     return run
