@@ -895,7 +895,7 @@ class Attention:
         import cupy
 
         from relattn.autodiff import rel_pos_attention_vjp
-        from relattn.backends.gpu.cublas import contiguous, linear, linear_half, to_float32
+        from relattn.backends.gpu.cublas import contiguous, linear_half, linear_tn, to_float32
 
         half = x.dtype
         shape = batch, height, width, dim = x.shape
@@ -920,7 +920,7 @@ class Attention:
 
         def pullback(dy):
             d_y = contiguous(dy.reshape(n, dim))
-            grads = {"proj_weight": linear(contiguous(d_y.T), contiguous(merged.T)),   # dy^T merged
+            grads = {"proj_weight": linear_tn(d_y, merged),   # dy^T merged
                      "proj_bias": to_float32(d_y).sum(axis=0)}
             d_merged = linear_half(d_y, wT["proj_weight"], None, half)                # dy Wp
             d_out = contiguous(d_merged.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3))
@@ -929,7 +929,7 @@ class Attention:
             for i, d in enumerate((dq, dk, dv)):
                 bits[:, :, i] = d.view(cupy.uint16).transpose(0, 2, 1, 3)
             d_qkv = bits.reshape(n, 3 * dim).view(half)
-            grads["qkv_weight"] = linear(contiguous(d_qkv.T), contiguous(tokens.T))   # d_qkv^T x
+            grads["qkv_weight"] = linear_tn(d_qkv, tokens)   # d_qkv^T x
             if w["qkv_bias"] is not None:
                 grads["qkv_bias"] = to_float32(d_qkv).sum(axis=0)
             dx = linear_half(d_qkv, wT["qkv_weight"], None, half).reshape(shape)      # d_qkv Wqkv

@@ -320,7 +320,7 @@ def test_portable_kernels_compile(tmp_path):
         *backward._names(2, 64).values(), backward._names(2, 80)[("dq", 2)], backward._names(2, 128)[("dkv", 1)],
         backward._names(2, 16)[("stats", 2)],
         # the pullback through the terms (relattn.backends.gpu.backward.terms_pullback)
-        "relattn_bwd_terms_dq<1, u16>", "relattn_bwd_terms_dq<2, float>", "relattn_bwd_terms_grid<0, u16, 4>",
+        "relattn_bwd_terms_side<1, u16, true>", "relattn_bwd_terms_side<2, float, false>", "relattn_bwd_terms_grid<0, u16, 4>",
         "relattn_bwd_terms_grid<2, float, 1>", "relattn_bwd_terms_scatter",
     ]
     assert names[:3] == ["relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>"]

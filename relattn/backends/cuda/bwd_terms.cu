@@ -3,8 +3,10 @@
 // kw), with the gathered tables Rh (qh, kh, D) and Rw (qw, kw, D) in float32
 // and the query i = y * qw + x:
 //
-//   relattn_bwd_terms_dq      dq_out = dq + (sum_ky dh[i, ky] Rh[y, ky] + sum_kx dw[i, kx] Rw[x, kx]),
-//                             rounded once to q's type
+//   relattn_bwd_terms_side    dq's terms part, one side per launch: a batched product over the rows
+//                             (bh, b) that share one table slice a, dst[i] = src[i] + sum_kk d[i, kk] R[a, kk]:
+//                             first side w into dq (float32, in place), then side h from it rounded once
+//                             to q's type, so dq_out = (dq + sum_kx dw Rw[x, kx]) + sum_ky dh Rh[y, ky]
 //   relattn_bwd_terms_grid    one side's gathered-table gradient dR[a, kk] = sum over (bh, b) of
 //                             d[i, kk] q[i] (side h: a = y, b = x, d = dh; side w: a = x, b = y, d = dw),
 //                             a split of the (bh, b) rows per blockIdx.z into part[split]
@@ -15,25 +17,77 @@
 // Every sum has one owner and a fixed order: the same bits on every run.
 // DT 0 float16, 1 bfloat16 (E u16), 2 float32 (E float). Needs common.cuh.
 
-template <int DT, typename E>
+constexpr int RBT_ROWS = 32, RBT_MAXCJ = 8;   // D <= 128
+
+// Block (row tile, a) of 256 threads = 16 x 16 (tr, tc): thread (tr, tc) owns
+// rows tr + 16 i (i < 4) of the block's RBS_ROWS rows (bh, b) and columns
+// c = tc + 16 j (j < D / 16, rounded up); R[a]'s rows and the rows' d staged
+// RBS_K values of kk at a time.
+constexpr int RBS_ROWS = 64, RBS_K = 32, RBS_MAXD = 128;
+
+template <int DT, typename E, bool LAST>
 __global__ void __launch_bounds__(256)
-relattn_bwd_terms_dq(const float* __restrict__ dq, const float* __restrict__ dh, const float* __restrict__ dw,
-                     const float* __restrict__ Rh, const float* __restrict__ Rw, E* __restrict__ out,
-                     long long n, int Sq, int qw, int D, int kh, int kw)
+relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R, const float* src, void* dst,
+                       int kl, int nbh, int Sq, int nb, int sa, int sb, int D)
 {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;   // over B*H*Sq*D
-    if (idx >= n) return;
-    const long long row = idx / D;
-    const int c = (int)(idx - row * D);
-    const int i = (int)(row % Sq), y = i / qw, x = i - y * qw;
-    const float* h = dh + row * kh;
-    const float* w = dw + row * kw;
-    const float* th = Rh + (long long)y * kh * D + c;
-    const float* tw = Rw + (long long)x * kw * D + c;
-    float a = 0.f, b = 0.f;
-    for (int j = 0; j < kh; ++j) a = fmaf(h[j], th[(long long)j * D], a);
-    for (int j = 0; j < kw; ++j) b = fmaf(w[j], tw[(long long)j * D], b);
-    ra_st<DT>(out + idx, dq[idx] + (a + b));
+    __shared__ float sR[RBS_K * RBS_MAXD];
+    __shared__ float sd[RBS_ROWS][RBS_K + 1];
+    __shared__ long long srow[RBS_ROWS];
+    const int a = blockIdx.y, tid = threadIdx.x, tr = tid >> 4, tc = tid & 15;
+    const int CJ = (D + 15) / 16, DP = 16 * CJ;
+    const long long M = (long long)nbh * nb, m0 = (long long)blockIdx.x * RBS_ROWS;
+    const int rows = (int)min((long long)RBS_ROWS, M - m0);
+    if (tid < rows) {
+        const long long mm = m0 + tid, bh = mm / nb;
+        srow[tid] = bh * Sq + (long long)a * sa + (mm - bh * nb) * sb;
+    }
+    float acc[4][RBT_MAXCJ];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < RBT_MAXCJ; ++j) acc[i][j] = 0.f;
+    const float* Ra = R + (long long)a * kl * D;
+    for (int k0 = 0; k0 < kl; k0 += RBS_K) {
+        const int kn = min(RBS_K, kl - k0);
+        __syncthreads();   // srow written; the previous slice read
+        for (int e = tid; e < RBS_K * DP; e += 256) {
+            const int kk = e / DP, c = e - kk * DP;
+            sR[e] = (kk < kn && c < D) ? Ra[(long long)(k0 + kk) * D + c] : 0.f;
+        }
+        for (int e = tid; e < RBS_ROWS * RBS_K; e += 256) {
+            const int r = e / RBS_K, kk = e - r * RBS_K;
+            sd[r][kk] = (r < rows && kk < kn) ? d[srow[r] * kl + k0 + kk] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int kk = 0; kk < kn; ++kk) {
+            float dv[4], rv[RBT_MAXCJ];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dv[i] = sd[tr + 16 * i][kk];
+#pragma unroll
+            for (int j = 0; j < RBT_MAXCJ; ++j) rv[j] = (j < CJ) ? sR[kk * DP + tc + 16 * j] : 0.f;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < RBT_MAXCJ; ++j)
+                    if (j < CJ) acc[i][j] = fmaf(dv[i], rv[j], acc[i][j]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r = tr + 16 * i;
+        if (r >= rows) continue;
+        const long long base = srow[r] * D;
+#pragma unroll
+        for (int j = 0; j < RBT_MAXCJ; ++j) {
+            const int c = tc + 16 * j;
+            if (j < CJ && c < D) {
+                const float v = src[base + c] + acc[i][j];
+                if (LAST) ra_st<DT>((E*)dst + base + c, v);
+                else ((float*)dst)[base + c] = v;
+            }
+        }
+    }
 }
 
 // Block (a, kk tile, split) of 256 threads = 16 x 16 (tr, tc): thread (tr, tc)
@@ -42,7 +96,6 @@ relattn_bwd_terms_dq(const float* __restrict__ dq, const float* __restrict__ dh,
 // staged row costs TI + CJ shared-memory reads for TI * CJ products. Rows (bh, b)
 // of the split are staged RBT_ROWS at a time (d's KT columns, q's columns as
 // float32, zero-padded), their addresses computed once per row.
-constexpr int RBT_ROWS = 32, RBT_MAXCJ = 8;   // D <= 128
 
 template <int DT, typename E, int TI>
 __global__ void __launch_bounds__(256)

@@ -496,14 +496,17 @@ _TERMS_SPLIT_MIN_ROWS = 64        # but no split of fewer rows than this
 _TERMS_PART_BYTES = 4 * 2**20     # nor a split buffer larger than this
 
 
-def _terms_kernel(kind, dt, ti=4):
+def _terms_kernel(kind, dt, variant=0):
+    """``kind`` "side" (variant 1: the last side, rounding to q's type), "grid"
+    (variant: TI, 1 or 4) or "scatter", for q's type code ``dt``."""
     from . import _build
 
-    names = {("dq", d, 0): f"relattn_bwd_terms_dq<{d}, {'float' if d == 2 else 'u16'}>" for d in (0, 1, 2)}
-    names.update({("grid", d, t): f"relattn_bwd_terms_grid<{d}, {'float' if d == 2 else 'u16'}, {t}>"
-                  for d in (0, 1, 2) for t in (1, 4)})
+    elem = {0: "u16", 1: "u16", 2: "float"}
+    names = {("side", d, t): f"relattn_bwd_terms_side<{d}, {elem[d]}, {'true' if t else 'false'}>"
+             for d in (0, 1, 2) for t in (0, 1)}
+    names.update({("grid", d, t): f"relattn_bwd_terms_grid<{d}, {elem[d]}, {t}>" for d in (0, 1, 2) for t in (1, 4)})
     names[("scatter", 0, 0)] = "relattn_bwd_terms_scatter"
-    which = (kind, dt, ti if kind == "grid" else 0)
+    which = (kind, dt if kind != "scatter" else 0, variant)
     return _build.portable_kernel(("bwd_terms",), names, which, 0, _build.family_source("bwd_terms"))
 
 
@@ -526,8 +529,6 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     from relattn.autodiff import _gather_slots, _on_device
 
     nbh, Sq, D = q3.shape
-    if D > 128:
-        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
     (qh, qw), (kh, kw) = q_size, k_size
     na, nb, kl, sa, sb = (qh, qw, kh, qw, 1) if side == "h" else (qw, qh, kw, 1, qw)
     ti = 1 if kl <= 16 else 4
@@ -549,30 +550,45 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     return g
 
 
+def _terms_side(d3, R, src, dst, side, q_size, dt, last):
+    """dst = src + one side's terms' part of dq (:func:`terms_pullback`)."""
+    nbh, Sq = int(d3.shape[0]), int(d3.shape[1])
+    D = int(R.shape[2])
+    (qh, qw) = q_size
+    na, nb, sa, sb = (qh, qw, qw, 1) if side == "h" else (qw, qh, 1, qw)
+    kl = int(R.shape[1])
+    tiles = -(-(nbh * nb) // 64)
+    if tiles and na:
+        _terms_kernel("side", dt, int(last))((tiles, na), (256,), (d3, R, src, dst) + tuple(
+            np.int32(n) for n in (kl, nbh, Sq, nb, sa, sb, D)))
+
+
 def terms_pullback(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
     """``(dq, g_h, g_w)``: ``dq`` of q's shape and dtype, the core's float32
-    part plus the terms' (rounded once), and the gradients of the two
-    gathered-side tables (``2 max - 1`` rows, float32; the resize's adjoint,
-    if any, is the caller's). ``d_rel_h`` / ``d_rel_w`` float32 (B, H, Sq,
-    k_*) , ``Rh`` (q_h, k_h, D) / ``Rw`` (q_w, k_w, D) float32, q 16-bit or
-    float32 (:data:`TERMS_DTYPES`)."""
+    part plus the terms' (side w added first, then side h, rounded once),
+    and the gradients of the two gathered-side tables (``2 max - 1`` rows,
+    float32; the resize's adjoint, if any, is the caller's). ``d_rel_h`` /
+    ``d_rel_w`` float32 (B, H, Sq, k_*) , ``Rh`` (q_h, k_h, D) / ``Rw``
+    (q_w, k_w, D) float32, q 16-bit or float32 (:data:`TERMS_DTYPES`), D <=
+    128. ``dq_core`` (float32, q's shape) is the sum's workspace: when
+    contiguous it is overwritten."""
     import cupy
 
     from relattn._arrays import dtype_name
 
     B, H, Sq, D = q.shape
-    (qh, qw), (kh, kw) = q_size, k_size
+    if D > 128:
+        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
     name = dtype_name(q.dtype)
     dt = _TERMS_DT[name]
     q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
     dh3, dw3 = (cupy.ascontiguousarray(t).reshape(B * H, Sq, -1) for t in (d_rel_h, d_rel_w))
     Rh, Rw = (cupy.ascontiguousarray(t) for t in (Rh, Rw))
-    dq = cupy.empty((B, H, Sq, D), dtype=q.dtype)
-    n = B * H * Sq * D
+    acc = cupy.ascontiguousarray(dq_core)
+    dq = acc if dt == 2 else cupy.empty((B, H, Sq, D), dtype=q.dtype)
     out = dq.view(cupy.uint16) if dt < 2 else dq
-    _terms_kernel("dq", dt)((-(-n // 256),), (256,),
-                            (cupy.ascontiguousarray(dq_core), dh3, dw3, Rh, Rw, out, np.int64(n))
-                            + tuple(np.int32(v) for v in (Sq, qw, D, kh, kw)))
+    _terms_side(dw3, Rw, acc, acc, "w", q_size, dt, False)
+    _terms_side(dh3, Rh, acc, out, "h", q_size, dt, True)
     g_h = _gather_adjoint(dh3, q3, "h", q_size, k_size, dt)
     g_w = _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
-    return dq, g_h, g_w
+    return dq.reshape(B, H, Sq, D), g_h, g_w

@@ -77,6 +77,42 @@ def linear(x2d, weight, bias=None):
     return out
 
 
+def linear_tn(a, b):
+    """``a.T @ b`` in float32 from half-precision CuPy operands ``a`` (n, m)
+    and ``b`` (n, k) of one dtype: a linear layer's weight gradient
+    ``dy.T @ x``, with cuBLAS reading both operands transposed in place (no
+    copy of either).
+
+    Returns
+    -------
+    cupy.ndarray, shape (m, k), float32
+    """
+    import cupy
+
+    n, m = (int(d) for d in a.shape)
+    k = int(b.shape[1])
+    code = _type_code(a.dtype)
+    if b.dtype != a.dtype or int(b.shape[0]) != n:
+        raise ValueError(f"b: expected ({n}, k) {a.dtype}, got {b.shape} {b.dtype}")
+    a, b = contiguous(a), contiguous(b)
+    out = cupy.empty((m, k), dtype=np.float32)
+    if m == 0 or k == 0:
+        return out
+    if n == 0:
+        out.fill(0)
+        return out
+    lib, entry = _cublas_handle()
+    _set_stream(lib, entry, cupy.cuda.get_current_stream().ptr)
+    # Row-major out (m, k) is column-major out^T (k, m) = b^T (k, n) @ a (n, m),
+    # b^T being row-major b read column-major and a row-major a read transposed.
+    _check(lib.cublasGemmEx(entry[0], _CUBLAS_OP_N, _CUBLAS_OP_T, k, m, n,
+                            _ONE_PTR, b.data.ptr, code, k,
+                            a.data.ptr, code, m,
+                            _ZERO_PTR, out.data.ptr, _CUDA_R_32F, k,
+                            _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
+    return out
+
+
 def linear_half(x2d, weight, bias, dtype):
     """``x2d @ weight.T + bias`` rounded once to ``dtype`` (float16 / bfloat16).
 

@@ -135,11 +135,37 @@ def unpartition_plan(windows, ws: int, hp: int, wp: int, H: int, W: int):
     return _copy_plan("unpartition", windows, (B, H, W, C), H, W, ws, nh, nw)
 
 
+# The plans of the one-shot calls below, per signature of their source (a
+# plan builds its launch's argument block once: the repeated calls of a
+# training loop only allocate and launch).
+_PLANS_MAX = 64
+_plans: dict = {}
+
+
+def _cached(key, make):
+    plan = _plans.get(key)
+    if plan is None:
+        plan = make()
+        with _lock:
+            if len(_plans) >= _PLANS_MAX:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def _signature(a):
+    import cupy
+
+    return (cupy.cuda.runtime.getDevice(), a.shape, a.strides, a.dtype.str, a.data.ptr & 15)
+
+
 def partition(x, ws: int, hp: int, wp: int):
     """Windows of x (B, H, W, C), zero-padded to (hp, wp)."""
-    return partition_plan(x, ws, hp, wp)(x)
+    key = ("partition", _signature(x), ws, hp, wp)
+    return _cached(key, lambda: partition_plan(x, ws, hp, wp))(x)
 
 
 def unpartition(windows, ws: int, hp: int, wp: int, H: int, W: int):
     """(B, H, W, C) from the windows of a (B, hp, wp, C) map, the padding cropped."""
-    return unpartition_plan(windows, ws, hp, wp, H, W)(windows)
+    key = ("unpartition", _signature(windows), ws, hp, wp, H, W)
+    return _cached(key, lambda: unpartition_plan(windows, ws, hp, wp, H, W))(windows)
