@@ -19,6 +19,14 @@
 
 constexpr int RBT_ROWS = 32, RBT_MAXCJ = 8;   // D <= 128
 
+// The row i = bh * Sq + a * sa + b * sb of the m-th row (bh, b) = (m / nb, m % nb)
+// that reads table slice a (side h: a = y, b = x, sa = qw, sb = 1; side w: a = x,
+// b = y, sa = 1, sb = qw).
+__device__ __forceinline__ long long rbt_row(long long m, int nb, int Sq, int a, int sa, int sb) {
+    const long long bh = m / nb;
+    return bh * Sq + (long long)a * sa + (m - bh * nb) * sb;
+}
+
 // Block (row tile, a) of 256 threads = 16 x 16 (tr, tc): thread (tr, tc) owns
 // rows tr + 16 i (i < 4) of the block's RBS_ROWS rows (bh, b) and columns
 // c = tc + 16 j (j < D / 16, rounded up); R[a]'s rows and the rows' d staged
@@ -37,10 +45,7 @@ relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R,
     const int CJ = (D + 15) / 16, DP = 16 * CJ;
     const long long M = (long long)nbh * nb, m0 = (long long)blockIdx.x * RBS_ROWS;
     const int rows = (int)min((long long)RBS_ROWS, M - m0);
-    if (tid < rows) {
-        const long long mm = m0 + tid, bh = mm / nb;
-        srow[tid] = bh * Sq + (long long)a * sa + (mm - bh * nb) * sb;
-    }
+    if (tid < rows) srow[tid] = rbt_row(m0 + tid, nb, Sq, a, sa, sb);
     float acc[4][RBT_MAXCJ];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -120,10 +125,7 @@ relattn_bwd_terms_grid(const float* __restrict__ d, const E* __restrict__ q, flo
     for (long long m = m0; m < m1; m += RBT_ROWS) {
         const int rows = (int)min((long long)RBT_ROWS, m1 - m);
         __syncthreads();   // the previous rows are read
-        if (tid < RBT_ROWS && tid < rows) {
-            const long long mm = m + tid, bh = mm / nb;
-            srow[tid] = bh * Sq + (long long)a * sa + (mm - bh * nb) * sb;
-        }
+        if (tid < RBT_ROWS && tid < rows) srow[tid] = rbt_row(m + tid, nb, Sq, a, sa, sb);
         __syncthreads();
         for (int e = tid; e < RBT_ROWS * KT; e += 256) {
             const int r = e / KT, col = e - r * KT;

@@ -510,6 +510,14 @@ def _terms_kernel(kind, dt, variant=0):
     return _build.portable_kernel(("bwd_terms",), names, which, 0, _build.family_source("bwd_terms"))
 
 
+def _side(side, q_size, k_size):
+    """``(na, nb, kl, sa, sb)`` of one side of the terms: query row i = bh * Sq
+    + a * sa + b * sb reads table slice a of na (side h: a = y, b = x; side w:
+    a = x, b = y), nb rows b per slice and batch-head, kl keys per slice."""
+    (qh, qw), (kh, kw) = q_size, k_size
+    return (qh, qw, kh, qw, 1) if side == "h" else (qw, qh, kw, 1, qw)
+
+
 def _terms_split(na, tiles, rows, kl, D):
     """How many row ranges the grid kernel splits each (a, kk tile) into."""
     want = -(-_TERMS_SPLIT_BLOCKS // max(1, na * tiles))
@@ -529,8 +537,7 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     from relattn.autodiff import _gather_slots, _on_device
 
     nbh, Sq, D = q3.shape
-    (qh, qw), (kh, kw) = q_size, k_size
-    na, nb, kl, sa, sb = (qh, qw, kh, qw, 1) if side == "h" else (qw, qh, kw, 1, qw)
+    na, nb, kl, sa, sb = _side(side, q_size, k_size)
     ti = 1 if kl <= 16 else 4
     kt, dp = 16 * ti, -(-D // 16) * 16
     tiles = -(-kl // kt)
@@ -550,13 +557,11 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     return g
 
 
-def _terms_side(d3, R, src, dst, side, q_size, dt, last):
+def _terms_side(d3, R, src, dst, side, q_size, k_size, dt, last):
     """dst = src + one side's terms' part of dq (:func:`terms_pullback`)."""
     nbh, Sq = int(d3.shape[0]), int(d3.shape[1])
     D = int(R.shape[2])
-    (qh, qw) = q_size
-    na, nb, sa, sb = (qh, qw, qw, 1) if side == "h" else (qw, qh, 1, qw)
-    kl = int(R.shape[1])
+    na, nb, kl, sa, sb = _side(side, q_size, k_size)
     tiles = -(-(nbh * nb) // 64)
     if tiles and na:
         _terms_kernel("side", dt, int(last))((tiles, na), (256,), (d3, R, src, dst) + tuple(
@@ -587,8 +592,8 @@ def terms_pullback(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
     acc = cupy.ascontiguousarray(dq_core)
     dq = acc if dt == 2 else cupy.empty((B, H, Sq, D), dtype=q.dtype)
     out = dq.view(cupy.uint16) if dt < 2 else dq
-    _terms_side(dw3, Rw, acc, acc, "w", q_size, dt, False)
-    _terms_side(dh3, Rh, acc, out, "h", q_size, dt, True)
+    _terms_side(dw3, Rw, acc, acc, "w", q_size, k_size, dt, False)
+    _terms_side(dh3, Rh, acc, out, "h", q_size, k_size, dt, True)
     g_h = _gather_adjoint(dh3, q3, "h", q_size, k_size, dt)
     g_w = _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
     return dq.reshape(B, H, Sq, D), g_h, g_w

@@ -10,8 +10,9 @@ tail column ``[bias, 0, ..., 0]``, so that ``[x, 1] @ [W, b].T = x @ W.T + b``
 is one float32 sum rounded once, with no output-sized bias buffer. (Adding a
 bias through cuBLAS's ``beta = 1`` rounds the product to the half type before
 the addition for some shapes.) In the layer, the window partition and the
-merge of the attention's heads write the tail as they copy the tokens. Casts to and from bfloat16 go through the bit
-patterns (round to nearest even) where CuPy's own ``astype`` cannot do them.
+merge of the attention's heads write the tail as they copy the tokens. Casts
+to and from bfloat16 go through the bit patterns (round to nearest even) where
+CuPy's own ``astype`` cannot do them.
 """
 
 from __future__ import annotations
