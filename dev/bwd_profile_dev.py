@@ -101,7 +101,8 @@ def main():
         res["dkv kernel"] = gtime(run_dkv)
         core = bw.fused_core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, given)
         Rh, Rw = autodiff._gathered_tables(th, tw, (g, g), (g, g), np.float32)
-        res["terms pullback"] = gtime(lambda: bw.terms_pullback(q, core[0], core[3], core[4], Rh, Rw, (g, g), (g, g)))
+        res["terms pullback"] = gtime(lambda: (bw.terms_dq(q, core[0], core[3], core[4], Rh, Rw, (g, g), (g, g)),
+                                                bw.tables_pullback(q, core[3], core[4], (g, g), (g, g))))
         dh3 = cupy.ascontiguousarray(core[3]).reshape(B * H, g * g, -1)
         q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt != "float32" else q).reshape(B * H, g * g, d)
         tdt = bw._TERMS_DT[dt]

@@ -475,7 +475,8 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
     """The pullback on the GPU: the core's gradients from
     :func:`_core_backward_gpu`, then the tables': for float32 terms and
     16-bit or float32 q by the terms' pullback kernels
-    (:func:`relattn.backends.gpu.backward.terms_pullback`: dq's terms part,
+    (:func:`relattn.backends.gpu.backward.terms_dq`: dq's terms part, and
+    :func:`~relattn.backends.gpu.backward.tables_pullback`:
     the gathered tables' gradients and the gather's adjoint), else as for
     the fused CPU backward (:func:`_terms_pullback`, in CuPy); then the
     resize's adjoint where a table was resized."""
@@ -497,7 +498,9 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
             if not use_rel:
                 return astype(dq3, q.dtype), dk, dv, None, None
             if kernels:
-                dq, g_h, g_w = backward.terms_pullback(q, dq3, dh3, dw3, Rh, Rw, q_size, k_size)
+                dq = backward.terms_dq(q, dq3, dh3, dw3, Rh, Rw, q_size, k_size)
+                del dq3   # the tables' pullback runs without the core's float32 dq
+                g_h, g_w = backward.tables_pullback(q, dh3, dw3, q_size, k_size)
                 d_h, d_w = (_resized_adjoint(g, t, resize_dtype) for g, t in zip((g_h, g_w), stored))
             else:
                 dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,

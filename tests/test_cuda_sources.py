@@ -319,7 +319,7 @@ def test_portable_kernels_compile(tmp_path):
         *backward._names(1, 64).values(), *backward._names(0, 80).values(), backward._names(1, 32)[("dkv", 2)],
         *backward._names(2, 64).values(), backward._names(2, 80)[("dq", 2)], backward._names(2, 128)[("dkv", 1)],
         backward._names(2, 16)[("stats", 2)],
-        # the pullback through the terms (relattn.backends.gpu.backward.terms_pullback)
+        # the pullback through the terms (relattn.backends.gpu.backward.terms_dq, tables_pullback)
         "relattn_bwd_terms_side<1, u16, true>", "relattn_bwd_terms_side<2, float, false>", "relattn_bwd_terms_grid<0, u16, 4>",
         "relattn_bwd_terms_grid<2, float, 1>", "relattn_bwd_terms_scatter",
     ]

@@ -27,11 +27,16 @@ __device__ __forceinline__ u64 ra_desc(u32 addr, u32 lbo, u32 sbo, int sw) {
 // row rr) divided by their softmax sums and stored as DT; rows past Sq and
 // columns past D are skipped. ob: this (batch, head)'s output; inv_l: the
 // inverse row sums (ra_row_inv). Returns bit rr set where this thread stored
-// a non-finite value of row rr (for ra_fix_rows_if, after the kernel's loop).
+// a non-finite value of row rr (for ra_fix_rows_if, after the kernel's loop):
+// the stored bits are tested, as ra_row_nonfinite16 tests them again later,
+// three integer operations per pair (a half's exponent field plus one sets
+// its sign bit where the field is all ones, +-inf or NaN; no carry crosses
+// into the other half).
 template <int DT, int HD>
 __device__ __forceinline__ int ra_wg_store_rows(u16* ob, const float* o, const float* inv_l, const int* rows,
                                                 int Sq, int D, int t) {
-    int bad = 0;
+    constexpr u32 EXP = DT == 1 ? 0x7f807f80u : 0x7c007c00u, ONE = DT == 1 ? 0x00800080u : 0x04000400u;
+    u32 seen[2] = {0u, 0u};
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
         const float inv = inv_l[rr];
@@ -41,14 +46,14 @@ __device__ __forceinline__ int ra_wg_store_rows(u16* ob, const float* o, const f
             for (int d = 0; d < HD / 8; ++d) {
                 const int col = d * 8 + 2 * t;
                 if (col < D) {
-                    const float x0 = o[4 * d + 2 * rr] * inv, x1 = o[4 * d + 2 * rr + 1] * inv;
-                    if (!(ra_finite(x0) && ra_finite(x1))) bad |= 1 << rr;
-                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) = ra_pack<DT>(x0, x1);
+                    const u32 w = ra_pack<DT>(o[4 * d + 2 * rr] * inv, o[4 * d + 2 * rr + 1] * inv);
+                    seen[rr] |= (w & EXP) + ONE;
+                    *reinterpret_cast<u32*>(ob + (long long)r * D + col) = w;
                 }
             }
         }
     }
-    return bad;
+    return ((seen[0] & 0x80008000u) ? 1 : 0) | ((seen[1] & 0x80008000u) ? 2 : 0);
 }
 
 // ---- mbarriers, TMA, named barriers, register reallocation

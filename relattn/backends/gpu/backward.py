@@ -568,15 +568,13 @@ def _terms_side(d3, R, src, dst, side, q_size, k_size, dt, last):
             np.int32(n) for n in (kl, nbh, Sq, nb, sa, sb, D)))
 
 
-def terms_pullback(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
-    """``(dq, g_h, g_w)``: ``dq`` of q's shape and dtype, the core's float32
-    part plus the terms' (side w added first, then side h, rounded once),
-    and the gradients of the two gathered-side tables (``2 max - 1`` rows,
-    float32; the resize's adjoint, if any, is the caller's). ``d_rel_h`` /
-    ``d_rel_w`` float32 (B, H, Sq, k_*) , ``Rh`` (q_h, k_h, D) / ``Rw``
+def terms_dq(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
+    """``dq`` of q's shape and dtype: the core's float32 part plus the terms'
+    (side w added first, then side h, rounded once). ``d_rel_h`` /
+    ``d_rel_w`` float32 (B, H, Sq, k_*), ``Rh`` (q_h, k_h, D) / ``Rw``
     (q_w, k_w, D) float32, q 16-bit or float32 (:data:`TERMS_DTYPES`), D <=
     128. ``dq_core`` (float32, q's shape) is the sum's workspace: when
-    contiguous it is overwritten."""
+    contiguous it is overwritten (and, for float32 q, returned)."""
     import cupy
 
     from relattn._arrays import dtype_name
@@ -584,16 +582,37 @@ def terms_pullback(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
     B, H, Sq, D = q.shape
     if D > 128:
         raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
-    name = dtype_name(q.dtype)
-    dt = _TERMS_DT[name]
-    q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
-    dh3, dw3 = (cupy.ascontiguousarray(t).reshape(B * H, Sq, -1) for t in (d_rel_h, d_rel_w))
+    dt = _TERMS_DT[dtype_name(q.dtype)]
+    dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     Rh, Rw = (cupy.ascontiguousarray(t) for t in (Rh, Rw))
     acc = cupy.ascontiguousarray(dq_core)
     dq = acc if dt == 2 else cupy.empty((B, H, Sq, D), dtype=q.dtype)
     out = dq.view(cupy.uint16) if dt < 2 else dq
     _terms_side(dw3, Rw, acc, acc, "w", q_size, k_size, dt, False)
     _terms_side(dh3, Rh, acc, out, "h", q_size, k_size, dt, True)
-    g_h = _gather_adjoint(dh3, q3, "h", q_size, k_size, dt)
-    g_w = _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
-    return dq.reshape(B, H, Sq, D), g_h, g_w
+    return dq.reshape(B, H, Sq, D)
+
+
+def tables_pullback(q, d_rel_h, d_rel_w, q_size, k_size):
+    """``(g_h, g_w)``: the gradients of the two gathered-side tables (``2 max
+    - 1`` rows, float32; the resize's adjoint, if any, is the caller's), from
+    the terms' gradients and q as for :func:`terms_dq`. Run after it, once
+    ``dq_core`` is released, the split buffers of the grid kernel do not add
+    to the backward's peak."""
+    import cupy
+
+    from relattn._arrays import dtype_name
+
+    B, H, Sq, D = q.shape
+    if D > 128:
+        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
+    dt = _TERMS_DT[dtype_name(q.dtype)]
+    q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
+    dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
+    return _gather_adjoint(dh3, q3, "h", q_size, k_size, dt), _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
+
+
+def _terms3_f32(d_rel_h, d_rel_w):
+    import cupy
+
+    return (cupy.ascontiguousarray(t).reshape(t.shape[0] * t.shape[1], t.shape[2], -1) for t in (d_rel_h, d_rel_w))
