@@ -935,7 +935,8 @@ class Attention:
         import cupy
 
         from relattn.autodiff import rel_pos_attention_vjp
-        from relattn.backends.gpu.cublas import contiguous, linear_half, linear_tn, to_float32
+        from relattn.backends.gpu.cublas import column_sums, contiguous, linear_half, linear_tn, ones_column
+        from relattn.backends.gpu.windows import copy_rows
 
         half = x.dtype
         shape = batch, height, width, dim = x.shape
@@ -957,21 +958,22 @@ class Attention:
         wT = gen.cache.get(key)
         if wT is None:   # W^T, for dx = dy @ W as (dy) @ (W^T)^T
             wT = gen.cache.setdefault(key, {a: contiguous(w[a].T) for a in ("qkv_weight", "proj_weight")})
+        ones = ones_column(n, half)   # the bias sums' operand (the pullback keeps it, as a graph reads it)
 
         def pullback(dy):
             d_y = contiguous(dy.reshape(n, dim))
             grads = {"proj_weight": linear_tn(d_y, merged),   # dy^T merged
-                     "proj_bias": to_float32(d_y).sum(axis=0)}
+                     "proj_bias": column_sums(d_y, ones)}
             d_merged = linear_half(d_y, wT["proj_weight"], None, half)                # dy Wp
             d_out = contiguous(d_merged.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3))
             dq, dk, dv, grads["rel_pos_h"], grads["rel_pos_w"] = core_pullback(d_out)
             bits = cupy.empty((batch, seq, 3, heads, head_dim), dtype=cupy.uint16)
             for i, d in enumerate((dq, dk, dv)):
-                bits[:, :, i] = d.view(cupy.uint16).transpose(0, 2, 1, 3)
+                copy_rows(d.view(cupy.uint16).transpose(0, 2, 1, 3), bits[:, :, i])
             d_qkv = bits.reshape(n, 3 * dim).view(half)
             grads["qkv_weight"] = linear_tn(d_qkv, tokens)   # d_qkv^T x
             if w["qkv_bias"] is not None:
-                grads["qkv_bias"] = to_float32(d_qkv).sum(axis=0)
+                grads["qkv_bias"] = column_sums(d_qkv, ones)
             dx = linear_half(d_qkv, wT["qkv_weight"], None, half).reshape(shape)      # d_qkv Wqkv
             return dx, grads
 

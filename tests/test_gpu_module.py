@@ -374,3 +374,35 @@ def test_projection_input_copies_with_the_bias_tail(dtype):
     np.testing.assert_array_equal(got[..., :32], merged)
     np.testing.assert_array_equal(got[..., 32:], tail.reshape(-1, windows.TAIL)[:18].reshape(3, 6, -1))
     np.testing.assert_array_equal(bits(windows.merge_heads_plan(dev(a))(dev(a))), merged)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "uint8"])
+def test_copy_rows_between_strided_layouts(dtype):
+    # the heads' splits and merges of the layer's backward: rows contiguous on
+    # both sides, the outer axes strided, words of 16 bytes down to one byte
+    from relattn.backends.gpu import windows
+    from relattn.backends.gpu.cublas import contiguous
+
+    if dtype == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes missing")
+    dt = np.dtype(BF16 if dtype == "bfloat16" else dtype)
+    rng = np.random.default_rng(5)
+    for shape, d in (((2, 7, 3, 3, 4, 64), 64), ((1, 5, 3, 2, 3, 5), 5), ((3, 4, 3, 1, 2, 24), 24)):
+        host = rng.integers(0, 256, size=shape[:-1] + (shape[-1] * dt.itemsize,), dtype=np.uint8).view(dt)
+        qkv = cp.asarray(host.view(np.uint8)).view(dt)            # (B, S, 3, heads, D) bits as on the host
+        for i in range(3):
+            view = qkv[:, :, i].transpose(0, 2, 1, 3)              # (B, heads, S, D), strided
+            got = contiguous(view)
+            assert got.flags.c_contiguous and got.shape == view.shape
+            np.testing.assert_array_equal(got.get().view(np.uint8),
+                                          np.ascontiguousarray(host[:, :, i].transpose(0, 2, 1, 3)).view(np.uint8))
+        back = cp.zeros_like(qkv)
+        for i in range(3):   # and into a strided slot of a wider buffer
+            src = cp.ascontiguousarray(qkv[:, :, i].transpose(0, 2, 1, 3))
+            assert windows.copy_rows(src.transpose(0, 2, 1, 3), back[:, :, i]) is not None
+        np.testing.assert_array_equal(back.get().view(np.uint8), host.view(np.uint8))
+        offset = cp.zeros(qkv.size + 1, dtype=dt)[1:].reshape(qkv.shape)   # a base address off 16 bytes
+        windows.copy_rows(qkv[:, :, 1], offset[:, :, 1])
+        np.testing.assert_array_equal(offset[:, :, 1].get().view(np.uint8), host[:, :, 1].view(np.uint8))
+    with pytest.raises(ValueError, match="copy_rows"):
+        windows.copy_rows(qkv[..., ::2], cp.empty(qkv[..., ::2].shape, dtype=dt))

@@ -1,5 +1,5 @@
 // SAM's window partition and its inverse as single copy kernels (CuPy path of
-// relattn.window). W: the word moved per thread (1, 2, 4, 8 or 16 bytes; the
+// relattn.window), the heads' merge, and a copy of rows between strided layouts. W: the word moved per thread (1, 2, 4, 8 or 16 bytes; the
 // caller picks the largest dividing a token's bytes and both base addresses).
 // Token rows are cw words; every index is 64-bit.
 //
@@ -77,5 +77,26 @@ __global__ void relattn_window_merge_heads(const T* __restrict__ a, T* __restric
         const long long b = t / S;
         const int h = c / dw, d = c - h * dw;
         out[i] = a[((b * heads + h) * S + s) * dw + d];
+    }
+}
+
+// relattn_copy_rows: dst[k0, k1, k2, c] = src[k0, k1, k2, c], rows of cw words
+// contiguous on both sides, the three outer axes strided (in words) on either
+// side (src s0, s1, s2; dst d0, d1, d2); total = n0 * n1 * n2 * cw. The
+// heads' splits and merges of the layer's backward (a (B, S, heads, D) view
+// to (B, heads, S, D) and back, into a strided slot of a wider buffer too).
+template <typename T>
+__global__ void relattn_copy_rows(const T* __restrict__ src, T* __restrict__ dst, long long total, int n1, int n2,
+                                  int cw, long long s0, long long s1, long long s2, long long d0, long long d1,
+                                  long long d2)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long t = i / cw;
+        const int c = (int)(i - t * cw);
+        const int k2 = (int)(t % n2); t /= n2;
+        const int k1 = (int)(t % n1);
+        const long long k0 = t / n1;
+        dst[k0 * d0 + k1 * d1 + k2 * d2 + c] = src[k0 * s0 + k1 * s1 + k2 * s2 + c];
     }
 }

@@ -376,9 +376,11 @@ class _Fused:
         """(B, H, S, d) -> C-contiguous (B*H, S, d): float32 as it is, 16-bit as its bits."""
         import cupy
 
+        from relattn.backends.gpu.cublas import contiguous
+
         if not self.float32:
             x = x.view(cupy.uint16)
-        return cupy.ascontiguousarray(x).reshape(-1, x.shape[2], x.shape[3])
+        return contiguous(x).reshape(-1, x.shape[2], x.shape[3])
 
 
 def _terms32(rel_h, rel_w):
@@ -607,7 +609,9 @@ def tables_pullback(q, d_rel_h, d_rel_w, q_size, k_size):
     if D > 128:
         raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
     dt = _TERMS_DT[dtype_name(q.dtype)]
-    q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
+    from relattn.backends.gpu.cublas import contiguous
+
+    q3 = contiguous(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     return _gather_adjoint(dh3, q3, "h", q_size, k_size, dt), _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
 

@@ -114,6 +114,37 @@ def linear_tn(a, b):
     return out
 
 
+_ONES_MAX = 16
+_ones: dict = {}
+
+
+def ones_column(n, dtype):
+    """An (n, 8) array of ``dtype`` (float16 / bfloat16) whose rows are [1, 0,
+    ..., 0], kept per (device, n, dtype): :func:`column_sums`' operand. A
+    caller that captures a graph reading it keeps a reference."""
+    import cupy
+
+    from relattn.backends.gpu.windows import _one_bits
+
+    key = (cupy.cuda.runtime.getDevice(), int(n), np.dtype(dtype).str)
+    ones = _ones.get(key)
+    if ones is None:
+        bits = cupy.zeros((int(n), 8), dtype=cupy.uint16)
+        bits[:, 0] = _one_bits(dtype)
+        if len(_ones) >= _ONES_MAX:
+            _ones.clear()
+        ones = _ones.setdefault(key, bits.view(dtype))
+    return ones
+
+
+def column_sums(a, ones):
+    """``a.sum(axis=0)`` in float32 of a half-precision (n, m) CuPy array, as
+    cuBLAS's product ``a^T ones`` with ``ones`` from :func:`ones_column` (one
+    read of ``a``, float32 accumulation): a linear layer's bias gradient.
+    Returns a contiguous (m,) float32 array."""
+    return linear_tn(a, ones)[:, 0].copy()
+
+
 def linear_half(x2d, weight, bias, dtype):
     """``x2d @ weight.T + bias`` rounded once to ``dtype`` (float16 / bfloat16).
 
@@ -278,6 +309,10 @@ def contiguous(x):
 
     if x.flags.c_contiguous:
         return x
+    if 1 <= x.ndim <= 4 and x.strides[-1] == x.itemsize and x.size:   # rows: whole words at a time
+        from relattn.backends.gpu.windows import copy_rows
+
+        return copy_rows(x)
     bits = {1: cupy.uint8, 2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}.get(x.dtype.itemsize)
     if bits is None:
         return cupy.ascontiguousarray(x)

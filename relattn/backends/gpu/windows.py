@@ -1,4 +1,5 @@
-"""CuPy window partition and unpartition: one copy kernel each.
+"""CuPy window partition and unpartition: one copy kernel each; and rows
+copied between strided layouts (:func:`copy_rows`).
 
 The kernels (``cuda/relattn_window.cu``) move whole words of up to 16 bytes:
 the largest size dividing a token's bytes and both base addresses. Used by
@@ -16,7 +17,7 @@ import threading
 # (bytes, C++ word type), largest first
 _WORDS = ((16, "ra_w16"), (8, "unsigned long long"), (4, "unsigned int"), (2, "unsigned short"),
           (1, "unsigned char"))
-_DIRECTIONS = ("partition", "unpartition", "merge_heads")
+_DIRECTIONS = ("partition", "unpartition", "merge_heads", "copy_rows")
 TAIL = 8   # values of a tail: 16 bytes of a 16-bit type
 _lock = threading.Lock()
 _functions: dict = {}   # (device, direction, word) -> kernel
@@ -33,7 +34,8 @@ def _kernel(direction: str, word: str):
     if fn is None:
         with _lock:
             if (dev, direction, word) not in _functions:
-                names = {(d, w): f"relattn_window_{d}<{w}>" for d in _DIRECTIONS for _, w in _WORDS}
+                names = {(d, w): f"relattn_{'' if d == 'copy_rows' else 'window_'}{d}<{w}>"
+                         for d in _DIRECTIONS for _, w in _WORDS}
                 mod = cupy.RawModule(code=read_cuda("relattn_window.cu"), options=("-std=c++17",),
                                      name_expressions=list(names.values()))
                 _modules.append(mod)
@@ -169,3 +171,51 @@ def unpartition(windows, ws: int, hp: int, wp: int, H: int, W: int):
     """(B, H, W, C) from the windows of a (B, hp, wp, C) map, the padding cropped."""
     key = ("unpartition", _signature(windows), ws, hp, wp, H, W)
     return _cached(key, lambda: unpartition_plan(windows, ws, hp, wp, H, W))(windows)
+
+
+def copy_rows(src, dst=None):
+    """``dst[...] = src`` for CuPy arrays of one shape and dtype, at most 4
+    axes, the last contiguous (unit stride) on both sides; ``dst`` None: a
+    new C-contiguous array. One kernel moving words of up to 16 bytes (the
+    largest dividing a row's bytes, every stride and both addresses), where
+    CuPy's strided copy moves single elements: the heads' splits and merges
+    of the layer's backward. Returns ``dst``."""
+    import cupy
+
+    if dst is None:
+        dst = cupy.empty(src.shape, dtype=src.dtype)
+    if dst.shape != src.shape or dst.dtype != src.dtype or src.ndim > 4 or src.ndim == 0 \
+            or src.strides[-1] != src.itemsize or dst.strides[-1] != dst.itemsize:
+        raise ValueError(f"copy_rows: src {src.shape} {src.strides} {src.dtype} and dst {dst.shape} {dst.strides} "
+                         f"{dst.dtype}: same shape and dtype, at most 4 axes, the last contiguous")
+    if src.size == 0:
+        return dst
+    key = ("copy_rows", _signature(src), _signature(dst))
+    _cached(key, lambda: _rows_plan(src, dst))(src, dst)
+    return dst
+
+
+def _rows_plan(src, dst):
+    import cupy
+    import numpy as np
+
+    from relattn.backends.gpu._build import RawLaunch
+
+    shape = (1,) * (4 - src.ndim) + tuple(int(n) for n in src.shape)
+    ss = (0,) * (4 - src.ndim) + tuple(int(n) for n in src.strides)
+    ds = (0,) * (4 - dst.ndim) + tuple(int(n) for n in dst.strides)
+    row = shape[3] * src.itemsize
+    size, word = next((n, w) for n, w in _WORDS
+                      if row % n == 0 and all(x % n == 0 for x in ss[:3] + ds[:3])
+                      and src.data.ptr % n == 0 and dst.data.ptr % n == 0)
+    total = shape[0] * shape[1] * shape[2] * (row // size)
+    grid = (int(min((total + 255) // 256, 1 << 20)),)
+    spec = ["ptr", "ptr", np.int64(total), np.int32(shape[1]), np.int32(shape[2]), np.int32(row // size),
+            *(np.int64(x // size) for x in ss[:3] + ds[:3])]
+    launch = RawLaunch(_kernel("copy_rows", word), grid, (256,), 0, spec)
+    get_stream = cupy.cuda.get_current_stream
+
+    def run(a, out):
+        launch((a.data.ptr, out.data.ptr), (), get_stream().ptr)
+
+    return run
