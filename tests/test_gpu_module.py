@@ -387,7 +387,7 @@ def test_copy_rows_between_strided_layouts(dtype):
         pytest.skip("ml_dtypes missing")
     dt = np.dtype(BF16 if dtype == "bfloat16" else dtype)
     rng = np.random.default_rng(5)
-    for shape, d in (((2, 7, 3, 3, 4, 64), 64), ((1, 5, 3, 2, 3, 5), 5), ((3, 4, 3, 1, 2, 24), 24)):
+    for shape in ((2, 7, 3, 4, 64), (1, 5, 3, 3, 5), (3, 4, 3, 2, 24)):
         host = rng.integers(0, 256, size=shape[:-1] + (shape[-1] * dt.itemsize,), dtype=np.uint8).view(dt)
         qkv = cp.asarray(host.view(np.uint8)).view(dt)            # (B, S, 3, heads, D) bits as on the host
         for i in range(3):
