@@ -287,13 +287,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
     constexpr int NH = C::NH, HN = C::HN, TR = C::TR, GS = C::GS;
     constexpr u32 QBYTES = C::QBYTES, TBYTES = C::TBYTES, TABBYTES = C::TABBYTES;
     constexpr bool SPL = C::SPL, WIN = C::WIN, FT = C::FT, RB = C::RB, HB = C::HB, G1 = C::G1;
-    constexpr bool SMEM_FLAG = HD > 64;
     __shared__ __align__(8) u64 bars[2 * ST + 2];   // full[ST], empty[ST], Q full, Q empty
-    // A row of a consumer warp stored non-finite: at head_dim 80 in shared memory
-    // (a register held through the loop made ptxas re-read the thread index
-    // inside the key loop), else in a register (shared memory cost the 128-register
-    // head_dim-64 configurations spills)
-    __shared__ int flag_smem[SMEM_FLAG ? 4 * NC : 1];
     extern __shared__ __align__(128) unsigned char ra_smem_raw[];
     const u32 sraw = ra_smem_addr(ra_smem_raw);
     const u32 sbase = (sraw + 1023u) & ~1023u;
@@ -448,8 +442,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 
     int it = 0;   // K/V tiles consumed by this block
     int tc = 0;
-    bool flagged = false;
-    if (SMEM_FLAG && lane == 0) flag_smem[tid >> 5] = 0;
+    bool flagged = false;   // a row of this thread stored non-finite
     for (int tile = blockIdx.x; tile < ntot; tile += gridDim.x, ++tc) {
         const int mt = tile % mtiles, bh = tile / mtiles, m0 = mt * BM;
         rows[0] = m0 + lrow0;
@@ -634,17 +627,14 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         it += ntiles;
 
         // ---- finalize and store (a non-finite row: flagged, recomputed after the loop)
-        const bool bad = ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t) != 0;
-        if (SMEM_FLAG && bad) flag_smem[tid >> 5] = 1;
-        if (!SMEM_FLAG) flagged |= bad;
+        flagged |= ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t) != 0;
     }
 
     // The rows this block's warps stored non-finite, recomputed exactly
     // (ra_exact_row_inline) once the loop is done, so that nothing of the slow path
     // is live in it: the warps that flagged one look at their rows of every
     // tile again (the stored output tells which) and fix those.
-    __syncwarp();
-    if (SMEM_FLAG ? flag_smem[tid >> 5] != 0 : __any_sync(0xffffffffu, flagged)) {
+    if (__any_sync(0xffffffffu, flagged)) {
         for (int tile = blockIdx.x; tile < ntot; tile += gridDim.x) {
             const int mt = tile % mtiles, bh = tile / mtiles, m0 = mt * BM;
             const int b = bh / H, h = bh - b * H;
