@@ -684,6 +684,12 @@ class Attention:
         step ``y, pullback = step(x)`` and ``dx, grads = pullback(dy)``, with
         the bits and the keys of :meth:`vjp`.
 
+        The graphs read the parameters of their recording: an update records
+        them again on the next call (two warm-up steps and two captures), so
+        they pay off where many steps share one set of weights (gradient
+        accumulation, gradients with respect to the input), not with an
+        update every step.
+
         Constraints, besides those of :meth:`capture`: the residuals live in
         the graphs' buffers, so a ``pullback`` is valid until the next call of
         ``step`` (``RuntimeError`` after it); it may be called several times
@@ -1047,7 +1053,9 @@ class _LayerVjpGraph:
 
     def __call__(self, x, copy=True):
         with self._lock:   # one replay at a time: the buffers are shared
-            if self._layer._gen is not self._gen:   # new parameters: record again
+            if self._layer._gen is not self._gen:   # new parameters: record again, for the same signature
+                g = self._graphs
+                g._check("x", x, g.shape, g.dtype)
                 self._capture(x)
             y = self._graphs.forward(x, copy=copy)
             self._step += 1

@@ -124,6 +124,8 @@ def test_captured_step_checks_its_pullback_and_follows_new_parameters():
         pullback0(dy)
     pullback1(dy)
     layer.load_state_dict(_layer(0, BF16).state_dict() | {"proj.weight": np.full((64, 64), 0.01, np.float32)})
+    with pytest.raises(ValueError, match="^x: expected a cupy.ndarray of shape"):
+        step(x[:, :10])   # not recorded again for another signature
     y2, pullback2 = step(x)
     dx2, grads2 = pullback2(dy)
     y_want, pullback_want = layer.vjp(x)

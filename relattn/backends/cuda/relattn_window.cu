@@ -1,6 +1,7 @@
 // SAM's window partition and its inverse as single copy kernels (CuPy path of
-// relattn.window), the heads' merge, and a copy of rows between strided layouts. W: the word moved per thread (1, 2, 4, 8 or 16 bytes; the
-// caller picks the largest dividing a token's bytes and both base addresses).
+// relattn.window), the heads' merge, and a copy of rows between strided
+// layouts. W: the word moved per thread (1, 2, 4, 8 or 16 bytes; the caller
+// picks the largest dividing a token's bytes and both base addresses).
 // Token rows are cw words; every index is 64-bit.
 //
 // relattn_window_partition: out (B * nh * nw, ws, ws, ocw) from x (B, H, W, cw)

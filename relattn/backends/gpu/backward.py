@@ -604,13 +604,12 @@ def tables_pullback(q, d_rel_h, d_rel_w, q_size, k_size):
     import cupy
 
     from relattn._arrays import dtype_name
+    from relattn.backends.gpu.cublas import contiguous
 
     B, H, Sq, D = q.shape
     if D > 128:
         raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
     dt = _TERMS_DT[dtype_name(q.dtype)]
-    from relattn.backends.gpu.cublas import contiguous
-
     q3 = contiguous(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     return _gather_adjoint(dh3, q3, "h", q_size, k_size, dt), _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
