@@ -3,9 +3,12 @@ nvcc (sm_90a, the package's NVRTC options) and prints, per configuration,
 ptxas's registers / spills and its wgmma notes (C7513 / C7515: serialised
 products, C7519: an injected arrive), then for each loop that issues products
 the order of its wgmmas (G), waits ([wait N]), exponentials (E), P packs (p)
-and instruction count. It shows, for instance, that ptxas puts the wait for
-P V (n - 1) before the softmax's exponentials (it packs P into the registers
-that product reads, so it must wait first).
+and instruction count, and flags special-register reads (S2R: a thread index
+re-read instead of kept in a register) and local-memory spills inside a loop.
+It shows, for instance, that ptxas puts the wait for P V (n - 1) before the
+softmax's exponentials (it packs P into the registers that product reads, so
+it must wait first), and that at head_dim 80 the non-finite-row flag held in a
+register through the loop puts an S2R into the key loop.
 
     python3 dev/sass_dev.py "(1,64,3,64,4,4,1,160,1)" ...   # relattn_ws's template arguments
     python3 dev/sass_dev.py --tree <other checkout> "(...)"  # another tree's kernels
@@ -95,7 +98,11 @@ def loops(sass: str):
                 seq.append("p")
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(10))
-        print(f"  loop {s:#x}-{e:#x}: {len(body)} instructions ({top})\n    {''.join(seq)}")
+        # what register pressure puts inside a loop: special-register reads (a thread
+        # index re-read instead of kept) and local-memory spills
+        extra = [f"{ops[k]} {k}" for k in ("S2R", "LDL", "STL") if ops[k]]
+        note = f" [{', '.join(extra)}]" if extra else ""
+        print(f"  loop {s:#x}-{e:#x}: {len(body)} instructions ({top}){note}\n    {''.join(seq)}")
 
 
 def main(argv):
