@@ -1054,8 +1054,7 @@ class _LayerVjpGraph:
     def __call__(self, x, copy=True):
         with self._lock:   # one replay at a time: the buffers are shared
             if self._layer._gen is not self._gen:   # new parameters: record again, for the same signature
-                g = self._graphs
-                g._check("x", x, g.shape, g.dtype)
+                self._graphs.check_input(x)
                 self._capture(x)
             y = self._graphs.forward(x, copy=copy)
             self._step += 1

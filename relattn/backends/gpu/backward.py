@@ -579,12 +579,8 @@ def terms_dq(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
     contiguous it is overwritten (and, for float32 q, returned)."""
     import cupy
 
-    from relattn._arrays import dtype_name
-
     B, H, Sq, D = q.shape
-    if D > 128:
-        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
-    dt = _TERMS_DT[dtype_name(q.dtype)]
+    dt = _terms_dt(q)
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     Rh, Rw = (cupy.ascontiguousarray(t) for t in (Rh, Rw))
     acc = cupy.ascontiguousarray(dq_core)
@@ -603,16 +599,22 @@ def tables_pullback(q, d_rel_h, d_rel_w, q_size, k_size):
     to the backward's peak."""
     import cupy
 
-    from relattn._arrays import dtype_name
     from relattn.backends.gpu.cublas import contiguous
 
     B, H, Sq, D = q.shape
-    if D > 128:
-        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {D}")
-    dt = _TERMS_DT[dtype_name(q.dtype)]
+    dt = _terms_dt(q)
     q3 = contiguous(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     return _gather_adjoint(dh3, q3, "h", q_size, k_size, dt), _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
+
+
+def _terms_dt(q):
+    """q's type code for the terms' pullback kernels; head_dim <= 128."""
+    from relattn._arrays import dtype_name
+
+    if q.shape[3] > 128:
+        raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {q.shape[3]}")
+    return _TERMS_DT[dtype_name(q.dtype)]
 
 
 def _terms3_f32(d_rel_h, d_rel_w):

@@ -20,6 +20,17 @@ from __future__ import annotations
 import threading
 
 
+def _check_signature(name, a, shape, dtype, device):
+    """``ValueError`` naming ``name`` unless ``a`` is a CuPy array of the captured
+    shape, dtype and device."""
+    import cupy
+
+    if not isinstance(a, cupy.ndarray) or a.shape != shape or a.dtype != dtype or a.device.id != device:
+        raise ValueError(f"{name}: expected a cupy.ndarray of shape {shape}, dtype {dtype} on device "
+                         f"{device} (the captured signature), got "
+                         f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
+
+
 class CapturedGraph:
     """``g(x) -> out``: copy x into the static input, replay, return the
     static output (``copy=False``) or a copy of it (default)."""
@@ -52,11 +63,7 @@ class CapturedGraph:
     def __call__(self, x, copy=True):
         import cupy
 
-        if not isinstance(x, cupy.ndarray) or x.shape != self.shape or x.dtype != self.dtype \
-                or x.device.id != self.device:
-            raise ValueError(f"x: expected a cupy.ndarray of shape {self.shape}, dtype {self.dtype} on device "
-                             f"{self.device} (the captured signature), got "
-                             f"{getattr(x, 'shape', type(x).__name__)} {getattr(x, 'dtype', '')}")
+        _check_signature("x", x, self.shape, self.dtype, self.device)
         stream = cupy.cuda.get_current_stream()
         with self._lock:   # one replay at a time: the buffers are shared
             cupy.copyto(self._input, x)
@@ -109,18 +116,13 @@ class CapturedVjp:
             stream.synchronize()
         self._pullback = pullback   # keeps the residuals (graph pool memory) alive
 
-    def _check(self, name, a, shape, dtype):
-        import cupy
-
-        if not isinstance(a, cupy.ndarray) or a.shape != shape or a.dtype != dtype or a.device.id != self.device:
-            raise ValueError(f"{name}: expected a cupy.ndarray of shape {shape}, dtype {dtype} on device "
-                             f"{self.device} (the captured signature), got "
-                             f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')}")
+    def check_input(self, x):
+        _check_signature("x", x, self.shape, self.dtype, self.device)
 
     def forward(self, x, copy=True):
         import cupy
 
-        self._check("x", x, self.shape, self.dtype)
+        self.check_input(x)
         cupy.copyto(self._input, x)
         self._forward.launch(cupy.cuda.get_current_stream())
         return self._y.copy() if copy else self._y
@@ -128,7 +130,7 @@ class CapturedVjp:
     def backward(self, dy, copy=True):
         import cupy
 
-        self._check("dy", dy, self._dy.shape, self._dy.dtype)
+        _check_signature("dy", dy, self._dy.shape, self._dy.dtype, self.device)
         cupy.copyto(self._dy, dy)
         self._backward.launch(cupy.cuda.get_current_stream())
         if not copy:
