@@ -438,25 +438,57 @@ def _gpu_terms(q, th, tw, q_size, k_size):
     return run(q, th, tw)
 
 
+def _lse_plan(q, k, v, th, tw, q_size, k_size, scale):
+    """The cupy backend's plan of this forward (tables ``th``, ``tw`` as it
+    gets them) when its kernel keeps each row's log-sum-exp, else None;
+    planned once per signature."""
+    from relattn.functional import _array_key
+
+    gpu = backends.get("cupy")
+    key = (tuple(_array_key(a) for a in (q, k, v, th, tw)), q_size, k_size, scale, gpu.plan_key())
+    if key in _lse_plans:
+        return _lse_plans[key]
+    try:
+        plan = gpu.plan(q, k, v, th, tw, q_size, k_size, scale)
+    except ValueError:   # no kernel: rel_pos_attention's own path says why
+        return None
+    plan = plan if plan.writes_lse else None
+    with _terms_lock:
+        if len(_lse_plans) >= _TERMS_RUNS_MAX:
+            _lse_plans.pop(next(iter(_lse_plans)), None)
+        return _lse_plans.setdefault(key, plan)
+
+
+_lse_plans: dict = {}
+
+
 def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
-    """The cupy backend's forward, ``out`` by ``rel_pos_attention(...,
-    backend="cupy")`` itself (its bits, its plan cache), and the backward's
-    state: the terms ``rel_h``, ``rel_w`` of the tables ``th``, ``tw`` as the
-    backend got them, whole, in the attention's compute dtype (or None), and
-    what the backward keeps of the logit rows
-    (:func:`relattn.backends.gpu.backward.forward_stats`: nothing for the
-    16-bit fused kernels, which take each row's log-sum-exp in the pullback;
-    the log-sum-exp for the float32 ones; else its max and sum of
-    exponentials)."""
+    """The cupy backend's forward, ``out`` with the bits of
+    ``rel_pos_attention(..., backend="cupy")`` (its plan), and the
+    backward's state: the terms ``rel_h``, ``rel_w`` of the tables ``th``,
+    ``tw`` as the backend got them, whole, in the attention's compute dtype
+    (or None), and what the backward keeps of the logit rows: for the 16-bit
+    fused kernels the forward kernel's log-sum-exp of each row where it keeps
+    one (``relattn_ws``: the pullback then skips its row pass), else nothing
+    (the pullback computes it); otherwise
+    :func:`relattn.backends.gpu.backward.forward_stats` (the log-sum-exp for
+    the float32 fused kernels; else each row's max and sum of exponentials)."""
+    import cupy
+
     from relattn.backends.gpu import backward
     from relattn.functional import rel_pos_attention
 
-    out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=scale,
-                            backend="cupy", resize_dtype=resize_dtype)
     rel_h = rel_w = None
     if th is not None:   # the terms kernel the cupy backend runs (einsum for float64)
         work = compute_dtype(q.dtype)
         rel_h, rel_w = (astype(t, work) for t in _gpu_terms(q, th, tw, q_size, k_size))
+    if backward.takes_forward_lse(q, k, v, rel_h, k_size):
+        plan = _lse_plan(q, k, v, th, tw, q_size, k_size, scale)
+        if plan is not None:
+            lse = cupy.empty(q.shape[:3], dtype=np.float32)
+            return plan.run(q, k, v, th, tw, lse=lse), rel_h, rel_w, lse
+    out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=scale,
+                            backend="cupy", resize_dtype=resize_dtype)
     return out, rel_h, rel_w, backward.forward_stats(q, k, v, rel_h, rel_w, k_size, scale)
 
 

@@ -481,6 +481,44 @@ def test_fused_core_bias_modes(k_grid, dtype):
         assert _rel_err(got, want, floor) <= _fused_tol(dtype), f"{name} {k_grid} {dtype}"
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, (4, 64), 64, (7, 127)), (2, (4, 64), 80, (7, 127)),
+                                   (6, (14, 14), 64, (27, 27)), (3, (7, 9), 80, (13, 17))])
+def test_the_16bit_vjp_keeps_the_forward_log_sum_exp(shape, dtype):
+    """Where the forward kernel keeps each row's log-sum-exp (relattn_ws, on
+    Hopper: global grids of 64-key rows and small windows), the 16-bit vjp
+    keeps it (the pullback then takes delta = rowsum(dO * O) and skips its
+    row pass): the same values as the backward's own row pass, ``out`` the
+    bits of rel_pos_attention, and gradients within 1e-2 of the row-pass
+    pullback's and of the float32 chunked core's."""
+    dt = _dtype(dtype)
+    heads, q_size, d, rows = shape
+    rng = np.random.default_rng(23)
+    S = q_size[0] * q_size[1]
+    q, k, v = (to_device(rng.standard_normal((1, heads, S, d)).astype(dt)) for _ in range(3))
+    th, tw = (to_device((0.5 * rng.standard_normal((n, d))).astype(dt)) for n in rows)
+    scale = d ** -0.5
+    if autodiff._lse_plan(q, k, v, th, tw, q_size, q_size, scale) is None:
+        pytest.skip("the forward kernel here keeps no log-sum-exp (relattn_ws: Hopper)")
+    out, rel_h, rel_w, lse = autodiff._forward_gpu(q, k, v, (th, tw), th, tw, q_size, q_size, scale, "float32")
+    assert lse is not None and lse.shape == (1, heads, S) and lse.dtype == np.float32
+    np.testing.assert_allclose(lse.get(), backward.row_lse(q, k, rel_h, rel_w, q_size, scale).get(),
+                               rtol=1e-5, atol=1e-4)
+    plain = relattn.rel_pos_attention(q, k, v, th, tw, q_size, backend="cupy")
+    assert cupy.array_equal(out.view(cupy.uint16), plain.view(cupy.uint16))
+    dout = to_device(rng.standard_normal(out.shape).astype(dt))
+    kept = backward.fused_core_backward(q, k, v, rel_h, rel_w, q_size, scale, out, dout, lse)
+    passed = backward.fused_core_backward(q, k, v, rel_h, rel_w, q_size, scale, out, dout, None)
+    stats = backward.row_stats(q, k, rel_h, rel_w, q_size, scale)
+    chunked = backward.core_backward(q, k, v, rel_h, rel_w, q_size, scale, out, dout, stats)
+    host = [[to_host(g).astype(np.float64) for g in r] for r in (kept, passed, chunked)]
+    floor = _floor(host[2], 1e-2)
+    for i, name in enumerate(("dq", "dk", "dv", "d_rel_h", "d_rel_w")):
+        assert np.all(np.isfinite(host[0][i])), name
+        assert _rel_err(host[0][i], host[1][i], floor) <= 1e-2, f"{name} against the row pass"
+        assert _rel_err(host[0][i], host[2][i], floor) <= 1e-2, f"{name} against the float32 core"
+
+
 @settings(SLOW, max_examples=15)
 @given(problem=reference_problems(max_side=9, max_heads=2, head_dims=(8, 16, 24)),
        dtype=st.sampled_from(["float16", "bfloat16", "float32"]))

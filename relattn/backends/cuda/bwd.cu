@@ -214,6 +214,36 @@ __device__ __forceinline__ void rb_query_logits(float (&s)[8][4], int j0, int Sk
 // rows (64, RB_SW_Q in the key-rows mode, else kw), after the tiles.
 __host__ __device__ constexpr int rb_sw_q(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_Q : kw; }
 
+// ---- relattn_bwd_delta: delta_i = dO_i . O_i from the stored 16-bit output,
+// where the forward kept each row's lse2 (no row pass): one warp per row,
+// float32 products of the 16-bit pairs, a fixed order of sums.
+template <int DT>
+__global__ void __launch_bounds__(128)
+relattn_bwd_delta(const u16* __restrict__ dout, const u16* __restrict__ out, float* __restrict__ delta,
+                  long long rows, int D)
+{
+    const long long r = (long long)blockIdx.x * 4 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const u32* a = reinterpret_cast<const u32*>(dout + r * D);
+    const u32* b = reinterpret_cast<const u32*>(out + r * D);
+    auto f32 = [](u32 h) -> float {   // the 16-bit value in h's low half
+        if (DT == 1) return __uint_as_float(h << 16);
+        float f;
+        asm("{ .reg .b16 ra_h; cvt.u16.u32 ra_h, %1; cvt.f32.f16 %0, ra_h; }" : "=f"(f) : "r"(h));
+        return f;
+    };
+    float sum = 0.f;
+    for (int c = lane; c < D / 2; c += 32) {
+        const u32 x = a[c], y = b[c];
+        sum = fmaf(f32(x), f32(y), sum);
+        sum = fmaf(f32(x >> 16), f32(y >> 16), sum);
+    }
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+    if (lane == 0) delta[r] = sum;
+}
+
 // ---- relattn_bwd_rows: lse2 of every query row, and with DELTA its delta
 // (the online rowsum of P * dP, rescaled with the running maximum as l)
 template <int DT, int HD, int REL, bool DELTA>

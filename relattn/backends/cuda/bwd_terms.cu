@@ -17,7 +17,7 @@
 // Every sum has one owner and a fixed order: the same bits on every run.
 // DT 0 float16, 1 bfloat16 (E u16), 2 float32 (E float). Needs common.cuh.
 
-constexpr int RBT_ROWS = 32, RBT_MAXCJ = 8;   // D <= 128
+constexpr int RBT_ROWS = 32;   // rows staged at a time by the grid kernel (D <= 128)
 
 // The row i = bh * Sq + a * sa + b * sb of the m-th row (bh, b) = (m / nb, m % nb)
 // that reads table slice a (side h: a = y, b = x, sa = qw, sb = 1; side w: a = x,
@@ -27,137 +27,181 @@ __device__ __forceinline__ long long rbt_row(long long m, int nb, int Sq, int a,
     return bh * Sq + (long long)a * sa + (m - bh * nb) * sb;
 }
 
-// Block (row tile, a) of 256 threads = 16 x 16 (tr, tc): thread (tr, tc) owns
-// rows tr + 16 i (i < 4) of the block's RBS_ROWS rows (bh, b) and columns
-// c = tc + 16 j (j < D / 16, rounded up); R[a]'s rows and the rows' d staged
-// RBS_K values of kk at a time.
-constexpr int RBS_ROWS = 64, RBS_K = 32, RBS_MAXD = 128;
+// The columns 4 tc .. 4 tc + 3 of one row: a float4 where D is a multiple of 4
+// (rows 16-byte aligned), else one value at a time; columns >= D are zero.
+__device__ __forceinline__ float4 rbt_ld4(const float* p, int c, int D) {
+    if ((D & 3) == 0) return c < D ? *reinterpret_cast<const float4*>(p + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    return make_float4(c < D ? p[c] : 0.f, c + 1 < D ? p[c + 1] : 0.f, c + 2 < D ? p[c + 2] : 0.f,
+                       c + 3 < D ? p[c + 3] : 0.f);
+}
 
-template <int DT, typename E, bool LAST>
-__global__ void __launch_bounds__(256)
+// Block (row tile, a) of 128 threads = 8 x 16 (tr, tc): thread (tr, tc) owns
+// rows tr + 8 i (i < 8) of the block's RBS_ROWS rows (bh, b) and columns
+// 4 tc + 64 j + (0..3) (j < NJ, NJ = D / 64 rounded up): per value of kk 8
+// shared-memory reads of d and NJ float4 reads of R for 32 NJ products. R[a]'s
+// rows and the rows' d are staged RBS_K(NJ) values of kk at a time, every load
+// of a stage issued before the products.
+constexpr int RBS_ROWS = 64;
+template <int NJ> struct RbsCfg {
+    static constexpr int K = 64 / NJ, LD = K + 4;   // LD: rows tr and tr + 1 four banks apart
+};
+
+template <int DT, typename E, bool LAST, int NJ>
+__global__ void __launch_bounds__(128)
 relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R, const float* src, void* dst,
                        int kl, int nbh, int Sq, int nb, int sa, int sb, int D)
 {
-    __shared__ float sR[RBS_K * RBS_MAXD];
-    __shared__ float sd[RBS_ROWS][RBS_K + 1];
+    constexpr int K = RbsCfg<NJ>::K, LD = RbsCfg<NJ>::LD, DP = 64 * NJ;
+    __shared__ __align__(16) float sR[K * DP];
+    __shared__ __align__(16) float sd[RBS_ROWS * LD];
     __shared__ long long srow[RBS_ROWS];
     const int a = blockIdx.y, tid = threadIdx.x, tr = tid >> 4, tc = tid & 15;
-    const int CJ = (D + 15) / 16, DP = 16 * CJ;
     const long long M = (long long)nbh * nb, m0 = (long long)blockIdx.x * RBS_ROWS;
     const int rows = (int)min((long long)RBS_ROWS, M - m0);
-    if (tid < rows) srow[tid] = rbt_row(m0 + tid, nb, Sq, a, sa, sb);
-    float acc[4][RBT_MAXCJ];
+    if (tid < RBS_ROWS) srow[tid] = rbt_row(m0 + min(tid, rows - 1), nb, Sq, a, sa, sb);
+    float acc[8][4 * NJ];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int j = 0; j < RBT_MAXCJ; ++j) acc[i][j] = 0.f;
+        for (int j = 0; j < 4 * NJ; ++j) acc[i][j] = 0.f;
     const float* Ra = R + (long long)a * kl * D;
-    for (int k0 = 0; k0 < kl; k0 += RBS_K) {
-        const int kn = min(RBS_K, kl - k0);
-        __syncthreads();   // srow written; the previous slice read
-        for (int e = tid; e < RBS_K * DP; e += 256) {
-            const int kk = e / DP, c = e - kk * DP;
+    for (int k0 = 0; k0 < kl; k0 += K) {
+        const int kn = min(K, kl - k0);
+        __syncthreads();   // srow written; the previous stage read
+#pragma unroll 8
+        for (int e = tid; e < K * DP; e += 128) {
+            const int kk = e / DP, c = e % DP;
             sR[e] = (kk < kn && c < D) ? Ra[(long long)(k0 + kk) * D + c] : 0.f;
         }
-        for (int e = tid; e < RBS_ROWS * RBS_K; e += 256) {
-            const int r = e / RBS_K, kk = e - r * RBS_K;
-            sd[r][kk] = (r < rows && kk < kn) ? d[srow[r] * kl + k0 + kk] : 0.f;
+#pragma unroll 8
+        for (int e = tid; e < RBS_ROWS * K; e += 128) {
+            const int r = e / K, kk = e % K;
+            sd[r * LD + kk] = (r < rows && kk < kn) ? d[srow[r] * kl + k0 + kk] : 0.f;
         }
         __syncthreads();
 #pragma unroll 4
         for (int kk = 0; kk < kn; ++kk) {
-            float dv[4], rv[RBT_MAXCJ];
+            float dv[8];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) dv[i] = sd[tr + 16 * i][kk];
+            for (int i = 0; i < 8; ++i) dv[i] = sd[(tr + 8 * i) * LD + kk];
 #pragma unroll
-            for (int j = 0; j < RBT_MAXCJ; ++j) rv[j] = (j < CJ) ? sR[kk * DP + tc + 16 * j] : 0.f;
+            for (int j = 0; j < NJ; ++j) {
+                const float4 rv = *reinterpret_cast<const float4*>(sR + kk * DP + 64 * j + 4 * tc);
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < RBT_MAXCJ; ++j)
-                    if (j < CJ) acc[i][j] = fmaf(dv[i], rv[j], acc[i][j]);
+                for (int i = 0; i < 8; ++i) {
+                    acc[i][4 * j] = fmaf(dv[i], rv.x, acc[i][4 * j]);
+                    acc[i][4 * j + 1] = fmaf(dv[i], rv.y, acc[i][4 * j + 1]);
+                    acc[i][4 * j + 2] = fmaf(dv[i], rv.z, acc[i][4 * j + 2]);
+                    acc[i][4 * j + 3] = fmaf(dv[i], rv.w, acc[i][4 * j + 3]);
+                }
+            }
         }
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int r = tr + 16 * i;
+    for (int i = 0; i < 8; ++i) {
+        const int r = tr + 8 * i;
         if (r >= rows) continue;
         const long long base = srow[r] * D;
 #pragma unroll
-        for (int j = 0; j < RBT_MAXCJ; ++j) {
-            const int c = tc + 16 * j;
-            if (j < CJ && c < D) {
-                const float v = src[base + c] + acc[i][j];
-                if (LAST) ra_st<DT>((E*)dst + base + c, v);
-                else ((float*)dst)[base + c] = v;
+        for (int j = 0; j < NJ; ++j) {
+            const int c = 64 * j + 4 * tc;
+            if (c >= D) continue;
+            const float4 s4 = rbt_ld4(src + base, c, D);
+            const float v[4] = {s4.x + acc[i][4 * j], s4.y + acc[i][4 * j + 1], s4.z + acc[i][4 * j + 2],
+                                s4.w + acc[i][4 * j + 3]};
+            if ((D & 3) == 0) {   // the four columns in one store
+                if (LAST && DT < 2) {
+                    u16 h[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) ra_st<DT>(h + e, v[e]);
+                    *reinterpret_cast<uint2*>((u16*)dst + base + c) =
+                        make_uint2((u32)h[0] | ((u32)h[1] << 16), (u32)h[2] | ((u32)h[3] << 16));
+                } else {
+                    *reinterpret_cast<float4*>((float*)dst + base + c) = make_float4(v[0], v[1], v[2], v[3]);
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (c + e < D) {
+                        if (LAST) ra_st<DT>((E*)dst + base + c + e, v[e]);
+                        else ((float*)dst)[base + c + e] = v[e];
+                    }
             }
         }
     }
 }
 
-// Block (a, kk tile, split) of 256 threads = 16 x 16 (tr, tc): thread (tr, tc)
-// owns the outputs kk = kk0 + tr + 16 i (i < TI) and c = tc + 16 j (j < D / 16,
-// rounded up), a tile of KT = 16 TI values of kk by all D columns, so that each
-// staged row costs TI + CJ shared-memory reads for TI * CJ products. Rows (bh, b)
-// of the split are staged RBT_ROWS at a time (d's KT columns, q's columns as
-// float32, zero-padded), their addresses computed once per row.
-
-template <int DT, typename E, int TI>
-__global__ void __launch_bounds__(256)
+// Block (a, kk tile, split) of 128 threads = 8 x 16 (tr, tc): thread (tr, tc)
+// owns the outputs kk = kk0 + tr + 8 i (i < KI) and columns 4 tc + 64 j +
+// (0..3) (j < NJ), a tile of KT = 8 KI values of kk by all D columns: per
+// staged row KI shared-memory reads of d and NJ float4 reads of q for 4 KI NJ
+// products. Rows (bh, b) of the split are staged RBT_ROWS at a time (d's KT
+// columns, q's columns as float32, zero-padded), their addresses computed
+// once per row, every load of a stage issued before the products.
+template <int DT, typename E, int KI, int NJ>
+__global__ void __launch_bounds__(128)
 relattn_bwd_terms_grid(const float* __restrict__ d, const E* __restrict__ q, float* __restrict__ part,
                        int na, int kl, int nbh, int Sq, int nb, int sa, int sb, int D, int splits)
 {
-    constexpr int KT = 16 * TI;
-    extern __shared__ float rbt_smem[];
-    const int CJ = (D + 15) / 16, DP = 16 * CJ;
-    float* sd = rbt_smem;                          // [RBT_ROWS][KT]
-    float* sq = sd + RBT_ROWS * KT;                // [RBT_ROWS][DP]
-    long long* srow = (long long*)(sq + RBT_ROWS * DP);   // [RBT_ROWS] row of each staged row
+    constexpr int KT = 8 * KI, DP = 64 * NJ;
+    __shared__ __align__(16) float sd[RBT_ROWS * KT];
+    __shared__ __align__(16) float sq[RBT_ROWS * DP];
+    __shared__ long long srow[RBT_ROWS];
     const int a = blockIdx.x, kk0 = blockIdx.y * KT, split = blockIdx.z, tid = threadIdx.x;
     const int tr = tid >> 4, tc = tid & 15;
     const long long M = (long long)nbh * nb;
     const long long m0 = M * split / splits, m1 = M * (split + 1) / splits;
-    float acc[TI][RBT_MAXCJ];
+    float acc[KI][4 * NJ];
 #pragma unroll
-    for (int i = 0; i < TI; ++i)
+    for (int i = 0; i < KI; ++i)
 #pragma unroll
-        for (int j = 0; j < RBT_MAXCJ; ++j) acc[i][j] = 0.f;
+        for (int j = 0; j < 4 * NJ; ++j) acc[i][j] = 0.f;
     for (long long m = m0; m < m1; m += RBT_ROWS) {
         const int rows = (int)min((long long)RBT_ROWS, m1 - m);
         __syncthreads();   // the previous rows are read
-        if (tid < RBT_ROWS && tid < rows) srow[tid] = rbt_row(m + tid, nb, Sq, a, sa, sb);
+        if (tid < RBT_ROWS) srow[tid] = rbt_row(m + min(tid, rows - 1), nb, Sq, a, sa, sb);
         __syncthreads();
-        for (int e = tid; e < RBT_ROWS * KT; e += 256) {
-            const int r = e / KT, col = e - r * KT;
+#pragma unroll 8
+        for (int e = tid; e < RBT_ROWS * KT; e += 128) {
+            const int r = e / KT, col = e % KT;
             sd[e] = (r < rows && kk0 + col < kl) ? d[srow[r] * kl + kk0 + col] : 0.f;
         }
-        for (int e = tid; e < RBT_ROWS * DP; e += 256) {
-            const int r = e / DP, c = e - r * DP;
+#pragma unroll 8
+        for (int e = tid; e < RBT_ROWS * DP; e += 128) {
+            const int r = e / DP, c = e % DP;
             sq[e] = (r < rows && c < D) ? ra_ld<DT>(q + srow[r] * D + c) : 0.f;
         }
         __syncthreads();
 #pragma unroll 4
         for (int r = 0; r < rows; ++r) {
-            float dv[TI], qv[RBT_MAXCJ];
+            float dv[KI];
 #pragma unroll
-            for (int i = 0; i < TI; ++i) dv[i] = sd[r * KT + tr + 16 * i];
+            for (int i = 0; i < KI; ++i) dv[i] = sd[r * KT + tr + 8 * i];
 #pragma unroll
-            for (int j = 0; j < RBT_MAXCJ; ++j) qv[j] = (j < CJ) ? sq[r * DP + tc + 16 * j] : 0.f;
+            for (int j = 0; j < NJ; ++j) {
+                const float4 qv = *reinterpret_cast<const float4*>(sq + r * DP + 64 * j + 4 * tc);
 #pragma unroll
-            for (int i = 0; i < TI; ++i)
-#pragma unroll
-                for (int j = 0; j < RBT_MAXCJ; ++j)
-                    if (j < CJ) acc[i][j] = fmaf(dv[i], qv[j], acc[i][j]);
+                for (int i = 0; i < KI; ++i) {
+                    acc[i][4 * j] = fmaf(dv[i], qv.x, acc[i][4 * j]);
+                    acc[i][4 * j + 1] = fmaf(dv[i], qv.y, acc[i][4 * j + 1]);
+                    acc[i][4 * j + 2] = fmaf(dv[i], qv.z, acc[i][4 * j + 2]);
+                    acc[i][4 * j + 3] = fmaf(dv[i], qv.w, acc[i][4 * j + 3]);
+                }
+            }
         }
     }
 #pragma unroll
-    for (int i = 0; i < TI; ++i) {
-        const int kk = kk0 + tr + 16 * i;
+    for (int i = 0; i < KI; ++i) {
+        const int kk = kk0 + tr + 8 * i;
+        if (kk >= kl) continue;
+        float* dstp = part + (((long long)split * na + a) * kl + kk) * D;
 #pragma unroll
-        for (int j = 0; j < RBT_MAXCJ; ++j) {
-            const int c = tc + 16 * j;
-            if (j < CJ && kk < kl && c < D) part[(((long long)split * na + a) * kl + kk) * D + c] = acc[i][j];
-        }
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = 64 * j + 4 * tc + e;
+                if (c < D) dstp[c] = acc[i][4 * j + e];
+            }
     }
 }
 

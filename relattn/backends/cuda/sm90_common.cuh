@@ -56,6 +56,22 @@ __device__ __forceinline__ int ra_wg_store_rows(u16* ob, const float* o, const f
     return ((seen[0] & 0x80008000u) ? 1 : 0) | ((seen[1] & 0x80008000u) ? 2 : 0);
 }
 
+// Each row's log-sum-exp in the log2 domain, lse2 = m + log2(l) from the
+// online softmax's running maximum and this thread's part of the row sum
+// (the four lanes of a row add theirs), -inf for a row whose logits are all
+// -inf: what the fused backward's row pass computes, kept by a forward that
+// is asked for it (lb: this (batch, head)'s Sq values; lane t == 0 stores).
+__device__ __forceinline__ void ra_store_lse2(float* lb, const float* m_run, const float* l_run, const int* rows,
+                                              int Sq, int t) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        float l = l_run[rr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (t == 0 && rows[rr] < Sq) lb[rows[rr]] = (m_run[rr] == -RA_INF) ? -RA_INF : m_run[rr] + __log2f(l);
+    }
+}
+
 // ---- mbarriers, TMA, named barriers, register reallocation
 // A CUtensorMap (families/ws.py's tensor_map), passed to a kernel by value.
 struct __align__(64) RaTmap { u64 w[16]; };

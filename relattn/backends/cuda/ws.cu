@@ -280,7 +280,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
            u16* __restrict__ out, int H, int Sq, int Sk, int D, int kh, int kw, float scale_log2, int ntot,
            const u16* __restrict__ qr, const u16* __restrict__ kr, const u16* __restrict__ vr,
            long long qsb, long long qsh, long long qss, long long ksb, long long ksh, long long kss,
-           long long vsb, long long vsh, long long vss)
+           long long vsb, long long vsh, long long vss, float* __restrict__ lse2)
 {
     using C = RaWsCfg<DT, HD, NC, BN, REL, ST, PP, RG>;
     constexpr int BM = C::BM, NS = C::NS, KP = C::KP, NU = C::NU, NW = C::NW, KHM = C::KHM, GN = C::GN;
@@ -628,6 +628,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 
         // ---- finalize and store (a non-finite row: flagged, recomputed after the loop)
         flagged |= ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t) != 0;
+        if (lse2 != nullptr) ra_store_lse2(lse2 + (long long)bh * Sq, m_run, l_run, rows, Sq, t);
     }
 
     // The rows this block's warps stored non-finite, recomputed exactly

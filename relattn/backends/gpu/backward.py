@@ -259,6 +259,7 @@ def _names(dt: int, hd: int) -> dict:
     for rel in (0, 1, 2):
         names[("stats", rel)] = f"relattn_bwd_rows<{dt}, {hd}, {rel}, false>"
         names[("rows", rel)] = f"relattn_bwd_rows<{dt}, {hd}, {rel}, true>"
+    names[("delta", None)] = f"relattn_bwd_delta<{dt}>"
     return names
 
 
@@ -289,7 +290,7 @@ def _smem(dtype_name_: str, d: int, bias, kh: int, kw: int) -> dict:
     key_terms = 0 if bias == Bias.NONE else 64 * (_key_columns(bias, kh, kw)
                                                   + (_SW_K if bias == Bias.KEY_ROWS else kw)) * 4
     sizes = {"stats": 2 * tile + terms, "rows": 4 * tile + terms, "dq": 4 * tile + terms,
-             "dkv": 4 * tile + 2 * (128 * 4 + key_terms)}
+             "dkv": 4 * tile + 2 * (128 * 4 + key_terms), "delta": 0}
     if bias == Bias.GENERIC:
         sizes["dq"] += 64 * (kh + kw) * 4 + 64 * _DS * 4
     return sizes
@@ -367,7 +368,7 @@ class _Fused:
         family = "bwd32" if self.float32 else "bwd"
         source = _build.family_source(family)
         self._get = lambda kind: _build.portable_kernel(
-            (family, dt, hd), names, (kind, int(self.bias)), self.smem[kind], source)
+            (family, dt, hd), names, (kind, None if kind == "delta" else int(self.bias)), self.smem[kind], source)
 
     def launch(self, kind, blocks, args):
         self._get(kind)((blocks,), (self.threads,), args, shared_mem=self.smem[kind])
@@ -418,18 +419,22 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     arrays, ``dq`` the core's part only; float32, but for 16-bit inputs
     ``dk`` and ``dv`` come in their type (rounded once from float32). float32 inputs take
     :func:`row_lse`'s ``lse`` from the forward and ``delta = rowsum(dO *
-    O)`` from ``out``; 16-bit inputs (``lse`` None) compute each row's
-    log-sum-exp and its exact ``delta = rowsum(P * dP)`` here, in one pass
-    (``out`` rounded to 16 bits would put its rounding into the terms'
-    gradients, partial sums of dS). Inputs that :func:`fused_reasons` accepts."""
+    O)`` from ``out``. 16-bit inputs take the forward kernel's ``lse``
+    where it kept one (:func:`relattn.backends.gpu.planner.Plan.writes_lse`)
+    and ``delta = rowsum(dO * O)`` from the stored 16-bit ``out``, as flash
+    attention's backward does; without it (``lse`` None) they compute each
+    row's log-sum-exp and the exact ``delta = rowsum(P * dP)`` here, in one
+    more pass over the keys (the rounding of ``out`` reaches the terms'
+    gradients, partial sums of dS, at about 1e-3 of their size: within the
+    16-bit gradients' 1e-2). Inputs that :func:`fused_reasons` accepts."""
     import cupy
 
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
     f = _Fused.of(q, rel_h, k_size, k_len)
-    if (lse is None) == f.float32:
-        raise ValueError("lse: float32 inputs take row_lse's, 16-bit inputs none (computed here)")
+    if lse is None and f.float32:
+        raise ValueError("lse: float32 inputs take row_lse's")
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
@@ -451,8 +456,13 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
         f.launch("dq", q_blocks, (qx, kx, vx, f.operand(out), dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
         f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
     else:
-        lse = cupy.empty((pairs, q_len), dtype=f32)
-        f.launch("rows", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta) + tail[:-1])
+        if lse is None:
+            lse = cupy.empty((pairs, q_len), dtype=f32)
+            f.launch("rows", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta) + tail[:-1])
+        else:
+            lse = lse.reshape(pairs, q_len)
+            rows = pairs * q_len
+            f.launch("delta", -(-rows // 4), (dox, f.operand(out), delta, np.int64(rows), np.int32(d)))
         f.launch("dq", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
         f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk.view(cupy.uint16),
                                    dv.view(cupy.uint16)) + tail + (np.int32(f.nh),))
@@ -462,6 +472,14 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     if rel_h is None:
         return dq, dk, dv, None, None
     return dq, dk, dv, d_rel_h.reshape(B, H, q_len, f.kh), d_rel_w.reshape(B, H, q_len, f.kw)
+
+
+def takes_forward_lse(q, k, v, rel_h, k_size) -> bool:
+    """The 16-bit fused kernels take this problem, and with it the forward
+    kernel's log-sum-exp where the forward keeps one."""
+    from relattn._arrays import dtype_name
+
+    return dtype_name(q.dtype) != "float32" and not fused_reasons(q, k, v, rel_h, k_size)
 
 
 def forward_stats(q, k, v, rel_h, rel_w, k_size, scale):
@@ -498,18 +516,25 @@ _TERMS_SPLIT_MIN_ROWS = 64        # but no split of fewer rows than this
 _TERMS_PART_BYTES = 4 * 2**20     # nor a split buffer larger than this
 
 
-def _terms_kernel(kind, dt, variant=0):
-    """``kind`` "side" (variant 1: the last side, rounding to q's type), "grid"
-    (variant: TI, 1 or 4) or "scatter", for q's type code ``dt``."""
+def _terms_kernel(kind, dt, variant=()):
+    """``kind`` "side" (variant (last, nj): last the side rounding to q's
+    type, nj column groups of 64), "grid" (variant (ki, nj): ki values of kk
+    per thread, 2 or 8) or "scatter", for q's type code ``dt``."""
     from . import _build
 
     elem = {0: "u16", 1: "u16", 2: "float"}
-    names = {("side", d, t): f"relattn_bwd_terms_side<{d}, {elem[d]}, {'true' if t else 'false'}>"
-             for d in (0, 1, 2) for t in (0, 1)}
-    names.update({("grid", d, t): f"relattn_bwd_terms_grid<{d}, {elem[d]}, {t}>" for d in (0, 1, 2) for t in (1, 4)})
-    names[("scatter", 0, 0)] = "relattn_bwd_terms_scatter"
+    names = {("side", d, (t, nj)): f"relattn_bwd_terms_side<{d}, {elem[d]}, {'true' if t else 'false'}, {nj}>"
+             for d in (0, 1, 2) for t in (0, 1) for nj in (1, 2)}
+    names.update({("grid", d, (ki, nj)): f"relattn_bwd_terms_grid<{d}, {elem[d]}, {ki}, {nj}>"
+                  for d in (0, 1, 2) for ki in (2, 8) for nj in (1, 2)})
+    names[("scatter", 0, ())] = "relattn_bwd_terms_scatter"
     which = (kind, dt if kind != "scatter" else 0, variant)
     return _build.portable_kernel(("bwd_terms",), names, which, 0, _build.family_source("bwd_terms"))
+
+
+def _column_groups(D: int) -> int:
+    """The terms' pullback kernels' column groups of 64 (D <= 128)."""
+    return 1 if D <= 64 else 2
 
 
 def _side(side, q_size, k_size):
@@ -540,15 +565,12 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
 
     nbh, Sq, D = q3.shape
     na, nb, kl, sa, sb = _side(side, q_size, k_size)
-    ti = 1 if kl <= 16 else 4
-    kt, dp = 16 * ti, -(-D // 16) * 16
-    tiles = -(-kl // kt)
+    ki = 2 if kl <= 16 else 8
+    tiles = -(-kl // (8 * ki))
     splits = _terms_split(na, tiles, nbh * nb, kl, D)
     part = cupy.empty((splits, na, kl, D), dtype=np.float32)
-    smem = 32 * (kt + dp) * 4 + 32 * 8
-    _terms_kernel("grid", dt, ti)((na, tiles, splits), (256,),
-                                  (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)),
-                                  shared_mem=smem)
+    _terms_kernel("grid", dt, (ki, _column_groups(D)))(
+        (na, tiles, splits), (128,), (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)))
     slots = _gather_slots(na, kl)
     width, rows = slots.shape
     dev_slots = _on_device(cupy, ("vjp-gather-slots", na, kl), slots)
@@ -566,7 +588,7 @@ def _terms_side(d3, R, src, dst, side, q_size, k_size, dt, last):
     na, nb, kl, sa, sb = _side(side, q_size, k_size)
     tiles = -(-(nbh * nb) // 64)
     if tiles and na:
-        _terms_kernel("side", dt, int(last))((tiles, na), (256,), (d3, R, src, dst) + tuple(
+        _terms_kernel("side", dt, (int(last), _column_groups(D)))((tiles, na), (128,), (d3, R, src, dst) + tuple(
             np.int32(n) for n in (kl, nbh, Sq, nb, sa, sb, D)))
 
 

@@ -38,6 +38,12 @@ class Plan:
     run: object = dataclasses.field(repr=False, compare=False)
     passed_over: tuple = ()   # (family, reasons) of the families asked before
 
+    @property
+    def writes_lse(self) -> bool:
+        """``run(..., lse=buf)`` also stores each row's log-sum-exp (log2
+        domain; float32 (B, H, Sq), C-contiguous) for the fused backward."""
+        return self.family is not None and getattr(FAMILIES[self.family], "WRITES_LSE", False)
+
     def describe(self) -> str:
         if self.family is None:
             return "nothing to compute (empty input)"
@@ -101,8 +107,8 @@ def _assemble(p, family, cfg, fused, core, q, rel_pos_h, rel_pos_w, passed):
         return Plan(p, family, cfg, True, "fused", core, passed)
     step, how = terms.plan(q, rel_pos_h, rel_pos_w, p.q_size, p.k_size)
 
-    def run(q, k, v, th, tw):
-        return core(q, k, v, *step(q, th, tw))
+    def run(q, k, v, th, tw, **kw):
+        return core(q, k, v, *step(q, th, tw), **kw)
 
     return Plan(p, family, cfg, False, how, run, passed)
 

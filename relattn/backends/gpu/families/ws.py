@@ -20,6 +20,9 @@ NAME = "ws"
 KERNEL = "relattn_ws"
 DTYPES = ("float16", "bfloat16")
 MAX_SMEM = _build.MAX_SMEM_SM90 - 1024   # its mbarriers are static shared memory
+# run(..., lse=...) also keeps each row's log-sum-exp (log2 domain) for the
+# fused backward, which then skips its row pass
+WRITES_LSE = True
 
 
 class Bias(enum.IntEnum):
@@ -223,9 +226,11 @@ def _grid(p, dev, c: Config):
 
 
 def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
-    """``run(q, k, v, x, y) -> out`` (x, y: rel_h / rel_w, or with the fused
-    modes the two tables), or None with the reason when TMA cannot serve
-    these arrays. Raises BuildError."""
+    """``run(q, k, v, x, y, lse=None) -> out`` (x, y: rel_h / rel_w, or with
+    the fused modes the two tables; ``lse``: a C-contiguous float32 (B, H, Sq)
+    array that receives each row's log-sum-exp in the log2 domain, as the
+    fused backward's row pass computes it, see :data:`WRITES_LSE`), or None
+    with the reason when TMA cannot serve these arrays. Raises BuildError."""
     import cupy
     import numpy as np
 
@@ -247,7 +252,8 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
     sc = np.float32(p.scale * LOG2E)
     spec = ["map"] * 6 + ["ptr"] * 6 + list(ints(*p.table_rows, p.q_size[1]) if fused else ints(0, 0, 0)) \
         + ["ptr"] + list(ints(H, Sq, Sk, d8, kh, kw)) + [sc, ints(ntot)[0]] \
-        + ["ptr"] * 3 + [np.int64(x) for x in (*qs, *ks, *vs)]   # plain operands: the exact slow path
+        + ["ptr"] * 3 + [np.int64(x) for x in (*qs, *ks, *vs)] \
+        + ["ptr"]   # plain operands (the exact slow path), then lse2 (or null)
     launch = _build.RawLaunch(fn, (grid,), block, smem, spec)
     rel_ptrs = _fused_ptrs(p, rel_pos_h, rel_pos_w) if fused else _terms_ptrs(p)
     shape, dtype, u16t = (B, H, Sq, D), q.dtype, cupy.uint16
@@ -274,13 +280,13 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
 
     get_stream = cupy.cuda.get_current_stream
 
-    def run(q, k, v, x, y):
+    def run(q, k, v, x, y, lse=None):
         a, b, c_ = operands[0](q), operands[1](k), operands[2](v)
         out = cupy.empty(shape, dtype=dtype)
         ou = out if padded is None else cupy.empty(padded, dtype=u16t)
         qm, km, vm = tensor_maps(0, a.data.ptr), tensor_maps(1, b.data.ptr), tensor_maps(2, c_.data.ptr)
         keep, ptrs = rel_ptrs(x, y)
-        launch((*ptrs, ou.data.ptr, a.data.ptr, b.data.ptr, c_.data.ptr),
+        launch((*ptrs, ou.data.ptr, a.data.ptr, b.data.ptr, c_.data.ptr, 0 if lse is None else lse.data.ptr),
                (qm[0], km[0], vm[0], qm[1], km[1], vm[1]), get_stream().ptr)
         del keep
         if padded is not None:
