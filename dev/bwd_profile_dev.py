@@ -94,6 +94,9 @@ def main():
         given = lse if dt == "float32" else None
         res["fused_core_backward"] = gtime(
             lambda: bw.fused_core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, given))
+        if dt != "float32":   # with the forward's log-sum-exp: delta from out, no row pass
+            res["  with the forward's lse"] = gtime(
+                lambda: bw.fused_core_backward(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse))
         bias, run_rows, run_dq, run_dkv = kernels_apart(q, k, v, rel_h, rel_w, (g, g), scale, out, dout, lse)
         if run_rows is not None:
             res["rows kernel"] = gtime(run_rows)
@@ -103,6 +106,7 @@ def main():
         Rh, Rw = autodiff._gathered_tables(th, tw, (g, g), (g, g), np.float32)
         res["terms pullback"] = gtime(lambda: (bw.terms_dq(q, core[0], core[3], core[4], Rh, Rw, (g, g), (g, g)),
                                                 bw.tables_pullback(q, core[3], core[4], (g, g), (g, g))))
+        res["  terms_dq (side kernels)"] = gtime(lambda: bw.terms_dq(q, core[0], core[3], core[4], Rh, Rw, (g, g), (g, g)))
         dh3 = cupy.ascontiguousarray(core[3]).reshape(B * H, g * g, -1)
         q3 = cupy.ascontiguousarray(q.view(cupy.uint16) if dt != "float32" else q).reshape(B * H, g * g, d)
         tdt = bw._TERMS_DT[dt]
