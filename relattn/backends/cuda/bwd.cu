@@ -5,14 +5,17 @@
 //   s2[i, j]  = scale_log2 * q_i . k_j + log2(e) * (rel_h[i, ky] + rel_w[i, kx])
 //   P = exp2(s2 - lse2)    dP = dO V^T    dS = P * (dP - delta)
 //   lse2[i]   = log2 sum_j exp2(s2[i, j]),  delta_i = sum_j P_ij dP_ij
-//                                                     (relattn_bwd_rows: both in one pass, online)
+//                                                     (relattn_bwd_rows: both in one pass, online;
+//                                                     or lse2 from the forward and delta_i = dO_i . O_i,
+//                                                     relattn_bwd_delta)
 //   dq = scale dS K, d_rel_h[i, ky] = sum_kx dS, d_rel_w[i, kx] = sum_ky dS
 //                                                     (relattn_bwd_dq: query-major)
 //   dk = scale dS^T q, dv = P^T dO                    (relattn_bwd_dkv: key-major)
 //
-// delta is the exact rowsum(P * dP) in float32, not dO . O with O rounded to
-// 16 bits: the terms' gradients sum dS over part of a row, where that
-// rounding would not cancel. Nothing Sq x Sk is stored: each kernel
+// The row pass's delta is the exact rowsum(P * dP) in float32; dO . O with O
+// rounded to 16 bits (where the forward kept lse2: one pass less) puts that
+// rounding into the terms' gradients, which sum dS over part of a row, at
+// about 1e-3 of their size. Nothing Sq x Sk is stored: each kernel
 // recomputes its tiles of S and P. Every sum is owned by one block (no
 // atomics), so results are the same bits on every run. Operands: q, dout
 // (B*H, Sq, D), k, v (B*H, Sk, D) 16-bit, contiguous, D a multiple of 8; HD =
