@@ -303,30 +303,38 @@ def fused_reasons(q, k, v, rel_h, k_size) -> list[str]:
 
     from . import _device
 
+    terms = None if rel_h is None else tuple(int(n) for n in k_size)
+    return list(_fused_reasons(dtype_name(q.dtype), dtype_name(k.dtype), dtype_name(v.dtype), tuple(q.shape),
+                               tuple(k.shape), tuple(v.shape), terms, _device.current()))
+
+
+@functools.lru_cache(maxsize=256)
+def _fused_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev) -> tuple:
+    """:func:`fused_reasons` by signature (``terms``: the key grid, or None
+    without terms), asked once per signature."""
     reasons = []
-    name = dtype_name(q.dtype)
-    if name not in FUSED_DTYPES or dtype_name(k.dtype) != name or dtype_name(v.dtype) != name:
+    if name not in FUSED_DTYPES or k_name != name or v_name != name:
         reasons.append(f"dtype {name} (takes {', '.join(FUSED_DTYPES)} for q, k and v alike)")
-    d = q.shape[3]
+    d = q_shape[3]
     step = 1 if name == "float32" else 8
-    if d % step or d > FUSED_MAX_HEAD_DIM or v.shape[3] != d:
+    if d % step or d > FUSED_MAX_HEAD_DIM or v_shape[3] != d:
         what = "any" if step == 1 else f"a multiple of {step}"
         reasons.append(f"head_dim {d} (takes {what} up to {FUSED_MAX_HEAD_DIM}, v's the same)")
-    if q.size == 0 or k.size == 0:
+    if 0 in q_shape or 0 in k_shape:
         reasons.append("an empty axis")
-    if k.shape[2] >= 2**22:
-        reasons.append(f"{k.shape[2]} keys (takes fewer than 2**22)")
-    if rel_h is not None and sum(k_size) > FUSED_MAX_TERMS:
-        reasons.append(f"k_h + k_w = {sum(k_size)} > {FUSED_MAX_TERMS}")
-    dev = _device.current()
+    if k_shape[2] >= 2**22:
+        reasons.append(f"{k_shape[2]} keys (takes fewer than 2**22)")
+    if terms is not None and sum(terms) > FUSED_MAX_TERMS:
+        reasons.append(f"k_h + k_w = {sum(terms)} > {FUSED_MAX_TERMS}")
     if name != "float32" and dev.cc < 80:
         reasons.append(f"compute capability {dev.cc // 10}.{dev.cc % 10} < 8.0 (mma.sync bf16)")
     if not reasons:
-        kh, kw = (1, 1) if rel_h is None else k_size
-        need = max(_smem(name, d, _bias(rel_h, k_size, k.shape[2]), kh, kw).values())
+        kh, kw = (1, 1) if terms is None else terms
+        bias = Bias.NONE if terms is None else _bias(True, terms, k_shape[2])
+        need = max(_smem(name, d, bias, kh, kw).values())
         if need > dev.smem_optin:
             reasons.append(f"{need} bytes of shared memory per block (the device gives {dev.smem_optin})")
-    return reasons
+    return tuple(reasons)
 
 
 def _bias(rel_h, k_size, k_len) -> Bias:
