@@ -35,12 +35,56 @@ __device__ __forceinline__ float4 rbt_ld4(const float* p, int c, int D) {
                        c + 3 < D ? p[c + 3] : 0.f);
 }
 
+// Global -> shared copies of 4 or 16 bytes, zero-filled where !ok: cp.async on
+// sm_80 and later (every copy of a stage in flight at once, then one wait),
+// plain loads and stores before it. src must be a valid address even where !ok.
+__device__ __forceinline__ void rbt_cp4(void* dst, const void* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src), "r"(ok ? 4 : 0));
+#else
+    *reinterpret_cast<u32*>(dst) = ok ? *reinterpret_cast<const u32*>(src) : 0u;
+#endif
+}
+__device__ __forceinline__ void rbt_cp16(void* dst, const void* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src), "r"(ok ? 16 : 0));
+#else
+    *reinterpret_cast<uint4*>(dst) = ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+__device__ __forceinline__ void rbt_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void rbt_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+// Four consecutive 16-bit (DT 0 / 1) or float32 values of shared memory as float32.
+template <int DT>
+__device__ __forceinline__ float4 rbt_sh4(const u16* p) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    if (DT == 1)
+        return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                           __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+    return make_float4(ra_ld<DT>(p), ra_ld<DT>(p + 1), ra_ld<DT>(p + 2), ra_ld<DT>(p + 3));
+}
+template <int DT>
+__device__ __forceinline__ float4 rbt_sh4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
 // Block (row tile, a) of 128 threads = 8 x 16 (tr, tc): thread (tr, tc) owns
 // rows tr + 8 i (i < 8) of the block's RBS_ROWS rows (bh, b) and columns
 // 4 tc + 64 j + (0..3) (j < NJ, NJ = D / 64 rounded up): per value of kk 8
 // shared-memory reads of d and NJ float4 reads of R for 32 NJ products. R[a]'s
-// rows and the rows' d are staged RBS_K(NJ) values of kk at a time, every load
-// of a stage issued before the products.
+// rows and the rows' d are staged RbsCfg<NJ>::K values of kk at a time, all of
+// a stage's copies in flight at once; the thread's src values are loaded into
+// registers before the products, so that their latency hides behind them.
 constexpr int RBS_ROWS = 64;
 template <int NJ> struct RbsCfg {
     static constexpr int K = 64 / NJ, LD = K + 4;   // LD: rows tr and tr + 1 four banks apart
@@ -59,6 +103,15 @@ relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R,
     const long long M = (long long)nbh * nb, m0 = (long long)blockIdx.x * RBS_ROWS;
     const int rows = (int)min((long long)RBS_ROWS, M - m0);
     if (tid < RBS_ROWS) srow[tid] = rbt_row(m0 + min(tid, rows - 1), nb, Sq, a, sa, sb);
+    __syncthreads();
+    float4 s4[8][NJ];   // src, the sum's other term
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            const int r = tr + 8 * i, c = 64 * j + 4 * tc;
+            s4[i][j] = (r < rows && c < D) ? rbt_ld4(src + srow[r] * D, c, D) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     float acc[8][4 * NJ];
 #pragma unroll
     for (int i = 0; i < 8; ++i)
@@ -67,17 +120,27 @@ relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R,
     const float* Ra = R + (long long)a * kl * D;
     for (int k0 = 0; k0 < kl; k0 += K) {
         const int kn = min(K, kl - k0);
-        __syncthreads();   // srow written; the previous stage read
-#pragma unroll 8
-        for (int e = tid; e < K * DP; e += 128) {
-            const int kk = e / DP, c = e % DP;
-            sR[e] = (kk < kn && c < D) ? Ra[(long long)(k0 + kk) * D + c] : 0.f;
+        if (k0) __syncthreads();   // the previous stage read
+        if ((D & 3) == 0) {
+            for (int e = tid; e < K * DP / 4; e += 128) {
+                const int kk = e / (DP / 4), c = 4 * (e % (DP / 4));
+                const bool ok = kk < kn && c < D;
+                rbt_cp16(sR + kk * DP + c, ok ? Ra + (long long)(k0 + kk) * D + c : Ra, ok);
+            }
+        } else {
+            for (int e = tid; e < K * DP; e += 128) {
+                const int kk = e / DP, c = e % DP;
+                const bool ok = kk < kn && c < D;
+                rbt_cp4(sR + e, ok ? Ra + (long long)(k0 + kk) * D + c : Ra, ok);
+            }
         }
-#pragma unroll 8
         for (int e = tid; e < RBS_ROWS * K; e += 128) {
             const int r = e / K, kk = e % K;
-            sd[r * LD + kk] = (r < rows && kk < kn) ? d[srow[r] * kl + k0 + kk] : 0.f;
+            const bool ok = r < rows && kk < kn;
+            rbt_cp4(sd + r * LD + kk, ok ? d + srow[r] * kl + k0 + kk : d, ok);
         }
+        rbt_commit();
+        rbt_wait<0>();
         __syncthreads();
 #pragma unroll 4
         for (int kk = 0; kk < kn; ++kk) {
@@ -106,9 +169,8 @@ relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R,
         for (int j = 0; j < NJ; ++j) {
             const int c = 64 * j + 4 * tc;
             if (c >= D) continue;
-            const float4 s4 = rbt_ld4(src + base, c, D);
-            const float v[4] = {s4.x + acc[i][4 * j], s4.y + acc[i][4 * j + 1], s4.z + acc[i][4 * j + 2],
-                                s4.w + acc[i][4 * j + 3]};
+            const float v[4] = {s4[i][j].x + acc[i][4 * j], s4[i][j].y + acc[i][4 * j + 1],
+                                s4[i][j].z + acc[i][4 * j + 2], s4[i][j].w + acc[i][4 * j + 3]};
             if ((D & 3) == 0) {   // the four columns in one store
                 if (LAST && DT < 2) {
                     u16 h[4];
@@ -134,52 +196,87 @@ relattn_bwd_terms_side(const float* __restrict__ d, const float* __restrict__ R,
 // Block (a, kk tile, split) of 128 threads = 8 x 16 (tr, tc): thread (tr, tc)
 // owns the outputs kk = kk0 + tr + 8 i (i < KI) and columns 4 tc + 64 j +
 // (0..3) (j < NJ), a tile of KT = 8 KI values of kk by all D columns: per
-// staged row KI shared-memory reads of d and NJ float4 reads of q for 4 KI NJ
-// products. Rows (bh, b) of the split are staged RBT_ROWS at a time (d's KT
-// columns, q's columns as float32, zero-padded), their addresses computed
-// once per row, every load of a stage issued before the products.
+// staged row KI shared-memory reads of d and NJ 4-value reads of q for
+// 4 KI NJ products. Rows (bh, b) of the split go RBT_ROWS at a time through
+// two stages (dynamic shared memory, rbt_grid_smem): d's KT columns as
+// float32 and q's columns as stored, every copy of the next stage in flight
+// while the current one is summed; the rows' addresses computed once per row.
+template <typename E>
+__host__ __device__ constexpr int rbt_grid_smem(int KT, int DP) {
+    return 2 * RBT_ROWS * (KT * 4 + DP * (int)sizeof(E)) + 2 * RBT_ROWS * 8;
+}
+
 template <int DT, typename E, int KI, int NJ>
 __global__ void __launch_bounds__(128)
 relattn_bwd_terms_grid(const float* __restrict__ d, const E* __restrict__ q, float* __restrict__ part,
                        int na, int kl, int nbh, int Sq, int nb, int sa, int sb, int D, int splits)
 {
-    constexpr int KT = 8 * KI, DP = 64 * NJ;
-    __shared__ __align__(16) float sd[RBT_ROWS * KT];
-    __shared__ __align__(16) float sq[RBT_ROWS * DP];
-    __shared__ long long srow[RBT_ROWS];
+    constexpr int KT = 8 * KI, DP = 64 * NJ, PER = 4 / (int)sizeof(E);   // PER: values of q per 4-byte copy
+    extern __shared__ __align__(16) unsigned char rbt_smem[];
+    float* sd = reinterpret_cast<float*>(rbt_smem);                            // [2][RBT_ROWS][KT]
+    E* sq = reinterpret_cast<E*>(sd + 2 * RBT_ROWS * KT);                      // [2][RBT_ROWS][DP]
+    long long* srow = reinterpret_cast<long long*>(sq + 2 * RBT_ROWS * DP);   // [2][RBT_ROWS]
     const int a = blockIdx.x, kk0 = blockIdx.y * KT, split = blockIdx.z, tid = threadIdx.x;
     const int tr = tid >> 4, tc = tid & 15;
     const long long M = (long long)nbh * nb;
     const long long m0 = M * split / splits, m1 = M * (split + 1) / splits;
+    const int nchunks = (int)((m1 - m0 + RBT_ROWS - 1) / RBT_ROWS);
+    const bool pairs = D % PER == 0;   // q's rows start on 4 bytes: 4-byte copies
+    // stage n of the split's rows into buffer n & 1 (its row addresses first)
+    auto issue = [&](int n) {
+        const int buf = n & 1;
+        const long long m = m0 + (long long)n * RBT_ROWS;
+        const int rows = (int)min((long long)RBT_ROWS, m1 - m);
+        long long* sr = srow + buf * RBT_ROWS;
+        if (tid < RBT_ROWS) sr[tid] = rbt_row(m + min(tid, rows - 1), nb, Sq, a, sa, sb);
+        __syncthreads();
+        float* dd = sd + buf * RBT_ROWS * KT;
+        E* qq = sq + buf * RBT_ROWS * DP;
+        for (int e = tid; e < RBT_ROWS * KT; e += 128) {
+            const int r = e / KT, col = e % KT;
+            const bool ok = r < rows && kk0 + col < kl;
+            rbt_cp4(dd + e, ok ? d + sr[r] * kl + kk0 + col : d, ok);
+        }
+        if (pairs) {
+            for (int e = tid; e < RBT_ROWS * DP / PER; e += 128) {
+                const int r = e / (DP / PER), c = PER * (e % (DP / PER));
+                const bool ok = r < rows && c < D;
+                rbt_cp4(qq + r * DP + c, ok ? q + sr[r] * D + c : q, ok);
+            }
+        } else {   // odd 16-bit rows: one value at a time, synchronously
+            for (int e = tid; e < RBT_ROWS * DP; e += 128) {
+                const int r = e / DP, c = e % DP;
+                qq[e] = (r < rows && c < D) ? q[sr[r] * D + c] : E(0);
+            }
+        }
+        rbt_commit();
+    };
     float acc[KI][4 * NJ];
 #pragma unroll
     for (int i = 0; i < KI; ++i)
 #pragma unroll
         for (int j = 0; j < 4 * NJ; ++j) acc[i][j] = 0.f;
-    for (long long m = m0; m < m1; m += RBT_ROWS) {
-        const int rows = (int)min((long long)RBT_ROWS, m1 - m);
-        __syncthreads();   // the previous rows are read
-        if (tid < RBT_ROWS) srow[tid] = rbt_row(m + min(tid, rows - 1), nb, Sq, a, sa, sb);
-        __syncthreads();
-#pragma unroll 8
-        for (int e = tid; e < RBT_ROWS * KT; e += 128) {
-            const int r = e / KT, col = e % KT;
-            sd[e] = (r < rows && kk0 + col < kl) ? d[srow[r] * kl + kk0 + col] : 0.f;
-        }
-#pragma unroll 8
-        for (int e = tid; e < RBT_ROWS * DP; e += 128) {
-            const int r = e / DP, c = e % DP;
-            sq[e] = (r < rows && c < D) ? ra_ld<DT>(q + srow[r] * D + c) : 0.f;
+    if (nchunks > 0) issue(0);
+    for (int n = 0; n < nchunks; ++n) {
+        if (n + 1 < nchunks) {
+            issue(n + 1);   // buffer (n + 1) & 1 was last read by stage n - 1, before the barrier below
+            rbt_wait<1>();
+        } else {
+            rbt_wait<0>();
         }
         __syncthreads();
+        const int buf = n & 1;
+        const int rows = (int)min((long long)RBT_ROWS, m1 - (m0 + (long long)n * RBT_ROWS));
+        const float* dd = sd + buf * RBT_ROWS * KT;
+        const E* qq = sq + buf * RBT_ROWS * DP;
 #pragma unroll 4
         for (int r = 0; r < rows; ++r) {
             float dv[KI];
 #pragma unroll
-            for (int i = 0; i < KI; ++i) dv[i] = sd[r * KT + tr + 8 * i];
+            for (int i = 0; i < KI; ++i) dv[i] = dd[r * KT + tr + 8 * i];
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                const float4 qv = *reinterpret_cast<const float4*>(sq + r * DP + 64 * j + 4 * tc);
+                const float4 qv = rbt_sh4<DT>(qq + r * DP + 64 * j + 4 * tc);
 #pragma unroll
                 for (int i = 0; i < KI; ++i) {
                     acc[i][4 * j] = fmaf(dv[i], qv.x, acc[i][4 * j]);
@@ -189,6 +286,7 @@ relattn_bwd_terms_grid(const float* __restrict__ d, const E* __restrict__ q, flo
                 }
             }
         }
+        __syncthreads();   // buffer n & 1 read: stage n + 2 may fill it
     }
 #pragma unroll
     for (int i = 0; i < KI; ++i) {

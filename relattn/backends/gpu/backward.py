@@ -524,7 +524,10 @@ _TERMS_SPLIT_MIN_ROWS = 64        # but no split of fewer rows than this
 _TERMS_PART_BYTES = 4 * 2**20     # nor a split buffer larger than this
 
 
-def _terms_kernel(kind, dt, variant=()):
+_TERMS_GRID_ROWS = 32             # bwd_terms.cu's RBT_ROWS: rows a stage of the grid kernel holds
+
+
+def _terms_kernel(kind, dt, variant=(), smem=0):
     """``kind`` "side" (variant (last, nj): last the side rounding to q's
     type, nj column groups of 64), "grid" (variant (ki, nj): ki values of kk
     per thread, 2 or 8) or "scatter", for q's type code ``dt``."""
@@ -537,7 +540,7 @@ def _terms_kernel(kind, dt, variant=()):
                   for d in (0, 1, 2) for ki in (2, 8) for nj in (1, 2)})
     names[("scatter", 0, ())] = "relattn_bwd_terms_scatter"
     which = (kind, dt if kind != "scatter" else 0, variant)
-    return _build.portable_kernel(("bwd_terms",), names, which, 0, _build.family_source("bwd_terms"))
+    return _build.portable_kernel(("bwd_terms",), names, which, smem, _build.family_source("bwd_terms"))
 
 
 def _column_groups(D: int) -> int:
@@ -577,8 +580,11 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     tiles = -(-kl // (8 * ki))
     splits = _terms_split(na, tiles, nbh * nb, kl, D)
     part = cupy.empty((splits, na, kl, D), dtype=np.float32)
-    _terms_kernel("grid", dt, (ki, _column_groups(D)))(
-        (na, tiles, splits), (128,), (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)))
+    nj = _column_groups(D)
+    smem = 2 * _TERMS_GRID_ROWS * (8 * ki * 4 + 64 * nj * (4 if dt == 2 else 2)) + 2 * _TERMS_GRID_ROWS * 8
+    _terms_kernel("grid", dt, (ki, nj), smem)(
+        (na, tiles, splits), (128,), (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)),
+        shared_mem=smem)
     slots = _gather_slots(na, kl)
     width, rows = slots.shape
     dev_slots = _on_device(cupy, ("vjp-gather-slots", na, kl), slots)
