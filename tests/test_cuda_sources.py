@@ -320,8 +320,8 @@ def test_portable_kernels_compile(tmp_path):
         *backward._names(2, 64).values(), backward._names(2, 80)[("dq", 2)], backward._names(2, 128)[("dkv", 1)],
         backward._names(2, 16)[("stats", 2)],
         # the pullback through the terms (relattn.backends.gpu.backward.terms_dq, tables_pullback)
-        "relattn_bwd_terms_side<1, u16, true>", "relattn_bwd_terms_side<2, float, false>", "relattn_bwd_terms_grid<0, u16, 4>",
-        "relattn_bwd_terms_grid<2, float, 1>", "relattn_bwd_terms_scatter",
+        "relattn_bwd_terms_side<1, u16, true, 1>", "relattn_bwd_terms_side<2, float, false, 2>",
+        "relattn_bwd_terms_grid<0, u16, 8, 1>", "relattn_bwd_terms_grid<2, float, 2, 2>", "relattn_bwd_terms_scatter",
     ]
     assert names[:3] == ["relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>"]
     assert "relattn_tf32<96, 3, 0, 0, 1>" in names and "relattn_win<1, 64, 16, 1>" in names
