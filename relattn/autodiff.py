@@ -342,8 +342,15 @@ def _forward_numba(q, k, v, th, tw, q_size, k_size, scale):
 
 def _gathered_tables(th, tw, q_size, k_size, term_work):
     """``Rh`` (q_h, k_h, C) and ``Rw`` (q_w, k_w, C) as the forward gathered
-    them, in the terms' arithmetic ``term_work``."""
+    them, in the terms' arithmetic ``term_work``: on the GPU, float32 from
+    tables of the gather's row count by one kernel each."""
     (q_h, q_w), (k_h, k_w) = q_size, k_size
+    if array_module(th) is not np and term_work == np.float32:
+        from relattn.backends.gpu import backward
+
+        if all(dtype_name(t.dtype) in backward.TERMS_DTYPES and t.flags.c_contiguous
+               and t.shape[0] == 2 * max(a, b) - 1 for t, a, b in ((th, q_h, k_h), (tw, q_w, k_w))):
+            return backward.gathered_f32(th, q_h, k_h), backward.gathered_f32(tw, q_w, k_w)
     return astype(_gathered(q_h, k_h, th), term_work), astype(_gathered(q_w, k_w, tw), term_work)
 
 

@@ -322,6 +322,7 @@ def test_portable_kernels_compile(tmp_path):
         # the pullback through the terms (relattn.backends.gpu.backward.terms_dq, tables_pullback)
         "relattn_bwd_terms_side<1, u16, true, 1>", "relattn_bwd_terms_side<2, float, false, 2>",
         "relattn_bwd_terms_grid<0, u16, 8, 1>", "relattn_bwd_terms_grid<2, float, 2, 2>", "relattn_bwd_terms_scatter",
+        "relattn_bwd_terms_gather<1, u16>", "relattn_bwd_terms_gather<2, float>",
     ]
     assert names[:3] == ["relattn_mma<1, 64, 1, 1>", "relattn_mma<0, 80, 2, 2>", "relattn_mma<1, 128, 1, 0>"]
     assert "relattn_tf32<96, 3, 0, 0, 1>" in names and "relattn_win<1, 64, 16, 1>" in names

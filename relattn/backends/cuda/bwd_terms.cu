@@ -303,6 +303,19 @@ relattn_bwd_terms_grid(const float* __restrict__ d, const E* __restrict__ q, flo
     }
 }
 
+// SAM's gather for the pullback: out[p, c] = table[index[p], c] as float32
+// (p < P positions (a, kk) of the index table, c < D), one thread per value.
+template <int DT, typename E>
+__global__ void __launch_bounds__(256)
+relattn_bwd_terms_gather(const E* __restrict__ table, const int* __restrict__ index, float* __restrict__ out,
+                         int P, int D)
+{
+    const long long e = (long long)blockIdx.x * 256 + threadIdx.x;
+    if (e >= (long long)P * D) return;
+    const int p = (int)(e / D), c = (int)(e - (long long)p * D);
+    out[e] = ra_ld<DT>(table + (long long)index[p] * D + c);
+}
+
 // Block r of 256 threads: table row r's positions (at most RBT_SLOTS of them
 // staged in shared memory, the rest read in turn) times the splits, as one
 // list of (position, split) pairs, cut into 8 contiguous runs, one per warp;

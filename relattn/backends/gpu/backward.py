@@ -539,8 +539,28 @@ def _terms_kernel(kind, dt, variant=(), smem=0):
     names.update({("grid", d, (ki, nj)): f"relattn_bwd_terms_grid<{d}, {elem[d]}, {ki}, {nj}>"
                   for d in (0, 1, 2) for ki in (2, 8) for nj in (1, 2)})
     names[("scatter", 0, ())] = "relattn_bwd_terms_scatter"
+    names.update({("gather", d, ()): f"relattn_bwd_terms_gather<{d}, {elem[d]}>" for d in (0, 1, 2)})
     which = (kind, dt if kind != "scatter" else 0, variant)
     return _build.portable_kernel(("bwd_terms",), names, which, smem, _build.family_source("bwd_terms"))
+
+
+def gathered_f32(table, q_len: int, k_len: int):
+    """SAM's gather of a table of ``2 * max(q_len, k_len) - 1`` rows (float16,
+    bfloat16 or float32, C-contiguous) as float32 ``(q_len, k_len, D)``, by one
+    kernel (``table[index]`` and a cast would be two CuPy operations)."""
+    import cupy
+
+    from relattn.relpos import _device_index32
+
+    D = int(table.shape[1])
+    dt = _terms_dt_of(table.dtype)
+    out = cupy.empty((q_len, k_len, D), dtype=np.float32)
+    n = q_len * k_len * D
+    if n:
+        src = table.view(cupy.uint16) if dt < 2 else table
+        _terms_kernel("gather", dt)((-(-n // 256),), (256,), (src, _device_index32(cupy, q_len, k_len), out,
+                                                            np.int32(q_len * k_len), np.int32(D)))
+    return out
 
 
 def _column_groups(D: int) -> int:
@@ -646,11 +666,15 @@ def tables_pullback(q, d_rel_h, d_rel_w, q_size, k_size):
 
 def _terms_dt(q):
     """q's type code for the terms' pullback kernels; head_dim <= 128."""
-    from relattn._arrays import dtype_name
-
     if q.shape[3] > 128:
         raise ValueError(f"q: the terms' pullback takes head_dim <= 128, got {q.shape[3]}")
-    return _TERMS_DT[dtype_name(q.dtype)]
+    return _terms_dt_of(q.dtype)
+
+
+def _terms_dt_of(dtype):
+    from relattn._arrays import dtype_name
+
+    return _TERMS_DT[dtype_name(dtype)]
 
 
 def _terms3_f32(d_rel_h, d_rel_w):
