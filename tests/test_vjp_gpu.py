@@ -641,3 +641,17 @@ def test_unknown_backend():
     dev, q_size, k_size = _small_device()
     with pytest.raises(ValueError, match="backend"):
         relattn.rel_pos_attention_vjp(*dev, q_size=q_size, k_size=k_size, backend="nope")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("sizes", [(14, 14), (5, 9), (9, 5), (64, 64)])
+def test_gathered_tables_kernel_is_get_rel_pos(sizes, dtype):
+    """The pullback's float32 gathered tables (one kernel) are get_rel_pos's
+    gather of the same table, widened exactly."""
+    q_len, k_len = sizes
+    dt = _dtype(dtype)
+    table = np.random.default_rng(24).standard_normal((2 * max(sizes) - 1, 40)).astype(dt)
+    got = backward.gathered_f32(to_device(table), q_len, k_len)
+    want = relattn.get_rel_pos(q_len, k_len, table.astype(np.float32))
+    assert got.dtype == np.float32 and got.shape == (q_len, k_len, 40)
+    assert np.array_equal(got.get(), want)
