@@ -586,13 +586,15 @@ def rel_pos_attention_vjp(
     (``relattn.backends._numba_backward``) that recompute the logits tile by
     tile and never hold an S_q x S_k buffer. The GPU one (``backend="cupy"``,
     and ``"auto"``, on CuPy arrays): the cupy backend's forward (``out`` is
-    bit for bit ``rel_pos_attention(..., backend="cupy")``) plus each logit
-    row's log-sum-exp computed on the device, and a pullback in CuPy
-    operations over chunks of query rows
-    (``relattn.backends.gpu.backward``: at most two buffers of
-    ``CHUNK_BYTES`` for the logits' blocks, never S_q x S_k); the gradients
-    are CuPy arrays on the inputs' device. The fused and GPU ones keep the
-    rel_h / rel_w terms whole for the pullback.
+    bit for bit ``rel_pos_attention(..., backend="cupy")``), keeping each
+    logit row's log-sum-exp where the forward kernel gives it (float16 /
+    bfloat16 on Hopper's ``relattn_ws``) or computing it on the device, and a
+    pullback by fused kernels (float16 / bfloat16 on the tensor cores,
+    float32 on the SIMT cores; ``relattn.backends.gpu.backward``) or, for the
+    rest (float64), CuPy operations over chunks of query rows (at most two
+    buffers of ``CHUNK_BYTES`` for the logits' blocks); never S_q x S_k. The
+    gradients are CuPy arrays on the inputs' device. The fused and GPU ones
+    keep the rel_h / rel_w terms whole for the pullback.
 
     Parameters
     ----------
