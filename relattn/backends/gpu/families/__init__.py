@@ -15,7 +15,10 @@ modes (an ``enum``) and ``Config`` (a frozen dataclass), and answers:
     what is wrong with a (forced) configuration;
 ``build(problem, device, config, q, k, v, rel_pos_h, rel_pos_w) -> (run, why)``
     the launch: ``run(q, k, v, x, y)`` with x, y the terms (or the tables when
-    fused), or ``(None, why)`` when these arrays cannot be served.
+    fused), or ``(None, why)`` when these arrays cannot be served;
+``WRITES_LSE`` (optional, default False)
+    its ``run`` also takes ``lse=``, a float32 (B, H, Sq) array that receives
+    each row's log-sum-exp (log2 domain) for the fused backward.
 
 Adding a family is one module and one entry in ``PRIORITY``.
 """
