@@ -533,6 +533,14 @@ def _terms_kernel(kind, dt, variant=(), smem=0):
     per thread, 2 or 8) or "scatter", for q's type code ``dt``."""
     from . import _build
 
+    which = (kind, dt if kind != "scatter" else 0, variant)
+    return _build.portable_kernel(("bwd_terms",), _terms_names(), which, smem, _build.family_source("bwd_terms"))
+
+
+@functools.lru_cache(maxsize=1)
+def _terms_names() -> dict:
+    """Every instantiation of ``cuda/bwd_terms.cu`` by (kind, q's type code,
+    variant), built once (it is looked up on every launch)."""
     elem = {0: "u16", 1: "u16", 2: "float"}
     names = {("side", d, (t, nj)): f"relattn_bwd_terms_side<{d}, {elem[d]}, {'true' if t else 'false'}, {nj}>"
              for d in (0, 1, 2) for t in (0, 1) for nj in (1, 2)}
@@ -540,8 +548,7 @@ def _terms_kernel(kind, dt, variant=(), smem=0):
                   for d in (0, 1, 2) for ki in (2, 8) for nj in (1, 2)})
     names[("scatter", 0, ())] = "relattn_bwd_terms_scatter"
     names.update({("gather", d, ()): f"relattn_bwd_terms_gather<{d}, {elem[d]}>" for d in (0, 1, 2)})
-    which = (kind, dt if kind != "scatter" else 0, variant)
-    return _build.portable_kernel(("bwd_terms",), names, which, smem, _build.family_source("bwd_terms"))
+    return names
 
 
 def gathered_f32(table, q_len: int, k_len: int):

@@ -17,7 +17,9 @@ import threading
 # (bytes, C++ word type), largest first
 _WORDS = ((16, "ra_w16"), (8, "unsigned long long"), (4, "unsigned int"), (2, "unsigned short"),
           (1, "unsigned char"))
-_DIRECTIONS = ("partition", "unpartition", "merge_heads", "copy_rows")
+# the kernel template of each direction (cuda/relattn_window.cu)
+_KERNELS = {"partition": "relattn_window_partition", "unpartition": "relattn_window_unpartition",
+            "merge_heads": "relattn_window_merge_heads", "copy_rows": "relattn_copy_rows"}
 TAIL = 8   # values of a tail: 16 bytes of a 16-bit type
 _lock = threading.Lock()
 _functions: dict = {}   # (device, direction, word) -> kernel
@@ -34,8 +36,7 @@ def _kernel(direction: str, word: str):
     if fn is None:
         with _lock:
             if (dev, direction, word) not in _functions:
-                names = {(d, w): f"relattn_{'' if d == 'copy_rows' else 'window_'}{d}<{w}>"
-                         for d in _DIRECTIONS for _, w in _WORDS}
+                names = {(d, w): f"{k}<{w}>" for d, k in _KERNELS.items() for _, w in _WORDS}
                 mod = cupy.RawModule(code=read_cuda("relattn_window.cu"), options=("-std=c++17",),
                                      name_expressions=list(names.values()))
                 _modules.append(mod)
