@@ -10,7 +10,7 @@ softmax's exponentials (it packs P into the registers that product reads, so
 it must wait first), and that at head_dim 80 the non-finite-row flag held in a
 register through the loop puts an S2R into the key loop.
 
-    python3 dev/sass_dev.py "(1,64,3,64,4,4,1,160,1)" ...   # relattn_ws's template arguments
+    python3 dev/sass_dev.py "(1,64,3,64,4,4,1,160,1,False)" ...   # relattn_ws's template arguments
     python3 dev/sass_dev.py --tree <other checkout> "(...)"  # another tree's kernels
     python3 dev/sass_dev.py --dump out.sass "(...)"          # keep the SASS
 
@@ -49,7 +49,7 @@ def build(source, options, cfg, workdir: str):
     """One instantiation compiled to an object: (its path, ptxas's output lines)."""
     params = re.search(r"relattn_ws\((.*?)\)\s*\{", source, re.S).group(1)
     cu, obj = os.path.join(workdir, "ws.cu"), os.path.join(workdir, "ws.o")
-    name = "relattn_ws<" + ", ".join(str(x) for x in cfg) + ">"
+    name = "relattn_ws<" + ", ".join(str(x).lower() if isinstance(x, bool) else str(x) for x in cfg) + ">"
     with open(cu, "w") as f:
         f.write(source + f"\ntemplate __global__ void {name}({params});\n")
     opts = [o for o in options if not o.startswith("-arch")]

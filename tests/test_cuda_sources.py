@@ -352,9 +352,13 @@ def test_hopper_kernel_compiles(tmp_path):
              ws.kernel_name(0, 80, ws.Config(2, 64, S.FUSED_WINDOW, 4, 1, 240, 1)),
              ws.kernel_name(1, 64, ws.Config(1, 64, S.FUSED_WINDOW, 3, 0, 0, 3)),
              ws.kernel_name(1, 80, ws.Config(1, 32, S.FUSED_WINDOW, 3, 0, 0, 3)),
-             ws.kernel_name(1, 80, ws.Config(2, 128, S.FUSED_H72, 3, 1, 240, 1))]
+             ws.kernel_name(1, 80, ws.Config(2, 128, S.FUSED_H72, 3, 1, 240, 1)),
+             # the vjp's forward, which keeps each row's log-sum-exp
+             ws.kernel_name(1, 64, ws.Config(3, 64, S.FUSED, 4, 1, 160, 1), lse=True),
+             ws.kernel_name(0, 80, ws.Config(2, 64, S.FUSED_WINDOW, 4, 1, 240, 1), lse=True)]
     assert names[0] == "relattn_wg<1, 64, 1, 64, 1, 2>"
-    assert names[-1] == "relattn_ws<1, 80, 2, 128, 7, 3, 1, 240, 1>"
+    assert names[-3] == "relattn_ws<1, 80, 2, 128, 7, 3, 1, 240, 1, false>"
+    assert names[-1] == "relattn_ws<0, 80, 2, 64, 6, 4, 1, 240, 1, true>"
     _nvcc_compile(tmp_path, _build.sm90_source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
 

@@ -1,4 +1,4 @@
-// relattn_ws<DT, HD, NC, BN, REL, ST, PP, RG, MB>: the Hopper (sm_90a)
+// relattn_ws<DT, HD, NC, BN, REL, ST, PP, RG, MB, LSE>: the Hopper (sm_90a)
 // warp-specialised attention with the relative-position terms, float16 /
 // bfloat16, head_dim 64 or 80: TMA loads, wgmma products, persistent blocks.
 // Needs common.cuh, the wgmma wrappers and sm90_common.cuh before it.
@@ -20,7 +20,9 @@
 // MB: blocks per SM the registers are capped for (__launch_bounds__); the
 // persistent grid is MB blocks per SM, so one block's prologue (Q, the
 // fused terms) and epilogue overlap another's products (small key grids).
-// REL: the bias mode (ws_bias below).
+// REL: the bias mode (ws_bias below). LSE: also store each row's log-sum-exp
+// (log2 domain) to lse2 for the fused backward; a plain call's instantiation
+// (LSE = false) has no trace of it.
 // Tensor maps (built by families/ws.py's tensor_map): dims (columns, rows,
 // heads, batch) of q, k, v; tq / tk / tv: box 64 columns x BLOCK_M (q) or BN
 // (k, v) rows, 128-byte swizzle. HD == 80 (SAM-H) adds tq2 / tk2 / tv2: box 8
@@ -270,7 +272,7 @@ __device__ __forceinline__ void ra_ws_put_rel_h(float* const* gRow, const float 
     __syncwarp();
 }
 
-template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG, int MB>
+template <int DT, int HD, int NC, int BN, int REL, int ST, int PP, int RG, int MB, bool LSE>
 __global__ void __launch_bounds__(128 * NC + (RG ? 128 : 32), MB)
 relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk, const __grid_constant__ RaTmap tv,
            const __grid_constant__ RaTmap tq2, const __grid_constant__ RaTmap tk2, const __grid_constant__ RaTmap tv2,
@@ -628,7 +630,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
 
         // ---- finalize and store (a non-finite row: flagged, recomputed after the loop)
         flagged |= ra_wg_store_rows<DT, HD>(out + (long long)bh * Sq * D, o, inv_l, rows, Sq, D, t) != 0;
-        if (lse2 != nullptr) ra_store_lse2(lse2 + (long long)bh * Sq, m_run, l_run, rows, Sq, t);
+        if constexpr (LSE) ra_store_lse2(lse2 + (long long)bh * Sq, m_run, l_run, rows, Sq, t);
     }
 
     // The rows this block's warps stored non-finite, recomputed exactly

@@ -81,8 +81,11 @@ def table_passes(hd: int, nc: int, bn: int, st: int) -> int:
     return 1 if n + nc * 64 * 136 * 4 <= MAX_SMEM else 2
 
 
-def kernel_name(dt: int, hd: int, c: Config) -> str:
-    return f"relattn_ws<{dt}, {hd}, {c.nc}, {c.bn}, {int(c.bias)}, {c.stages}, {c.pp}, {c.rg}, {c.mb}>"
+def kernel_name(dt: int, hd: int, c: Config, lse: bool = False) -> str:
+    """The instantiation of configuration ``c``; ``lse``: the one that also
+    stores each row's log-sum-exp (compiled only where a vjp asks for it)."""
+    return (f"relattn_ws<{dt}, {hd}, {c.nc}, {c.bn}, {int(c.bias)}, {c.stages}, {c.pp}, {c.rg}, {c.mb}, "
+            f"{'true' if lse else 'false'}>")
 
 
 def _shape(p, fused):
@@ -255,6 +258,13 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
         + ["ptr"] * 3 + [np.int64(x) for x in (*qs, *ks, *vs)] \
         + ["ptr"]   # plain operands (the exact slow path), then lse2 (or null)
     launch = _build.RawLaunch(fn, (grid,), block, smem, spec)
+    launches = [launch, None]   # plain, and the instantiation that keeps the log-sum-exp (built on first use)
+
+    def lse_launch():
+        if launches[1] is None:
+            launches[1] = _build.RawLaunch(_build.sm90_kernel(kernel_name(dt, hd, c, lse=True)), (grid,), block,
+                                           smem, spec)
+        return launches[1]
     rel_ptrs = _fused_ptrs(p, rel_pos_h, rel_pos_w) if fused else _terms_ptrs(p)
     shape, dtype, u16t = (B, H, Sq, D), q.dtype, cupy.uint16
     padded = (B, H, Sq, d8) if d8 != D else None
@@ -286,8 +296,9 @@ def build(p, dev, c: Config, q, k, v, rel_pos_h=None, rel_pos_w=None):
         ou = out if padded is None else cupy.empty(padded, dtype=u16t)
         qm, km, vm = tensor_maps(0, a.data.ptr), tensor_maps(1, b.data.ptr), tensor_maps(2, c_.data.ptr)
         keep, ptrs = rel_ptrs(x, y)
-        launch((*ptrs, ou.data.ptr, a.data.ptr, b.data.ptr, c_.data.ptr, 0 if lse is None else lse.data.ptr),
-               (qm[0], km[0], vm[0], qm[1], km[1], vm[1]), get_stream().ptr)
+        go = launch if lse is None else lse_launch()
+        go((*ptrs, ou.data.ptr, a.data.ptr, b.data.ptr, c_.data.ptr, 0 if lse is None else lse.data.ptr),
+           (qm[0], km[0], vm[0], qm[1], km[1], vm[1]), get_stream().ptr)
         del keep
         if padded is not None:
             out.view(u16t)[...] = ou[..., :D]
