@@ -22,7 +22,9 @@ pos, attention, proj; windowed as SAM's Block: pad, partition, unpartition, crop
 and every parameter's gradient: relattn ``Attention.vjp`` + pullback against the
 PyTorch seed module of bench/bench_module.py, same weights; on CUDA in 16 bits also
 the step captured as CUDA graphs (``Attention.capture_vjp``: one replay for the
-forward, one for the pullback, outputs copied out).
+forward, one for the pullback, outputs copied out), and a training loop's step: the
+captured step plus an SGD update of every parameter in place (``step.parameters``,
+which the graphs follow) against the seed module's step plus ``torch._foreach_add_``.
 
 Times: CPU, the median of --runs calls; CUDA, per call with --calls calls back to back
 then one sync, and one call plus a sync (median of --runs), as bench/bench_calls.py.
@@ -243,6 +245,41 @@ def seed_core(torch, q, k, v, th, tw, grid):
     return (attn.softmax(dim=-1) @ v3).view(b, h, s, d)
 
 
+def _seed_row(rows, what):
+    """The seed anchor of row ``what``: the one with the same SGD update or without."""
+    sgd = what.endswith(SGD)
+    return next((r for r in rows if r["what"].startswith("torch seed") and r["what"].endswith(SGD) == sgd), None)
+
+
+SGD = " + SGD"   # rows whose step also updates every parameter in place (lr * gradient)
+LR = 1e-4
+
+
+def _sgd(dtype):
+    """``update(params, grads)``: p -= LR * g in place on CuPy arrays (bfloat16
+    through their bits, one launch per parameter), an optimizer's work in the
+    step the captured graphs follow."""
+    import cupy
+    import numpy as np
+
+    if np.dtype(dtype).name != "bfloat16":
+        def update(params, grads):
+            for key, p in params.items():
+                p -= LR * grads[key]
+        return update
+    kernel = cupy.ElementwiseKernel(
+        "uint16 g, float32 lr", "uint16 p",
+        "unsigned int f = __float_as_uint(__uint_as_float(((unsigned int)p) << 16)"
+        " - lr * __uint_as_float(((unsigned int)g) << 16));"
+        " p = (unsigned short)((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);",
+        "bench_sgd_bf16")
+
+    def update(params, grads):
+        for key, p in params.items():
+            kernel(grads[key].view(cupy.uint16), np.float32(LR), p.view(cupy.uint16))
+    return update
+
+
 def timed_row(rows, case_name, what, kind, fn, reference, args, measure, log):
     """Time ``fn`` (after one warm-up call), measure its peak memory, print and keep the
     row (ratios against the anchors already in ``rows``); returns the warm-up's results."""
@@ -252,7 +289,7 @@ def timed_row(rows, case_name, what, kind, fn, reference, args, measure, log):
     row.update(measure.time(fn, kind))
     row["peak_mib"] = measure.peak(fn, kind, nbytes(results))
     row["max_diff"] = None if reference is None else max_diff(results, reference)
-    seed = next((r for r in rows if r["what"].startswith("torch seed")), None)
+    seed = _seed_row(rows, what)
     sdpa = next((r for r in rows if r["what"].startswith("torch SDPA")), None)
     row["x_seed"] = None if seed is None else row["time_ms"] / seed["time_ms"]
     row["x_sdpa"] = None if sdpa is None else row["time_ms"] / sdpa["time_ms"]
@@ -366,6 +403,14 @@ def run_layer(case, args, measure, torch, log):
             return (y.detach(), *torch.autograd.grad(y, [x_t, *params], dy_t))
 
         seed_results = add("torch seed module step", "torch", seed_step)
+        if args.device == "cuda":
+            def seed_sgd_step():
+                y, dx, *grads = seed_step()
+                with torch.no_grad():
+                    torch._foreach_add_(params, grads, alpha=-LR)
+                return (y, dx, *grads)
+
+            add("torch seed module step" + SGD, "torch", seed_sgd_step)
 
     x, dy = x_host.astype(dtype), dy_host.astype(dtype)
     if args.device == "cuda":
@@ -388,6 +433,15 @@ def run_layer(case, args, measure, torch, log):
             return (y, dx, *(grads[k] for k in keys))
 
         add("relattn Attention.capture_vjp step (graphs)", "relattn", captured_step, seed_results)
+        update = _sgd(x.dtype)
+
+        def captured_sgd_step():
+            y, pullback = step(x)
+            dx, grads = pullback(dy, copy=False)
+            update(step.parameters, grads)
+            return (y, dx, *(grads[k] for k in keys))
+
+        add("relattn capture_vjp step" + SGD, "relattn", captured_sgd_step)
     return rows
 
 
@@ -420,7 +474,6 @@ def check_targets(device, case_name, core_rows, layer_rows, args):
     base = case_name.replace("-quick", "")
     vjp = next((r for r in core_rows if r["what"].startswith("relattn vjp")), None)
     layer = next((r for r in layer_rows if r["what"].startswith("relattn")), None)
-    seed_layer = next((r for r in layer_rows if r["what"].startswith("torch seed")), None)
     checks = []
     for dev, case, what, limit in TARGETS:
         if dev != device or case != base:
@@ -432,8 +485,10 @@ def check_targets(device, case_name, core_rows, layer_rows, args):
             checks.append((what, limit, None))
     for what, limit, layer_row in checks:
         if what == "layer":
-            kind = "captured" if "capture" in layer_row["what"] else "eager"
+            kind = ("captured" if "capture" in layer_row["what"] else "eager") + \
+                (", both with an SGD update" if layer_row["what"].endswith(SGD) else "")
             label = f"layer step ({kind}): seed module / relattn >= {limit:g}x"
+            seed_layer = _seed_row(layer_rows, layer_row["what"])
             value = None if seed_layer is None else seed_layer["time_ms"] / layer_row["time_ms"]
             met = value is not None and value >= limit
         else:
@@ -461,6 +516,7 @@ def check_targets(device, case_name, core_rows, layer_rows, args):
             notes.append("--quick shapes: indicative only")
         if notes:
             print(f"  ({'; '.join(notes)})", flush=True)
+    seed_layer = _seed_row(layer_rows, "")
     if device == "cpu" and args.layer and layer is not None and seed_layer is not None:
         print(f"  {case_name}: layer step: seed module / relattn = {seed_layer['time_ms'] / layer['time_ms']:.2f}x "
               f"(the 3x layer target is stated for GPU bfloat16)", flush=True)

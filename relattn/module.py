@@ -85,6 +85,92 @@ class _Generation:
         self.cache = {}
 
 
+class _HalfWeights:
+    """What the half-precision GPU path reads of one set of parameters, for
+    CuPy inputs of dtype ``half``: the weights and biases in ``half`` (``w``,
+    keyed by attribute), the two weights transposed (``wT``: the pullback's
+    dx = dy W as dy (W^T)^T), the tables the attention reads (``tables``) and
+    the projections' ``HalfLinear`` operands (weight and bias column), one
+    per projection, row count and input alignment, built on first use."""
+
+    _MAX_LINEARS = 16
+
+    def __init__(self, w, tables, half):
+        from relattn.backends.gpu.cublas import contiguous
+
+        self.w, self.tables, self.half = w, tables, half
+        self.wT = {a: contiguous(w[a].T) for a in ("qkv_weight", "proj_weight")}
+        self._linears = {}
+        self._lock = threading.Lock()
+
+    def linear(self, name, n, align):
+        """The ``HalfLinear`` of projection ``name`` ("qkv" or "proj") for ``n``
+        rows whose base address is ``align`` modulo 16."""
+        key = (name, n, align)
+        lin = self._linears.get(key)
+        if lin is None:
+            from relattn.backends.gpu.cublas import linear_half_plan
+
+            lin = linear_half_plan(n, self.w[f"{name}_weight"], self.w[f"{name}_bias"], self.half)
+            with self._lock:
+                if len(self._linears) >= self._MAX_LINEARS:
+                    self._linears.clear()
+                lin = self._linears.setdefault(key, lin)
+        return lin
+
+
+class _StepWeights(_HalfWeights):
+    """The weights of a captured training step: device parameters of its own
+    (``params``, keyed by attribute, in the layer's dtype), from which
+    :meth:`derive` computes every form the half-precision path reads, in
+    place, so that a graph that starts with ``derive`` follows the values
+    written into ``params`` between replays. The forms are those of
+    :meth:`Attention._half_weights`, rounded the same way, except the tables:
+    16-bit where the layer's dtype is the input's, else float32 (the eager
+    path takes 16-bit tables also where float32 values happen to fit)."""
+
+    def __init__(self, layer, params, half):
+        import cupy
+
+        self.params = {a: None if v is None else cupy.asarray(v) for a, v in params.items()}
+        same = layer.dtype == half
+        w = {a: None if v is None else (v if same else cupy.empty(v.shape, dtype=half))
+             for a, v in self.params.items() if a not in ("rel_pos_h", "rel_pos_w")}
+        tables = (None, None)
+        if layer.use_rel_pos:
+            tables = tuple(self.params[a] if same else cupy.empty(self.params[a].shape, dtype=np.float32)
+                           for a in ("rel_pos_h", "rel_pos_w"))
+        self._casts = [(self.params[a], w[a]) for a in w if w[a] is not None and w[a] is not self.params[a]]
+        self._casts += [(self.params[a], t) for a, t in zip(("rel_pos_h", "rel_pos_w"), tables)
+                        if t is not None and t is not self.params[a]]
+        for src, dst in self._casts:
+            _cast_into(src, dst)
+        super().__init__(w, tables, half)
+
+    def load(self, params):
+        """Copy the host arrays ``params`` (keyed by attribute) into :attr:`params`."""
+        for a, dst in self.params.items():
+            if dst is not None:
+                dst.set(np.ascontiguousarray(params[a]))
+
+    def derive(self):
+        """Every form read by the half-precision path, recomputed from :attr:`params` in place."""
+        import cupy
+
+        for src, dst in self._casts:
+            _cast_into(src, dst)
+        for a, t in self.wT.items():
+            cupy.copyto(t.view(cupy.uint16), self.w[a].view(cupy.uint16).T)
+        for (name, _, _), lin in list(self._linears.items()):
+            lin.load(self.w[f"{name}_weight"], self.w[f"{name}_bias"])
+
+
+def _cast_into(src, dst):
+    from relattn.backends.gpu.cublas import cast_into
+
+    cast_into(src, dst)
+
+
 class Attention:
     """Multi-head attention with 2-D decomposed relative position, as in SAM's ViT.
 
@@ -684,20 +770,28 @@ class Attention:
         step ``y, pullback = step(x)`` and ``dx, grads = pullback(dy)``, with
         the bits and the keys of :meth:`vjp`.
 
-        The graphs read the parameters of their recording: an update records
-        them again on the next call (two warm-up steps and two captures), so
-        they pay off where many steps share one set of weights (gradient
-        accumulation, gradients with respect to the input), not with an
-        update every step.
+        Parameters: the graphs read ``step.parameters``, device copies of
+        the layer's parameters (CuPy arrays in the layer's dtype, keyed like
+        :meth:`state_dict`), and derive what they multiply by (the weights in
+        x's dtype, transposed, with the bias column) from them at the start
+        of every forward replay. An optimizer updates them in place between
+        steps, on the current stream (``p -= lr * g``, ``cupy.copyto``), and
+        the next step uses the new values, with no new recording; the layer
+        itself keeps its parameters until they are loaded back
+        (``layer.load_state_dict(step.parameters)``). Parameters set on the
+        layer (``load_state_dict``, assignment) are copied into
+        ``step.parameters`` on the next call. The bits are those of
+        :meth:`vjp` with the same parameters, but for one case: where the
+        layer's dtype is not x's, the graphs give the attention float32
+        tables, while :meth:`vjp` takes x's dtype for tables whose values
+        happen to be exact in it (zero tables, say).
 
         Constraints, besides those of :meth:`capture`: the residuals live in
         the graphs' buffers, so a ``pullback`` is valid until the next call of
         ``step`` (``RuntimeError`` after it); it may be called several times
         before that. ``dy`` must have ``y``'s shape, dtype and device
         (``ValueError`` otherwise). ``copy=False`` on either call returns the
-        graphs' own output buffers (overwritten by the next replay). The
-        graphs are recorded again on the next call after the parameters
-        change.
+        graphs' own output buffers (overwritten by the next replay).
 
         Parameters
         ----------
@@ -710,7 +804,7 @@ class Attention:
         -------
         callable
             ``step(x, copy=True) -> (y, pullback)``, ``pullback(dy, copy=True)
-            -> (dx, grads)``.
+            -> (dx, grads)``, with the attribute ``step.parameters``.
         """
         self._check_capturable(x)
         return _LayerVjpGraph(self, x, window_size)
@@ -855,18 +949,22 @@ class Attention:
         >>> dx.shape, sorted(grads) == sorted(attn.state_dict()), grads["rel_pos_h"].shape
         ((1, 5, 7, 16), True, (7, 8))
         """
+        return self._layer_vjp(self._gen, x, window_size)   # one read: every pullback uses these parameters
+
+    def _layer_vjp(self, gen, x, window_size, weights=None):
+        """:meth:`vjp` with the parameters of generation ``gen``, or, for the
+        half-precision GPU path, the device weights ``weights`` (a captured step's)."""
         from relattn._interop import wrap_result
 
         x, restore = wrap_result("x", x)
-        gen = self._gen   # read once: the forward and every pullback use these parameters
         x, ws = self._checked_input(x, window_size)
         height, width = x.shape[1:3]
         if ws:
             windows, pad_hw = window_partition(x, ws)   # a new array, the pullback's to keep
-            out, core_pullback = self._vjp(gen, windows, private=True)
+            out, core_pullback = self._vjp(gen, windows, private=True, weights=weights)
             y = window_unpartition(out, ws, pad_hw, (height, width))
         else:
-            y, core_pullback = self._vjp(gen, x, private=False)
+            y, core_pullback = self._vjp(gen, x, private=False, weights=weights)
         y_user = restore(y)
         kind, shape, x_dtype = type(y_user), tuple(y.shape), y.dtype   # y's (the pullback keeps no y)
         dtypes = {attr: value.dtype for attr, value in gen.params.items() if value is not None}
@@ -885,7 +983,7 @@ class Attention:
 
         return y_user, pullback
 
-    def _vjp(self, gen, x, private):
+    def _vjp(self, gen, x, private, weights=None):
         """``_forward`` on ``x`` (B, H, W, dim) with its pullback: ``dy`` (x's
         shape and dtype) -> (dx, grads) in the compute dtype, grads keyed by
         attribute name. ``private``: ``x`` is the caller's own array (False),
@@ -894,7 +992,7 @@ class Attention:
 
         xp = array_module(x)
         if xp is not np and x.dtype.itemsize == 2:
-            return self._vjp_half(gen, x, private)
+            return self._vjp_half(gen, x, private, weights)
         shape = batch, height, width, dim = x.shape
         n, heads, head_dim = batch * height * width, self.num_heads, self.head_dim
         work = compute_dtype(x.dtype, self.dtype)
@@ -930,14 +1028,16 @@ class Attention:
 
         return y, pullback
 
-    def _vjp_half(self, gen, x, private):
+    def _vjp_half(self, gen, x, private, weights=None):
         """``_vjp`` for a float16 / bfloat16 CuPy ``x``: the forward's planned
         GPU path (16-bit weights and biases, cuBLAS projections with float32
         accumulation rounded once to x's dtype, the attention on 16-bit q, k, v, so its
         fused backward), and a pullback in the same arithmetic: each product
         on 16-bit operands with float32 accumulation (the weights' gradients
         and the bias sums in float32), dx and the attention's cotangent
-        rounded to x's dtype, as PyTorch's autocast backward does."""
+        rounded to x's dtype, as PyTorch's autocast backward does.
+        ``weights``: the :class:`_HalfWeights` to read (default: those of
+        ``gen``, cached in it)."""
         import cupy
 
         from relattn.autodiff import rel_pos_attention_vjp
@@ -947,23 +1047,20 @@ class Attention:
         half = x.dtype
         shape = batch, height, width, dim = x.shape
         n, heads, head_dim, seq = batch * height * width, self.num_heads, self.head_dim, height * width
-        w = self._device_params(gen, cupy, half)
-        tables = self._gpu_tables(gen, cupy, half)
+        if weights is None:
+            weights = self._half_weights(gen, half)
+        w, wT = weights.w, weights.wT
         tokens = contiguous(x.reshape(n, dim))
         if not private:   # the pullback keeps tokens; the caller may write to x after the forward
             tokens = tokens.view(cupy.uint16).copy().view(half)
-        qkv = self._half_linear(gen, "qkv", n, half, tokens.data.ptr & 15)(tokens)
+        qkv = weights.linear("qkv", n, tokens.data.ptr & 15)(tokens)
         q, k, v = self._split_heads(qkv, batch, seq)
         sizes = ((height, width), (height, width)) if self.use_rel_pos else (None, None)
-        out, core_pullback = rel_pos_attention_vjp(q, k, v, *tables, *sizes, scale=self.scale,
+        out, core_pullback = rel_pos_attention_vjp(q, k, v, *weights.tables, *sizes, scale=self.scale,
                                                    backend=self.backend)
         merged = contiguous(out.transpose(0, 2, 1, 3)).reshape(n, dim)
-        y = self._half_linear(gen, "proj", n, half, merged.data.ptr & 15)(merged).reshape(shape)
+        y = weights.linear("proj", n, merged.data.ptr & 15)(merged).reshape(shape)
         del q, k, v, out
-        key = ("transposed", cupy.cuda.Device().id, half.str)
-        wT = gen.cache.get(key)
-        if wT is None:   # W^T, for dx = dy @ W as (dy) @ (W^T)^T
-            wT = gen.cache.setdefault(key, {a: contiguous(w[a].T) for a in ("qkv_weight", "proj_weight")})
         ones = ones_column(n, half)   # the bias sums' operand (the pullback keeps it, as a graph reads it)
 
         def pullback(dy):
@@ -985,28 +1082,17 @@ class Attention:
 
         return y, pullback
 
-    _MAX_HALF_LINEARS = 16
-
-    def _half_linear(self, gen, name, n, dtype, align):
-        """The ``HalfLinear`` of projection ``name`` ("qkv" or "proj") for
-        ``n`` rows of ``dtype`` whose base address is ``align`` modulo 16: its
-        weight with the bias column is built once per parameter generation."""
+    def _half_weights(self, gen, half):
+        """The :class:`_HalfWeights` of generation ``gen`` for CuPy inputs of
+        dtype ``half`` on the current device, built once and cached in it."""
         import cupy
 
-        from relattn.backends.gpu.cublas import linear_half_plan
-
-        key = ("half-linear", name, n, cupy.cuda.runtime.getDevice(), dtype.str, align)
-        cache = gen.cache
-        lin = cache.get(key)
-        if lin is None:
-            w = self._device_params(gen, cupy, dtype)
-            lin = linear_half_plan(n, w[f"{name}_weight"], w[f"{name}_bias"], dtype)
-            built = [k for k in list(cache) if k[0] == "half-linear"]
-            if len(built) >= self._MAX_HALF_LINEARS:
-                for k in built:
-                    cache.pop(k, None)
-            lin = cache.setdefault(key, lin)
-        return lin
+        key = ("half-weights", cupy.cuda.runtime.getDevice(), half.str)
+        cached = gen.cache.get(key)
+        if cached is None:
+            cached = gen.cache.setdefault(key, _HalfWeights(self._device_params(gen, cupy, half),
+                                                            self._gpu_tables(gen, cupy, half), half))
+        return cached
 
     def __repr__(self):
         extra = f", input_size={self.input_size}" if self.use_rel_pos else ""
@@ -1047,15 +1133,33 @@ class _LayerVjpGraph:
     def _capture(self, x):
         from relattn.backends.gpu.graphs import CapturedVjp
 
-        self._gen = self._layer._gen   # the parameters the graphs read: kept alive with them
-        self._graphs = CapturedVjp(lambda a: self._layer.vjp(a, window_size=self._window_size), x)
+        layer = self._layer
+        gen = self._gen = layer._gen
+        weights = self._weights = _StepWeights(layer, gen.params, x.dtype)
+
+        def step(a):
+            weights.derive()   # the first launches of the forward graph
+            return layer._layer_vjp(gen, a, self._window_size, weights)
+
+        self._graphs = CapturedVjp(step, x)
         self._step = 0
+
+    @property
+    def parameters(self):
+        """The parameters the graphs read (CuPy arrays keyed like ``state_dict``)."""
+        params = self._weights.params
+        return {key: params[a] for key, a in _PARAM_KEYS.items() if params.get(a) is not None}
 
     def __call__(self, x, copy=True):
         with self._lock:   # one replay at a time: the buffers are shared
-            if self._layer._gen is not self._gen:   # new parameters: record again, for the same signature
+            gen = self._layer._gen
+            if gen is not self._gen:   # the layer's parameters replaced: the step takes them
                 self._graphs.check_input(x)
-                self._capture(x)
+                if (gen.params["qkv_bias"] is None) != (self._gen.params["qkv_bias"] is None):
+                    self._capture(x)   # another layer structure: record again
+                else:
+                    self._weights.load(gen.params)
+                    self._gen = gen
             y = self._graphs.forward(x, copy=copy)
             self._step += 1
             graphs, step = self._graphs, self._step

@@ -138,3 +138,97 @@ def test_captured_step_checks_its_pullback_and_follows_new_parameters():
         pullback1(dy)
     with pytest.raises(ValueError, match="^x: capture takes a float16 or bfloat16 CuPy array"):
         _layer(0, np.float32).capture_vjp(x.astype(cupy.float32))
+
+
+def _step_matches_vjp(step, twin, x, dy):
+    """One captured step against ``twin.vjp`` with the step's parameters
+    loaded (bits of y, dx and every gradient); returns (y, grads)."""
+    y, pullback = step(x)
+    dx, grads = pullback(dy)
+    twin.load_state_dict(step.parameters)
+    y_want, pullback_want = twin.vjp(x)
+    dx_want, grads_want = pullback_want(dy)
+    assert cupy.array_equal(_bits(y), _bits(y_want))
+    assert cupy.array_equal(_bits(dx), _bits(dx_want))
+    assert sorted(grads) == sorted(grads_want) == sorted(step.parameters)
+    for key in grads:
+        assert grads[key].dtype == grads_want[key].dtype == step.parameters[key].dtype, key
+        assert cupy.array_equal(_bits(grads[key]), _bits(grads_want[key])), key
+    return y, grads
+
+
+@pytest.mark.parametrize("window", [0, 14])
+@pytest.mark.parametrize("layer_dtype", [BF16, np.dtype(np.float32)], ids=lambda d: d.name)
+def test_captured_step_follows_parameters_updated_in_place(window, layer_dtype):
+    """An optimizer writing into step.parameters between steps: the next
+    replay uses the new values (no new recording), with vjp's bits; the
+    layer keeps its own parameters until they are loaded back."""
+    from relattn.backends.gpu.cublas import cast_into
+
+    def make():
+        return relattn.Attention(64, 4, use_rel_pos=True, input_size=(14, 14) if window else (20, 20),
+                                 rng=0, window_size=window, dtype=layer_dtype, rel_pos_zero_init=False)
+
+    layer, twin = make(), make()
+    before = layer.state_dict()
+    rng = np.random.default_rng(5)
+    x, dy = (cupy.asarray(rng.standard_normal((2, 20, 20, 64), dtype=np.float32).astype(BF16)) for _ in range(2))
+    step = layer.capture_vjp(x)
+    graphs = step._graphs
+    assert {k: p.dtype for k, p in step.parameters.items()} == {k: p.dtype for k, p in before.items()}
+    outputs = []
+    for _ in range(3):
+        y, grads = _step_matches_vjp(step, twin, x, dy)
+        outputs.append(y.astype(cupy.float32))
+        for key, p in step.parameters.items():   # SGD, in place
+            cast_into(p.astype(cupy.float32) - 0.05 * grads[key].astype(cupy.float32), p)
+    assert step._graphs is graphs
+    assert not cupy.array_equal(outputs[0], outputs[1]) and not cupy.array_equal(outputs[1], outputs[2])
+    for key, p in layer.state_dict().items():
+        assert np.array_equal(p.astype(np.float32), before[key].astype(np.float32)), key
+    layer.load_state_dict(step.parameters)
+    assert np.array_equal(layer.state_dict()["qkv.weight"].astype(np.float32),
+                          step.parameters["qkv.weight"].get().astype(np.float32))
+
+
+def test_captured_step_takes_parameters_set_on_the_layer():
+    layer, twin = _layer(14, BF16), _layer(14, BF16)
+    rng = np.random.default_rng(6)
+    x, dy = (cupy.asarray(rng.standard_normal((1, 20, 20, 64), dtype=np.float32).astype(BF16)) for _ in range(2))
+    step = layer.capture_vjp(x)
+    graphs = step._graphs
+    y0, _ = _step_matches_vjp(step, twin, x, dy)
+    new = relattn.Attention(64, 4, use_rel_pos=True, input_size=(14, 14), rng=7, window_size=14, dtype=BF16,
+                            rel_pos_zero_init=False).state_dict()
+    layer.load_state_dict(new)   # copied into step.parameters on the next call, no new recording
+    y1, _ = _step_matches_vjp(step, twin, x, dy)
+    assert step._graphs is graphs and not cupy.array_equal(_bits(y0), _bits(y1))
+    for key, p in step.parameters.items():
+        assert np.array_equal(p.get().astype(np.float32), new[key].astype(np.float32)), key
+    layer.qkv_bias = None   # another structure: recorded again
+    twin.qkv_bias = None
+    _step_matches_vjp(step, twin, x, dy)
+    assert step._graphs is not graphs and "qkv.bias" not in step.parameters
+
+
+def test_cast_into_rounds_once_as_the_host_does():
+    from relattn.backends.gpu.cublas import cast_into
+
+    one = 1.0
+    f64 = np.array([0.0, -0.0, one, one + 2.0**-8 + 2.0**-40, one + 2.0**-8, one + 3 * 2.0**-8,
+                    one + 2.0**-11 + 2.0**-40, 65504.0, 65520.0, 70000.0, 3.3e38, 3.4e38, 1e39, -1e39,
+                    1e-8, 6e-8, 1e-40, np.inf, -np.inf, np.nan, 0.1, -2.5e-5, 1.0 / 3.0])
+    rng = np.random.default_rng(8)
+    f64 = np.concatenate([f64, rng.standard_normal(4000) * np.exp(rng.uniform(-20, 20, 4000))])
+    sources = [f64, f64.astype(np.float32), f64.astype(np.float16), f64.astype(BF16)]
+    for src in sources:
+        for dt in (np.dtype(np.float32), np.dtype(np.float16), BF16):
+            with np.errstate(over="ignore", invalid="ignore"):
+                want = src.astype(dt)
+            got = cupy.empty(src.shape, dtype=dt)
+            cast_into(cupy.asarray(src), got)
+            got = got.get()
+            nan = np.isnan(want.astype(np.float64))
+            assert np.array_equal(np.isnan(got.astype(np.float64)), nan), (src.dtype, dt)
+            assert np.array_equal(got[~nan].view(np.uint16 if dt.itemsize == 2 else np.uint32),
+                                  want[~nan].view(np.uint16 if dt.itemsize == 2 else np.uint32)), (src.dtype, dt)

@@ -186,10 +186,19 @@ class HalfLinear:
         self.weight = weight
         self._tail_copy = None
         if self.tail and self.n and self.m:
-            wt = cupy.zeros((self.m, self.k + TAIL), dtype=np.uint16)
-            wt[:, :self.k] = contiguous(weight).view(np.uint16)
-            wt[:, self.k] = contiguous(bias if bias.dtype == dtype else from_float32(bias, dtype)).view(np.uint16)
-            self.weight = wt.view(dtype)
+            self.weight = cupy.zeros((self.m, self.k + TAIL), dtype=np.uint16).view(dtype)
+            self.load(weight, bias)
+
+    def load(self, weight, bias):
+        """Write ``weight`` and ``bias`` (their values; the shapes and dtypes of
+        the construction's) into the operand the product reads, in place (a
+        captured graph's launches keep reading it). Without a bias the operand
+        is ``weight`` itself: nothing to copy."""
+        if self.weight is weight:
+            return
+        wt = self.weight.view(np.uint16)
+        wt[:, :self.k] = contiguous(weight).view(np.uint16)
+        wt[:, self.k] = contiguous(bias if bias.dtype == self.dtype else from_float32(bias, self.dtype)).view(np.uint16)
 
     def __call__(self, x2d):
         if self.tail and self.n and self.m:
@@ -338,6 +347,32 @@ def to_float32(x):
         widen = _elementwise("relattn_bf16_to_f32", "uint16 h", "uint32 f", "f = ((unsigned int)h) << 16")
         return widen(x.view(cupy.uint16)).view(cupy.float32)
     return x.astype(cupy.float32)
+
+
+def cast_into(src, dst):
+    """``dst[...] = src`` rounded once to dst's dtype (nearest even), as numpy /
+    ml_dtypes cast on the host; float64, float32, float16 and bfloat16. A
+    16-bit destination from float64 goes through float32 rounded to odd, which
+    keeps the one rounding exact."""
+    if src.dtype == dst.dtype:
+        if dst.dtype.itemsize == 2:
+            dst.view(np.uint16)[...] = src.view(np.uint16)
+        else:
+            dst[...] = src
+        return
+    if src.dtype == np.float64:
+        wide = _elementwise(
+            "relattn_f64_to_f32_odd", "float64 d", "float32 f",
+            "float r = __double2float_rz(d);"
+            " if (!isnan(d) && (double)r != d) r = __int_as_float(__float_as_int(r) | 1);"
+            " f = r;",
+        )(src) if dst.dtype.itemsize == 2 else src.astype(np.float32)
+    else:
+        wide = to_float32(src)   # exact from 16 bits
+    if dst.dtype == np.float32:
+        dst[...] = wide
+    else:
+        dst.view(np.uint16)[...] = from_float32(wide, dst.dtype).view(np.uint16)
 
 
 def from_float32(x, dtype):
