@@ -353,7 +353,8 @@ def cast_into(src, dst):
     """``dst[...] = src`` rounded once to dst's dtype (nearest even), as numpy /
     ml_dtypes cast on the host; float64, float32, float16 and bfloat16. A
     16-bit destination from float64 goes through float32 rounded to odd, which
-    keeps the one rounding exact."""
+    keeps the one rounding exact. The float64 conversions are PTX of their own:
+    CuPy compiles its kernels to flush float32 subnormals to zero."""
     if src.dtype == dst.dtype:
         if dst.dtype.itemsize == 2:
             dst.view(np.uint16)[...] = src.view(np.uint16)
@@ -361,14 +362,24 @@ def cast_into(src, dst):
             dst[...] = src
         return
     if src.dtype == np.float64:
+        if dst.dtype == np.float32:
+            _elementwise("relattn_f64_to_f32", "float64 d", "uint32 f",
+                         "float r; asm(\"cvt.rn.f32.f64 %0, %1;\" : \"=f\"(r) : \"d\"(d)); f = __float_as_uint(r);",
+                         )(src, dst.view(np.uint32))
+            return
         wide = _elementwise(
-            "relattn_f64_to_f32_odd", "float64 d", "float32 f",
-            "float r = __double2float_rz(d);"
-            " if (!isnan(d) && (double)r != d) r = __int_as_float(__float_as_int(r) | 1);"
-            " f = r;",
-        )(src) if dst.dtype.itemsize == 2 else src.astype(np.float32)
+            "relattn_f64_to_f32_odd", "float64 d", "uint32 f",
+            "float r; double back;"
+            " asm(\"cvt.rz.f32.f64 %0, %1;\" : \"=f\"(r) : \"d\"(d));"
+            " asm(\"cvt.f64.f32 %0, %1;\" : \"=d\"(back) : \"f\"(r));"
+            " f = __float_as_uint(r) | ((d == d && back != d) ? 1u : 0u);",
+        )(src).view(np.float32)
+    elif src.dtype == np.float16:   # exact, subnormals too
+        wide = _elementwise("relattn_f16_to_f32", "uint16 h", "uint32 f",
+                            "float r; asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(r) : \"h\"(h)); f = __float_as_uint(r);",
+                            )(src.view(np.uint16)).view(np.float32)
     else:
-        wide = to_float32(src)   # exact from 16 bits
+        wide = to_float32(src)   # bfloat16: exact, through its bits
     if dst.dtype == np.float32:
         dst[...] = wide
     else:
