@@ -437,12 +437,17 @@ def _gpu_terms(q, th, tw, q_size, k_size):
     key = (tuple(_array_key(a) for a in (q, th, tw)), q_size, k_size)
     run = _terms_runs.get(key)
     if run is None:
-        run = terms.plan(q, th, tw, q_size, k_size)[0]
-        with _terms_lock:   # threads may plan the same signature; one run is kept
-            if len(_terms_runs) >= _TERMS_RUNS_MAX:
-                _terms_runs.pop(next(iter(_terms_runs)), None)
-            run = _terms_runs.setdefault(key, run)
+        run = _kept(_terms_runs, key, terms.plan(q, th, tw, q_size, k_size)[0])
     return run(q, th, tw)
+
+
+def _kept(store, key, value):
+    """``store[key]``, set to ``value`` unless another thread planning the same
+    signature set it first; the oldest entry goes when ``store`` is full."""
+    with _terms_lock:
+        if len(store) >= _TERMS_RUNS_MAX:
+            store.pop(next(iter(store)), None)
+        return store.setdefault(key, value)
 
 
 def _lse_plan(q, k, v, th, tw, q_size, k_size, scale):
@@ -459,11 +464,7 @@ def _lse_plan(q, k, v, th, tw, q_size, k_size, scale):
         plan = gpu.plan(q, k, v, th, tw, q_size, k_size, scale)
     except ValueError:   # no kernel: rel_pos_attention's own path says why
         return None
-    plan = plan if plan.writes_lse else None
-    with _terms_lock:
-        if len(_lse_plans) >= _TERMS_RUNS_MAX:
-            _lse_plans.pop(next(iter(_lse_plans)), None)
-        return _lse_plans.setdefault(key, plan)
+    return _kept(_lse_plans, key, plan if plan.writes_lse else None)
 
 
 _lse_plans: dict = {}

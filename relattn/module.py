@@ -132,6 +132,8 @@ class _StepWeights(_HalfWeights):
     def __init__(self, layer, params, half):
         import cupy
 
+        from relattn.backends.gpu.cublas import cast_into
+
         self.params = {a: None if v is None else cupy.asarray(v) for a, v in params.items()}
         same = layer.dtype == half
         w = {a: None if v is None else (v if same else cupy.empty(v.shape, dtype=half))
@@ -144,7 +146,7 @@ class _StepWeights(_HalfWeights):
         self._casts += [(self.params[a], t) for a, t in zip(("rel_pos_h", "rel_pos_w"), tables)
                         if t is not None and t is not self.params[a]]
         for src, dst in self._casts:
-            _cast_into(src, dst)
+            cast_into(src, dst)
         super().__init__(w, tables, half)
 
     def load(self, params):
@@ -157,18 +159,14 @@ class _StepWeights(_HalfWeights):
         """Every form read by the half-precision path, recomputed from :attr:`params` in place."""
         import cupy
 
+        from relattn.backends.gpu.cublas import cast_into
+
         for src, dst in self._casts:
-            _cast_into(src, dst)
+            cast_into(src, dst)
         for a, t in self.wT.items():
             cupy.copyto(t.view(cupy.uint16), self.w[a].view(cupy.uint16).T)
         for (name, _, _), lin in list(self._linears.items()):
             lin.load(self.w[f"{name}_weight"], self.w[f"{name}_bias"])
-
-
-def _cast_into(src, dst):
-    from relattn.backends.gpu.cublas import cast_into
-
-    cast_into(src, dst)
 
 
 class Attention:
