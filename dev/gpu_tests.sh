@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU test, in five parallel pytest processes (kernel compiles are CPU-bound), with
-# a summary per group. From the repository root:
+# a summary per group (the CPU-only tests of the files named here run too). From the repository root:
 #   bash dev/gpu_tests.sh
 #   LIMIT=300 bash dev/gpu_tests.sh       # seconds per group (default 560)
 #   WHEELS=wheels bash dev/gpu_tests.sh   # offline machine: install the wheels in wheels/ first
@@ -16,9 +16,10 @@ L=${LIMIT:-560}
 P="python3 -m pytest -q -p no:cacheprovider -rs"
 LOG=${LOG:-$(mktemp -d)}   # LOG=dir keeps the five logs there
 timeout $L $P tests/test_gpu.py -k "sm90_kernel_configs" > $LOG/t1.log 2>&1 &
-timeout $L $P tests/test_gpu.py tests/test_gpu_module.py -k "not sm90_kernel_configs" > $LOG/t2.log 2>&1 &
+G2="tests/test_gpu.py tests/test_gpu_module.py tests/test_gpu_graphs.py tests/test_docs.py tests/test_cli.py"
+timeout $L $P $G2 -k "not sm90_kernel_configs" > $LOG/t2.log 2>&1 &
 BWD="tests/test_vjp_gpu.py tests/test_torch_bridge.py tests/test_layer_vjp.py tests/test_jax_bridge.py"
-timeout $L $P tests -k "cupy or plans or gpu_families" --ignore=tests/test_gpu.py --ignore=tests/test_gpu_module.py --ignore=tests/test_gpu_ws.py --ignore=tests/test_gpu_win.py --ignore=tests/test_gpu_wgt.py $(for f in $BWD; do printf -- "--ignore=%s " $f; done) > $LOG/t3.log 2>&1 &
+timeout $L $P tests -k "cupy or plans or gpu_families" $(for f in $G2; do printf -- "--ignore=%s " $f; done) --ignore=tests/test_gpu_ws.py --ignore=tests/test_gpu_win.py --ignore=tests/test_gpu_wgt.py $(for f in $BWD; do printf -- "--ignore=%s " $f; done) > $LOG/t3.log 2>&1 &
 timeout $L $P tests/test_gpu_ws.py tests/test_gpu_win.py tests/test_gpu_wgt.py > $LOG/t4.log 2>&1 &
 timeout $L $P $BWD > $LOG/t5.log 2>&1 &   # the backward and the autodiff bridges
 wait
