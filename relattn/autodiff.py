@@ -521,8 +521,10 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
     the fused CPU backward (:func:`_terms_pullback`, in CuPy); then the
     resize's adjoint where a table was resized."""
     from relattn.backends.gpu import backward
+    from relattn.backends.gpu.cublas import contiguous
 
     use_rel = th is not None
+    kernels = False
     if use_rel:
         term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
         kernels = term_work == np.float32 and dtype_name(q.dtype) in backward.TERMS_DTYPES
@@ -532,7 +534,9 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
     def pullback(dout):
         dout = _check_dout(dout, out)
         with q.device:
-            dq3, dk3, dv3, dh3, dw3 = _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale,
+            # the terms' kernels and the fused core read q contiguous: one copy for both
+            qc = contiguous(q) if kernels else q
+            dq3, dk3, dv3, dh3, dw3 = _core_backward_gpu(qc, k, v, rel_h, rel_w, k_size, scale,
                                                          out, dout, stats)
             dk, dv = astype(dk3, k.dtype), astype(dv3, v.dtype)
             if not use_rel:
@@ -540,7 +544,7 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
             if kernels:
                 dq = backward.terms_dq(q, dq3, dh3, dw3, Rh, Rw, q_size, k_size)
                 del dq3   # the tables' pullback runs without the core's float32 dq
-                g_h, g_w = backward.tables_pullback(q, dh3, dw3, q_size, k_size)
+                g_h, g_w = backward.tables_pullback(qc, dh3, dw3, q_size, k_size)
                 d_h, d_w = (_resized_adjoint(g, t, resize_dtype) for g, t in zip((g_h, g_w), stored))
             else:
                 dq, d_h, d_w = _terms_pullback(q, dq3, dh3, dw3, Rh, Rw, stored, q_size, k_size,

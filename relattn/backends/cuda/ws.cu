@@ -437,7 +437,9 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         __syncwarp();
         if (lane == 0) ra_mbar_arrive(bar);
     };
-    auto turn_wait = [&]() { if (PP) ra_bar_sync(1 + c, 128 * 2); };
+    int turn_bar;   // 1 + c, held in a register (ptxas would re-derive it from %tid in the key loop)
+    asm volatile("mov.b32 %0, %1;" : "=r"(turn_bar) : "r"(1 + c));
+    auto turn_wait = [&]() { if (PP) ra_bar_sync(turn_bar, 128 * 2); };
     auto turn_pass = [&](bool final_turn) {
         if (PP && !(final_turn && c == NC - 1)) ra_bar_arrive(1 + (c + 1) % NC, 128 * 2);
     };
