@@ -7,8 +7,9 @@ and instruction count, and flags special-register reads (S2R: a thread index
 re-read instead of kept in a register) and local-memory spills inside a loop.
 It shows, for instance, that ptxas puts the wait for P V (n - 1) before the
 softmax's exponentials (it packs P into the registers that product reads, so
-it must wait first), and that at head_dim 80 the non-finite-row flag held in a
-register through the loop puts an S2R into the key loop.
+it must wait first), and it showed ptxas re-deriving the ping-pong barrier id
+from %tid inside the head_dim 80 key loop (an S2R per key tile) until the id
+was held in a register.
 
     python3 dev/sass_dev.py "(1,64,3,64,4,4,1,160,1,False)" ...   # relattn_ws's template arguments
     python3 dev/sass_dev.py --tree <other checkout> "(...)"  # another tree's kernels
