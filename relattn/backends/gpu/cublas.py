@@ -352,9 +352,10 @@ def to_float32(x):
 def cast_into(src, dst):
     """``dst[...] = src`` rounded once to dst's dtype (nearest even), as numpy /
     ml_dtypes cast on the host; float64, float32, float16 and bfloat16. A
-    16-bit destination from float64 goes through float32 rounded to odd, which
-    keeps the one rounding exact. The float64 conversions are PTX of their own:
-    CuPy compiles its kernels to flush float32 subnormals to zero."""
+    16-bit destination from float64 goes through float32 rounded to odd (from
+    the float64 bits, in integer arithmetic), which keeps the one rounding
+    exact. float64 -> float32 and float16 -> float32 are PTX conversions of
+    their own: CuPy compiles its kernels to flush float32 subnormals to zero."""
     if src.dtype == dst.dtype:
         if dst.dtype.itemsize == 2:
             dst.view(np.uint16)[...] = src.view(np.uint16)
@@ -367,13 +368,21 @@ def cast_into(src, dst):
                          "float r; asm(\"cvt.rn.f32.f64 %0, %1;\" : \"=f\"(r) : \"d\"(d)); f = __float_as_uint(r);",
                          )(src, dst.view(np.uint32))
             return
+        # float32 rounded to odd from the float64 bits, in integers: the truncated
+        # value with its last bit set where bits were dropped (subnormal results
+        # and overflow too: past the float32 range the largest float32, odd)
         wide = _elementwise(
-            "relattn_f64_to_f32_odd", "float64 d", "uint32 f",
-            "float r; double back;"
-            " asm(\"cvt.rz.f32.f64 %0, %1;\" : \"=f\"(r) : \"d\"(d));"
-            " asm(\"cvt.f64.f32 %0, %1;\" : \"=d\"(back) : \"f\"(r));"
-            " f = __float_as_uint(r) | ((d == d && back != d) ? 1u : 0u);",
-        )(src).view(np.float32)
+            "relattn_f64_to_f32_odd", "uint64 b", "uint32 f",
+            "unsigned long long e = (b >> 52) & 0x7ffull, m = b & 0xfffffffffffffull; unsigned int r;"
+            " long long e32 = (long long)e - 896;"
+            " if (e == 0x7ffull) r = m ? 0x7fc00000u : 0x7f800000u;"
+            " else if (e == 0ull) r = m ? 1u : 0u;"
+            " else if (e32 >= 255) r = 0x7f7fffffu;"
+            " else if (e32 >= 1) r = ((unsigned int)e32 << 23) | (unsigned int)(m >> 29) | ((m & 0x1fffffffull) ? 1u : 0u);"
+            " else { long long sh = 30 - e32; unsigned long long M = m | (1ull << 52);"
+            "        r = sh >= 64 ? 1u : (unsigned int)(M >> sh) | ((M & ((1ull << sh) - 1ull)) ? 1u : 0u); }"
+            " f = r | ((unsigned int)(b >> 63) << 31);",
+        )(src.view(np.uint64)).view(np.float32)
     elif src.dtype == np.float16:   # exact, subnormals too
         wide = _elementwise("relattn_f16_to_f32", "uint16 h", "uint32 f",
                             "float r; asm(\"cvt.f32.f16 %0, %1;\" : \"=f\"(r) : \"h\"(h)); f = __float_as_uint(r);",
