@@ -103,6 +103,8 @@ def test_layer_pickles_for_distributed_workers():
     copy = pickle.loads(pickle.dumps(layer))
     np.testing.assert_array_equal(copy(x), want)
     got = rdask.attention(copy, da.from_array(x, chunks=(1, 4, 4, 16))).compute(scheduler="threads")
-    np.testing.assert_array_equal(got, want)
+    # per image, as the chunks run (BLAS may round a product of 16 token rows
+    # differently from one of 32: the chunks' bits are the original's per chunk)
+    np.testing.assert_array_equal(got, np.concatenate([layer(x[:1]), layer(x[1:])]))
     copy.proj_bias = copy.proj_bias + 1                 # the copy is independent
     np.testing.assert_array_equal(layer(x), want)
