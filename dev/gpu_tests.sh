@@ -13,7 +13,7 @@ else
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
 L=${LIMIT:-560}
-P="python3 -m pytest -q -p no:cacheprovider -rs"
+P="python3 -m pytest -q -p no:cacheprovider -rfEs"   # failures, errors and skips in the summary
 LOG=${LOG:-$(mktemp -d)}   # LOG=dir keeps the five logs there
 timeout $L $P tests/test_gpu.py -k "sm90_kernel_configs" > $LOG/t1.log 2>&1 &
 G2="tests/test_gpu.py tests/test_gpu_module.py tests/test_gpu_graphs.py tests/test_docs.py tests/test_cli.py"
@@ -23,4 +23,4 @@ timeout $L $P tests -k "cupy or plans or gpu_families" $(for f in $G2; do printf
 timeout $L $P tests/test_gpu_ws.py tests/test_gpu_win.py tests/test_gpu_wgt.py > $LOG/t4.log 2>&1 &
 timeout $L $P $BWD > $LOG/t5.log 2>&1 &   # the backward and the autodiff bridges
 wait
-for f in $LOG/t1.log $LOG/t2.log $LOG/t3.log $LOG/t4.log $LOG/t5.log; do echo "== $f"; grep -E "passed|failed|error|FAILED|SKIPPED" $f | tail -8; done
+for f in $LOG/t1.log $LOG/t2.log $LOG/t3.log $LOG/t4.log $LOG/t5.log; do echo "== $f"; grep -E "passed|failed|error|FAILED|ERROR|SKIPPED" $f | tail -12; done
