@@ -245,14 +245,14 @@ def seed_core(torch, q, k, v, th, tw, grid):
     return (attn.softmax(dim=-1) @ v3).view(b, h, s, d)
 
 
+SGD = " + SGD"   # rows whose step also updates every parameter in place (lr * gradient)
+LR = 1e-4
+
+
 def _seed_row(rows, what):
     """The seed anchor of row ``what``: the one with the same SGD update or without."""
     sgd = what.endswith(SGD)
     return next((r for r in rows if r["what"].startswith("torch seed") and r["what"].endswith(SGD) == sgd), None)
-
-
-SGD = " + SGD"   # rows whose step also updates every parameter in place (lr * gradient)
-LR = 1e-4
 
 
 def _sgd(dtype):
