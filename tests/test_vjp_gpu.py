@@ -417,13 +417,17 @@ def _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed):
     return dev, rel_h, rel_w, out, dout
 
 
-def _both_cores(case, dtype, seed=20):
-    """(fused, chunked) core gradients on the same device inputs, host float64."""
+def _both_cores(case, dtype, seed=20, kernels="mma"):
+    """(fused, chunked) core gradients on the same device inputs, host float64;
+    ``kernels`` the fused 16-bit dq and dk / dv kernels' form (a skip where
+    the wgmma form cannot run)."""
     arrays, q_size, k_size, _ = make_case(case, seed=seed) if isinstance(case, str) else case
     q, k, v, th, tw = arrays
     scale = q.shape[3] ** -0.5
     (qd, kd, vd), rel_h, rel_w, out, dout = _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed)
     assert not backward.fused_reasons(qd, kd, vd, rel_h, k_size)
+    if kernels == "wg" and backward.wg_reasons(qd, kd, vd, rel_h, k_size):
+        pytest.skip("; ".join(backward.wg_reasons(qd, kd, vd, rel_h, k_size)))
     lse = backward.row_lse(qd, kd, rel_h, rel_w, k_size, scale)
     stats = backward.row_stats(qd, kd, rel_h, rel_w, k_size, scale)
     want_lse = (stats[..., 0] + cupy.log(stats[..., 1])) * np.log2(np.e)
@@ -431,7 +435,7 @@ def _both_cores(case, dtype, seed=20):
     np.testing.assert_allclose(lse.get(), want_lse.get(), rtol=1e-4, atol=1e-4)
     # float32 takes the forward's log-sum-exp; 16-bit computes it (and delta) in the pullback
     given = lse if dtype == np.float32 else None
-    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, given)
+    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, given, kernels=kernels)
     chunked = backward.core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, stats)
     for name, g in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), fused):
         # dk and dv of 16-bit inputs come rounded to their type, the rest in float32
@@ -517,6 +521,86 @@ def test_the_16bit_vjp_keeps_the_forward_log_sum_exp(shape, dtype):
         assert np.all(np.isfinite(host[0][i])), name
         assert _rel_err(host[0][i], host[1][i], floor) <= 1e-2, f"{name} against the row pass"
         assert _rel_err(host[0][i], host[2][i], floor) <= 1e-2, f"{name} against the float32 core"
+
+
+# The wgmma form of the 16-bit dq and dk / dv kernels (Hopper): SAM's global
+# grids (key rows of 64) at head_dim 64 and 80, a window (generic mode, a
+# 4-row last tile), q grid != k grid, partial tiles, head_dim 72 and 56
+# (padded to 80 and 64), no terms.
+WG_SHAPES = {
+    "global-d64": (2, (64, 64), (64, 64), 64, True),
+    "window-d64": (3, (14, 14), (14, 14), 64, True),
+    "global-d80": (2, (64, 64), (64, 64), 80, True),
+    "q-ne-k": (2, (9, 11), (13, 7), 64, True),
+    "key-rows-d80": (2, (3, 50), (2, 64), 80, True),
+    "d72": (2, (8, 8), (8, 8), 72, True),
+    "d56": (1, (7, 8), (7, 8), 56, True),
+    "no-terms": (2, (12, 12), (9, 9), 64, False),
+}
+
+
+def _wg_case(name, seed=24):
+    heads, q_size, k_size, d, terms = WG_SHAPES[name]
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, heads, q_size[0] * q_size[1], d))
+    k, v = (rng.standard_normal((1, heads, k_size[0] * k_size[1], d)) for _ in range(2))
+    th = tw = None
+    if terms:
+        th = 0.5 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, d))
+        tw = 0.5 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, d))
+    return [q, k, v, th, tw], q_size, k_size, False
+
+
+@pytest.mark.parametrize("pipe", [True, False])
+@pytest.mark.parametrize("nwg", [1, 2])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", sorted(WG_SHAPES))
+def test_wgmma_kernels_match_the_mma_kernels(monkeypatch, shape, dtype, nwg, pipe):
+    """kernels="wg" (one or two warpgroups per block, the products overlapping
+    the softmax or each waited for): the same gradients as
+    the mma.sync kernels within 1e-2 (the two differ in the order of float32
+    sums, so a 16-bit rounding of P, dS, dk or dv may differ by one place),
+    and within 1e-2 of the float32 chunked core, as the mma.sync ones."""
+    for kind in ("dq", "dkv"):
+        monkeypatch.setitem(backward.WG_WARPGROUPS, kind, nwg)
+    monkeypatch.setattr(backward, "WG_PIPE", pipe)
+    case = _wg_case(shape)
+    wg, chunked = _both_cores(case, _dtype(dtype), kernels="wg")
+    mma, _ = _both_cores(case, _dtype(dtype))
+    floor = _floor(chunked, 1e-2)
+    for name, got, ref, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), wg, mma, chunked):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert np.all(np.isfinite(got)), name
+            assert _rel_err(got, ref, floor) <= 1e-2, f"{name} against mma.sync ({shape}, {dtype}, {nwg}, {pipe})"
+            assert _rel_err(got, want, floor) <= 1e-2, f"{name} against float32 ({shape}, {dtype}, {nwg}, {pipe})"
+
+
+@settings(SLOW, max_examples=15)
+@given(problem=reference_problems(max_side=12, max_heads=2, head_dims=(56, 64, 72, 80)),
+       dtype=st.sampled_from(["float16", "bfloat16"]))
+def test_wgmma_kernels_random_problems(problem, dtype):
+    """kernels="wg" on random grids (q != k, resized tables, none) within 1e-2
+    of the float32 chunked core."""
+    case = (problem["arrays"], problem["q_size"], problem["k_size"], False)
+    wg, chunked = _both_cores(case, _dtype(dtype), kernels="wg")
+    floor = _floor(chunked, 1e-2)
+    for name, got, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), wg, chunked):
+        if got is not None:
+            assert _rel_err(got, want, floor) <= 1e-2, f"{name} {problem['what']} {dtype}"
+
+
+def test_kernels_argument_is_checked():
+    """A kernels value other than "mma" / "wg" and a problem the wgmma form
+    cannot take (float32 here; head_dim 16) are ValueErrors naming why."""
+    rng = np.random.default_rng(25)
+    q, k, v = (to_device(rng.standard_normal((1, 1, 16, 16)).astype(np.float32)) for _ in range(3))
+    out = relattn.rel_pos_attention(q, k, v, None, None, q_size=(4, 4), backend="cupy")
+    lse = backward.row_lse(q, k, None, None, (4, 4), 0.25)
+    with pytest.raises(ValueError, match="kernels: expected 'mma' or 'wg', got 'fast'"):
+        backward.fused_core_backward(q, k, v, None, None, (4, 4), 0.25, out, out, lse, kernels="fast")
+    with pytest.raises(ValueError, match="kernels='wg' cannot take this problem: dtype float32.*head_dim 16"):
+        backward.fused_core_backward(q, k, v, None, None, (4, 4), 0.25, out, out, lse, kernels="wg")
 
 
 @settings(SLOW, max_examples=15)

@@ -26,12 +26,8 @@
 // Sq) float32. Gradients contiguous: dq and the terms' float32, dk and dv in
 // the inputs' 16-bit type (rounded once). Blocks of 4 warps, each warp
 // 16 rows (queries or keys) of a 64-row block; tiles of 64 double-buffered in
-// shared memory by cp.async. Needs common.cuh, mma_sync.cuh and
-// bwd_common.cuh before it.
-
-// Row strides (floats) of staged rel_w rows in the key-rows mode (k_w 64):
-// conflict-free float2 reads query-major (8 g + 2 t), scalar reads key-major (8 t + g).
-constexpr int RB_SW_Q = 72, RB_SW_K = 68;
+// shared memory by cp.async. Needs common.cuh, mma_sync.cuh, bwd_common.cuh
+// and bwd16.cuh before it.
 
 // ---- loads
 // A-operand fragments of a warp's rows r0 .. r0 + 15 of an (n, D) matrix
@@ -66,36 +62,6 @@ __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, in
         ra_cp_async16(ra_smem_addr(dst + r * SROW + col), a + off, ok ? 16 : 0);
         if (TWO) ra_cp_async16(ra_smem_addr(dst + TILE + r * SROW + col), b + off, ok ? 16 : 0);
     }
-}
-
-// Columns c0 .. c0 + cols - 1 of rows r0 .. r0 + 63 of a float32 matrix
-// with rows of len values, into dst (row stride ld) by cp.async,
-// uncommitted; rows >= n zero-filled. VEC: 16-byte copies (cols, len, c0
-// and ld multiples of 4, src 16-byte aligned).
-template <bool VEC>
-__device__ __forceinline__ void rb_load_f32(float* dst, int ld, const float* src, int len, int c0, int cols, int r0,
-                                            int n, int tid) {
-    constexpr int W = VEC ? 4 : 1;
-    const int per = cols / W;
-    for (int c = tid; c < 64 * per; c += 128) {
-        const int r = c / per, col = (c - r * per) * W;
-        const bool ok = r0 + r < n;
-        const float* s = src + (ok ? (long long)(r0 + r) * len + c0 + col : 0);
-        if (VEC) ra_cp_async16(ra_smem_addr(dst + r * ld + col), s, ok ? 16 : 0);
-        else rb_cp_async4(ra_smem_addr(dst + r * ld + col), s, ok ? 4 : 0);
-    }
-}
-
-// The terms of 64 query rows from r0 (of Sq) into shared memory, uncommitted:
-// rel_h rows (kh values, stride kh), rel_w rows (kw values, stride
-// RB_SW_Q in the key-rows mode, else kw).
-template <int REL>
-__device__ __forceinline__ void rb_load_terms(float* sRH, float* sRW, const float* rel_h, const float* rel_w,
-                                              int r0, int Sq, int kh, int kw, int tid) {
-    if (REL == bwd_bias::NONE) return;
-    rb_load_f32<false>(sRH, kh, rel_h, kh, 0, kh, r0, Sq, tid);
-    if (REL == bwd_bias::KEY_ROWS) rb_load_f32<true>(sRW, RB_SW_Q, rel_w, kw, 0, kw, r0, Sq, tid);
-    else rb_load_f32<false>(sRW, kw, rel_w, kw, 0, kw, r0, Sq, tid);
 }
 
 // Tile n of ntiles in a two-stage cp.async pipeline: load(n + 1, its
@@ -158,64 +124,6 @@ __device__ __forceinline__ void rb_xb(float (&acc)[HD / 8][4], const float (&x)[
         }
     }
 }
-
-// The keys of a warp's accumulator columns in the 64-key tile from j0: for
-// column j * 8 + 2 t + e, key(j, e, ky, kx) below Sk, past(j, e) beyond it.
-template <int REL, typename Key, typename Past>
-__device__ __forceinline__ void rb_tile_keys(int j0, int Sk, int kw, float inv_kw, int t, Key&& key, Past&& past) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = j0 + j * 8 + 2 * t + e;
-            if (n < Sk) {
-                int ky = 0, kx = 0;
-                if (REL != bwd_bias::NONE) ra_split_key(n, kw, inv_kw, ky, kx);
-                key(j, e, ky, kx);
-            } else {
-                past(j, e);
-            }
-        }
-}
-
-// s (a warp's query rows x 64 keys from key j0) -> s2 of the header, -inf
-// beyond the last key. rh[rr], rw[rr]: the staged terms' rows (shared
-// memory) of the thread's rows. The key-rows mode has whole tiles: key row
-// j0 / 64, kx the column.
-template <int REL>
-__device__ __forceinline__ void rb_query_logits(float (&s)[8][4], int j0, int Sk, int kw, float inv_kw,
-                                                float scale_log2, const float* const (&rh)[2],
-                                                const float* const (&rw)[2], int t) {
-    if constexpr (REL == bwd_bias::KEY_ROWS) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            const float h = rh[rr][j0 >> 6];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 w = *reinterpret_cast<const float2*>(rw[rr] + j * 8 + 2 * t);
-                s[j][2 * rr] = fmaf(s[j][2 * rr], scale_log2, (h + w.x) * RA_LOG2E);
-                s[j][2 * rr + 1] = fmaf(s[j][2 * rr + 1], scale_log2, (h + w.y) * RA_LOG2E);
-            }
-        }
-    } else {
-        rb_tile_keys<REL>(j0, Sk, kw, inv_kw, t,
-            [&](int j, int e, int ky, int kx) {
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr) {
-                    const float bias = (REL == bwd_bias::NONE) ? 0.f : (rh[rr][ky] + rw[rr][kx]) * RA_LOG2E;
-                    s[j][2 * rr + e] = fmaf(s[j][2 * rr + e], scale_log2, bias);
-                }
-            },
-            [&](int j, int e) {
-#pragma unroll
-                for (int rr = 0; rr < 2; ++rr) s[j][2 * rr + e] = -RA_INF;
-            });
-    }
-}
-
-// The query-major kernels' staged terms: rel_h rows (64, kh), then rel_w
-// rows (64, RB_SW_Q in the key-rows mode, else kw), after the tiles.
-__host__ __device__ constexpr int rb_sw_q(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_Q : kw; }
 
 // ---- relattn_bwd_delta: delta_i = dO_i . O_i from the stored 16-bit output,
 // where the forward kept each row's lse2 (no row pass): one warp per row,
@@ -331,40 +239,6 @@ relattn_bwd_rows(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 // Shared memory: the K / V stages, the staged terms (rb_sw_q), then in the
 // generic mode the 64 rows' d_rel_h (64, kh), d_rel_w (64, kw) and each
 // warp's dS tile (16, RB_DS) for their sums.
-constexpr int RB_DS = 68;
-
-// The generic mode's terms' gradients of one tile, for a warp's 16 rows:
-// its dS (the accumulator layout) goes to the warp's (16, RB_DS) tile ds,
-// then lane by lane each (row, ky) of the tile sums its keys (a run of
-// consecutive keys) into dh (16, kh) and each (row, kx) its keys (kw apart)
-// into dw (16, kw). Keys j0 .. jend - 1; every sum in float32, one owner.
-__device__ __forceinline__ void rb_dq_generic_terms(const float (&s)[8][4], float* ds, float* dh, float* dw, int j0,
-                                                    int jend, int kh, int kw, int lane, int g, int t) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ds[(g + 8 * (e >> 1)) * RB_DS + j * 8 + 2 * t + (e & 1)] = s[j][e];
-    __syncwarp();
-    const int ky_lo = j0 / kw, nky = (jend - 1) / kw - ky_lo + 1, n = jend - j0;
-    for (int task = lane; task < 16 * nky; task += 32) {
-        const int r = task & 15, ky = ky_lo + (task >> 4);
-        const int a = max(j0, ky * kw) - j0, b = min(jend, (ky + 1) * kw) - j0;
-        float sum = 0.f;
-        for (int c = a; c < b; ++c) sum += ds[r * RB_DS + c];
-        dh[r * kh + ky] += sum;
-    }
-    const int first = j0 % kw;
-    for (int task = lane; task < 16 * kw; task += 32) {
-        const int r = task & 15, kx = task >> 4;
-        int c = kx - first;
-        if (c < 0) c += kw;
-        float sum = 0.f;
-        for (; c < n; c += kw) sum += ds[r * RB_DS + c];
-        dw[r * kw + kx] += sum;
-    }
-    __syncwarp();
-}
-
 template <int DT, int HD, int REL>
 __global__ void __launch_bounds__(128)
 relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
@@ -438,56 +312,15 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
         rb_abt<DT, KQ, HD>(s, qf, ra_smem_addr(cK + k_off));
         rb_query_logits<REL>(s, j0, Sk, kw, inv_kw, scale_log2, rh, rw, t);
         rb_abt<DT, KQ, HD>(dp, of, ra_smem_addr(cV + k_off));
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = ra_exp2(s[j][e] - lse[e >> 1]);
-                s[j][e] = p * (dp[j][e] - dl[e >> 1]);      // dS
-            }
-
-        if constexpr (REL == bwd_bias::KEY_ROWS) {
-#pragma unroll
-            for (int rr = 0; rr < 2; ++rr) {
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    sum += s[j][2 * rr] + s[j][2 * rr + 1];
-                    dw[j][2 * rr] += s[j][2 * rr];
-                    dw[j][2 * rr + 1] += s[j][2 * rr + 1];
-                }
-                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-                const int r = r0 + g + 8 * rr;
-                if (t == 0 && r < Sq) d_rel_h[(qrow0 + r) * kh + n] = sum;
-            }
-        } else if constexpr (REL == bwd_bias::GENERIC) {
-            rb_dq_generic_terms(s, sDS + warp * 16 * RB_DS, sDH + warp * 16 * kh, sDW + warp * 16 * kw, j0,
-                                min(j0 + 64, Sk), kh, kw, lane, g, t);
-        }
+        rb_query_ds(s, dp, lse, dl);
+        rb_query_terms<REL>(s, dw, d_rel_h, qrow0, r0, Sq, kh, kw, n, Sk, sDS + warp * 16 * RB_DS,
+                            sDH + warp * 16 * kh, sDW + warp * 16 * kw, lane, g, t);
 
         rb_xb<DT, HD>(acc, s, ra_smem_addr(cK + t_off));    // dq += dS K
         __syncthreads();   // this stage is refilled by the next iteration's prefetch
     }
 
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const int r = r0 + g + 8 * rr;
-        if (r >= Sq) continue;
-        float* dst = dq + (qrow0 + r) * D;
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-            const int col = d * 8 + 2 * t;
-            if (col < D)
-                *reinterpret_cast<float2*>(dst + col) = make_float2(acc[d][2 * rr] * scale, acc[d][2 * rr + 1] * scale);
-        }
-        if constexpr (REL == bwd_bias::KEY_ROWS) {
-            float* wdst = d_rel_w + (qrow0 + r) * kw;
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-                *reinterpret_cast<float2*>(wdst + j * 8 + 2 * t) = make_float2(dw[j][2 * rr], dw[j][2 * rr + 1]);
-        }
-    }
+    rb_store_dq<REL, ND>(acc, dw, dq, d_rel_w, qrow0, r0, Sq, D, kw, scale, g, t);
     if constexpr (REL == bwd_bias::GENERIC) {
         __syncthreads();
         const int rows = min(64, Sq - b0);
@@ -499,9 +332,7 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
 // ---- relattn_bwd_dkv: dk and dv, per block of 64 keys
 // Each stage holds a query tile's q and dO, then (float32) its rows' lse2
 // (64), delta (64), the terms of the block's keys: rel_h columns ky_lo ..
-// ky_lo + nh - 1 (64, nh) and rel_w (64, RB_SW_K in the key-rows mode, else kw).
-__host__ __device__ constexpr int rb_sw_k(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_K : kw; }
-
+// ky_lo + nh - 1 (64, nh) and rel_w (64, rb_sw_k).
 template <int DT, int HD, int REL>
 __global__ void __launch_bounds__(128)
 relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
@@ -578,46 +409,11 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
         float s[8][4], dp[8][4];                  // transposed: rows keys, columns queries
         rb_abt<DT, KQ, HD>(s, kf, ra_smem_addr(cQ + k_off));
         rb_abt<DT, KQ, HD>(dp, vf, ra_smem_addr(cO + k_off));
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int il = j * 8 + 2 * t + e;
-                if (i0 + il < Sq) {
-                    const float L = sL[il], Dl = sD[il];
-#pragma unroll
-                    for (int rr = 0; rr < 2; ++rr) {
-                        const float bias = (REL == bwd_bias::NONE) ? 0.f
-                            : (sRH[il * nh + hcol[rr]] + sRW[il * SW + wcol[rr]]) * RA_LOG2E;
-                        const float p = ra_exp2(fmaf(s[j][2 * rr + e], scale_log2, bias) - L);
-                        s[j][2 * rr + e] = p;
-                        dp[j][2 * rr + e] = p * (dp[j][2 * rr + e] - Dl);   // dS^T
-                    }
-                } else {
-#pragma unroll
-                    for (int rr = 0; rr < 2; ++rr) {
-                        s[j][2 * rr + e] = 0.f;
-                        dp[j][2 * rr + e] = 0.f;
-                    }
-                }
-            }
+        rb_key_probs<REL>(s, dp, i0, Sq, sL, sD, sRH, sRW, nh, SW, hcol, wcol, scale_log2, t);   // P^T, dS^T
         rb_xb<DT, HD>(av, s, ra_smem_addr(cO + t_off));    // dv += P^T dO
         rb_xb<DT, HD>(ak, dp, ra_smem_addr(cQ + t_off));   // dk += dS^T q
         __syncthreads();
     }
 
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const int key = key0 + g + 8 * rr;
-        if (key >= Sk) continue;
-        const long long base = ((long long)bh * Sk + key) * D;
-#pragma unroll
-        for (int d = 0; d < ND; ++d) {
-            const int col = d * 8 + 2 * t;
-            if (col < D) {   // rounded once to the inputs' type
-                *reinterpret_cast<u32*>(dk + base + col) = ra_pack<DT>(ak[d][2 * rr] * scale, ak[d][2 * rr + 1] * scale);
-                *reinterpret_cast<u32*>(dv + base + col) = ra_pack<DT>(av[d][2 * rr], av[d][2 * rr + 1]);
-            }
-        }
-    }
+    rb_store_dkv<DT, ND>(ak, av, dk, dv, bh, key0, Sk, D, scale, g, t);
 }

@@ -72,6 +72,44 @@ __device__ __forceinline__ void ra_store_lse2(float* lb, const float* m_run, con
     }
 }
 
+// ---- tiles by cp.async (relattn_wg, the Hopper backward)
+// Copy rows [row0, row0 + ROWS) x HD of a 16-bit matrix into the core-matrix
+// layout at dst (chunk i of the tile lands at dst + 16 i; rows >= nrows and
+// columns >= D are zero-filled).
+// With HD == 64 the tile uses the 128-byte swizzle instead: row r (128 bytes)
+// at r * 128, its chunk c at position c ^ (r % 8); the tile base is
+// 1024-byte aligned. HD == 80 splits the tile: columns 0-63 as that swizzled
+// tile (ROWS * 128 bytes), then columns 64-79 in the no-swizzle layout (ROWS
+// * 32 bytes: core matrices 128 bytes apart along K, row groups 256 apart).
+template <int HD, int ROWS, int NT>
+__device__ __forceinline__ void ra_load_tile(u32 dst, const u16* base, long long rstride, int row0, int nrows, int D, int tid) {
+    constexpr int CH = HD / 8;
+#pragma unroll
+    for (int i = tid; i < ROWS * CH; i += NT) {
+        int r, c;
+        u32 off;
+        if (HD == 64) {
+            r = i >> 3;
+            c = i & 7;
+            off = (u32)r * 128u + (u32)((c ^ (r & 7)) << 4);
+        } else if (HD == 80) {
+            r = i / CH;
+            c = i - r * CH;
+            off = (c < 8) ? (u32)r * 128u + (u32)((c ^ (r & 7)) << 4)
+                          : (u32)ROWS * 128u + (u32)((((r >> 3) * 2 + (c - 8)) << 7) + ((r & 7) << 4));
+        } else {
+            const int r8 = i & 7, rg = (i >> 3) / CH;
+            c = (i >> 3) % CH;
+            r = rg * 8 + r8;
+            off = (u32)i * 16u;
+        }
+        const int row = row0 + r, col = c * 8;
+        const bool ok = (row < nrows) && (col < D);
+        const u16* src = ok ? base + (long long)row * rstride + col : base;
+        ra_cp_async16(dst + off, src, ok ? 16 : 0);
+    }
+}
+
 // ---- mbarriers, TMA, named barriers, register reallocation
 // A CUtensorMap (families/ws.py's tensor_map), passed to a kernel by value.
 struct __align__(64) RaTmap { u64 w[16]; };

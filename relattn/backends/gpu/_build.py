@@ -66,14 +66,25 @@ FAMILY_FILES = {
     "win": ("portable", ("mma_sync.cuh", "win.cu")),       # relattn_win
     "simt": ("portable", ("simt.cu",)),                    # relattn_simt
     "terms": ("portable", ("mma_sync.cuh", "terms.cu")),   # relattn_relterms, relattn_relterms_mma
-    "bwd": ("portable", ("mma_sync.cuh", "bwd_common.cuh", "bwd.cu")),   # relattn_bwd_rows, _dq, _dkv (16-bit)
+    "bwd": ("portable", ("mma_sync.cuh", "bwd_common.cuh", "bwd16.cuh", "bwd.cu")),   # relattn_bwd_rows, _dq, _dkv (16-bit)
     "bwd32": ("portable", ("bwd_common.cuh", "bwd32.cu")),                # relattn_bwd32_* (float32)
     "bwd_terms": ("portable", ("bwd_terms.cu",)),   # relattn_bwd_terms_*: the pullback through the terms
     "tf32": ("portable", ("tf32_common.cuh", "tf32.cu")),  # relattn_tf32
     "wg": ("sm90", ("sm90_common.cuh", "wg.cu")),          # relattn_wg
     "ws": ("sm90", ("sm90_common.cuh", "ws.cu")),          # relattn_ws
     "wgt": ("sm90", ("sm90_common.cuh", "tf32_common.cuh", "wgt.cu")),   # relattn_wgt
+    "bwd_wg": ("sm90", ("sm90_common.cuh", "bwd_common.cuh", "bwd16.cuh", "bwd_wg.cu")),   # relattn_bwd_wg_dq, _dkv
 }
+
+
+def family_of(name: str) -> str:
+    """The family (a key of ``FAMILY_FILES``) of a kernel instantiation's name:
+    ``relattn_<family>`` or ``relattn_<family>_<kernel>``, the longest match."""
+    base = name[len("relattn_"):name.index("<")] if "<" in name else name[len("relattn_"):]
+    fams = [f for f in FAMILY_FILES if base == f or base.startswith(f + "_")]
+    if not fams:
+        raise KeyError(f"no kernel family for {name!r}")
+    return max(fams, key=len)
 
 
 def _target_files(target: str) -> tuple:
@@ -218,7 +229,7 @@ def _compile_sm90(name: str):
     """(cubin bytes, lowered name) for one kernel instantiation."""
     from cupy_backends.cuda.libs import nvrtc
 
-    family = name[len("relattn_"):name.index("<")]
+    family = family_of(name)
     src = family_source(family)
     ver = nvrtc.getVersion()
     digest = hashlib.sha256(repr((src, SM90_OPTIONS, name, ver)).encode()).hexdigest()[:32]

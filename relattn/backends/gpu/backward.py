@@ -12,7 +12,11 @@ recomputing its tiles of the logits and weights. The float32 forward keeps
 each row's log-sum-exp (:func:`row_lse`) and its pullback takes ``delta``
 from ``out``. On the tensor cores P and dS are rounded to the input's 16-bit
 type for the products, as in flash attention's backward; the terms'
-gradients are summed in float32 from the unrounded dS.
+gradients are summed in float32 from the unrounded dS. On Hopper the dq and
+dk / dv kernels have a second form on warpgroup products (``wgmma``,
+``cuda/bwd_wg.cu``, head_dim 64 and 80: :func:`wg_reasons`), the same
+formulas with each operand tile read once per 64 rows; a caller asks for it
+with ``kernels="wg"``.
 
 Chunked (:func:`row_stats`, :func:`core_backward`), for every other input
 (float64, and what :func:`fused_reasons` turns away):
@@ -337,6 +341,74 @@ def _fused_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev) 
     return tuple(reasons)
 
 
+# relattn_bwd_wg_dq / _dkv (cuda/bwd_wg.cu): the 16-bit dq and dk / dv kernels
+# on wgmma (sm_90a), a block of NWG warpgroups of 64 rows each (queries in dq,
+# keys in dkv).
+WG_HEAD_DIMS = (64, 80)    # padded head dims: the 128-byte swizzle of 64 columns, head_dim 80's 16 after it
+WG_WARPGROUPS = {"dq": 1, "dkv": 1}   # NWG: not yet timed against 2 (one block per SM at ~190 registers)
+WG_PIPE = True   # products overlapping the softmax within a warpgroup: not yet timed against waiting for each
+
+
+def wg_reasons(q, k, v, rel_h, k_size) -> list[str]:
+    """Why the wgmma kernels (``kernels="wg"``) cannot take this problem
+    (empty: they can); :func:`fused_reasons`' first."""
+    from relattn._arrays import dtype_name
+
+    from . import _device
+
+    terms = None if rel_h is None else tuple(int(n) for n in k_size)
+    return list(_wg_reasons(dtype_name(q.dtype), dtype_name(k.dtype), dtype_name(v.dtype), tuple(q.shape),
+                            tuple(k.shape), tuple(v.shape), terms, _device.current()))
+
+
+@functools.lru_cache(maxsize=256)
+def _wg_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev) -> tuple:
+    reasons = list(_fused_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev))
+    if reasons:
+        return tuple(reasons)
+    if name == "float32":
+        reasons.append("dtype float32 (the wgmma kernels take float16 and bfloat16)")
+    hd = _padded(q_shape[3])
+    if hd not in WG_HEAD_DIMS:
+        reasons.append(f"head_dim {q_shape[3]} (the wgmma kernels take 56, 64, 72 and 80)")
+    if not dev.hopper:
+        reasons.append(f"Hopper kernels unavailable: {dev.hopper_reason}")
+    if not reasons:
+        kh, kw = (1, 1) if terms is None else terms
+        bias = Bias.NONE if terms is None else _bias(True, terms, k_shape[2])
+        for kind, nwg in WG_WARPGROUPS.items():
+            need = _wg_smem(kind, hd, bias, kh, kw, nwg)
+            if need > dev.smem_optin:
+                reasons.append(f"{need} bytes of shared memory per {kind} block (the device gives {dev.smem_optin})")
+    return tuple(reasons)
+
+
+def _wg_key_columns(bias, kh: int, kw: int, nwg: int) -> int:
+    """bwd_wg.cu's ``nh``: the rel_h columns a block of 64 NWG keys reads."""
+    if bias == Bias.NONE:
+        return 1
+    return nwg if bias == Bias.KEY_ROWS else min(kh, (64 * nwg - 1) // kw + 2)
+
+
+def _wg_smem(kind: str, hd: int, bias, kh: int, kw: int, nwg: int) -> int:
+    """Shared bytes of relattn_bwd_wg_<kind> (the layouts in bwd_wg.cu): 1024
+    for the swizzled tiles' alignment, the block's two tiles of 64 NWG rows,
+    two stages of two 64-row tiles, then the float32 rows: dq's terms (and in
+    the generic mode their gradients and a dS tile per warp), dkv's lse2,
+    delta and terms per stage."""
+    n = 1024 + 2 * 64 * nwg * hd * 2 + 4 * 64 * hd * 2
+    if kind == "dq":
+        rows = 64 * nwg
+        if bias != Bias.NONE:
+            n += rows * (kh + (_SW_Q if bias == Bias.KEY_ROWS else kw)) * 4
+        if bias == Bias.GENERIC:
+            n += rows * (kh + kw) * 4 + 4 * nwg * 16 * _DS * 4
+        return n
+    terms = 0 if bias == Bias.NONE else 64 * (_wg_key_columns(bias, kh, kw, nwg)
+                                              + (_SW_K if bias == Bias.KEY_ROWS else kw))
+    return n + 2 * (128 + terms) * 4
+
+
 def _bias(rel_h, k_size, k_len) -> Bias:
     if rel_h is None:
         return Bias.NONE
@@ -364,9 +436,9 @@ class _Fused:
     def __init__(self, name, d, bias, kh, kw):
         from . import _build
 
-        hd = _padded(d)
+        hd = self.hd = _padded(d)
         self.float32 = name == "float32"
-        dt = 2 if self.float32 else 1 if name == "bfloat16" else 0
+        dt = self.dt = 2 if self.float32 else 1 if name == "bfloat16" else 0
         self.bias = bias
         self.kh, self.kw = kh, kw
         self.nh = _key_columns(self.bias, self.kh, self.kw)
@@ -380,6 +452,22 @@ class _Fused:
 
     def launch(self, kind, blocks, args):
         self._get(kind)((blocks,), (self.threads,), args, shared_mem=self.smem[kind])
+
+    def launch_wg(self, kind, pairs, rows, args, nwg=None, pipe=None):
+        """relattn_bwd_wg_<kind> ("dq" or "dkv") over ``rows`` rows (queries
+        or keys) of each of ``pairs`` heads; dkv's ``nh`` is appended here.
+        ``nwg``: warpgroups per block, ``pipe``: its PIPE (defaults
+        :data:`WG_WARPGROUPS`, :data:`WG_PIPE`)."""
+        from . import _build
+
+        nwg = WG_WARPGROUPS[kind] if nwg is None else nwg
+        pipe = WG_PIPE if pipe is None else pipe
+        fn = _build.sm90_kernel(
+            f"relattn_bwd_wg_{kind}<{self.dt}, {self.hd}, {int(self.bias)}, {nwg}, {str(bool(pipe)).lower()}>")
+        if kind == "dkv":
+            args = args + (np.int32(_wg_key_columns(self.bias, self.kh, self.kw, nwg)),)
+        fn((pairs * -(-rows // (64 * nwg)),), (128 * nwg,), args,
+           shared_mem=_wg_smem(kind, self.hd, self.bias, self.kh, self.kw, nwg))
 
     def operand(self, x):
         """(B, H, S, d) -> C-contiguous (B*H, S, d): float32 as it is, 16-bit as its bits."""
@@ -422,7 +510,7 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
     return lse.reshape(B, H, q_len)
 
 
-def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None):
+def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None, kernels="mma"):
     """:func:`core_backward`'s gradients by the fused kernels: (B, H, ...)
     arrays, ``dq`` the core's part only; float32, but for 16-bit inputs
     ``dk`` and ``dv`` come in their type (rounded once from float32). float32 inputs take
@@ -434,7 +522,10 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     row's log-sum-exp and the exact ``delta = rowsum(P * dP)`` here, in one
     more pass over the keys (the rounding of ``out`` reaches the terms'
     gradients, partial sums of dS, at about 1e-3 of their size: within the
-    16-bit gradients' 1e-2). Inputs that :func:`fused_reasons` accepts."""
+    16-bit gradients' 1e-2). Inputs that :func:`fused_reasons` accepts.
+    ``kernels``: "mma" (``cuda/bwd.cu``), or "wg" for the wgmma form of the
+    16-bit dq and dk / dv kernels (``cuda/bwd_wg.cu``; inputs that
+    :func:`wg_reasons` accepts, else ValueError)."""
     import cupy
 
     B, H, q_len, d = q.shape
@@ -443,6 +534,12 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     f = _Fused.of(q, rel_h, k_size, k_len)
     if lse is None and f.float32:
         raise ValueError("lse: float32 inputs take row_lse's")
+    if kernels not in ("mma", "wg"):
+        raise ValueError(f"kernels: expected 'mma' or 'wg', got {kernels!r}")
+    if kernels == "wg":
+        why = wg_reasons(q, k, v, rel_h, k_size)
+        if why:
+            raise ValueError("kernels='wg' cannot take this problem: " + "; ".join(why))
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
@@ -471,9 +568,14 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
             lse = lse.reshape(pairs, q_len)
             rows = pairs * q_len
             f.launch("delta", -(-rows // 4), (dox, f.operand(out), delta, np.int64(rows), np.int32(d)))
-        f.launch("dq", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
-        f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk.view(cupy.uint16),
-                                   dv.view(cupy.uint16)) + tail + (np.int32(f.nh),))
+        dq_args = (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail
+        dkv_args = (qx, kx, vx, dox, rh, rw, lse, delta, dk.view(cupy.uint16), dv.view(cupy.uint16)) + tail
+        if kernels == "wg":
+            f.launch_wg("dq", pairs, q_len, dq_args)
+            f.launch_wg("dkv", pairs, k_len, dkv_args)
+        else:
+            f.launch("dq", q_blocks, dq_args)
+            f.launch("dkv", k_blocks, dkv_args + (np.int32(f.nh),))
     dq = dq.reshape(B, H, q_len, d)
     dk = dk.reshape(B, H, k_len, d)
     dv = dv.reshape(B, H, k_len, d)
