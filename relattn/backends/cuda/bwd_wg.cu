@@ -18,9 +18,9 @@
 // product is its own commit group and the softmax of a tile overlaps the
 // products it does not need (dq: the exponentials with dO V^T; dkv: the
 // exponentials with V dO^T, dS with dv += P^T dO); else every step waits for
-// all products before it. Tiles use
-// ra_load_tile's layout (wg.cu): the first 64 columns with the 128-byte
-// swizzle, head_dim 80's last 16 unswizzled after them; 1024-byte aligned.
+// all products before it. Tiles use ra_load_tile's layout (sm90_common.cuh,
+// as relattn_wg's): the first 64 columns with the 128-byte swizzle, head_dim
+// 80's last 16 unswizzled after them; 1024-byte aligned.
 // Launched by backward.py's fused_core_backward(kernels="wg"). Needs
 // common.cuh, the wgmma wrappers, sm90_common.cuh, bwd_common.cuh and
 // bwd16.cuh before it.
