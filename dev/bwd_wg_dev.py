@@ -1,6 +1,6 @@
 """The fused 16-bit backward's dq and dk / dv kernels on Hopper's warpgroup
 products (cuda/bwd_wg.cu: relattn_bwd_wg_dq / _dkv, one and two warpgroups
-per block, with and without PIPE) against their mma.sync forms (cuda/bwd.cu).
+per block) against their mma.sync forms (cuda/bwd.cu).
 
     python3 dev/bwd_wg_dev.py --nvcc            # offline: nvcc sm_90a, registers and spills per instantiation
     python3 dev/bwd_wg_dev.py                   # GPU: every case checked, then the SAM cases timed
@@ -55,8 +55,8 @@ def source() -> str:
     return _build.family_source("bwd_wg")
 
 
-def name(kind, dt, hd, rel, nwg, pipe):
-    return f"relattn_bwd_wg_{kind}<{dt}, {hd}, {rel}, {nwg}, {str(pipe).lower()}>"
+def name(kind, dt, hd, rel, nwg):
+    return f"relattn_bwd_wg_{kind}<{dt}, {hd}, {rel}, {nwg}>"
 
 
 def nvcc_report(configs):
@@ -66,10 +66,10 @@ def nvcc_report(configs):
     src = source()
     opts = [o for o in _build.SM90_OPTIONS if not o.startswith("-arch")]
     with tempfile.TemporaryDirectory() as work:
-        for kind, dt, hd, rel, nwg, pipe in configs:
+        for kind, dt, hd, rel, nwg in configs:
             cu = os.path.join(work, "k.cu")
             with open(cu, "w") as f:
-                f.write(src + f"\ntemplate __global__ void {name(kind, dt, hd, rel, nwg, pipe)}({ARGS[kind]});\n")
+                f.write(src + f"\ntemplate __global__ void {name(kind, dt, hd, rel, nwg)}({ARGS[kind]});\n")
             r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", *opts, "-c", "-Xptxas", "-v", cu,
                                 "-o", os.path.join(work, "k.o")], capture_output=True, text=True)
             if r.returncode:
@@ -77,7 +77,7 @@ def nvcc_report(configs):
             regs = re.findall(r"Used (\d+) registers", r.stderr)
             spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
             notes = sorted(set(re.findall(r"\(C75\d\d\)", r.stderr)))
-            print(f"{name(kind, dt, hd, rel, nwg, pipe)}: {regs[-1] if regs else '?'} registers, "
+            print(f"{name(kind, dt, hd, rel, nwg)}: {regs[-1] if regs else '?'} registers, "
                   f"spills {spill[-1] if spill else '?'} {' '.join(notes)}")
 
 
@@ -148,11 +148,11 @@ class Problem:
         self.ref_dkv()
         return o
 
-    def wg_launchers(self, nwg, pipe):
+    def wg_launchers(self, nwg):
         o = self._outs()
         qargs, kargs = self.dq_args(o), self.dkv_args(o)
-        run_dq = lambda: self.f.launch_wg("dq", self.pairs, self.Sq, qargs, nwg, pipe)
-        run_dkv = lambda: self.f.launch_wg("dkv", self.pairs, self.Sk, kargs, nwg, pipe)
+        run_dq = lambda: self.f.launch_wg("dq", self.pairs, self.Sq, qargs, nwg)
+        run_dkv = lambda: self.f.launch_wg("dkv", self.pairs, self.Sk, kargs, nwg)
         return o, run_dq, run_dkv
 
 
@@ -175,12 +175,12 @@ def compare(got, ref):
             finite)
 
 
-def check(configs, cases):
+def check(nwgs, cases):
     bad = 0
     for case in cases:
         pr = Problem(case)
-        for nwg, pipe in configs:
-            o, run_dq, run_dkv = pr.wg_launchers(nwg, pipe)
+        for nwg in nwgs:
+            o, run_dq, run_dkv = pr.wg_launchers(nwg)
             run_dq()
             run_dkv()
             import cupy
@@ -190,36 +190,35 @@ def check(configs, cases):
                 mx, nrm, fin = compare(o[key], pr.ref[key])
                 ok = fin and nrm < 2e-3 and mx < 2e-2
                 bad += not ok
-                print(f"{case[0]:>14} nwg {nwg} pipe {pipe:d} {key:>8}: max {mx:.2e} norm {nrm:.2e}"
+                print(f"{case[0]:>14} nwg {nwg} {key:>8}: max {mx:.2e} norm {nrm:.2e}"
                       f"{'' if fin else ' NON-FINITE'} {'ok' if ok else 'FAIL'}", flush=True)
     print(f"check: {'all ok' if not bad else f'{bad} FAILED'}")
     return bad
 
 
-def timings(configs, cases):
+def timings(nwgs, cases):
     from bench_gpu_dev import graph_time_cupy
 
     for case in cases:
         pr = Problem(case)
         row = [f"{case[0]}: bwd.cu dq {graph_time_cupy(pr.ref_dq):.4f} dkv {graph_time_cupy(pr.ref_dkv):.4f}"]
-        for nwg, pipe in configs:
-            _, run_dq, run_dkv = pr.wg_launchers(nwg, pipe)
-            row.append(f"wg{nwg}{'p' if pipe else ''} dq {graph_time_cupy(run_dq):.4f} dkv {graph_time_cupy(run_dkv):.4f}")
+        for nwg in nwgs:
+            _, run_dq, run_dkv = pr.wg_launchers(nwg)
+            row.append(f"wg{nwg} dq {graph_time_cupy(run_dq):.4f} dkv {graph_time_cupy(run_dkv):.4f}")
         print(" | ".join(row) + " (ms, graph)", flush=True)
 
 
 def main(argv):
     if "--nvcc" in argv:
-        cfgs = [(kind, 1, hd, rel, nwg, pipe) for pipe in (True, False) for hd in (64, 80) for rel in (1, 2)
-                for nwg in (1, 2) for kind in ("dq", "dkv")]
+        cfgs = [(kind, 1, hd, rel, nwg) for hd in (64, 80) for rel in (1, 2) for nwg in (1, 2) for kind in ("dq", "dkv")]
         nvcc_report(cfgs)
         return 0
     sys.path.insert(0, HERE)
-    configs = [(1, True), (2, True), (1, False), (2, False)]   # (warpgroups per block, PIPE)
+    nwgs = (1, 2)   # warpgroups per block
     do_check, do_time = "--time" not in argv, "--check" not in argv
-    bad = check(configs, CASES) if do_check else 0
+    bad = check(nwgs, CASES) if do_check else 0
     if do_time:
-        timings(configs, [c for c in CASES if c[0] in TIMED])
+        timings(nwgs, [c for c in CASES if c[0] in TIMED])
     return 1 if bad else 0
 
 

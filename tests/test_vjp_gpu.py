@@ -551,29 +551,47 @@ def _wg_case(name, seed=24):
     return [q, k, v, th, tw], q_size, k_size, False
 
 
-@pytest.mark.parametrize("pipe", [True, False])
 @pytest.mark.parametrize("nwg", [1, 2])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", sorted(WG_SHAPES))
-def test_wgmma_kernels_match_the_mma_kernels(monkeypatch, shape, dtype, nwg, pipe):
-    """kernels="wg" (one or two warpgroups per block, the products overlapping
-    the softmax or each waited for): the same gradients as
-    the mma.sync kernels within 1e-2 (the two differ in the order of float32
-    sums, so a 16-bit rounding of P, dS, dk or dv may differ by one place),
-    and within 1e-2 of the float32 chunked core, as the mma.sync ones."""
-    for kind in ("dq", "dkv"):
-        monkeypatch.setitem(backward.WG_WARPGROUPS, kind, nwg)
-    monkeypatch.setattr(backward, "WG_PIPE", pipe)
+def test_wgmma_kernels_match_the_mma_kernels(monkeypatch, shape, dtype, nwg):
+    """kernels="wg" (one or two warpgroups per block): the same gradients as
+    the mma.sync kernels within 1e-2 (they compute the same products in the
+    same order, and have given the same bits), and within 1e-2 of the float32
+    chunked core, as the mma.sync ones."""
+    monkeypatch.setattr(backward.tuning, "bwd_wg_warpgroups", lambda kind, hd: nwg)
     case = _wg_case(shape)
     wg, chunked = _both_cores(case, _dtype(dtype), kernels="wg")
-    mma, _ = _both_cores(case, _dtype(dtype))
+    mma, _ = _both_cores(case, _dtype(dtype), kernels="mma")
     floor = _floor(chunked, 1e-2)
     for name, got, ref, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), wg, mma, chunked):
         assert (got is None) == (want is None), name
         if got is not None:
             assert np.all(np.isfinite(got)), name
-            assert _rel_err(got, ref, floor) <= 1e-2, f"{name} against mma.sync ({shape}, {dtype}, {nwg}, {pipe})"
-            assert _rel_err(got, want, floor) <= 1e-2, f"{name} against float32 ({shape}, {dtype}, {nwg}, {pipe})"
+            assert _rel_err(got, ref, floor) <= 1e-2, f"{name} against mma.sync ({shape}, {dtype}, {nwg})"
+            assert _rel_err(got, want, floor) <= 1e-2, f"{name} against float32 ({shape}, {dtype}, {nwg})"
+
+
+def test_automatic_kernel_forms():
+    """kernels="auto" on Hopper: the wgmma dk / dv kernel wherever it can run,
+    its dq from 1024 keys on (SAM's global grids, not its windows); bwd.cu's
+    elsewhere, and for float32 the SIMT kernels."""
+    bf16 = _bf16_on_device()
+    rng = np.random.default_rng(26)
+
+    def forms(S, d, dtype, kernels="auto"):
+        q, k, v = (to_device(rng.standard_normal((1, 2, S, d)).astype(dtype)) for _ in range(3))
+        return backward.kernel_forms(q, k, v, None, None, kernels), backward.wg_reasons(q, k, v, None, None)
+
+    (glob, why), (win, _), (d32, _) = forms(4096, 64, bf16), forms(196, 80, bf16), forms(4096, 32, bf16)
+    if why:
+        assert glob == win == d32 == {"dq": "mma", "dkv": "mma"}
+    else:
+        assert glob == {"dq": "wg", "dkv": "wg"} and win == {"dq": "mma", "dkv": "wg"}
+        assert d32 == {"dq": "mma", "dkv": "mma"}   # head_dim 32: bwd.cu's alone
+        assert forms(196, 64, bf16, "wg")[0] == {"dq": "wg", "dkv": "wg"}
+    assert forms(4096, 64, bf16, "mma")[0] == {"dq": "mma", "dkv": "mma"}
+    assert forms(196, 64, np.float32)[0] == {"dq": "simt", "dkv": "simt"}
 
 
 @settings(SLOW, max_examples=15)
@@ -591,13 +609,14 @@ def test_wgmma_kernels_random_problems(problem, dtype):
 
 
 def test_kernels_argument_is_checked():
-    """A kernels value other than "mma" / "wg" and a problem the wgmma form
-    cannot take (float32 here; head_dim 16) are ValueErrors naming why."""
+    """A kernels value other than "auto" / "mma" / "wg" and a problem the
+    wgmma form cannot take (float32 here; head_dim 16) are ValueErrors naming
+    why."""
     rng = np.random.default_rng(25)
     q, k, v = (to_device(rng.standard_normal((1, 1, 16, 16)).astype(np.float32)) for _ in range(3))
     out = relattn.rel_pos_attention(q, k, v, None, None, q_size=(4, 4), backend="cupy")
     lse = backward.row_lse(q, k, None, None, (4, 4), 0.25)
-    with pytest.raises(ValueError, match="kernels: expected 'mma' or 'wg', got 'fast'"):
+    with pytest.raises(ValueError, match="kernels: expected 'auto', 'mma' or 'wg', got 'fast'"):
         backward.fused_core_backward(q, k, v, None, None, (4, 4), 0.25, out, out, lse, kernels="fast")
     with pytest.raises(ValueError, match="kernels='wg' cannot take this problem: dtype float32.*head_dim 16"):
         backward.fused_core_backward(q, k, v, None, None, (4, 4), 0.25, out, out, lse, kernels="wg")

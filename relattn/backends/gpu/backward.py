@@ -15,8 +15,9 @@ type for the products, as in flash attention's backward; the terms'
 gradients are summed in float32 from the unrounded dS. On Hopper the dq and
 dk / dv kernels have a second form on warpgroup products (``wgmma``,
 ``cuda/bwd_wg.cu``, head_dim 64 and 80: :func:`wg_reasons`), the same
-formulas with each operand tile read once per 64 rows; a caller asks for it
-with ``kernels="wg"``.
+formulas and the same bits with each operand tile read once per 64 rows;
+it runs dk / dv wherever it can and dq from 1024 keys on
+(:func:`kernel_forms`).
 
 Chunked (:func:`row_stats`, :func:`core_backward`), for every other input
 (float64, and what :func:`fused_reasons` turns away):
@@ -58,6 +59,8 @@ import functools
 import numpy as np
 
 from relattn._arrays import astype, compute_dtype
+
+from . import tuning
 
 __all__ = ["CHUNK_BYTES", "chunk_shape", "row_stats", "core_backward", "fused_reasons", "row_lse",
            "fused_core_backward", "forward_stats", "core_gradients"]
@@ -343,10 +346,8 @@ def _fused_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev) 
 
 # relattn_bwd_wg_dq / _dkv (cuda/bwd_wg.cu): the 16-bit dq and dk / dv kernels
 # on wgmma (sm_90a), a block of NWG warpgroups of 64 rows each (queries in dq,
-# keys in dkv).
+# keys in dkv; tuning.bwd_wg_warpgroups).
 WG_HEAD_DIMS = (64, 80)    # padded head dims: the 128-byte swizzle of 64 columns, head_dim 80's 16 after it
-WG_WARPGROUPS = {"dq": 1, "dkv": 1}   # NWG: not yet timed against 2 (one block per SM at ~190 registers)
-WG_PIPE = True   # products overlapping the softmax within a warpgroup: not yet timed against waiting for each
 
 
 def wg_reasons(q, k, v, rel_h, k_size) -> list[str]:
@@ -376,8 +377,8 @@ def _wg_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev) -> 
     if not reasons:
         kh, kw = (1, 1) if terms is None else terms
         bias = Bias.NONE if terms is None else _bias(True, terms, k_shape[2])
-        for kind, nwg in WG_WARPGROUPS.items():
-            need = _wg_smem(kind, hd, bias, kh, kw, nwg)
+        for kind in ("dq", "dkv"):
+            need = _wg_smem(kind, hd, bias, kh, kw, tuning.bwd_wg_warpgroups(kind, hd))
             if need > dev.smem_optin:
                 reasons.append(f"{need} bytes of shared memory per {kind} block (the device gives {dev.smem_optin})")
     return tuple(reasons)
@@ -407,6 +408,26 @@ def _wg_smem(kind: str, hd: int, bias, kh: int, kw: int, nwg: int) -> int:
     terms = 0 if bias == Bias.NONE else 64 * (_wg_key_columns(bias, kh, kw, nwg)
                                               + (_SW_K if bias == Bias.KEY_ROWS else kw))
     return n + 2 * (128 + terms) * 4
+
+
+def kernel_forms(q, k, v, rel_h, k_size, kernels="auto") -> dict:
+    """Which form runs the fused 16-bit dq and dk / dv kernels of this
+    problem ({"dq": "mma" or "wg", "dkv": ...}; float32 inputs: "simt"), for
+    ``kernels`` "auto", "mma" or "wg" (ValueError where "wg" cannot run,
+    naming why)."""
+    from relattn._arrays import dtype_name
+
+    if kernels not in ("auto", "mma", "wg"):
+        raise ValueError(f"kernels: expected 'auto', 'mma' or 'wg', got {kernels!r}")
+    why = wg_reasons(q, k, v, rel_h, k_size)
+    if kernels == "wg" and why:
+        raise ValueError("kernels='wg' cannot take this problem: " + "; ".join(why))
+    if dtype_name(q.dtype) == "float32":
+        return {"dq": "simt", "dkv": "simt"}
+    if kernels == "mma" or why:
+        return {"dq": "mma", "dkv": "mma"}
+    dq = "wg" if kernels == "wg" or k.shape[2] >= tuning.BWD_WG_DQ_MIN_KEYS else "mma"
+    return {"dq": dq, "dkv": "wg"}
 
 
 def _bias(rel_h, k_size, k_len) -> Bias:
@@ -453,17 +474,14 @@ class _Fused:
     def launch(self, kind, blocks, args):
         self._get(kind)((blocks,), (self.threads,), args, shared_mem=self.smem[kind])
 
-    def launch_wg(self, kind, pairs, rows, args, nwg=None, pipe=None):
+    def launch_wg(self, kind, pairs, rows, args, nwg=None):
         """relattn_bwd_wg_<kind> ("dq" or "dkv") over ``rows`` rows (queries
         or keys) of each of ``pairs`` heads; dkv's ``nh`` is appended here.
-        ``nwg``: warpgroups per block, ``pipe``: its PIPE (defaults
-        :data:`WG_WARPGROUPS`, :data:`WG_PIPE`)."""
+        ``nwg``: warpgroups per block (default tuning.bwd_wg_warpgroups)."""
         from . import _build
 
-        nwg = WG_WARPGROUPS[kind] if nwg is None else nwg
-        pipe = WG_PIPE if pipe is None else pipe
-        fn = _build.sm90_kernel(
-            f"relattn_bwd_wg_{kind}<{self.dt}, {self.hd}, {int(self.bias)}, {nwg}, {str(bool(pipe)).lower()}>")
+        nwg = tuning.bwd_wg_warpgroups(kind, self.hd) if nwg is None else nwg
+        fn = _build.sm90_kernel(f"relattn_bwd_wg_{kind}<{self.dt}, {self.hd}, {int(self.bias)}, {nwg}>")
         if kind == "dkv":
             args = args + (np.int32(_wg_key_columns(self.bias, self.kh, self.kw, nwg)),)
         fn((pairs * -(-rows // (64 * nwg)),), (128 * nwg,), args,
@@ -510,7 +528,7 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
     return lse.reshape(B, H, q_len)
 
 
-def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None, kernels="mma"):
+def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None, kernels="auto"):
     """:func:`core_backward`'s gradients by the fused kernels: (B, H, ...)
     arrays, ``dq`` the core's part only; float32, but for 16-bit inputs
     ``dk`` and ``dv`` come in their type (rounded once from float32). float32 inputs take
@@ -523,9 +541,11 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     more pass over the keys (the rounding of ``out`` reaches the terms'
     gradients, partial sums of dS, at about 1e-3 of their size: within the
     16-bit gradients' 1e-2). Inputs that :func:`fused_reasons` accepts.
-    ``kernels``: "mma" (``cuda/bwd.cu``), or "wg" for the wgmma form of the
-    16-bit dq and dk / dv kernels (``cuda/bwd_wg.cu``; inputs that
-    :func:`wg_reasons` accepts, else ValueError)."""
+    ``kernels``: the 16-bit dq and dk / dv kernels' form: "mma"
+    (``cuda/bwd.cu``), "wg" (their ``wgmma`` form, ``cuda/bwd_wg.cu``; inputs
+    that :func:`wg_reasons` accepts, else ValueError) or "auto": "wg" for dk
+    / dv where it can run, and for dq from :data:`tuning.BWD_WG_DQ_MIN_KEYS`
+    keys on (:func:`kernel_forms` names the choice)."""
     import cupy
 
     B, H, q_len, d = q.shape
@@ -534,12 +554,7 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     f = _Fused.of(q, rel_h, k_size, k_len)
     if lse is None and f.float32:
         raise ValueError("lse: float32 inputs take row_lse's")
-    if kernels not in ("mma", "wg"):
-        raise ValueError(f"kernels: expected 'mma' or 'wg', got {kernels!r}")
-    if kernels == "wg":
-        why = wg_reasons(q, k, v, rel_h, k_size)
-        if why:
-            raise ValueError("kernels='wg' cannot take this problem: " + "; ".join(why))
+    forms = kernel_forms(q, k, v, rel_h, k_size, kernels)
     rh, rw = _terms32(rel_h, rel_w)
     f32 = np.float32
     dq = cupy.empty((pairs, q_len, d), dtype=f32)
@@ -570,11 +585,13 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
             f.launch("delta", -(-rows // 4), (dox, f.operand(out), delta, np.int64(rows), np.int32(d)))
         dq_args = (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail
         dkv_args = (qx, kx, vx, dox, rh, rw, lse, delta, dk.view(cupy.uint16), dv.view(cupy.uint16)) + tail
-        if kernels == "wg":
+        if forms["dq"] == "wg":
             f.launch_wg("dq", pairs, q_len, dq_args)
-            f.launch_wg("dkv", pairs, k_len, dkv_args)
         else:
             f.launch("dq", q_blocks, dq_args)
+        if forms["dkv"] == "wg":
+            f.launch_wg("dkv", pairs, k_len, dkv_args)
+        else:
             f.launch("dkv", k_blocks, dkv_args + (np.int32(f.nh),))
     dq = dq.reshape(B, H, q_len, d)
     dk = dk.reshape(B, H, k_len, d)
