@@ -3,6 +3,8 @@ products (cuda/bwd_wg.cu: relattn_bwd_wg_dq / _dkv, one and two warpgroups
 per block) against their mma.sync forms (cuda/bwd.cu).
 
     python3 dev/bwd_wg_dev.py --nvcc            # offline: nvcc sm_90a, registers and spills per instantiation
+                                                # (with cuobjdump: each loop's order of products, waits,
+                                                # exponentials and packs, as dev/sass_dev.py prints them)
     python3 dev/bwd_wg_dev.py                   # GPU: every case checked, then the SAM cases timed
     python3 dev/bwd_wg_dev.py --check           # GPU: the checks only
     python3 dev/bwd_wg_dev.py --time            # GPU: the timings only
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,8 +66,12 @@ def nvcc_report(configs):
     """Each instantiation built with nvcc for sm_90a: ptxas's registers, spills and wgmma notes."""
     from relattn.backends.gpu import _build
 
+    sys.path.insert(0, HERE)
+    import sass_dev
+
     src = source()
     opts = [o for o in _build.SM90_OPTIONS if not o.startswith("-arch")]
+    cuobjdump = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
     with tempfile.TemporaryDirectory() as work:
         for kind, dt, hd, rel, nwg in configs:
             cu = os.path.join(work, "k.cu")
@@ -79,6 +86,10 @@ def nvcc_report(configs):
             notes = sorted(set(re.findall(r"\(C75\d\d\)", r.stderr)))
             print(f"{name(kind, dt, hd, rel, nwg)}: {regs[-1] if regs else '?'} registers, "
                   f"spills {spill[-1] if spill else '?'} {' '.join(notes)}")
+            if cuobjdump:
+                sass = subprocess.run([cuobjdump, "-sass", os.path.join(work, "k.o")], capture_output=True,
+                                      text=True).stdout
+                sass_dev.loops(sass)
 
 
 # ------------------------------------------------------------------ GPU
