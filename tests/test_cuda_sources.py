@@ -359,8 +359,69 @@ def test_hopper_kernel_compiles(tmp_path):
     assert names[0] == "relattn_wg<1, 64, 1, 64, 1, 2>"
     assert names[-3] == "relattn_ws<1, 80, 2, 128, 7, 3, 1, 240, 1, false>"
     assert names[-1] == "relattn_ws<0, 80, 2, 64, 6, 4, 1, 240, 1, true>"
+    # the 16-bit backward on wgmma: every bias mode, both head dims, one and two warpgroups
+    B = backward.Bias
+    bwd = [backward.wg_kernel_name(kind, dt, hd, bias, nwg) for kind in ("dq", "dkv") for dt, hd, bias, nwg in
+           ((1, 64, B.KEY_ROWS, 1), (1, 64, B.KEY_ROWS, 2), (0, 80, B.GENERIC, 2), (1, 80, B.NONE, 1))]
+    assert bwd[0] == "relattn_bwd_wg_dq<1, 64, 1, 1>" and all(_build.family_of(n) == "bwd_wg" for n in bwd)
+    names += bwd
     _nvcc_compile(tmp_path, _build.sm90_source(), _instantiate(names),
                   ["-gencode=arch=compute_90a,code=sm_90a"])
+
+
+def test_backward_kernel_forms(monkeypatch):
+    """Which form runs the fused 16-bit dq and dk / dv kernels, asked on host
+    arrays with a fake device: on Hopper the wgmma dk / dv wherever it runs
+    and its dq from BWD_WG_DQ_MIN_KEYS keys; bwd.cu's elsewhere (Ampere,
+    head_dim outside 56-80); the SIMT kernels for float32; "wg" where it
+    cannot run and an unknown value are ValueErrors naming why."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    device = [H100]
+    monkeypatch.setattr(_device, "current", lambda: device[0])
+    forms = backward.kernel_forms
+
+    def arrays(S, d, dtype=bf16, Sk=None):
+        return (np.zeros((1, 2, S, d), dtype), np.zeros((1, 2, Sk or S, d), dtype),
+                np.zeros((1, 2, Sk or S, d), dtype))
+
+    terms = np.zeros(1)   # rel_h stands for "the terms are given"; only its presence counts
+    assert forms(*arrays(4096, 64), terms, (64, 64)) == {"dq": "wg", "dkv": "wg"}        # SAM-B global
+    assert forms(*arrays(196, 64), terms, (14, 14)) == {"dq": "mma", "dkv": "wg"}        # SAM-B windows
+    assert forms(*arrays(4096, 80), terms, (64, 64)) == {"dq": "wg", "dkv": "wg"}        # SAM-H global
+    assert forms(*arrays(196, 64), terms, (14, 14), "wg") == {"dq": "wg", "dkv": "wg"}
+    assert forms(*arrays(4096, 64), terms, (64, 64), "mma") == {"dq": "mma", "dkv": "mma"}
+    assert forms(*arrays(99, 72, Sk=91), terms, (13, 7)) == {"dq": "mma", "dkv": "wg"}   # 72: padded to 80
+    assert forms(*arrays(4096, 32), None, None) == {"dq": "mma", "dkv": "mma"}           # head_dim 32
+    assert forms(*arrays(196, 64, np.float32), terms, (14, 14)) == {"dq": "simt", "dkv": "simt"}
+    with pytest.raises(ValueError, match="kernels='wg' cannot take this problem: head_dim 32"):
+        forms(*arrays(4096, 32), None, None, "wg")
+    with pytest.raises(ValueError, match="kernels: expected 'auto', 'mma' or 'wg', got 'fast'"):
+        forms(*arrays(4096, 64), terms, (64, 64), "fast")
+    device[0] = A100
+    assert forms(*arrays(4096, 64), terms, (64, 64)) == {"dq": "mma", "dkv": "mma"}
+    with pytest.raises(ValueError, match="Hopper kernels unavailable: compute capability 8.0"):
+        forms(*arrays(4096, 64), terms, (64, 64), "wg")
+
+
+def test_backward_wg_shared_memory():
+    """The wgmma backward's shared bytes, from bwd_wg.cu's layouts: SAM's
+    shapes fit the H100 (SAM-B global: dq 83 KB, two blocks per SM; dk / dv
+    101 KB); a generic grid of 256 terms at head_dim 80 does not, and is
+    turned away naming the kernel."""
+    B = backward.Bias
+    tile = 64 * 64 * 2   # a 64-row tile at head_dim 64, bytes
+    assert backward._wg_smem("dq", 64, B.KEY_ROWS, 64, 64, 1) == 1024 + 2 * tile + 4 * tile + 64 * (64 + 72) * 4
+    assert backward._wg_smem("dkv", 64, B.KEY_ROWS, 64, 64, 2) == 1024 + 4 * tile + 4 * tile + 2 * (128 + 64 * 70) * 4
+    assert backward._wg_key_columns(B.GENERIC, 14, 14, 2) == 11 and backward._wg_key_columns(B.KEY_ROWS, 64, 64, 2) == 2
+    for hd, (kh, kw) in ((64, (64, 64)), (64, (14, 14)), (80, (64, 64)), (80, (14, 14))):
+        bias = B.KEY_ROWS if kw == 64 else B.GENERIC
+        for kind in ("dq", "dkv"):
+            assert backward._wg_smem(kind, hd, bias, kh, kw, tuning.bwd_wg_warpgroups(kind, hd)) <= H100.smem_optin
+    assert backward._wg_reasons("bfloat16", "bfloat16", "bfloat16", (1, 1, 4096, 64), (1, 1, 4096, 64),
+                                (1, 1, 4096, 64), (64, 64), H100) == ()
+    why = backward._wg_reasons("bfloat16", "bfloat16", "bfloat16", (1, 1, 400, 80), (1, 1, 128 * 128, 80),
+                               (1, 1, 128 * 128, 80), (128, 128), H100)
+    assert len(why) == 1 and "bytes of shared memory per dq block" in why[0]
 
 
 def test_tf32_shared_split_choice():

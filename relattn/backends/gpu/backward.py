@@ -384,6 +384,12 @@ def _wg_reasons(name, k_name, v_name, q_shape, k_shape, v_shape, terms, dev) -> 
     return tuple(reasons)
 
 
+def wg_kernel_name(kind: str, dt: int, hd: int, bias, nwg: int) -> str:
+    """The instantiation of relattn_bwd_wg_<kind> ("dq" or "dkv"): dt 0
+    float16 / 1 bfloat16, hd the padded head_dim, nwg warpgroups per block."""
+    return f"relattn_bwd_wg_{kind}<{dt}, {hd}, {int(bias)}, {nwg}>"
+
+
 def _wg_key_columns(bias, kh: int, kw: int, nwg: int) -> int:
     """bwd_wg.cu's ``nh``: the rel_h columns a block of 64 NWG keys reads."""
     if bias == Bias.NONE:
@@ -481,7 +487,7 @@ class _Fused:
         from . import _build
 
         nwg = tuning.bwd_wg_warpgroups(kind, self.hd) if nwg is None else nwg
-        fn = _build.sm90_kernel(f"relattn_bwd_wg_{kind}<{self.dt}, {self.hd}, {int(self.bias)}, {nwg}>")
+        fn = _build.sm90_kernel(wg_kernel_name(kind, self.dt, self.hd, self.bias, nwg))
         if kind == "dkv":
             args = args + (np.int32(_wg_key_columns(self.bias, self.kh, self.kw, nwg)),)
         fn((pairs * -(-rows // (64 * nwg)),), (128 * nwg,), args,
