@@ -58,13 +58,10 @@ def source() -> str:
     return _build.family_source("bwd_wg")
 
 
-def name(kind, dt, hd, rel, nwg):
-    return f"relattn_bwd_wg_{kind}<{dt}, {hd}, {rel}, {nwg}>"
-
-
 def nvcc_report(configs):
     """Each instantiation built with nvcc for sm_90a: ptxas's registers, spills and wgmma notes."""
     from relattn.backends.gpu import _build
+    from relattn.backends.gpu.backward import wg_kernel_name as name
 
     sys.path.insert(0, HERE)
     import sass_dev
@@ -104,8 +101,7 @@ class Problem:
 
         from bench_gpu_dev import make
 
-        self.case = case
-        label, B, H, qg, kg, d, terms = case
+        _, B, H, qg, kg, d, terms = case
         q, k, v, rh, rw = make(B, H, qg, kg, d, "bfloat16", seed)
         dout = make(B, H, qg, qg, d, "bfloat16", seed + 1)[0]
         if not terms:
@@ -114,7 +110,6 @@ class Problem:
         self.pairs = B * H
         self.f = bw._Fused.of(q, rh, kg, self.Sk)
         self.bias, self.kh, self.kw = self.f.bias, self.f.kh, self.f.kw
-        self.hd = bw._padded(d)
         rh3, rw3 = bw._terms32(rh, rw)
         self.ops = [self.f.operand(x) for x in (q, k, v, dout)] + [rh3, rw3]
         f32 = np.float32
@@ -124,7 +119,6 @@ class Problem:
         self.lse = cupy.empty((self.pairs, self.Sq), dtype=f32)
         self.delta = cupy.empty((self.pairs, self.Sq), dtype=f32)
         self.f.launch("rows", self.pairs * -(-self.Sq // 64), (*self.ops, self.lse, self.delta) + self.tail[:-1])
-        self.out = {}
         self.ref = self.run_ref()
 
     def _outs(self):

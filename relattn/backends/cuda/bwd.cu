@@ -64,22 +64,6 @@ __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, in
     }
 }
 
-// Tile n of ntiles in a two-stage cp.async pipeline: load(n + 1, its
-// stage) issues and commits the next tile's copies; waits for tile n and
-// makes it visible to the block; returns tile n's stage. The first tile is
-// loaded (load(0, 0)) before the loop.
-template <typename Load>
-__device__ __forceinline__ int rb_next(int n, int ntiles, Load&& load) {
-    if (n + 1 < ntiles) {
-        load(n + 1, (n + 1) & 1);
-        ra_cp_wait<1>();
-    } else {
-        ra_cp_wait<0>();
-    }
-    __syncthreads();
-    return n & 1;
-}
-
 // ---- products
 // acc (the warp's 16 rows x the tile's 64 rows, as 8 blocks of 8 columns) =
 // A (fragments af: 16 rows x HD) times the tile transposed. `addr`: the
@@ -271,30 +255,16 @@ relattn_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* 
     const float* rh[2];
     const float* rw[2];
     float lse[2], dl[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const long long row = qrow0 + min(r0 + g + 8 * rr, Sq - 1);
-        rh[rr] = sRH + (warp * 16 + g + 8 * rr) * kh;
-        rw[rr] = sRW + (warp * 16 + g + 8 * rr) * SW;
-        lse[rr] = lse2[row];
-        dl[rr] = delta[row];
-    }
+    rb_query_rows(rh, rw, lse, dl, sRH, sRW, lse2, delta, qrow0, r0, Sq, kh, SW, warp, g);
     if constexpr (REL == bwd_bias::GENERIC)
         for (int c = tid; c < 64 * (kh + kw); c += 128) sDH[c] = 0.f;   // seen after the loop's first barrier
     const int mi = lane >> 3, ri = lane & 7;
     const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;
     const int t_off = ((mi & 1) * 8 + ri) * SROW + (mi >> 1) * 8;
 
-    float acc[ND][4];
-#pragma unroll
-    for (int d = 0; d < ND; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[d][e] = 0.f;
-    float dw[REL == bwd_bias::KEY_ROWS ? 8 : 1][4];   // KEY_ROWS: d_rel_w of the thread's 16 columns
-#pragma unroll
-    for (int j = 0; j < (REL == bwd_bias::KEY_ROWS ? 8 : 1); ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dw[j][e] = 0.f;
+    float acc[ND][4], dw[REL == bwd_bias::KEY_ROWS ? 8 : 1][4];   // KEY_ROWS: d_rel_w of the thread's 16 columns
+    rb_zero(acc);
+    rb_zero(dw);
 
     const int ntiles = (Sk + 63) / 64;
     auto load = [&](int n, int stage) {
@@ -360,25 +330,15 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     rb_frags<KQ>(kf, k + (long long)bh * Sk * D, key0, Sk, D, g, t);
     rb_frags<KQ>(vf, v + (long long)bh * Sk * D, key0, Sk, D, g, t);
     const int ky_lo = (REL == bwd_bias::NONE) ? 0 : kb0 / kw;
-    int hcol[2] = {0, 0}, wcol[2] = {0, 0};   // the thread's keys' columns in the staged terms
-    if constexpr (REL != bwd_bias::NONE) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            int ky, kx;
-            ra_split_key(min(key0 + g + 8 * rr, Sk - 1), kw, inv_kw, ky, kx);
-            hcol[rr] = ky - ky_lo;
-            wcol[rr] = kx;
-        }
-    }
+    int hcol[2], wcol[2];   // the thread's keys' columns in the staged terms
+    rb_key_cols<REL>(hcol, wcol, key0, Sk, kw, inv_kw, ky_lo, g);
     const int mi = lane >> 3, ri = lane & 7;
     const int k_off = ((mi >> 1) * 8 + ri) * SROW + (mi & 1) * 8;
     const int t_off = ((mi & 1) * 8 + ri) * SROW + (mi >> 1) * 8;
 
     float ak[ND][4], av[ND][4];
-#pragma unroll
-    for (int d = 0; d < ND; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) { ak[d][e] = 0.f; av[d][e] = 0.f; }
+    rb_zero(ak);
+    rb_zero(av);
 
     const int ntiles = (Sq + 63) / 64;
     auto load = [&](int n, int stage) {

@@ -1,8 +1,10 @@
 // What the 16-bit fused backward kernels share (bwd.cu on mma.sync, bwd_wg.cu
 // on wgmma, sm_90a): the loaders of a tile's float32 rows and of the rows'
-// terms, the logits of a warp's query rows (the accumulator layout of an
-// m16n8 product, which is also a warpgroup product's, warp by warp) and the
-// generic mode's sums of the terms' gradients. Needs common.cuh and
+// terms, the two-stage tile pipeline, a block's per-thread set-up (its rows'
+// terms, lse2 and delta; its keys' term columns), the logits, dS and terms'
+// gradients of a query-major tile (the accumulator layout of an m16n8
+// product, which is also a warpgroup product's, warp by warp), P and dS of a
+// key-major one, and the dq / dk / dv stores. Needs common.cuh and
 // bwd_common.cuh before it.
 
 // Row strides (floats) of staged rel_w rows in the key-rows mode (k_w 64):
@@ -134,6 +136,67 @@ __device__ __forceinline__ void rb_dq_generic_terms(const float (&s)[8][4], floa
 
 // The key-major kernels' staged rel_w rows: stride RB_SW_K in the key-rows mode, else kw.
 __host__ __device__ constexpr int rb_sw_k(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_K : kw; }
+
+// Tile n of ntiles in a two-stage cp.async pipeline: load(n + 1, its
+// stage) issues and commits the next tile's copies; waits for tile n and
+// makes it visible to the block (ASYNC: to its wgmma products too, the async
+// proxy); returns tile n's stage. The first tile is loaded (load(0, 0))
+// before the loop.
+template <bool ASYNC = false, typename Load>
+__device__ __forceinline__ int rb_next(int n, int ntiles, Load&& load) {
+    if (n + 1 < ntiles) {
+        load(n + 1, (n + 1) & 1);
+        ra_cp_wait<1>();
+    } else {
+        ra_cp_wait<0>();
+    }
+    if constexpr (ASYNC) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    return n & 1;
+}
+
+// ---- a block's set-up
+template <int N>
+__device__ __forceinline__ void rb_zero(float (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[i][e] = 0.f;
+}
+
+// A query-major thread's two rows (r0 + g, r0 + g + 8 of Sq; past Sq the
+// last): their staged terms' rows rh, rw (row l of the block at sRH + l kh,
+// sRW + l SW; warp's rows from 16 warp), lse2 and delta.
+__device__ __forceinline__ void rb_query_rows(const float* (&rh)[2], const float* (&rw)[2], float (&lse)[2],
+                                              float (&dl)[2], const float* sRH, const float* sRW,
+                                              const float* lse2, const float* delta, long long qrow0, int r0,
+                                              int Sq, int kh, int SW, int warp, int g) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const long long row = qrow0 + min(r0 + g + 8 * rr, Sq - 1);
+        rh[rr] = sRH + (warp * 16 + g + 8 * rr) * kh;
+        rw[rr] = sRW + (warp * 16 + g + 8 * rr) * SW;
+        lse[rr] = lse2[row];
+        dl[rr] = delta[row];
+    }
+}
+
+// A key-major thread's two keys (key0 + g, key0 + g + 8 of Sk; past Sk the
+// last): their columns in the staged terms, rel_h's from key row ky_lo.
+template <int REL>
+__device__ __forceinline__ void rb_key_cols(int (&hcol)[2], int (&wcol)[2], int key0, int Sk, int kw, float inv_kw,
+                                            int ky_lo, int g) {
+    hcol[0] = hcol[1] = wcol[0] = wcol[1] = 0;
+    if constexpr (REL != bwd_bias::NONE) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            int ky, kx;
+            ra_split_key(min(key0 + g + 8 * rr, Sk - 1), kw, inv_kw, ky, kx);
+            hcol[rr] = ky - ky_lo;
+            wcol[rr] = kx;
+        }
+    }
+}
 
 // ---- the query-major tile (a warp's rows x 64 keys, the accumulator layout)
 // dS = P (dP - delta), P = exp2(s2 - lse2), in place of the logits s2.

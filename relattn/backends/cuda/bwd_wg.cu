@@ -92,22 +92,6 @@ __device__ __forceinline__ void rb_wg_key_ds(float (&dp)[8][4], const float (&s)
         }
 }
 
-// Waits for this thread's copies of tile n (issuing tile n + 1's first,
-// when there is one), makes them visible to the block's products (async
-// proxy) and returns tile n's stage (of two).
-template <typename Load>
-__device__ __forceinline__ int rb_wg_next(int n, int ntiles, Load&& load) {
-    if (n + 1 < ntiles) {
-        load(n + 1, (n + 1) & 1);
-        ra_cp_wait<1>();
-    } else {
-        ra_cp_wait<0>();
-    }
-    ra_fence_proxy_async();
-    __syncthreads();
-    return n & 1;
-}
-
 // ---- dq and the terms' gradients, per block of 64 NWG query rows
 // Shared memory (after 1024-byte alignment): the Q and dO tiles (64 NWG, HD),
 // two stages of K and V tiles (64, HD), then float32: the rows' terms
@@ -151,27 +135,13 @@ relattn_bwd_wg_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     const float* rh[2];
     const float* rw[2];
     float lse[2], dl[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const long long row = qrow0 + min(r0 + g + 8 * rr, Sq - 1);
-        rh[rr] = sRH + (warp * 16 + g + 8 * rr) * kh;
-        rw[rr] = sRW + (warp * 16 + g + 8 * rr) * SW;
-        lse[rr] = lse2[row];
-        dl[rr] = delta[row];
-    }
+    rb_query_rows(rh, rw, lse, dl, sRH, sRW, lse2, delta, qrow0, r0, Sq, kh, SW, warp, g);
     if constexpr (REL == bwd_bias::GENERIC)
         for (int c = tid; c < BM * (kh + kw); c += NT) sDH[c] = 0.f;   // seen after the loop's first barrier
 
-    float acc[ND][4];
-#pragma unroll
-    for (int d = 0; d < ND; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[d][e] = 0.f;
-    float dw[REL == bwd_bias::KEY_ROWS ? 8 : 1][4];   // KEY_ROWS: d_rel_w of the thread's 16 columns
-#pragma unroll
-    for (int j = 0; j < (REL == bwd_bias::KEY_ROWS ? 8 : 1); ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dw[j][e] = 0.f;
+    float acc[ND][4], dw[REL == bwd_bias::KEY_ROWS ? 8 : 1][4];   // KEY_ROWS: d_rel_w of the thread's 16 columns
+    rb_zero(acc);
+    rb_zero(dw);
 
     const int ntiles = (Sk + 63) / 64;
     auto load = [&](int n, int stage) {
@@ -183,7 +153,7 @@ relattn_bwd_wg_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     load(0, 0);   // with the Q, dO tiles and the terms
     for (int n = 0; n < ntiles; ++n) {
         const int j0 = n * 64;
-        const u32 cK = sKV + (u32)rb_wg_next(n, ntiles, load) * 2u * TB, cV = cK + TB;
+        const u32 cK = sKV + (u32)rb_next<true>(n, ntiles, load) * 2u * TB, cV = cK + TB;
 
         float s[8][4], dp[8][4];
         ra_wg_fence();
@@ -250,22 +220,12 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
     ra_load_tile<HD, NK, NT>(sK, k + (long long)bh * Sk * D, D, kb0, Sk, D, tid);
     ra_load_tile<HD, NK, NT>(sV, v + (long long)bh * Sk * D, D, kb0, Sk, D, tid);
     const int ky_lo = (REL == bwd_bias::NONE) ? 0 : kb0 / kw;
-    int hcol[2] = {0, 0}, wcol[2] = {0, 0};   // the thread's keys' columns in the staged terms
-    if constexpr (REL != bwd_bias::NONE) {
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            int ky, kx;
-            ra_split_key(min(key0 + g + 8 * rr, Sk - 1), kw, inv_kw, ky, kx);
-            hcol[rr] = ky - ky_lo;
-            wcol[rr] = kx;
-        }
-    }
+    int hcol[2], wcol[2];   // the thread's keys' columns in the staged terms
+    rb_key_cols<REL>(hcol, wcol, key0, Sk, kw, inv_kw, ky_lo, g);
 
     float ak[ND][4], av[ND][4];
-#pragma unroll
-    for (int d = 0; d < ND; ++d)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) { ak[d][e] = 0.f; av[d][e] = 0.f; }
+    rb_zero(ak);
+    rb_zero(av);
 
     const int ntiles = (Sq + 63) / 64;
     auto load = [&](int n, int stage) {
@@ -289,7 +249,7 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
     };
     load(0, 0);   // with the K and V tiles
     for (int n = 0; n < ntiles; ++n) {
-        const int i0 = n * 64, stage = rb_wg_next(n, ntiles, load);
+        const int i0 = n * 64, stage = rb_next<true>(n, ntiles, load);
         const u32 cQ = sST + (u32)stage * 2u * QB, cO = cQ + QB;
         const float* sL = fsm + stage * FST;
         const float* sD = sL + 64;

@@ -350,8 +350,9 @@ def to_float32(x):
 
 
 def cast_into(src, dst):
-    """``dst[...] = src`` rounded once to dst's dtype (nearest even), as numpy /
-    ml_dtypes cast on the host; float64, float32, float16 and bfloat16. A
+    """``dst[...] = src`` rounded once to dst's dtype (nearest even), as numpy
+    casts on the host (some ml_dtypes releases round float64 -> bfloat16 twice,
+    through float32); float64, float32, float16 and bfloat16. A
     16-bit destination from float64 goes through float32 rounded to odd (from
     the float64 bits, in integer arithmetic), which keeps the one rounding
     exact. float64 -> float32 and float16 -> float32 are PTX conversions of
