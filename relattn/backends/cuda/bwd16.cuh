@@ -270,26 +270,27 @@ __device__ __forceinline__ void rb_store_dq(const float (&acc)[ND][4],
 
 // ---- the key-major tile (a warp's keys x 64 queries from i0)
 // P^T in place of the products s and (DS) dS^T in place of dp, the queries
-// past Sq zero. sL, sD: the tile's lse2 and delta; sRH (64, nh) and sRW (64,
-// SW): its staged terms; hcol, wcol: the columns there of the thread's two keys.
-template <int REL, bool DS = true>
-__device__ __forceinline__ void rb_key_probs(float (&s)[8][4], float (&dp)[8][4], int i0, int Sq, const float* sL,
-                                             const float* sD, const float* sRH, const float* sRW, int nh, int SW,
-                                             const int (&hcol)[2], const int (&wcol)[2], float scale_log2, int t) {
+// past Sq zero (CHECK: the tile may hold some; without it every query is
+// below Sq). L, Dl: the tile's lse2 and delta from the thread's first column
+// (2 t); h[rr], w[rr]: the staged terms of key rr from that column (rows nh
+// and SW floats apart), so that every read below is at a fixed offset.
+template <int REL, bool DS, bool CHECK>
+__device__ __forceinline__ void rb_key_probs_at(float (&s)[8][4], float (&dp)[8][4], int i, int Sq, const float* L,
+                                                const float* Dl, const float* const (&h)[2],
+                                                const float* const (&w)[2], int nh, int SW, float scale_log2) {
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const int il = j * 8 + 2 * t + e;
-            if (i0 + il < Sq) {
-                const float L = sL[il], Dl = DS ? sD[il] : 0.f;
+            const int c = j * 8 + e;
+            if (!CHECK || i + c < Sq) {
+                const float lse = L[c], dl = DS ? Dl[c] : 0.f;
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
-                    const float bias = (REL == bwd_bias::NONE) ? 0.f
-                        : (sRH[il * nh + hcol[rr]] + sRW[il * SW + wcol[rr]]) * RA_LOG2E;
-                    const float p = ra_exp2(fmaf(s[j][2 * rr + e], scale_log2, bias) - L);
+                    const float bias = (REL == bwd_bias::NONE) ? 0.f : (h[rr][c * nh] + w[rr][c * SW]) * RA_LOG2E;
+                    const float p = ra_exp2(fmaf(s[j][2 * rr + e], scale_log2, bias) - lse);
                     s[j][2 * rr + e] = p;
-                    if (DS) dp[j][2 * rr + e] = p * (dp[j][2 * rr + e] - Dl);
+                    if (DS) dp[j][2 * rr + e] = p * (dp[j][2 * rr + e] - dl);
                 }
             } else {
 #pragma unroll
@@ -299,6 +300,19 @@ __device__ __forceinline__ void rb_key_probs(float (&s)[8][4], float (&dp)[8][4]
                 }
             }
         }
+}
+
+// P^T and (DS) dS^T of the tile of queries from i0 (rb_key_probs_at). sL,
+// sD: the tile's lse2 and delta; sRH (64, nh) and sRW (64, SW): its staged
+// terms; hcol, wcol: the columns there of the thread's two keys.
+template <int REL, bool DS = true>
+__device__ __forceinline__ void rb_key_probs(float (&s)[8][4], float (&dp)[8][4], int i0, int Sq, const float* sL,
+                                             const float* sD, const float* sRH, const float* sRW, int nh, int SW,
+                                             const int (&hcol)[2], const int (&wcol)[2], float scale_log2, int t) {
+    const int c0 = 2 * t;
+    const float* h[2] = {sRH + c0 * nh + hcol[0], sRH + c0 * nh + hcol[1]};
+    const float* w[2] = {sRW + c0 * SW + wcol[0], sRW + c0 * SW + wcol[1]};
+    rb_key_probs_at<REL, DS, true>(s, dp, i0 + c0, Sq, sL + c0, sD + c0, h, w, nh, SW, scale_log2);
 }
 
 // The warp's keys' dk (scale times ak) and dv (av), rounded once to DT;

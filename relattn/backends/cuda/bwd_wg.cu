@@ -26,6 +26,100 @@
 // common.cuh, the wgmma wrappers, sm90_common.cuh, bwd_common.cuh and
 // bwd16.cuh before it.
 
+// ---- the in-loop copies, each thread's share fixed from tile to tile
+// A thread's chunks of a 16-bit tile of ROWS rows x HD in ra_load_tile's
+// layout: the same shared offset -> (row, column) map, dealt so that a
+// thread keeps its column and its place in a row group on every tile. Its
+// chunk k of the swizzled part (columns 0-63) is row r + k NT / 8 at offset
+// off + 16 k NT; of head_dim 80's tail (columns 64-79), row rt + k NT / 2 at
+// offt + 16 k NT. Set up once per block; copy() then costs per chunk a row
+// bound, an address and the copy (ra_load_tile's index math, per chunk and
+// tile, was most of the loops' instructions). Rows >= nrows and columns >= D
+// are zero-filled.
+template <int HD, int ROWS, int NT>
+struct RbTileRows {
+    static_assert(HD == 64 || HD == 80, "head_dim 64 or 80");
+    static_assert(ROWS * 8 % NT == 0 && NT % 16 == 0, "whole chunks per thread");
+    static constexpr int K = ROWS * 8 / NT, KT = HD == 80 ? (ROWS * 2 + NT - 1) / NT : 0;
+    int r, rt, col, colt;
+    u32 off, offt;
+
+    __device__ __forceinline__ RbTileRows(int tid) {
+        const int c = tid & 7, c2 = tid & 1;
+        r = tid >> 3;
+        col = c * 8;
+        off = (u32)r * 128u + (u32)((c ^ (r & 7)) << 4);
+        rt = tid >> 1;
+        colt = 64 + c2 * 8;
+        offt = (u32)ROWS * 128u + (u32)((((rt >> 3) * 2 + c2) << 7) + ((rt & 7) << 4));
+    }
+
+    // Rows row0 .. row0 + ROWS - 1 of the matrix at base (row stride
+    // rstride) into the tile at dst; uncommitted.
+    __device__ __forceinline__ void copy(u32 dst, const u16* base, long long rstride, int row0, int nrows,
+                                         int D) const {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int row = row0 + r + k * (NT / 8);
+            const bool ok = row < nrows && col < D;
+            ra_cp_async16(dst + off + (u32)(k * NT * 16), ok ? base + row * rstride + col : base, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int k = 0; k < KT; ++k) {
+            const int rr = rt + k * (NT / 2);
+            if (KT * NT > ROWS * 2 && rr >= ROWS) break;
+            const int row = row0 + rr;
+            const bool ok = row < nrows && colt < D;
+            ra_cp_async16(dst + offt + (u32)(k * NT * 16), ok ? base + row * rstride + colt : base, ok ? 16 : 0);
+        }
+    }
+};
+
+// dkv's per-tile float32 stage (64 query rows from i0, of Sq; rows past Sq
+// zero-filled), each thread's copies fixed from tile to tile: lse2 (64) and
+// delta (64), then the terms of the block's keys, rel_h columns ky_lo .. of
+// stride nh and rel_w rows of stride SW (the layouts rb_key_probs reads).
+// The key-rows mode's shapes are compile-time: nh = NWG, k_w = 64 (16-byte
+// copies, stride RB_SW_K); the generic mode deals a row's columns to the
+// NT / 64 threads of that row. src_*: this (batch, head)'s rows.
+template <int REL, int NWG>
+__device__ __forceinline__ void rb_stage_f32(float* f, const float* lse2, const float* delta, const float* rel_h,
+                                             const float* rel_w, int i0, int Sq, int kh, int kw, int ky_lo, int nh,
+                                             int SW, int tid) {
+    constexpr int NT = 128 * NWG;
+    if (tid < 128) {
+        const int r = tid & 63, row = i0 + r;
+        const bool ok = row < Sq;
+        const float* src = (tid < 64 ? lse2 : delta) + (ok ? row : 0);
+        rb_cp_async4(ra_smem_addr(f + tid), src, ok ? 4 : 0);
+    }
+    if constexpr (REL == bwd_bias::KEY_ROWS) {
+        float* sRH = f + 128;
+        float* sRW = sRH + 64 * NWG;
+        if (tid < 64 * NWG) {   // rel_h: 64 rows x NWG key rows
+            const int r = tid / NWG, c = tid - r * NWG, row = i0 + r;
+            const bool ok = row < Sq && c < kh - ky_lo;
+            rb_cp_async4(ra_smem_addr(sRH + tid), rel_h + (ok ? (long long)row * kh + ky_lo + c : 0), ok ? 4 : 0);
+        }
+        const int c = (tid & 15) * 4;   // rel_w: 64 rows x 16 chunks of 4
+#pragma unroll
+        for (int k = 0; k < 64 * 16 / NT; ++k) {
+            const int r = (tid >> 4) + k * (NT / 16), row = i0 + r;
+            const bool ok = row < Sq;
+            ra_cp_async16(ra_smem_addr(sRW + r * RB_SW_K + c), rel_w + (ok ? (long long)row * 64 + c : 0), ok ? 16 : 0);
+        }
+    } else if constexpr (REL == bwd_bias::GENERIC) {
+        float* sRH = f + 128;
+        float* sRW = sRH + 64 * nh;
+        const int r = tid & 63, row = i0 + r, hcols = min(nh, kh - ky_lo);
+        const bool ok = row < Sq;
+        const float* h = rel_h + (ok ? (long long)row * kh + ky_lo : 0);
+        const float* w = rel_w + (ok ? (long long)row * kw : 0);
+        for (int c = tid >> 6; c < hcols; c += NT / 64) rb_cp_async4(ra_smem_addr(sRH + r * nh + c), h + (ok ? c : 0), ok ? 4 : 0);
+        for (int c = tid >> 6; c < kw; c += NT / 64) rb_cp_async4(ra_smem_addr(sRW + r * SW + c), w + (ok ? c : 0), ok ? 4 : 0);
+    }
+}
+
 // Descriptors of a tile of ROWS rows in ra_load_tile's layout at base.
 // K-major (the head dim is the reduction): rows r0 .. r0 + 63, the swizzled
 // part (advance 2 per 16 columns) and head_dim 80's tail. N-major (the rows
@@ -128,8 +222,10 @@ relattn_bwd_wg_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     const u16* kb = k + (long long)bh * Sk * D;
     const u16* vb = v + (long long)bh * Sk * D;
 
-    ra_load_tile<HD, BM, NT>(sQ, q + qrow0 * D, D, m0, Sq, D, tid);
-    ra_load_tile<HD, BM, NT>(sO, dout + qrow0 * D, D, m0, Sq, D, tid);
+    const RbTileRows<HD, BM, NT> rows_q(tid);
+    const RbTileRows<HD, 64, NT> rows_kv(tid);
+    rows_q.copy(sQ, q + qrow0 * D, D, m0, Sq, D);
+    rows_q.copy(sO, dout + qrow0 * D, D, m0, Sq, D);
     rb_load_terms<REL>(sRH + wg * 64 * kh, sRW + wg * 64 * SW, rel_h + qrow0 * kh, rel_w + qrow0 * kw, m0 + wg * 64,
                        Sq, kh, kw, wt);
     const float* rh[2];
@@ -146,8 +242,8 @@ relattn_bwd_wg_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u1
     const int ntiles = (Sk + 63) / 64;
     auto load = [&](int n, int stage) {
         const u32 dst = sKV + (u32)stage * 2u * TB;
-        ra_load_tile<HD, 64, NT>(dst, kb, D, n * 64, Sk, D, tid);
-        ra_load_tile<HD, 64, NT>(dst + TB, vb, D, n * 64, Sk, D, tid);
+        rows_kv.copy(dst, kb, D, n * 64, Sk, D);
+        rows_kv.copy(dst + TB, vb, D, n * 64, Sk, D);
         ra_cp_commit();
     };
     load(0, 0);   // with the Q, dO tiles and the terms
@@ -206,7 +302,8 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
     const u32 sbase = (sraw + 1023u) & ~1023u;
     const u32 sK = sbase, sV = sbase + KB, sST = sbase + 2 * KB;   // stage s: q at sST + 2 s QB, dO after it
     const int SW = rb_sw_k(REL, kw);
-    const int FST = 128 + (REL == bwd_bias::NONE ? 0 : 64 * (nh + SW));   // floats of a stage
+    const int NH = REL == bwd_bias::KEY_ROWS ? NWG : nh;
+    const int FST = 128 + (REL == bwd_bias::NONE ? 0 : 64 * (NH + SW));   // floats of a stage
     float* fsm = reinterpret_cast<float*>(ra_smem_raw + (sbase - sraw) + 2 * KB + 4 * QB);
     const int tid = threadIdx.x, wg = tid >> 7, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int ktiles = (Sk + NK - 1) / NK;
@@ -217,8 +314,10 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
     const u16* qb = q + qrow0 * D;
     const u16* ob = dout + qrow0 * D;
 
-    ra_load_tile<HD, NK, NT>(sK, k + (long long)bh * Sk * D, D, kb0, Sk, D, tid);
-    ra_load_tile<HD, NK, NT>(sV, v + (long long)bh * Sk * D, D, kb0, Sk, D, tid);
+    const RbTileRows<HD, NK, NT> rows_k(tid);
+    const RbTileRows<HD, 64, NT> rows_q(tid);
+    rows_k.copy(sK, k + (long long)bh * Sk * D, D, kb0, Sk, D);
+    rows_k.copy(sV, v + (long long)bh * Sk * D, D, kb0, Sk, D);
     const int ky_lo = (REL == bwd_bias::NONE) ? 0 : kb0 / kw;
     int hcol[2], wcol[2];   // the thread's keys' columns in the staged terms
     rb_key_cols<REL>(hcol, wcol, key0, Sk, kw, inv_kw, ky_lo, g);
@@ -231,20 +330,10 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
     auto load = [&](int n, int stage) {
         const int i0 = n * 64;
         const u32 dst = sST + (u32)stage * 2u * QB;
-        ra_load_tile<HD, 64, NT>(dst, qb, D, i0, Sq, D, tid);
-        ra_load_tile<HD, 64, NT>(dst + QB, ob, D, i0, Sq, D, tid);
-        if (tid < 128) {   // bwd.cu's loaders of 64 rows run on 128 threads
-            float* f = fsm + stage * FST;
-            rb_load_f32<false>(f, 1, lse2 + qrow0, 1, 0, 1, i0, Sq, tid);
-            rb_load_f32<false>(f + 64, 1, delta + qrow0, 1, 0, 1, i0, Sq, tid);
-            if constexpr (REL != bwd_bias::NONE) {
-                rb_load_f32<false>(f + 128, nh, rel_h + qrow0 * kh, kh, ky_lo, min(nh, kh - ky_lo), i0, Sq, tid);
-                if constexpr (REL == bwd_bias::KEY_ROWS)
-                    rb_load_f32<true>(f + 128 + 64 * nh, SW, rel_w + qrow0 * kw, kw, 0, kw, i0, Sq, tid);
-                else
-                    rb_load_f32<false>(f + 128 + 64 * nh, SW, rel_w + qrow0 * kw, kw, 0, kw, i0, Sq, tid);
-            }
-        }
+        rows_q.copy(dst, qb, D, i0, Sq, D);
+        rows_q.copy(dst + QB, ob, D, i0, Sq, D);
+        rb_stage_f32<REL, NWG>(fsm + stage * FST, lse2 + qrow0, delta + qrow0, rel_h + qrow0 * kh, rel_w + qrow0 * kw,
+                               i0, Sq, kh, kw, ky_lo, NH, SW, tid);
         ra_cp_commit();
     };
     load(0, 0);   // with the K and V tiles
@@ -254,7 +343,7 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
         const float* sL = fsm + stage * FST;
         const float* sD = sL + 64;
         const float* sRH = sL + 128;
-        const float* sRW = sRH + 64 * nh;
+        const float* sRW = sRH + 64 * NH;
 
         float s[8][4], dp[8][4];                  // transposed: rows keys, columns queries
         u32 pf[4][4], df[4][4];
@@ -264,7 +353,7 @@ relattn_bwd_wg_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u
         rb_wg_abt<DT, HD, NK, 64>(dp, sV, wg * 64, cO);
         ra_wg_commit();
         ra_wg_wait<1>();    // S^T; dP^T may be in flight
-        rb_key_probs<REL, false>(s, dp, i0, Sq, sL, sD, sRH, sRW, nh, SW, hcol, wcol, scale_log2, t);   // P^T
+        rb_key_probs<REL, false>(s, dp, i0, Sq, sL, sD, sRH, sRW, NH, SW, hcol, wcol, scale_log2, t);   // P^T
         rb_wg_frags<DT>(pf, s);
         ra_wg_fence();
         rb_wg_xb<DT, HD, 64>(av, pf, cO);   // dv += P^T dO
