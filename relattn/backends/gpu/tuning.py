@@ -55,14 +55,14 @@ TF32_SH_MIN_HD = 48
 
 # The 16-bit backward on Hopper (relattn_bwd_wg_dq / _dkv, cuda/bwd_wg.cu):
 # warpgroups per block, and where dq takes it over bwd.cu's relattn_bwd_dq
-# (dk / dv always does: 0.594 against 0.720 ms at SAM-B global, 0.869 against
-# 1.218 at SAM-H global, 0.082 against 0.105 in SAM-B's windows)
+# (dk / dv always does: 0.392 against 0.721 ms at SAM-B global, 0.616 against
+# 1.074 at SAM-H global, 0.059 against 0.091 in SAM-B's windows; H100 graph time)
 def bwd_wg_warpgroups(kind: str, hd: int) -> int:
-    """dkv: 2 (two 64-key halves share each query tile: 0.594 vs 0.615 ms
-    at SAM-B global, 0.869 vs 0.927 at SAM-H; 0.084 vs 0.082 in the
-    windows). dq: 1 at head_dim 64 (0.307 vs 0.320, SAM-B global), 2 at 80
-    (0.498 vs 0.541, SAM-H global)."""
+    """dkv: 2 (two 64-key halves share each query tile: 0.392 vs 0.430 ms
+    at SAM-B global, 0.616 vs 0.726 at SAM-H; 0.060 vs 0.059 in the
+    windows). dq: 1 at head_dim 64 (0.253 vs 0.269, SAM-B global), 2 at 80
+    (0.419 vs 0.504, SAM-H global)."""
     return 2 if kind == "dkv" or hd > 64 else 1
 
 
-BWD_WG_DQ_MIN_KEYS = 1024   # fewer keys (SAM's windows: 196): bwd.cu's dq, 0.105 vs 0.116 ms (three blocks per SM, not two)
+BWD_WG_DQ_MIN_KEYS = 1024   # fewer keys (SAM's windows: 196): bwd.cu's dq, 0.105 vs 0.107 ms (three blocks per SM, not two)
