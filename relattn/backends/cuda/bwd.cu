@@ -51,17 +51,29 @@ __device__ __forceinline__ void rb_frags(u32 (&f)[KQ][4], const u16* base, int r
 
 // Rows r0 .. r0 + 63 of one (a) or two (a, b) (n, D) matrices into shared
 // memory (padded rows of HD + 8; b's tile after a's) by cp.async, uncommitted;
-// rows >= n zero-filled.
+// rows >= n and columns >= D zero-filled. A row's HD / 8 chunks are split
+// into parts of W chunks, W a power of two (80: 8 + 2), and a part is dealt
+// to the 128 threads so that each keeps its column from tile to tile: chunk
+// k of a thread is row tid / W + k 128 / W, column C0 + tid % W.
+template <int HD, bool TWO, int C0, int REM>
+__device__ __forceinline__ void rb_load_parts(u16* dst, const u16* a, const u16* b, int r0, int n, int D, int tid) {
+    constexpr int SROW = HD + 8, TILE = 64 * SROW;
+    constexpr int W = REM >= 16 ? 16 : REM >= 8 ? 8 : REM >= 4 ? 4 : 2;
+    static_assert(REM % 2 == 0, "head_dim a multiple of 16");
+    const int col = (C0 + (tid & (W - 1))) * 8, r = tid / W;
+#pragma unroll
+    for (int k = 0; k < 64 * W / 128; ++k) {
+        const int row = r + k * (128 / W);
+        const bool ok = (r0 + row < n) && (col < D);
+        const long long off = ok ? (long long)(r0 + row) * D + col : 0;
+        ra_cp_async16(ra_smem_addr(dst + row * SROW + col), a + off, ok ? 16 : 0);
+        if (TWO) ra_cp_async16(ra_smem_addr(dst + TILE + row * SROW + col), b + off, ok ? 16 : 0);
+    }
+    if constexpr (REM > W) rb_load_parts<HD, TWO, C0 + W, REM - W>(dst, a, b, r0, n, D, tid);
+}
 template <int HD, bool TWO>
 __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, int r0, int n, int D, int tid) {
-    constexpr int SROW = HD + 8, TILE = 64 * SROW, CH = HD / 8;
-    for (int c = tid; c < 64 * CH; c += 128) {
-        const int r = c / CH, col = (c - r * CH) * 8;
-        const bool ok = (r0 + r < n) && (col < D);
-        const long long off = ok ? (long long)(r0 + r) * D + col : 0;
-        ra_cp_async16(ra_smem_addr(dst + r * SROW + col), a + off, ok ? 16 : 0);
-        if (TWO) ra_cp_async16(ra_smem_addr(dst + TILE + r * SROW + col), b + off, ok ? 16 : 0);
-    }
+    rb_load_parts<HD, TWO, 0, HD / 8>(dst, a, b, r0, n, D, tid);
 }
 
 // ---- products
@@ -315,7 +327,8 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     extern __shared__ __align__(16) unsigned char ra_smem_raw[];
     u16* smem = reinterpret_cast<u16*>(ra_smem_raw);
     const int SW = rb_sw_k(REL, kw);
-    const int FST = 128 + (REL == bwd_bias::NONE ? 0 : 64 * (nh + SW));   // floats of a stage
+    const int NH = REL == bwd_bias::KEY_ROWS ? 1 : nh;
+    const int FST = 128 + (REL == bwd_bias::NONE ? 0 : 64 * (NH + SW));   // floats of a stage
     float* fsm = reinterpret_cast<float*>(smem + 2 * STAGE);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int ktiles = (Sk + 63) / 64;
@@ -343,17 +356,9 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     const int ntiles = (Sq + 63) / 64;
     auto load = [&](int n, int stage) {
         const int i0 = n * 64;
-        float* f = fsm + stage * FST;
         rb_load<HD, true>(smem + stage * STAGE, qb, ob, i0, Sq, D, tid);
-        rb_load_f32<false>(f, 1, lse2 + qrow0, 1, 0, 1, i0, Sq, tid);
-        rb_load_f32<false>(f + 64, 1, delta + qrow0, 1, 0, 1, i0, Sq, tid);
-        if constexpr (REL != bwd_bias::NONE) {
-            rb_load_f32<false>(f + 128, nh, rel_h + qrow0 * kh, kh, ky_lo, min(nh, kh - ky_lo), i0, Sq, tid);
-            if constexpr (REL == bwd_bias::KEY_ROWS)
-                rb_load_f32<true>(f + 128 + 64 * nh, SW, rel_w + qrow0 * kw, kw, 0, kw, i0, Sq, tid);
-            else
-                rb_load_f32<false>(f + 128 + 64 * nh, SW, rel_w + qrow0 * kw, kw, 0, kw, i0, Sq, tid);
-        }
+        rb_stage_f32<REL, 1>(fsm + stage * FST, lse2 + qrow0, delta + qrow0, rel_h + qrow0 * kh, rel_w + qrow0 * kw,
+                             i0, Sq, kh, kw, ky_lo, NH, SW, tid);
         ra_cp_commit();
     };
     load(0, 0);
@@ -364,12 +369,12 @@ relattn_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
         const float* sL = fsm + stage * FST;
         const float* sD = sL + 64;
         const float* sRH = sL + 128;
-        const float* sRW = sRH + 64 * nh;
+        const float* sRW = sRH + 64 * NH;
 
         float s[8][4], dp[8][4];                  // transposed: rows keys, columns queries
         rb_abt<DT, KQ, HD>(s, kf, ra_smem_addr(cQ + k_off));
         rb_abt<DT, KQ, HD>(dp, vf, ra_smem_addr(cO + k_off));
-        rb_key_probs<REL>(s, dp, i0, Sq, sL, sD, sRH, sRW, nh, SW, hcol, wcol, scale_log2, t);   // P^T, dS^T
+        rb_key_probs<REL>(s, dp, i0, Sq, sL, sD, sRH, sRW, NH, SW, hcol, wcol, scale_log2, t);   // P^T, dS^T
         rb_xb<DT, HD>(av, s, ra_smem_addr(cO + t_off));    // dv += P^T dO
         rb_xb<DT, HD>(ak, dp, ra_smem_addr(cQ + t_off));   // dk += dS^T q
         __syncthreads();

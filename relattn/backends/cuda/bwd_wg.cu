@@ -75,51 +75,6 @@ struct RbTileRows {
     }
 };
 
-// dkv's per-tile float32 stage (64 query rows from i0, of Sq; rows past Sq
-// zero-filled), each thread's copies fixed from tile to tile: lse2 (64) and
-// delta (64), then the terms of the block's keys, rel_h columns ky_lo .. of
-// stride nh and rel_w rows of stride SW (the layouts rb_key_probs reads).
-// The key-rows mode's shapes are compile-time: nh = NWG, k_w = 64 (16-byte
-// copies, stride RB_SW_K); the generic mode deals a row's columns to the
-// NT / 64 threads of that row. src_*: this (batch, head)'s rows.
-template <int REL, int NWG>
-__device__ __forceinline__ void rb_stage_f32(float* f, const float* lse2, const float* delta, const float* rel_h,
-                                             const float* rel_w, int i0, int Sq, int kh, int kw, int ky_lo, int nh,
-                                             int SW, int tid) {
-    constexpr int NT = 128 * NWG;
-    if (tid < 128) {
-        const int r = tid & 63, row = i0 + r;
-        const bool ok = row < Sq;
-        const float* src = (tid < 64 ? lse2 : delta) + (ok ? row : 0);
-        rb_cp_async4(ra_smem_addr(f + tid), src, ok ? 4 : 0);
-    }
-    if constexpr (REL == bwd_bias::KEY_ROWS) {
-        float* sRH = f + 128;
-        float* sRW = sRH + 64 * NWG;
-        if (tid < 64 * NWG) {   // rel_h: 64 rows x NWG key rows
-            const int r = tid / NWG, c = tid - r * NWG, row = i0 + r;
-            const bool ok = row < Sq && c < kh - ky_lo;
-            rb_cp_async4(ra_smem_addr(sRH + tid), rel_h + (ok ? (long long)row * kh + ky_lo + c : 0), ok ? 4 : 0);
-        }
-        const int c = (tid & 15) * 4;   // rel_w: 64 rows x 16 chunks of 4
-#pragma unroll
-        for (int k = 0; k < 64 * 16 / NT; ++k) {
-            const int r = (tid >> 4) + k * (NT / 16), row = i0 + r;
-            const bool ok = row < Sq;
-            ra_cp_async16(ra_smem_addr(sRW + r * RB_SW_K + c), rel_w + (ok ? (long long)row * 64 + c : 0), ok ? 16 : 0);
-        }
-    } else if constexpr (REL == bwd_bias::GENERIC) {
-        float* sRH = f + 128;
-        float* sRW = sRH + 64 * nh;
-        const int r = tid & 63, row = i0 + r, hcols = min(nh, kh - ky_lo);
-        const bool ok = row < Sq;
-        const float* h = rel_h + (ok ? (long long)row * kh + ky_lo : 0);
-        const float* w = rel_w + (ok ? (long long)row * kw : 0);
-        for (int c = tid >> 6; c < hcols; c += NT / 64) rb_cp_async4(ra_smem_addr(sRH + r * nh + c), h + (ok ? c : 0), ok ? 4 : 0);
-        for (int c = tid >> 6; c < kw; c += NT / 64) rb_cp_async4(ra_smem_addr(sRW + r * SW + c), w + (ok ? c : 0), ok ? 4 : 0);
-    }
-}
-
 // Descriptors of a tile of ROWS rows in ra_load_tile's layout at base.
 // K-major (the head dim is the reduction): rows r0 .. r0 + 63, the swizzled
 // part (advance 2 per 16 columns) and head_dim 80's tail. N-major (the rows
