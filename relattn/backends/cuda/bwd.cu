@@ -51,29 +51,31 @@ __device__ __forceinline__ void rb_frags(u32 (&f)[KQ][4], const u16* base, int r
 
 // Rows r0 .. r0 + 63 of one (a) or two (a, b) (n, D) matrices into shared
 // memory (padded rows of HD + 8; b's tile after a's) by cp.async, uncommitted;
-// rows >= n and columns >= D zero-filled. A row's HD / 8 chunks are split
-// into parts of W chunks, W a power of two (80: 8 + 2), and a part is dealt
-// to the 128 threads so that each keeps its column from tile to tile: chunk
-// k of a thread is row tid / W + k 128 / W, column C0 + tid % W.
-template <int HD, bool TWO, int C0, int REM>
-__device__ __forceinline__ void rb_load_parts(u16* dst, const u16* a, const u16* b, int r0, int n, int D, int tid) {
-    constexpr int SROW = HD + 8, TILE = 64 * SROW;
-    constexpr int W = REM >= 16 ? 16 : REM >= 8 ? 8 : REM >= 4 ? 4 : 2;
-    static_assert(REM % 2 == 0, "head_dim a multiple of 16");
-    const int col = (C0 + (tid & (W - 1))) * 8, r = tid / W;
-#pragma unroll
-    for (int k = 0; k < 64 * W / 128; ++k) {
-        const int row = r + k * (128 / W);
-        const bool ok = (r0 + row < n) && (col < D);
-        const long long off = ok ? (long long)(r0 + row) * D + col : 0;
-        ra_cp_async16(ra_smem_addr(dst + row * SROW + col), a + off, ok ? 16 : 0);
-        if (TWO) ra_cp_async16(ra_smem_addr(dst + TILE + row * SROW + col), b + off, ok ? 16 : 0);
-    }
-    if constexpr (REM > W) rb_load_parts<HD, TWO, C0 + W, REM - W>(dst, a, b, r0, n, D, tid);
-}
+// rows >= n and columns >= D zero-filled. Chunk c = tid + 128 k of the tile
+// is row c / CH, column c % CH (CH = HD / 8): where D == HD a warp reads 512
+// contiguous bytes. Where CH is a power of two a thread keeps its column from
+// tile to tile and the copies unroll (row tid / CH + k 128 / CH); head_dim
+// 80's rows split as 8 + 2 chunks for the same lose that contiguity (slower
+// in dq: docs/kernels.md).
 template <int HD, bool TWO>
 __device__ __forceinline__ void rb_load(u16* dst, const u16* a, const u16* b, int r0, int n, int D, int tid) {
-    rb_load_parts<HD, TWO, 0, HD / 8>(dst, a, b, r0, n, D, tid);
+    constexpr int SROW = HD + 8, TILE = 64 * SROW, CH = HD / 8;
+    auto copy = [&](int r, int col) {
+        const bool ok = (r0 + r < n) && (col < D);
+        const long long off = ok ? (long long)(r0 + r) * D + col : 0;
+        ra_cp_async16(ra_smem_addr(dst + r * SROW + col), a + off, ok ? 16 : 0);
+        if (TWO) ra_cp_async16(ra_smem_addr(dst + TILE + r * SROW + col), b + off, ok ? 16 : 0);
+    };
+    if constexpr ((CH & (CH - 1)) == 0) {
+        const int col = (tid & (CH - 1)) * 8, r = tid / CH;
+#pragma unroll
+        for (int k = 0; k < 64 * CH / 128; ++k) copy(r + k * (128 / CH), col);
+    } else {
+        for (int c = tid; c < 64 * CH; c += 128) {
+            const int r = c / CH;
+            copy(r, (c - r * CH) * 8);
+        }
+    }
 }
 
 // ---- products
