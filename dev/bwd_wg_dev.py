@@ -2,8 +2,9 @@
 products (cuda/bwd_wg.cu: relattn_bwd_wg_dq / _dkv, one and two warpgroups
 per block) against their mma.sync forms (cuda/bwd.cu).
 
-    python3 dev/bwd_wg_dev.py --nvcc            # offline: nvcc sm_90a, registers and spills per instantiation
-                                                # (with cuobjdump: each loop's order of products, waits,
+    python3 dev/bwd_wg_dev.py --nvcc            # offline: nvcc sm_90a, registers and spills per instantiation,
+                                                # bwd.cu's and bwd_wg.cu's (with cuobjdump: each tile loop's
+                                                # instructions and, for wgmma, its order of products, waits,
                                                 # exponentials and packs, as dev/sass_dev.py prints them)
     python3 dev/bwd_wg_dev.py                   # GPU: every case checked, then the SAM cases timed
     python3 dev/bwd_wg_dev.py --check           # GPU: the checks only
@@ -52,28 +53,34 @@ CASES = [
 TIMED = ("sam-b-global", "sam-b-window", "sam-h-global")
 
 
-def source() -> str:
+def source(family="bwd_wg") -> str:
     from relattn.backends.gpu import _build
 
-    return _build.family_source("bwd_wg")
+    return _build.family_source(family)
 
 
 def nvcc_report(configs):
-    """Each instantiation built with nvcc for sm_90a: ptxas's registers, spills and wgmma notes."""
+    """Each instantiation built with nvcc for sm_90a: ptxas's registers, spills
+    and wgmma notes. configs: (kind, dt, hd, rel, nwg), nwg 0 for bwd.cu's
+    mma.sync form."""
     from relattn.backends.gpu import _build
-    from relattn.backends.gpu.backward import wg_kernel_name as name
+    from relattn.backends.gpu.backward import _names, wg_kernel_name
 
     sys.path.insert(0, HERE)
     import sass_dev
 
-    src = source()
+    def name(kind, dt, hd, rel, nwg):
+        return wg_kernel_name(kind, dt, hd, rel, nwg) if nwg else _names(dt, hd)[(kind, rel)]
+
+    srcs = {"bwd_wg": source(), "bwd": source("bwd")}
     opts = [o for o in _build.SM90_OPTIONS if not o.startswith("-arch")]
     cuobjdump = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
     with tempfile.TemporaryDirectory() as work:
         for kind, dt, hd, rel, nwg in configs:
             cu = os.path.join(work, "k.cu")
             with open(cu, "w") as f:
-                f.write(src + f"\ntemplate __global__ void {name(kind, dt, hd, rel, nwg)}({ARGS[kind]});\n")
+                f.write(srcs["bwd_wg" if nwg else "bwd"]
+                        + f"\ntemplate __global__ void {name(kind, dt, hd, rel, nwg)}({ARGS[kind]});\n")
             r = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", *opts, "-c", "-Xptxas", "-v", cu,
                                 "-o", os.path.join(work, "k.o")], capture_output=True, text=True)
             if r.returncode:
@@ -215,7 +222,8 @@ def timings(nwgs, cases):
 
 def main(argv):
     if "--nvcc" in argv:
-        cfgs = [(kind, 1, hd, rel, nwg) for hd in (64, 80) for rel in (1, 2) for nwg in (1, 2) for kind in ("dq", "dkv")]
+        cfgs = [(kind, 1, hd, rel, nwg) for hd in (64, 80) for rel in (1, 2) for nwg in (0, 1, 2)
+                for kind in ("dq", "dkv")]
         nvcc_report(cfgs)
         return 0
     sys.path.insert(0, HERE)

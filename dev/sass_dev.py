@@ -85,7 +85,7 @@ def loops(sass: str):
             back.append((int(m.group(1), 16), a))
     for s, e in back:
         body = [t for a, t in ins if s <= a <= e]
-        if sum("HGMMA" in t for t in body) < 4:
+        if sum("HGMMA" in t or "HMMA" in t for t in body) < 4:   # a loop of warpgroup or mma.sync products
             continue
         seq = []
         for t in body:
@@ -103,7 +103,8 @@ def loops(sass: str):
         # index re-read instead of kept) and local-memory spills
         extra = [f"{ops[k]} {k}" for k in ("S2R", "LDL", "STL") if ops[k]]
         note = f" [{', '.join(extra)}]" if extra else ""
-        print(f"  loop {s:#x}-{e:#x}: {len(body)} instructions ({top}){note}\n    {''.join(seq)}")
+        order = f"\n    {''.join(seq)}" if "G" in seq else ""   # the order of warpgroup products and waits
+        print(f"  loop {s:#x}-{e:#x}: {len(body)} instructions ({top}){note}{order}")
 
 
 def main(argv):
