@@ -33,9 +33,10 @@
 // chunk k of the swizzled part (columns 0-63) is row r + k NT / 8 at offset
 // off + 16 k NT; of head_dim 80's tail (columns 64-79), row rt + k NT / 2 at
 // offt + 16 k NT. Set up once per block; copy() then costs per chunk a row
-// bound, an address and the copy (ra_load_tile's index math, per chunk and
-// tile, was most of the loops' instructions). Rows >= nrows and columns >= D
-// are zero-filled.
+// bound, an address and the copy, where ra_load_tile derives each chunk's
+// row and offset from the thread index on every tile. Rows >= nrows and
+// columns >= D are zero-filled. At head_dim 80 a warp reads 4 rows' first
+// 128 bytes (rows are 160 apart), not 512 contiguous bytes.
 template <int HD, int ROWS, int NT>
 struct RbTileRows {
     static_assert(HD == 64 || HD == 80, "head_dim 64 or 80");
