@@ -316,11 +316,11 @@ __device__ __forceinline__ void rb_store_dq(const float (&acc)[ND][4],
 
 // ---- the key-major tile (a warp's keys x 64 queries from i0)
 // P^T in place of the products s and (DS) dS^T in place of dp, the queries
-// past Sq zero (CHECK: the tile may hold some; without it every query is
-// below Sq). L, Dl: the tile's lse2 and delta from the thread's first column
-// (2 t); h[rr], w[rr]: the staged terms of key rr from that column (rows nh
-// and SW floats apart), so that every read below is at a fixed offset.
-template <int REL, bool DS, bool CHECK>
+// past Sq zero; i: the thread's first query (column 2 t). L, Dl: the tile's
+// lse2 and delta from that column; h[rr], w[rr]: the staged terms of key rr
+// from that column (rows nh and SW floats apart), so that every read below
+// is at a fixed offset.
+template <int REL, bool DS>
 __device__ __forceinline__ void rb_key_probs_at(float (&s)[8][4], float (&dp)[8][4], int i, int Sq, const float* L,
                                                 const float* Dl, const float* const (&h)[2],
                                                 const float* const (&w)[2], int nh, int SW, float scale_log2) {
@@ -329,7 +329,7 @@ __device__ __forceinline__ void rb_key_probs_at(float (&s)[8][4], float (&dp)[8]
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int c = j * 8 + e;
-            if (!CHECK || i + c < Sq) {
+            if (i + c < Sq) {
                 const float lse = L[c], dl = DS ? Dl[c] : 0.f;
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
@@ -358,7 +358,7 @@ __device__ __forceinline__ void rb_key_probs(float (&s)[8][4], float (&dp)[8][4]
     const int c0 = 2 * t;
     const float* h[2] = {sRH + c0 * nh + hcol[0], sRH + c0 * nh + hcol[1]};
     const float* w[2] = {sRW + c0 * SW + wcol[0], sRW + c0 * SW + wcol[1]};
-    rb_key_probs_at<REL, DS, true>(s, dp, i0 + c0, Sq, sL + c0, sD + c0, h, w, nh, SW, scale_log2);
+    rb_key_probs_at<REL, DS>(s, dp, i0 + c0, Sq, sL + c0, sD + c0, h, w, nh, SW, scale_log2);
 }
 
 // The warp's keys' dk (scale times ak) and dv (av), rounded once to DT;
