@@ -46,7 +46,12 @@ query row, the backward recomputes the logits tile by tile and never holds
 an S_q x S_k buffer. Other inputs (float64) keep each row's max and sum of
 exponentials and go by CuPy operations over chunks of query rows (each
 chunk's logits within ``relattn.backends.gpu.backward.CHUNK_BYTES``).
-Everything stays on the inputs' device.
+Everything stays on the inputs' device. What a CuPy call decides from its
+arrays' signature (shapes, strides, dtypes, device, alignment; scale, sizes,
+backend) is decided once (:class:`_GpuVjp`): a later call of that signature
+skips validation and planning, as :func:`relattn.rel_pos_attention`'s call
+plans do, and the pullback's kernels launch from argument blocks built on
+the signature's first call.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import numpy as np
 from relattn import backends
 from relattn._arrays import array_module, astype, compute_dtype, dtype_name
 from relattn.backends import reference
-from relattn.functional import BackendError, _prepare, _row_chunk
+from relattn.functional import BackendError, _call_key, _prepare, _row_chunk
 from relattn.relpos import (
     _gathered,
     _on_device,
@@ -421,83 +426,97 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
 
 
 # ------------------------------------------------------------------ GPU (cupy)
-# The terms kernel's run of each (q, tables, sizes) signature (array keys as
-# the call plans take them: shapes, strides, dtypes, device, alignment).
-_terms_runs: dict = {}
-_terms_lock = threading.Lock()
-_TERMS_RUNS_MAX = 64
-
-
-def _gpu_terms(q, th, tw, q_size, k_size):
-    """``(rel_h, rel_w)`` by the cupy backend's terms kernel (einsum for
-    float64), its run planned once per signature."""
-    from relattn.backends.gpu import terms
-    from relattn.functional import _array_key
-
-    key = (tuple(_array_key(a) for a in (q, th, tw)), q_size, k_size)
-    run = _terms_runs.get(key)
-    if run is None:
-        run = _kept(_terms_runs, key, terms.plan(q, th, tw, q_size, k_size)[0])
-    return run(q, th, tw)
+_vjps_lock = threading.Lock()
+_VJPS_MAX = 64
 
 
 def _kept(store, key, value):
     """``store[key]``, set to ``value`` unless another thread planning the same
     signature set it first; the oldest entry goes when ``store`` is full."""
-    with _terms_lock:
-        if len(store) >= _TERMS_RUNS_MAX:
+    with _vjps_lock:
+        if len(store) >= _VJPS_MAX:
             store.pop(next(iter(store)), None)
         return store.setdefault(key, value)
 
 
 def _lse_plan(q, k, v, th, tw, q_size, k_size, scale):
     """The cupy backend's plan of this forward (tables ``th``, ``tw`` as it
-    gets them) when its kernel keeps each row's log-sum-exp, else None;
-    planned once per signature."""
-    from relattn.functional import _array_key
-
-    gpu = backends.get("cupy")
-    key = (tuple(_array_key(a) for a in (q, k, v, th, tw)), q_size, k_size, scale, gpu.plan_key())
-    if key in _lse_plans:
-        return _lse_plans[key]
+    gets them) when its kernel keeps each row's log-sum-exp, else None."""
     try:
-        plan = gpu.plan(q, k, v, th, tw, q_size, k_size, scale)
+        plan = backends.get("cupy").plan(q, k, v, th, tw, q_size, k_size, scale)
     except ValueError:   # no kernel: rel_pos_attention's own path says why
         return None
-    return _kept(_lse_plans, key, plan if plan.writes_lse else None)
+    return plan if plan.writes_lse else None
 
 
-_lse_plans: dict = {}
+class _GpuVjp:
+    """What :func:`rel_pos_attention_vjp` decides from the signature of a
+    call on CuPy arrays (validated), decided once: the resize ahead of the
+    kernels, the terms kernel's run, and the forward plan that keeps each
+    row's log-sum-exp (or None). Calling it, ``vjp(q, k, v, rel_pos_h,
+    rel_pos_w)``, computes the forward of arrays of that signature and
+    returns ``(out, pullback)``; calls of the same signature on CuPy arrays
+    reuse it (:data:`_gpu_vjps`), skipping validation and planning as
+    :func:`relattn.rel_pos_attention`'s plans do."""
 
+    def __init__(self, q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype):
+        from relattn.backends.gpu import backward, terms
 
-def _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale, resize_dtype):
-    """The cupy backend's forward, ``out`` with the bits of
-    ``rel_pos_attention(..., backend="cupy")`` (its plan), and the
-    backward's state: the terms ``rel_h``, ``rel_w`` of the tables ``th``,
-    ``tw`` as the backend got them, whole, in the attention's compute dtype
-    (or None), and what the backward keeps of the logit rows: for the 16-bit
-    fused kernels the forward kernel's log-sum-exp of each row where it keeps
-    one (``relattn_ws``: the pullback then skips its row pass), else nothing
-    (the pullback computes it); otherwise
-    :func:`relattn.backends.gpu.backward.forward_stats` (the log-sum-exp for
-    the float32 fused kernels; else each row's max and sum of exponentials)."""
-    import cupy
+        self.sizes, self.scale, self.resize_dtype = (q_size, k_size), scale, resize_dtype
+        self.prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
+        self.terms_run = self.lse_plan = None
+        self.kernels = False
+        with q.device:
+            th, tw = (rel_pos_h, rel_pos_w) if self.prep is None else self.prep(rel_pos_h, rel_pos_w)
+            if th is not None:
+                self.terms_run = terms.plan(q, th, tw, q_size, k_size)[0]
+                term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
+                # the terms' pullback kernels: float32 terms, 16-bit or float32 q
+                self.kernels = term_work == np.float32 and dtype_name(q.dtype) in backward.TERMS_DTYPES
+            if backward.takes_forward_lse(q, k, v, th, k_size):
+                self.lse_plan = _lse_plan(q, k, v, th, tw, q_size, k_size, scale)
 
-    from relattn.backends.gpu import backward
-    from relattn.functional import rel_pos_attention
+    def __call__(self, q, k, v, rel_pos_h, rel_pos_w):
+        stored = (rel_pos_h, rel_pos_w)
+        with q.device:
+            th, tw = stored if self.prep is None else self.prep(*stored)
+            out, rel_h, rel_w, stats = self._forward(q, k, v, stored, th, tw)
+            return out, _pullback_gpu(q, k, v, th, tw, stored, *self.sizes, self.scale, self.resize_dtype,
+                                      out, rel_h, rel_w, stats, self.kernels)
 
-    rel_h = rel_w = None
-    if th is not None:   # the terms kernel the cupy backend runs (einsum for float64)
-        work = compute_dtype(q.dtype)
-        rel_h, rel_w = (astype(t, work) for t in _gpu_terms(q, th, tw, q_size, k_size))
-    if backward.takes_forward_lse(q, k, v, rel_h, k_size):
-        plan = _lse_plan(q, k, v, th, tw, q_size, k_size, scale)
-        if plan is not None:
+    def _forward(self, q, k, v, stored, th, tw):
+        """The cupy backend's forward, ``out`` with the bits of
+        ``rel_pos_attention(..., backend="cupy")`` (its plan), and the
+        backward's state: the terms ``rel_h``, ``rel_w`` of the tables ``th``,
+        ``tw`` as the backend got them, whole, in the attention's compute
+        dtype (or None), and what the backward keeps of the logit rows: for
+        the 16-bit fused kernels the forward kernel's log-sum-exp of each row
+        where it keeps one (``relattn_ws``: the pullback then skips its row
+        pass), else nothing (the pullback computes it); otherwise
+        :func:`relattn.backends.gpu.backward.forward_stats` (the log-sum-exp
+        for the float32 fused kernels; else each row's max and sum of
+        exponentials)."""
+        import cupy
+
+        from relattn.backends.gpu import backward
+        from relattn.functional import rel_pos_attention
+
+        rel_h = rel_w = None
+        if self.terms_run is not None:   # the terms kernel the cupy backend runs (einsum for float64)
+            work = compute_dtype(q.dtype)
+            rel_h, rel_w = (astype(t, work) for t in self.terms_run(q, th, tw))
+        if self.lse_plan is not None:
             lse = cupy.empty(q.shape[:3], dtype=np.float32)
-            return plan.run(q, k, v, th, tw, lse=lse), rel_h, rel_w, lse
-    out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=scale,
-                            backend="cupy", resize_dtype=resize_dtype)
-    return out, rel_h, rel_w, backward.forward_stats(q, k, v, rel_h, rel_w, k_size, scale)
+            return self.lse_plan.run(q, k, v, th, tw, lse=lse), rel_h, rel_w, lse
+        q_size, k_size = self.sizes
+        out = rel_pos_attention(q, k, v, stored[0], stored[1], q_size, k_size, scale=self.scale,
+                                backend="cupy", resize_dtype=self.resize_dtype)
+        return out, rel_h, rel_w, backward.forward_stats(q, k, v, rel_h, rel_w, k_size, self.scale)
+
+
+# The _GpuVjp of each call signature (functional._call_key), as the call plans
+# of rel_pos_attention are kept.
+_gpu_vjps: dict = {}
 
 
 def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
@@ -511,10 +530,10 @@ def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
     return backward.core_gradients(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats)
 
 
-def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, rel_h, rel_w, stats):
+def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, out, rel_h, rel_w, stats, kernels):
     """The pullback on the GPU: the core's gradients from
-    :func:`_core_backward_gpu`, then the tables': for float32 terms and
-    16-bit or float32 q by the terms' pullback kernels
+    :func:`_core_backward_gpu`, then the tables': with ``kernels`` (float32
+    terms, 16-bit or float32 q) by the terms' pullback kernels
     (:func:`relattn.backends.gpu.backward.terms_dq`: dq's terms part, and
     :func:`~relattn.backends.gpu.backward.tables_pullback`:
     the gathered tables' gradients and the gather's adjoint), else as for
@@ -524,12 +543,9 @@ def _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype, 
     from relattn.backends.gpu.cublas import contiguous
 
     use_rel = th is not None
-    kernels = False
     if use_rel:
         term_work = compute_dtype(q.dtype, th.dtype, tw.dtype)
-        kernels = term_work == np.float32 and dtype_name(q.dtype) in backward.TERMS_DTYPES
-        with q.device:
-            Rh, Rw = _gathered_tables(th, tw, q_size, k_size, term_work)
+        Rh, Rw = _gathered_tables(th, tw, q_size, k_size, term_work)
 
     def pullback(dout):
         dout = _check_dout(dout, out)
@@ -648,20 +664,24 @@ def rel_pos_attention_vjp(
     >>> dq.shape, d_h.shape, d_w.dtype
     ((1, 2, 6, 4), (3, 4), dtype('float64'))
     """
+    key = None
+    if type(q) is not np.ndarray:   # CuPy arrays of a signature seen before: its plan
+        key = _call_key(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend, resize_dtype)
+        vjp = None if key is None else _gpu_vjps.get(key)
+        if vjp is not None:
+            return vjp(q, k, v, rel_pos_h, rel_pos_w)
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
         q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
     xp = array_module(q)
     if backend != "auto":
         _check_backend(backend, xp)
+    if xp is not np:
+        vjp = _GpuVjp(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
+        if key is not None:
+            vjp = _kept(_gpu_vjps, key, vjp)
+        return vjp(q, k, v, rel_pos_h, rel_pos_w)
     stored = (rel_pos_h, rel_pos_w)
     prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
-    if xp is not np:
-        with q.device:
-            th, tw = stored if prep is None else prep(*stored)
-            out, rel_h, rel_w, stats = _forward_gpu(q, k, v, stored, th, tw, q_size, k_size, scale,
-                                                    resize_dtype)
-        return out, _pullback_gpu(q, k, v, th, tw, stored, q_size, k_size, scale, resize_dtype,
-                                  out, rel_h, rel_w, stats)
     if backend == "numba" and not _numba_available():
         raise BackendError(f"backend: 'numba' cannot run: {backends.get('numba').unavailable_reason()}")
     fused = backend == "numba" or (backend == "auto" and _numba_available())

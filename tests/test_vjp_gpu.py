@@ -354,6 +354,42 @@ def test_pullback_is_repeatable():
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+def _bits(a):
+    return to_host(a).view(np.uint8)
+
+
+def test_calls_of_one_signature_reuse_its_plan():
+    """A second vjp of a signature reuses the first one's plan (resize,
+    terms run, forward plan; ``autodiff._gpu_vjps``) and computes from the
+    arrays it is given: on new values of q, k, v and the tables, the bits a
+    fresh plan gives them, and other values than the first call's."""
+    dt = _bf16_on_device()
+    arrays, q_size, k_size, _ = make_case("interpolated", seed=31)
+    rng = np.random.default_rng(32)
+    first = [to_device(a.astype(dt)) for a in arrays]
+    second = [to_device(rng.standard_normal(a.shape).astype(dt)) for a in arrays]
+    autodiff._gpu_vjps.clear()
+    out1, _ = relattn.rel_pos_attention_vjp(*first, q_size=q_size, k_size=k_size)
+    assert len(autodiff._gpu_vjps) == 1
+    planned = next(iter(autodiff._gpu_vjps.values()))
+    out2, pullback2 = relattn.rel_pos_attention_vjp(*second, q_size=q_size, k_size=k_size)
+    assert list(autodiff._gpu_vjps.values()) == [planned]
+    dout = to_device(rng.standard_normal(out2.shape).astype(dt))
+    grads2 = pullback2(dout)
+    autodiff._gpu_vjps.clear()
+    out3, pullback3 = relattn.rel_pos_attention_vjp(*second, q_size=q_size, k_size=k_size)
+    assert next(iter(autodiff._gpu_vjps.values())) is not planned
+    grads3 = pullback3(dout)
+    assert not np.array_equal(_bits(out1), _bits(out2))
+    assert np.array_equal(_bits(out2), _bits(out3))
+    for name, a, b in zip(NAMES, grads2, grads3):
+        assert np.array_equal(_bits(a), _bits(b)), name
+    # another signature (q strided as a layer's projections give it): another plan
+    strided = cupy.ascontiguousarray(second[0].transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    relattn.rel_pos_attention_vjp(strided, *second[1:], q_size=q_size, k_size=k_size)
+    assert len(autodiff._gpu_vjps) == 2
+
+
 def test_non_contiguous_inputs():
     arrays, q_size, k_size, _ = make_case("grid_tables", seed=12)
     arrays = _cast(arrays, np.float32)
@@ -417,10 +453,10 @@ def _core_inputs(q, k, v, th, tw, q_size, k_size, dtype, seed):
     return dev, rel_h, rel_w, out, dout
 
 
-def _both_cores(case, dtype, seed=20, kernels="mma"):
+def _both_cores(case, dtype, seed=20, kernels="mma", warpgroups=None):
     """(fused, chunked) core gradients on the same device inputs, host float64;
     ``kernels`` the fused 16-bit dq and dk / dv kernels' form (a skip where
-    the wgmma form cannot run)."""
+    the wgmma form cannot run), ``warpgroups`` the wgmma kernels' per block."""
     arrays, q_size, k_size, _ = make_case(case, seed=seed) if isinstance(case, str) else case
     q, k, v, th, tw = arrays
     scale = q.shape[3] ** -0.5
@@ -435,7 +471,8 @@ def _both_cores(case, dtype, seed=20, kernels="mma"):
     np.testing.assert_allclose(lse.get(), want_lse.get(), rtol=1e-4, atol=1e-4)
     # float32 takes the forward's log-sum-exp; 16-bit computes it (and delta) in the pullback
     given = lse if dtype == np.float32 else None
-    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, given, kernels=kernels)
+    fused = backward.fused_core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, given, kernels=kernels,
+                                         warpgroups=warpgroups)
     chunked = backward.core_backward(qd, kd, vd, rel_h, rel_w, k_size, scale, out, dout, stats)
     for name, g in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), fused):
         # dk and dv of 16-bit inputs come rounded to their type, the rest in float32
@@ -504,7 +541,8 @@ def test_the_16bit_vjp_keeps_the_forward_log_sum_exp(shape, dtype):
     scale = d ** -0.5
     if autodiff._lse_plan(q, k, v, th, tw, q_size, q_size, scale) is None:
         pytest.skip("the forward kernel here keeps no log-sum-exp (relattn_ws: Hopper)")
-    out, rel_h, rel_w, lse = autodiff._forward_gpu(q, k, v, (th, tw), th, tw, q_size, q_size, scale, "float32")
+    vjp = autodiff._GpuVjp(q, k, v, th, tw, q_size, q_size, scale, "float32")
+    out, rel_h, rel_w, lse = vjp._forward(q, k, v, (th, tw), th, tw)
     assert lse is not None and lse.shape == (1, heads, S) and lse.dtype == np.float32
     np.testing.assert_allclose(lse.get(), backward.row_lse(q, k, rel_h, rel_w, q_size, scale).get(),
                                rtol=1e-5, atol=1e-4)
@@ -554,14 +592,13 @@ def _wg_case(name, seed=24):
 @pytest.mark.parametrize("nwg", [1, 2])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", sorted(WG_SHAPES))
-def test_wgmma_kernels_match_the_mma_kernels(monkeypatch, shape, dtype, nwg):
+def test_wgmma_kernels_match_the_mma_kernels(shape, dtype, nwg):
     """kernels="wg" (one or two warpgroups per block): the same gradients as
     the mma.sync kernels within 1e-2 (they compute the same products in the
     same order, and have given the same bits), and within 1e-2 of the float32
     chunked core, as the mma.sync ones."""
-    monkeypatch.setattr(backward.tuning, "bwd_wg_warpgroups", lambda kind, hd: nwg)
     case = _wg_case(shape)
-    wg, chunked = _both_cores(case, _dtype(dtype), kernels="wg")
+    wg, chunked = _both_cores(case, _dtype(dtype), kernels="wg", warpgroups=nwg)
     mma, _ = _both_cores(case, _dtype(dtype), kernels="mma")
     floor = _floor(chunked, 1e-2)
     for name, got, ref, want in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), wg, mma, chunked):

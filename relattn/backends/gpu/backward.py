@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import threading
 
 import numpy as np
 
@@ -534,7 +535,8 @@ def row_lse(q, k, rel_h, rel_w, k_size, scale):
     return lse.reshape(B, H, q_len)
 
 
-def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None, kernels="auto"):
+def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=None, kernels="auto",
+                        warpgroups=None):
     """:func:`core_backward`'s gradients by the fused kernels: (B, H, ...)
     arrays, ``dq`` the core's part only; float32, but for 16-bit inputs
     ``dk`` and ``dv`` come in their type (rounded once from float32). float32 inputs take
@@ -551,60 +553,131 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     (``cuda/bwd.cu``), "wg" (their ``wgmma`` form, ``cuda/bwd_wg.cu``; inputs
     that :func:`wg_reasons` accepts, else ValueError) or "auto": "wg" for dk
     / dv where it can run, and for dq from :data:`tuning.BWD_WG_DQ_MIN_KEYS`
-    keys on (:func:`kernel_forms` names the choice)."""
+    keys on (:func:`kernel_forms` names the choice). ``warpgroups``: the
+    wgmma kernels' warpgroups per block, 1 or 2 (default
+    :func:`tuning.bwd_wg_warpgroups`). Each signature's launches are
+    planned on its first call (:class:`_Launches16`)."""
     import cupy
 
     B, H, q_len, d = q.shape
     k_len = k.shape[2]
     pairs = B * H
     f = _Fused.of(q, rel_h, k_size, k_len)
-    if lse is None and f.float32:
-        raise ValueError("lse: float32 inputs take row_lse's")
-    forms = kernel_forms(q, k, v, rel_h, k_size, kernels)
+    if f.float32:
+        if lse is None:
+            raise ValueError("lse: float32 inputs take row_lse's")
+        kernel_forms(q, k, v, rel_h, k_size, kernels)   # "wg" refused with its reason
+        plan = None
+    else:
+        if warpgroups not in (None, 1, 2):
+            raise ValueError(f"warpgroups: expected None, 1 or 2, got {warpgroups!r}")
+        key = (q.dtype, q.shape, k.shape, v.shape, rel_h is None, tuple(k_size), float(scale), lse is None,
+               kernels, warpgroups, cupy.cuda.runtime.getDevice())
+        plan = _plans16.get(key)
+        if plan is None:
+            plan = _kept16(key, _Launches16(f, q, k, v, rel_h, k_size, scale, lse is None, kernels, warpgroups))
     rh, rw = _terms32(rel_h, rel_w)
-    f32 = np.float32
-    dq = cupy.empty((pairs, q_len, d), dtype=f32)
+    f32, empty = np.float32, cupy.empty
+    dq = empty((pairs, q_len, d), dtype=f32)
     half = np.float32 if f.float32 else k.dtype     # dk and dv: the 16-bit kernels round them once
-    dk = cupy.empty((pairs, k_len, d), dtype=half)
-    dv = cupy.empty((pairs, k_len, d), dtype=half)
-    delta = cupy.empty((pairs, q_len), dtype=f32)
+    dk = empty((pairs, k_len, d), dtype=half)
+    dv = empty((pairs, k_len, d), dtype=half)
+    delta = empty((pairs, q_len), dtype=f32)
     if rel_h is None:
         d_rel_h = d_rel_w = cupy.zeros((1,), dtype=f32)
     else:
-        d_rel_h = cupy.empty((pairs, q_len, f.kh), dtype=f32)
-        d_rel_w = cupy.empty((pairs, q_len, f.kw), dtype=f32)
+        d_rel_h = empty((pairs, q_len, f.kh), dtype=f32)
+        d_rel_w = empty((pairs, q_len, f.kw), dtype=f32)
     qx, kx, vx, dox = (f.operand(x) for x in (q, k, v, dout))
-    ints = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw))
-    tail = ints + (f32(scale * _LOG2E), f32(1.0 / f.kw), f32(scale))
-    q_blocks, k_blocks = pairs * -(-q_len // 64), pairs * -(-k_len // 64)
     if f.float32:
+        ints = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw))
+        tail = ints + (f32(scale * _LOG2E), f32(1.0 / f.kw), f32(scale))
+        q_blocks, k_blocks = pairs * -(-q_len // 64), pairs * -(-k_len // 64)
         lse = lse.reshape(pairs, q_len)
         f.launch("dq", q_blocks, (qx, kx, vx, f.operand(out), dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail)
         f.launch("dkv", k_blocks, (qx, kx, vx, dox, rh, rw, lse, delta, dk, dv) + tail)
     else:
+        stream = cupy.cuda.get_current_stream().ptr
         if lse is None:
-            lse = cupy.empty((pairs, q_len), dtype=f32)
-            f.launch("rows", q_blocks, (qx, kx, vx, dox, rh, rw, lse, delta) + tail[:-1])
+            lse = empty((pairs, q_len), dtype=f32)
+            plan.rows((qx, kx, vx, dox, rh, rw, lse, delta), stream)
         else:
             lse = lse.reshape(pairs, q_len)
-            rows = pairs * q_len
-            f.launch("delta", -(-rows // 4), (dox, f.operand(out), delta, np.int64(rows), np.int32(d)))
-        dq_args = (qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w) + tail
-        dkv_args = (qx, kx, vx, dox, rh, rw, lse, delta, dk.view(cupy.uint16), dv.view(cupy.uint16)) + tail
-        if forms["dq"] == "wg":
-            f.launch_wg("dq", pairs, q_len, dq_args)
-        else:
-            f.launch("dq", q_blocks, dq_args)
-        if forms["dkv"] == "wg":
-            f.launch_wg("dkv", pairs, k_len, dkv_args)
-        else:
-            f.launch("dkv", k_blocks, dkv_args + (np.int32(f.nh),))
+            plan.delta((dox, f.operand(out), delta), stream)
+        plan.dq((qx, kx, vx, dox, rh, rw, lse, delta, dq, d_rel_h, d_rel_w), stream)
+        plan.dkv((qx, kx, vx, dox, rh, rw, lse, delta, dk, dv), stream)
     dq = dq.reshape(B, H, q_len, d)
     dk = dk.reshape(B, H, k_len, d)
     dv = dv.reshape(B, H, k_len, d)
     if rel_h is None:
         return dq, dk, dv, None, None
     return dq, dk, dv, d_rel_h.reshape(B, H, q_len, f.kh), d_rel_w.reshape(B, H, q_len, f.kw)
+
+
+class _Launch:
+    """One kernel launch planned for a signature (``_build.RawLaunch``: the
+    argument block built once): ``launch(arrays, stream)`` writes the
+    arrays' device pointers into the ``"ptr"`` slots of ``spec``, in order,
+    and launches on ``stream`` (a stream pointer). ``keep``: device arrays
+    whose pointers ``spec`` holds fixed, kept alive with the launch."""
+
+    __slots__ = ("_raw", "_keep")
+
+    def __init__(self, fn, grid, block, smem, spec, keep=()):
+        from . import _build
+
+        grid = grid if isinstance(grid, tuple) else (grid,)
+        self._raw = _build.RawLaunch(fn, grid, (block,), smem, spec)
+        self._keep = keep
+
+    def __call__(self, arrays, stream):
+        self._raw(tuple(a.data.ptr for a in arrays), (), stream)
+
+
+class _Launches16:
+    """The 16-bit fused pullback's launches for one signature: the row pass
+    (``rows``: each row's log-sum-exp and delta) or, with the forward's
+    log-sum-exp, ``delta`` alone; then ``dq`` and ``dkv`` in the forms
+    :func:`kernel_forms` picks (ValueError from it for a ``kernels`` that
+    cannot run). Built on the first call of a signature, so that later calls
+    only allocate and launch."""
+
+    def __init__(self, f, q, k, v, rel_h, k_size, scale, rows_pass, kernels, warpgroups):
+        from . import _build
+
+        forms = kernel_forms(q, k, v, rel_h, k_size, kernels)
+        B, H, q_len, d = (int(n) for n in q.shape)
+        k_len, pairs, f32 = int(k.shape[2]), B * H, np.float32
+        ints = tuple(np.int32(n) for n in (q_len, k_len, d, f.kh, f.kw))
+        tail = ints + (f32(scale * _LOG2E), f32(1.0 / f.kw), f32(scale))
+        q_blocks, k_blocks = pairs * -(-q_len // 64), pairs * -(-k_len // 64)
+        if rows_pass:
+            self.rows = _Launch(f._get("rows"), q_blocks, 128, f.smem["rows"], ["ptr"] * 8 + list(tail[:-1]))
+        else:
+            rows = pairs * q_len
+            self.delta = _Launch(f._get("delta"), -(-rows // 4), 128, 0, ["ptr"] * 3 + [np.int64(rows), np.int32(d)])
+        for kind, n_rows, blocks, nptr in (("dq", q_len, q_blocks, 11), ("dkv", k_len, k_blocks, 10)):
+            if forms[kind] == "wg":
+                nwg = tuning.bwd_wg_warpgroups(kind, f.hd) if warpgroups is None else warpgroups
+                fn = _build.sm90_kernel(wg_kernel_name(kind, f.dt, f.hd, f.bias, nwg))
+                extra = (np.int32(_wg_key_columns(f.bias, f.kh, f.kw, nwg)),) if kind == "dkv" else ()
+                launch = _Launch(fn, pairs * -(-n_rows // (64 * nwg)), 128 * nwg,
+                                 _wg_smem(kind, f.hd, f.bias, f.kh, f.kw, nwg), ["ptr"] * nptr + list(tail + extra))
+            else:
+                extra = (np.int32(f.nh),) if kind == "dkv" else ()
+                launch = _Launch(f._get(kind), blocks, 128, f.smem[kind], ["ptr"] * nptr + list(tail + extra))
+            setattr(self, kind, launch)
+
+
+_plans16: dict = {}
+_plans16_lock = threading.Lock()
+
+
+def _kept16(key, plan):
+    with _plans16_lock:
+        if len(_plans16) >= 64:
+            _plans16.pop(next(iter(_plans16)), None)
+        return _plans16.setdefault(key, plan)
 
 
 def takes_forward_lse(q, k, v, rel_h, k_size) -> bool:
@@ -682,17 +755,43 @@ def gathered_f32(table, q_len: int, k_len: int):
     kernel (``table[index]`` and a cast would be two CuPy operations)."""
     import cupy
 
-    from relattn.relpos import _device_index32
-
     D = int(table.shape[1])
     dt = _terms_dt_of(table.dtype)
     out = cupy.empty((q_len, k_len, D), dtype=np.float32)
-    n = q_len * k_len * D
-    if n:
-        src = table.view(cupy.uint16) if dt < 2 else table
-        _terms_kernel("gather", dt)((-(-n // 256),), (256,), (src, _device_index32(cupy, q_len, k_len), out,
-                                                            np.int32(q_len * k_len), np.int32(D)))
+    if q_len * k_len * D:
+        launch = _planned(("gather", dt, q_len, k_len, D), _gather_launch)
+        launch((table, out), cupy.cuda.get_current_stream().ptr)
     return out
+
+
+def _gather_launch(dt, q_len, k_len, D):
+    import cupy
+
+    from relattn.relpos import _device_index32
+
+    index = _device_index32(cupy, q_len, k_len)
+    n = q_len * k_len * D
+    return _Launch(_terms_kernel("gather", dt), -(-n // 256), 256, 0,
+                   ["ptr", index.data.ptr, "ptr", np.int32(q_len * k_len), np.int32(D)], keep=(index,))
+
+
+_launches: dict = {}
+
+
+def _planned(key, make):
+    """The launch (or launches) ``make(*key[1:])`` builds, once per key and
+    device: the terms' pullback and the gather plan theirs on a
+    signature's first call."""
+    import cupy
+
+    full = (*key, cupy.cuda.runtime.getDevice())
+    found = _launches.get(full)
+    if found is None:
+        with _plans16_lock:
+            if len(_launches) >= 256:
+                _launches.pop(next(iter(_launches)), None)
+            found = _launches.setdefault(full, make(*key[1:]))
+    return found
 
 
 def _column_groups(D: int) -> int:
@@ -716,46 +815,60 @@ def _terms_split(na, tiles, rows, kl, D):
     return max(1, min(want, by_rows, by_bytes))
 
 
-def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
-    """The gradient of one side's table before the resize (2 max - 1 rows,
-    float32): from the terms' gradients d3 (B*H, Sq, kl) and q3 (B*H, Sq, D)
-    by the grid kernel (its rows (batch, head, b) split for enough blocks),
-    then the gather's adjoint by the scatter kernel, which also sums the
-    splits."""
+def _adjoint_launches(side, dt, nbh, Sq, D, q_size, k_size):
+    """``(grid, scatter, part_shape, rows)`` of one side's table gradient
+    (:func:`_gather_adjoint`): the grid kernel over q and the terms'
+    gradients, its rows (batch, head, b) split for enough blocks, into
+    ``part`` (splits, na, kl, D); then the gather's adjoint, which also sums
+    the splits, into (rows, D)."""
     import cupy
 
     from relattn.autodiff import _gather_slots, _on_device
 
-    nbh, Sq, D = q3.shape
     na, nb, kl, sa, sb = _side(side, q_size, k_size)
     ki = 2 if kl <= 16 else 8
     tiles = -(-kl // (8 * ki))
     splits = _terms_split(na, tiles, nbh * nb, kl, D)
-    part = cupy.empty((splits, na, kl, D), dtype=np.float32)
     nj = _column_groups(D)
     smem = 2 * _TERMS_GRID_ROWS * (8 * ki * 4 + 64 * nj * (4 if dt == 2 else 2)) + 2 * _TERMS_GRID_ROWS * 8
-    _terms_kernel("grid", dt, (ki, nj), smem)(
-        (na, tiles, splits), (128,), (d3, q3, part) + tuple(np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)),
-        shared_mem=smem)
+    grid = _Launch(_terms_kernel("grid", dt, (ki, nj), smem), (na, tiles, splits), 128, smem,
+                   ["ptr"] * 3 + [np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)])
     slots = _gather_slots(na, kl)
     width, rows = slots.shape
     dev_slots = _on_device(cupy, ("vjp-gather-slots", na, kl), slots)
+    scatter = _Launch(_terms_kernel("scatter", 0), rows, 256, 0,
+                      ["ptr", dev_slots.data.ptr, "ptr", np.int32(width), np.int32(rows), np.int64(na * kl),
+                       np.int64(na * kl), np.int32(D), np.int32(splits)], keep=(dev_slots,))
+    return grid, scatter, (splits, na, kl, D), rows
+
+
+def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
+    """The gradient of one side's table before the resize (2 max - 1 rows,
+    float32): from the terms' gradients d3 (B*H, Sq, kl) and q3 (B*H, Sq, D)
+    by the grid kernel, then the gather's adjoint by the scatter kernel
+    (:func:`_adjoint_launches`)."""
+    import cupy
+
+    nbh, Sq, D = (int(n) for n in q3.shape)
+    grid, scatter, part_shape, rows = _planned(("adjoint", side, dt, nbh, Sq, D, q_size, k_size), _adjoint_launches)
+    stream = cupy.cuda.get_current_stream().ptr
+    part = cupy.empty(part_shape, dtype=np.float32)
+    grid((d3, q3, part), stream)
     g = cupy.empty((rows, D), dtype=np.float32)
-    _terms_kernel("scatter", 0)((rows,), (256,), (part, dev_slots, g, np.int32(width), np.int32(rows),
-                                                  np.int64(na * kl), np.int64(na * kl), np.int32(D),
-                                                  np.int32(splits)))
+    scatter((part, g), stream)
     return g
 
 
-def _terms_side(d3, R, src, dst, side, q_size, k_size, dt, last):
-    """dst = src + one side's terms' part of dq (:func:`terms_pullback`)."""
-    nbh, Sq = int(d3.shape[0]), int(d3.shape[1])
-    D = int(R.shape[2])
-    na, nb, kl, sa, sb = _side(side, q_size, k_size)
-    tiles = -(-(nbh * nb) // 64)
-    if tiles and na:
-        _terms_kernel("side", dt, (int(last), _column_groups(D)))((tiles, na), (128,), (d3, R, src, dst) + tuple(
-            np.int32(n) for n in (kl, nbh, Sq, nb, sa, sb, D)))
+def _side_launches(dt, nbh, Sq, D, q_size, k_size):
+    """The side kernels of :func:`terms_dq`, w then h (None where a side has no rows)."""
+    out = []
+    for side, last in (("w", False), ("h", True)):
+        na, nb, kl, sa, sb = _side(side, q_size, k_size)
+        tiles = -(-(nbh * nb) // 64)
+        out.append(_Launch(_terms_kernel("side", dt, (int(last), _column_groups(D))), (tiles, na), 128, 0,
+                           ["ptr"] * 4 + [np.int32(n) for n in (kl, nbh, Sq, nb, sa, sb, D)])
+                   if tiles and na else None)
+    return tuple(out)
 
 
 def terms_dq(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
@@ -769,13 +882,16 @@ def terms_dq(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
 
     B, H, Sq, D = q.shape
     dt = _terms_dt(q)
+    side_w, side_h = _planned(("sides", dt, B * H, Sq, D, tuple(q_size), tuple(k_size)), _side_launches)
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     Rh, Rw = (cupy.ascontiguousarray(t) for t in (Rh, Rw))
     acc = cupy.ascontiguousarray(dq_core)
     dq = acc if dt == 2 else cupy.empty((B, H, Sq, D), dtype=q.dtype)
-    out = dq.view(cupy.uint16) if dt < 2 else dq
-    _terms_side(dw3, Rw, acc, acc, "w", q_size, k_size, dt, False)
-    _terms_side(dh3, Rh, acc, out, "h", q_size, k_size, dt, True)
+    stream = cupy.cuda.get_current_stream().ptr
+    if side_w is not None:
+        side_w((dw3, Rw, acc, acc), stream)
+    if side_h is not None:
+        side_h((dh3, Rh, acc, dq), stream)
     return dq.reshape(B, H, Sq, D)
 
 
@@ -793,6 +909,7 @@ def tables_pullback(q, d_rel_h, d_rel_w, q_size, k_size):
     dt = _terms_dt(q)
     q3 = contiguous(q.view(cupy.uint16) if dt < 2 else q).reshape(B * H, Sq, D)
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
+    q_size, k_size = tuple(q_size), tuple(k_size)
     return _gather_adjoint(dh3, q3, "h", q_size, k_size, dt), _gather_adjoint(dw3, q3, "w", q_size, k_size, dt)
 
 
