@@ -556,7 +556,7 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     keys on (:func:`kernel_forms` names the choice). ``warpgroups``: the
     wgmma kernels' warpgroups per block, 1 or 2 (default
     :func:`tuning.bwd_wg_warpgroups`). Each signature's launches are
-    planned on its first call (:class:`_Launches16`)."""
+    planned on its first call (:class:`_Launches16`, :func:`_planned`)."""
     import cupy
 
     B, H, q_len, d = q.shape
@@ -571,11 +571,9 @@ def fused_core_backward(q, k, v, rel_h, rel_w, k_size, scale, out, dout, lse=Non
     else:
         if warpgroups not in (None, 1, 2):
             raise ValueError(f"warpgroups: expected None, 1 or 2, got {warpgroups!r}")
-        key = (q.dtype, q.shape, k.shape, v.shape, rel_h is None, tuple(k_size), float(scale), lse is None,
-               kernels, warpgroups, cupy.cuda.runtime.getDevice())
-        plan = _plans16.get(key)
-        if plan is None:
-            plan = _kept16(key, _Launches16(f, q, k, v, rel_h, k_size, scale, lse is None, kernels, warpgroups))
+        key = ("core16", q.dtype, q.shape, k.shape, v.shape, rel_h is None, tuple(k_size), float(scale),
+               lse is None, kernels, warpgroups)
+        plan = _planned(key, lambda: _Launches16(f, q, k, v, rel_h, k_size, scale, lse is None, kernels, warpgroups))
     rh, rw = _terms32(rel_h, rel_w)
     f32, empty = np.float32, cupy.empty
     dq = empty((pairs, q_len, d), dtype=f32)
@@ -669,17 +667,6 @@ class _Launches16:
             setattr(self, kind, launch)
 
 
-_plans16: dict = {}
-_plans16_lock = threading.Lock()
-
-
-def _kept16(key, plan):
-    with _plans16_lock:
-        if len(_plans16) >= 64:
-            _plans16.pop(next(iter(_plans16)), None)
-        return _plans16.setdefault(key, plan)
-
-
 def takes_forward_lse(q, k, v, rel_h, k_size) -> bool:
     """The 16-bit fused kernels take this problem, and with it the forward
     kernel's log-sum-exp where the forward keeps one."""
@@ -759,7 +746,7 @@ def gathered_f32(table, q_len: int, k_len: int):
     dt = _terms_dt_of(table.dtype)
     out = cupy.empty((q_len, k_len, D), dtype=np.float32)
     if q_len * k_len * D:
-        launch = _planned(("gather", dt, q_len, k_len, D), _gather_launch)
+        launch = _planned(("gather", dt, q_len, k_len, D), lambda: _gather_launch(dt, q_len, k_len, D))
         launch((table, out), cupy.cuda.get_current_stream().ptr)
     return out
 
@@ -775,22 +762,26 @@ def _gather_launch(dt, q_len, k_len, D):
                    ["ptr", index.data.ptr, "ptr", np.int32(q_len * k_len), np.int32(D)], keep=(index,))
 
 
+# The planned launches of the fused pullback, the terms' pullback and the
+# gathers, per signature key and device (the oldest go past 256).
 _launches: dict = {}
+_launches_lock = threading.Lock()
 
 
 def _planned(key, make):
-    """The launch (or launches) ``make(*key[1:])`` builds, once per key and
-    device: the terms' pullback and the gather plan theirs on a
-    signature's first call."""
+    """What ``make()`` builds (a launch, or launches) for ``key`` on the
+    current device, built on the key's first call; a thread that built the
+    same key at the same time gets the one kept."""
     import cupy
 
     full = (*key, cupy.cuda.runtime.getDevice())
     found = _launches.get(full)
     if found is None:
-        with _plans16_lock:
+        made = make()
+        with _launches_lock:
             if len(_launches) >= 256:
                 _launches.pop(next(iter(_launches)), None)
-            found = _launches.setdefault(full, make(*key[1:]))
+            found = _launches.setdefault(full, made)
     return found
 
 
@@ -850,7 +841,8 @@ def _gather_adjoint(d3, q3, side, q_size, k_size, dt):
     import cupy
 
     nbh, Sq, D = (int(n) for n in q3.shape)
-    grid, scatter, part_shape, rows = _planned(("adjoint", side, dt, nbh, Sq, D, q_size, k_size), _adjoint_launches)
+    grid, scatter, part_shape, rows = _planned(("adjoint", side, dt, nbh, Sq, D, q_size, k_size),
+                                               lambda: _adjoint_launches(side, dt, nbh, Sq, D, q_size, k_size))
     stream = cupy.cuda.get_current_stream().ptr
     part = cupy.empty(part_shape, dtype=np.float32)
     grid((d3, q3, part), stream)
@@ -882,7 +874,9 @@ def terms_dq(q, dq_core, d_rel_h, d_rel_w, Rh, Rw, q_size, k_size):
 
     B, H, Sq, D = q.shape
     dt = _terms_dt(q)
-    side_w, side_h = _planned(("sides", dt, B * H, Sq, D, tuple(q_size), tuple(k_size)), _side_launches)
+    q_size, k_size = tuple(q_size), tuple(k_size)
+    side_w, side_h = _planned(("sides", dt, B * H, Sq, D, q_size, k_size),
+                              lambda: _side_launches(dt, B * H, Sq, D, q_size, k_size))
     dh3, dw3 = _terms3_f32(d_rel_h, d_rel_w)
     Rh, Rw = (cupy.ascontiguousarray(t) for t in (Rh, Rw))
     acc = cupy.ascontiguousarray(dq_core)
