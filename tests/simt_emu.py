@@ -1,0 +1,240 @@
+"""Run SIMT CUDA kernels of ``relattn/backends/cuda`` on the host, for tests.
+
+The kernel source is compiled by the host's C++ compiler under a prelude that
+defines what such kernels use of CUDA: ``threadIdx`` / ``blockIdx`` /
+``blockDim`` / ``gridDim``, ``__syncthreads``, static and dynamic shared
+memory, vector types, bit casts and a few atomics. A launch runs the blocks one
+after another; a block's threads are real threads (one per CUDA thread), so a
+barrier is a real barrier and a missing one can show as a wrong answer.
+Dynamic shared memory is filled with NaN bytes before each block, so a read
+of what no thread wrote shows; static shared memory keeps its bytes from one
+block to the next (zeros at first). Host pointers stand for
+device pointers: numpy arrays are passed as they are.
+
+What it cannot run: warp-level primitives (shuffles, votes), tensor-core
+instructions and inline PTX. Paths guarded by ``__CUDA_ARCH__`` take their
+pre-sm_80 form (``cp.async`` copies as plain loads and stores). Memory-model
+questions (visibility without a barrier between blocks, atomics' ordering) are
+not what it checks; it checks the kernels' arithmetic and indexing.
+
+The helpers of ``common.cuh`` a kernel needs come from :data:`HOST_COMMON`
+(float16 / bfloat16 loads and stores rounding as the GPU does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+PRELUDE = r"""
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+#define __restrict__ __restrict
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx;
+dim3 blockIdx, blockDim, gridDim;
+
+namespace emu {
+inline unsigned char* dynamic_smem = nullptr;
+inline std::barrier<>* block_barrier = nullptr;
+}
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <class A, class B> inline auto min(A a, B b) {
+    using C = std::common_type_t<A, B>; return (C)a < (C)b ? (C)a : (C)b; }
+template <class A, class B> inline auto max(A a, B b) {
+    using C = std::common_type_t<A, B>; return (C)a < (C)b ? (C)b : (C)a; }
+
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+
+inline int atomicMin(int* p, int v) {
+    std::atomic_ref<int> a(*p); int old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {}
+    return old; }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline float atomicAdd(float* p, float v) {
+    std::atomic_ref<float> a(*p); float old = a.load();
+    while (!a.compare_exchange_weak(old, old + v)) {}
+    return old; }
+
+namespace emu {
+template <typename... A, std::size_t... I>
+void call(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*reinterpret_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
+}
+
+// blocks in order, each by bx * by * bz threads; returns 0
+template <typename... A>
+int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args) {
+    const unsigned n = block.x * block.y * block.z;
+    gridDim = grid; blockDim = block;
+    std::vector<unsigned char> dyn(smem + 16);
+    std::barrier<> start(n + 1), end(n + 1);
+    bool done = false;
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < n; ++t)
+        threads.emplace_back([&, t] {
+            threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            for (;;) {
+                start.arrive_and_wait();
+                if (done) return;
+                call(k, args, std::index_sequence_for<A...>{});
+                block_barrier->arrive_and_drop();   // an exited thread no longer holds barriers up
+                end.arrive_and_wait();
+            }
+        });
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                std::memset(dyn.data(), 0xff, dyn.size());   // NaN bytes: reads of unwritten memory show
+                dynamic_smem = dyn.data() + (16 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 16) % 16;
+                auto bar = std::make_unique<std::barrier<>>(n);
+                block_barrier = bar.get();
+                blockIdx = dim3{x, y, z};
+                start.arrive_and_wait();
+                end.arrive_and_wait();
+            }
+    done = true;
+    start.arrive_and_wait();
+    for (auto& th : threads) th.join();
+    return 0;
+}
+}  // namespace emu
+"""
+
+# What the kernels use of common.cuh, for the host: the 16-bit loads and stores
+# round as cvt.rn does (bfloat16: to nearest even, NaN kept quiet).
+HOST_COMMON = r"""
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+template <int DT> inline float ra_ld(const u16* p) {
+    if (DT == 1) return __uint_as_float((u32)*p << 16);
+    _Float16 h; std::memcpy(&h, p, 2); return (float)h;
+}
+template <int DT> inline float ra_ld(const float* p) { return *p; }
+template <int DT> inline double ra_ld(const double* p) { return *p; }
+template <int DT> inline void ra_st(u16* p, float x) {
+    if (DT == 1) {
+        const u32 u = __float_as_uint(x);
+        *p = (u & 0x7fffffffu) > 0x7f800000u ? (u16)((u >> 16) | 0x40u)
+                                              : (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        const _Float16 h = (_Float16)x; std::memcpy(p, &h, 2);
+    }
+}
+template <int DT> inline void ra_st(float* p, float x) { *p = x; }
+template <int DT> inline void ra_st(double* p, double x) { *p = x; }
+"""
+
+_DYNAMIC = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def compiler() -> str | None:
+    """The host C++ compiler (``$CXX``, else g++ or clang++), or None."""
+    for name in (os.environ.get("CXX"), "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def host_source(cuda_text: str) -> str:
+    """``cuda_text`` for the host: dynamic shared memory as a pointer to the
+    block's buffer."""
+    return _DYNAMIC.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)emu::dynamic_smem;", cuda_text)
+
+
+class Emulator:
+    """The kernels ``names`` (instantiations, as NVRTC would be asked for them)
+    of ``cuda_text``, compiled for the host; :meth:`launch` runs one."""
+
+    def __init__(self, cuda_text: str, names, *, opt="-O1"):
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("no C++ compiler (g++ or clang++) found")
+        self.names = list(names)
+        wrappers = "\n".join(
+            f'extern "C" int relattn_emu_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+            f"unsigned bz, unsigned long smem, void** args) {{ return emu::launch(&{n}, dim3{{gx, gy, gz}}, "
+            f"dim3{{bx, by, bz}}, smem, args); }}" for i, n in enumerate(self.names))
+        text = PRELUDE + HOST_COMMON + host_source(cuda_text) + "\n" + wrappers + "\n"
+        digest = hashlib.sha256((cxx + opt + text).encode()).hexdigest()[:20]
+        root = os.path.join(tempfile.gettempdir(), "relattn-simt-emu")
+        os.makedirs(root, exist_ok=True)
+        lib = os.path.join(root, f"{digest}.so")
+        if not os.path.exists(lib):
+            src = os.path.join(root, f"{digest}.cpp")
+            with open(src, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            tmp = f"{lib}.{os.getpid()}"
+            res = subprocess.run([cxx, "-std=c++20", opt, "-fPIC", "-shared", "-pthread", "-w", src, "-o", tmp],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"host compile failed:\n{res.stderr[-6000:]}")
+            os.replace(tmp, lib)
+        self._lib = ctypes.CDLL(lib)
+
+    def launch(self, name, grid, block, smem, args):
+        """Run kernel ``name`` on ``grid`` blocks (an int or up to three) of
+        ``block`` threads with ``smem`` bytes of dynamic shared memory;
+        ``args`` in the kernel's order: numpy arrays (their data pointer) or
+        numpy scalars of the parameter's type (np.int32, np.int64,
+        np.float32), or None for a null pointer."""
+        g = (tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)) + (1, 1)
+        b = (tuple(block) if isinstance(block, (tuple, list)) else (block,)) + (1, 1)
+        keep, ptrs = [], []
+        for a in args:
+            if a is None or isinstance(a, np.ndarray):
+                c = ctypes.c_void_p(None if a is None else a.ctypes.data)
+            elif isinstance(a, np.generic):
+                c = np.ctypeslib.as_ctypes(np.array(a).reshape(1))
+            else:
+                raise TypeError(f"args: numpy arrays or numpy scalars, got {type(a).__name__}")
+            keep.append(c)
+            ptrs.append(ctypes.cast(ctypes.pointer(c), ctypes.c_void_p))
+        argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
+        fn = getattr(self._lib, f"relattn_emu_{self.names.index(name)}")
+        fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulong, ctypes.c_void_p]
+        fn(*(int(x) for x in g[:3]), *(int(x) for x in b[:3]), int(smem), argv)
