@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import types
 
 import numpy as np
 
@@ -222,8 +223,6 @@ class Emulator:
         ``args`` in the kernel's order: numpy arrays (their data pointer) or
         numpy scalars of the parameter's type (np.int32, np.int64,
         np.float32), or None for a null pointer."""
-        g = (tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)) + (1, 1)
-        b = (tuple(block) if isinstance(block, (tuple, list)) else (block,)) + (1, 1)
         keep, ptrs = [], []
         for a in args:
             if a is None or isinstance(a, np.ndarray):
@@ -235,6 +234,59 @@ class Emulator:
             keep.append(c)
             ptrs.append(ctypes.cast(ctypes.pointer(c), ctypes.c_void_p))
         argv = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
+        self.launch_raw(name, grid, block, smem, argv)
+
+    def launch_raw(self, name, grid, block, smem, argv):
+        """:meth:`launch` with the kernel's parameters as CUDA takes them: an
+        array of pointers to each parameter's value (``argv``)."""
+        g = (tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)) + (1, 1)
+        b = (tuple(block) if isinstance(block, (tuple, list)) else (block,)) + (1, 1)
         fn = getattr(self._lib, f"relattn_emu_{self.names.index(name)}")
         fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulong, ctypes.c_void_p]
         fn(*(int(x) for x in g[:3]), *(int(x) for x in b[:3]), int(smem), argv)
+
+
+class HostArray(np.ndarray):
+    """A numpy array that answers ``.data.ptr`` as a CuPy array does."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+def host_cupy():
+    """A module that stands for CuPy where the GPU backend's Python plans
+    launches (``cupy.empty``, ``ascontiguousarray``, ``asarray``, streams and
+    devices) with :class:`HostArray` s: new arrays are filled with NaN bytes."""
+    def empty(shape, dtype=np.float32):
+        out = np.empty(shape, dtype=dtype)
+        out.view(np.uint8)[...] = 0xff
+        return out.view(HostArray)
+
+    mod = types.ModuleType("cupy")
+    mod.empty = empty
+    mod.ascontiguousarray = lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype).view(HostArray)
+    mod.asarray = lambda a, dtype=None: np.array(a, dtype=dtype).view(HostArray)
+    for name in ("uint8", "uint16", "uint32", "uint64", "int32", "int64", "float16", "float32", "float64"):
+        setattr(mod, name, getattr(np, name))
+    stream = types.SimpleNamespace(ptr=0)
+    mod.cuda = types.SimpleNamespace(
+        get_current_stream=lambda: stream, runtime=types.SimpleNamespace(getDevice=lambda: 0),
+        Device=lambda *a: types.SimpleNamespace(id=0))
+    return mod
+
+
+class HostDriver:
+    """Stands for the CUDA driver of ``_build.RawLaunch``: ``cuLaunchKernel``
+    of a function whose pointer is ``1 + i`` runs ``emu.names[i]`` on the host."""
+
+    def __init__(self, emu: Emulator):
+        self.emu = emu
+
+    def function(self, name):
+        """What ``RawLaunch`` takes for kernel ``name``."""
+        return types.SimpleNamespace(ptr=1 + self.emu.names.index(name))
+
+    def cuLaunchKernel(self, func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+        self.emu.launch_raw(self.emu.names[func.value - 1], (gx, gy, gz), (bx, by, bz), smem, params)
+        return 0

@@ -1,11 +1,14 @@
-"""The SIMT kernels of the terms' pullback (``cuda/bwd_terms.cu``), run on the
-host by :mod:`simt_emu` (each CUDA thread a host thread, barriers real),
-against a float64 model built from the oracle's gather index.
+"""The SIMT kernels of the terms' pullback (``cuda/bwd_terms.cu``: the gather,
+side, grid and scatter kernels), run on the host by :mod:`simt_emu` (each
+CUDA thread a host thread, barriers real), against a float64 model built
+from the oracle's gather index.
 
 These check the kernels' indexing and arithmetic on any machine with a C++
-compiler, with the launch parameters the GPU backward plans
-(``relattn.backends.gpu.backward``); the same kernels on a GPU are tested in
-``test_vjp_gpu.py``. They skip without a C++20 compiler.
+compiler, launched by the GPU backward's own Python
+(``relattn.backends.gpu.backward``: its plans, its CuPy calls made on host
+arrays, its argument blocks handed to a stand-in for the driver); the same
+kernels on a GPU are tested in ``test_vjp_gpu.py``. They skip without a
+C++20 compiler.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ from hypothesis import strategies as st
 
 import oracle
 import simt_emu
-from relattn.autodiff import _gather_slots
 from relattn.backends.gpu import _build, backward
-from relattn.relpos import _device_index32
 
 pytestmark = pytest.mark.skipif(simt_emu.compiler() is None, reason="no C++ compiler for the host emulation")
 
@@ -35,6 +36,26 @@ def emu():
         return simt_emu.Emulator(_build.read_cuda("bwd_terms.cu"), list(backward._terms_names().values()))
     except RuntimeError as exc:   # pragma: no cover - a compiler without C++20
         pytest.skip(str(exc))
+
+
+@pytest.fixture
+def host_gpu(emu, monkeypatch):
+    """The GPU backward's terms' pullback planned and launched as on a GPU,
+    its arrays host arrays and its launches :class:`simt_emu.HostDriver` 's;
+    the backend's caches of device arrays and launches kept apart."""
+    import sys
+
+    from relattn import relpos
+    from relattn.backends.gpu import _build
+
+    driver = simt_emu.HostDriver(emu)
+    monkeypatch.setitem(sys.modules, "cupy", simt_emu.host_cupy())
+    monkeypatch.setattr(_build, "_libcuda", lambda: driver)
+    monkeypatch.setattr(backward, "_terms_kernel", lambda kind, dt, variant=(), smem=0: driver.function(
+        backward._terms_names()[(kind, dt if kind != "scatter" else 0, variant)]))
+    monkeypatch.setattr(backward, "_launches", {})
+    monkeypatch.setattr(relpos, "_device_cache", {})
+    return simt_emu.HostArray
 
 
 def _raw(x):
@@ -60,45 +81,18 @@ def _model(q, core, dh, dw, th, tw, q_size, k_size):
     return dq, gh, gw
 
 
-def _kernels_pullback(emu, q, core, dh, dw, th, tw, q_size, k_size):
-    """dq and the tables' gradients by the gather, side, grid and scatter
-    kernels, launched as ``backward.terms_dq`` and ``tables_pullback`` plan them."""
+def _two_stage(q, core, dh, dw, th, tw, q_size, k_size):
+    """dq and the tables' gradients by ``backward.terms_dq`` (the side
+    kernels, from the gather kernel's tables) and ``backward.tables_pullback``
+    (grid and scatter), planned and launched as on a GPU (``host_gpu``)."""
     (qh, qw), (kh, kw) = q_size, k_size
     nbh, Sq, D = q.shape
-    dt, tdt = backward._terms_dt_of(q.dtype), backward._terms_dt_of(th.dtype)
-    names, nj = backward._terms_names(), backward._column_groups(D)
-    tables = []
-    for t, a, b in ((th, qh, kh), (tw, qw, kw)):
-        r = np.full((a, b, D), np.nan, np.float32)
-        emu.launch(names[("gather", tdt, ())], -(-a * b * D // 256), 256, 0,
-                   [_raw(t), _device_index32(np, a, b), r, np.int32(a * b), np.int32(D)])
-        tables.append(r)
-    rh, rw = tables
-    acc = core.copy()
-    dq = acc if dt == 2 else np.full(q.shape, 0xffff, np.uint16)
-    for side, last, d3, r, dst in (("w", 0, dw, rw, acc), ("h", 1, dh, rh, dq)):
-        na, nb, kl, sa, sb = backward._side(side, q_size, k_size)
-        emu.launch(names[("side", dt, (last, nj))], (-(-(nbh * nb) // 64), na), 128, 0,
-                   [d3, r, acc, dst] + [np.int32(n) for n in (kl, nbh, Sq, nb, sa, sb, D)])
-    grads = []
-    for side, d3 in (("h", dh), ("w", dw)):
-        na, nb, kl, sa, sb = backward._side(side, q_size, k_size)
-        ki = 2 if kl <= 16 else 8
-        tiles = -(-kl // (8 * ki))
-        splits = backward._terms_split(na, tiles, nbh * nb, kl, D)
-        rows = backward._TERMS_GRID_ROWS
-        smem = 2 * rows * (8 * ki * 4 + 64 * nj * q.dtype.itemsize) + 2 * rows * 8
-        part = np.full((splits, na, kl, D), np.nan, np.float32)
-        emu.launch(names[("grid", dt, (ki, nj))], (na, tiles, splits), 128, smem,
-                   [d3, _raw(q), part] + [np.int32(n) for n in (na, kl, nbh, Sq, nb, sa, sb, D, splits)])
-        slots = np.ascontiguousarray(_gather_slots(na, kl), dtype=np.int64)
-        width, trows = slots.shape
-        g = np.full((trows, D), np.nan, np.float32)
-        emu.launch(names[("scatter", 0, ())], trows, 256, 0,
-                   [part, slots, g, np.int32(width), np.int32(trows), np.int64(na * kl), np.int64(na * kl),
-                    np.int32(D), np.int32(splits)])
-        grads.append(g)
-    return (dq.view(DTYPES[dt]) if dt < 2 else dq), grads[0], grads[1]
+    q, core, dh, dw, th, tw = (np.ascontiguousarray(a).view(simt_emu.HostArray) for a in (q, core, dh, dw, th, tw))
+    q4, dh4, dw4 = q.reshape(1, nbh, Sq, D), dh.reshape(1, nbh, Sq, kh), dw.reshape(1, nbh, Sq, kw)
+    rh, rw = backward.gathered_f32(th, qh, kh), backward.gathered_f32(tw, qw, kw)
+    dq = backward.terms_dq(q4, core.reshape(1, nbh, Sq, D).copy(), dh4, dw4, rh, rw, q_size, k_size)
+    gh, gw = backward.tables_pullback(q4, dh4, dw4, q_size, k_size)
+    return np.asarray(dq).reshape(nbh, Sq, D), np.asarray(gh), np.asarray(gw)
 
 
 def _problem(rng, nbh, q_size, k_size, D, dt, tdt):
@@ -123,9 +117,9 @@ grids = st.tuples(st.integers(1, 9), st.integers(1, 9))
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(nbh=st.integers(1, 3), q_size=grids, k_size=grids, D=st.sampled_from([1, 3, 8, 30, 64, 66, 80, 128]),
        dt=st.sampled_from([0, 1, 2]), tdt=st.sampled_from([0, 1, 2]), seed=st.integers(0, 2**32 - 1))
-def test_terms_pullback_kernels_match_the_model(emu, nbh, q_size, k_size, D, dt, tdt, seed):
+def test_terms_pullback_kernels_match_the_model(host_gpu, nbh, q_size, k_size, D, dt, tdt, seed):
     problem = _problem(np.random.default_rng(seed), nbh, q_size, k_size, D, dt, tdt)
-    dq, gh, gw = _kernels_pullback(emu, *problem, q_size, k_size)
+    dq, gh, gw = _two_stage(*problem, q_size, k_size)
     rdq, rgh, rgw = _model(*problem, q_size, k_size)
     assert _rel(dq, rdq) <= ROUNDING[dt]
     assert _rel(gh, rgh) <= 1e-5 and _rel(gw, rgw) <= 1e-5
@@ -136,9 +130,9 @@ def test_terms_pullback_kernels_match_the_model(emu, nbh, q_size, k_size, D, dt,
     (1, (20, 3), (24, 2), 16),     # more than 16 keys a side: the grid kernel's 64-key tiles
     (70, (2, 2), (2, 2), 8),       # rows enough for the grid kernel to split them
 ])
-def test_terms_pullback_kernels_at_the_plans_edges(emu, nbh, q_size, k_size, D):
+def test_terms_pullback_kernels_at_the_plans_edges(host_gpu, nbh, q_size, k_size, D):
     problem = _problem(np.random.default_rng(7), nbh, q_size, k_size, D, 1, 2)
-    dq, gh, gw = _kernels_pullback(emu, *problem, q_size, k_size)
+    dq, gh, gw = _two_stage(*problem, q_size, k_size)
     rdq, rgh, rgw = _model(*problem, q_size, k_size)
     assert _rel(dq, rdq) <= ROUNDING[1]
     assert _rel(gh, rgh) <= 1e-5 and _rel(gw, rgw) <= 1e-5
