@@ -52,6 +52,8 @@ PRELUDE = r"""
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __grid_constant__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
@@ -64,8 +66,47 @@ dim3 blockIdx, blockDim, gridDim;
 namespace emu {
 inline unsigned char* dynamic_smem = nullptr;
 inline std::barrier<>* block_barrier = nullptr;
+struct Warp {   // a warp's barrier and the slots its lanes exchange values through
+    std::unique_ptr<std::barrier<>> bar;
+    unsigned long long slot[32];
+};
+inline Warp* warps = nullptr;
+inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+template <class T> T exchange(T v, unsigned src) {
+    static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes");
+    Warp& w = warps[linear_tid() / 32];
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    w.slot[linear_tid() % 32] = bits;
+    w.bar->arrive_and_wait();
+    bits = w.slot[src % 32];
+    w.bar->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &bits, sizeof(T));
+    return r;
+}
 }
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warps[emu::linear_tid() / 32].bar->arrive_and_wait(); }
+template <class T> T __shfl_sync(unsigned, T v, int src, int = 32) { return emu::exchange(v, (unsigned)src); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int m, int = 32) {
+    return emu::exchange(v, (emu::linear_tid() % 32) ^ (unsigned)m); }
+template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int = 32) {
+    const unsigned l = emu::linear_tid() % 32; return emu::exchange(v, l + d < 32 ? l + d : l); }
+template <class T> T __shfl_up_sync(unsigned, T v, unsigned d, int = 32) {
+    const unsigned l = emu::linear_tid() % 32; return emu::exchange(v, l >= d ? l - d : l); }
+inline unsigned __ballot_sync(unsigned, int pred) {
+    unsigned b = 0;
+    for (unsigned l = 0; l < 32; ++l) {   // one exchange per lane: simple, and rare in these kernels
+        const int p = emu::exchange(pred ? 1 : 0, l);
+        b |= (p ? 1u : 0u) << l;
+    }
+    return b; }
+inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0u; }
+inline int __all_sync(unsigned m, int pred) { return __ballot_sync(m, !pred) == 0u; }
+inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+template <class T> inline T __ldg(const T* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
@@ -87,6 +128,18 @@ inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retu
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+inline long long __double_as_longlong(double d) { long long u; std::memcpy(&u, &d, 8); return u; }
+inline double __longlong_as_double(long long u) { double d; std::memcpy(&d, &u, 8); return d; }
+inline int __float2int_rz(float x) { return (int)x; }
+inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }
+inline float __int2float_rn(int x) { return (float)x; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+// the fast-math intrinsics, as macros: glibc declares some of these names itself
+#define __fdividef(a, b) ((float)(a) / (float)(b))
+#define __expf(x) std::exp((float)(x))
+#define __logf(x) std::log((float)(x))
+#define __log2f(x) std::log2((float)(x))
+#define __powf(a, b) std::pow((float)(a), (float)(b))
 
 inline int atomicMin(int* p, int v) {
     std::atomic_ref<int> a(*p); int old = a.load();
@@ -122,6 +175,7 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
                 if (done) return;
                 call(k, args, std::index_sequence_for<A...>{});
                 block_barrier->arrive_and_drop();   // an exited thread no longer holds barriers up
+                warps[t / 32].bar->arrive_and_drop();
                 end.arrive_and_wait();
             }
         });
@@ -132,6 +186,10 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
                 dynamic_smem = dyn.data() + (16 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 16) % 16;
                 auto bar = std::make_unique<std::barrier<>>(n);
                 block_barrier = bar.get();
+                std::vector<Warp> ws((n + 31) / 32);
+                for (unsigned w = 0; w < ws.size(); ++w)
+                    ws[w].bar = std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w));
+                warps = ws.data();
                 blockIdx = dim3{x, y, z};
                 start.arrive_and_wait();
                 end.arrive_and_wait();
@@ -144,19 +202,20 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
 }  // namespace emu
 """
 
-# What the kernels use of common.cuh, for the host: the 16-bit loads and stores
-# round as cvt.rn does (bfloat16: to nearest even, NaN kept quiet).
+# What replaces, on the host, the helpers of the CUDA sources written in inline
+# PTX (removed by host_source): the same results, IEEE-rounded as the PTX is
+# (ex2.approx's last bits aside), 16-bit stores rounding as cvt.rn does
+# (bfloat16: to nearest even, NaN kept quiet).
 HOST_COMMON = r"""
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+inline float ra_exp2(float x) { return std::exp2(x); }
 template <int DT> inline float ra_ld(const u16* p) {
     if (DT == 1) return __uint_as_float((u32)*p << 16);
     _Float16 h; std::memcpy(&h, p, 2); return (float)h;
 }
-template <int DT> inline float ra_ld(const float* p) { return *p; }
-template <int DT> inline double ra_ld(const double* p) { return *p; }
 template <int DT> inline void ra_st(u16* p, float x) {
     if (DT == 1) {
         const u32 u = __float_as_uint(x);
@@ -166,8 +225,14 @@ template <int DT> inline void ra_st(u16* p, float x) {
         const _Float16 h = (_Float16)x; std::memcpy(p, &h, 2);
     }
 }
-template <int DT> inline void ra_st(float* p, float x) { *p = x; }
-template <int DT> inline void ra_st(double* p, double x) { *p = x; }
+template <int DT> inline u32 ra_pack(float lo, float hi) {
+    u16 a, b; ra_st<DT>(&a, lo); ra_st<DT>(&b, hi); return (u32)a | ((u32)b << 16);
+}
+inline float ra_ieee_fma(float a, float b, float c) { return std::fma(a, b, c); }
+inline float ra_ieee_add(float a, float b) { volatile float r = a + b; return r; }
+inline float ra_ieee_sub(float a, float b) { volatile float r = a - b; return r; }
+inline float ra_ieee_div(float a, float b) { volatile float r = a / b; return r; }
+inline float ra_ieee_exp(float x) { return (float)std::exp((double)x); }
 """
 
 _DYNAMIC = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;")
@@ -181,10 +246,63 @@ def compiler() -> str | None:
     return None
 
 
-def host_source(cuda_text: str) -> str:
-    """``cuda_text`` for the host: dynamic shared memory as a pointer to the
-    block's buffer."""
-    return _DYNAMIC.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)emu::dynamic_smem;", cuda_text)
+def _top_level(text: str):
+    """``(start, end)`` of each top-level declaration of ``text`` (C++ with
+    comments and string literals skipped): from the end of the one before to
+    its closing brace or semicolon at depth 0."""
+    spans, depth, start, i, n = [], 0, 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if text.startswith("//", i) or c == "#" and (i == 0 or text[i - 1] == "\n"):
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 1
+        elif c in "\"'":
+            j = i + 1
+            while text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            i = j
+        elif c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+                start = i + 1
+        elif c == ";" and depth == 0:
+            spans.append((start, i + 1))
+            start = i + 1
+        i += 1
+    return spans
+
+
+def _without_asm(text: str) -> str:
+    """``text`` without its top-level definitions that hold inline assembly
+    (their preprocessor lines kept); :data:`HOST_COMMON` stands for those the
+    kernels call."""
+    out, last = [], 0
+    for a, b in _top_level(text):
+        seg = text[a:b]
+        if re.search(r"\basm\b", seg):
+            out.append(text[last:a])
+            out.append("".join(line for line in seg.splitlines(True) if line.lstrip().startswith("#")) + "\n")
+            last = b
+    out.append(text[last:])
+    return "".join(out)
+
+
+def host_source(cuda_text: str, cxx: str | None = None) -> str:
+    """``cuda_text`` for the host: its conditionals resolved by the host's
+    preprocessor without ``__CUDA_ARCH__`` (the pre-sm_80 paths), the
+    definitions written in inline PTX removed (:data:`HOST_COMMON` replaces
+    them), dynamic shared memory as a pointer to the block's buffer."""
+    cxx = cxx or compiler()
+    res = subprocess.run([cxx, "-E", "-P", "-x", "c++", "-"], input=cuda_text, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"host preprocessing failed:\n{res.stderr[-4000:]}")
+    text = _without_asm(res.stdout)
+    return _DYNAMIC.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)emu::dynamic_smem;", text)
 
 
 class Emulator:
@@ -200,7 +318,7 @@ class Emulator:
             f'extern "C" int relattn_emu_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
             f"unsigned bz, unsigned long smem, void** args) {{ return emu::launch(&{n}, dim3{{gx, gy, gz}}, "
             f"dim3{{bx, by, bz}}, smem, args); }}" for i, n in enumerate(self.names))
-        text = PRELUDE + HOST_COMMON + host_source(cuda_text) + "\n" + wrappers + "\n"
+        text = PRELUDE + HOST_COMMON + host_source(cuda_text, cxx) + "\n" + wrappers + "\n"
         digest = hashlib.sha256((cxx + opt + text).encode()).hexdigest()[:20]
         root = os.path.join(tempfile.gettempdir(), "relattn-simt-emu")
         os.makedirs(root, exist_ok=True)
@@ -265,6 +383,7 @@ def host_cupy():
 
     mod = types.ModuleType("cupy")
     mod.empty = empty
+    mod.zeros = lambda shape, dtype=np.float32: np.zeros(shape, dtype=dtype).view(HostArray)
     mod.ascontiguousarray = lambda a, dtype=None: np.ascontiguousarray(a, dtype=dtype).view(HostArray)
     mod.asarray = lambda a, dtype=None: np.array(a, dtype=dtype).view(HostArray)
     for name in ("uint8", "uint16", "uint32", "uint64", "int32", "int64", "float16", "float32", "float64"):

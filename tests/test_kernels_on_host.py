@@ -1,7 +1,8 @@
-"""The SIMT kernels of the terms' pullback (``cuda/bwd_terms.cu``: the gather,
-side, grid and scatter kernels), run on the host by :mod:`simt_emu` (each
-CUDA thread a host thread, barriers real), against a float64 model built
-from the oracle's gather index.
+"""SIMT kernels of the GPU backward run on the host by :mod:`simt_emu` (each
+CUDA thread a host thread, block and warp barriers real): the terms'
+pullback (``cuda/bwd_terms.cu``: the gather, side, grid and scatter kernels)
+against a float64 model built from the oracle's gather index, and the
+float32 fused backward (``cuda/bwd32.cu``) against the float64 core.
 
 These check the kernels' indexing and arithmetic on any machine with a C++
 compiler, launched by the GPU backward's own Python
@@ -32,10 +33,7 @@ ROUNDING = {0: 2.0 ** -11 + 1e-5, 1: 2.0 ** -8 + 1e-5, 2: 1e-5}
 
 @pytest.fixture(scope="module")
 def emu():
-    try:
-        return simt_emu.Emulator(_build.read_cuda("bwd_terms.cu"), list(backward._terms_names().values()))
-    except RuntimeError as exc:   # pragma: no cover - a compiler without C++20
-        pytest.skip(str(exc))
+    return simt_emu.Emulator(_build.family_source("bwd_terms"), list(backward._terms_names().values()))
 
 
 @pytest.fixture
@@ -46,7 +44,7 @@ def host_gpu(emu, monkeypatch):
     import sys
 
     from relattn import relpos
-    from relattn.backends.gpu import _build
+    from relattn.backends.gpu import _build, _device
 
     driver = simt_emu.HostDriver(emu)
     monkeypatch.setitem(sys.modules, "cupy", simt_emu.host_cupy())
@@ -55,7 +53,33 @@ def host_gpu(emu, monkeypatch):
         backward._terms_names()[(kind, dt if kind != "scatter" else 0, variant)]))
     monkeypatch.setattr(backward, "_launches", {})
     monkeypatch.setattr(relpos, "_device_cache", {})
+    # device 0 as an sm_80 part (the portable kernels; no wgmma)
+    monkeypatch.setattr(_device, "_devices", {0: _device.Device(0, 80, 108, 163 * 1024, "host emulation")})
     return simt_emu.HostArray
+
+
+@pytest.fixture
+def host_portable(host_gpu, monkeypatch):
+    """:func:`relattn.backends.gpu._build.portable_kernel` standing for its
+    kernels with host emulations (one per family source, built on first use),
+    called as CuPy's RawKernel is: ``fn(grid, block, args, shared_mem=)``."""
+    from relattn.backends.gpu import _build
+
+    emus = {}
+
+    def portable_kernel(module_key, names, which, smem, source=None):
+        key = (module_key, source)
+        if key not in emus:
+            emus[key] = simt_emu.Emulator(_build.portable_source() if source is None else source,
+                                          list(names.values()))
+        emu, name = emus[key], names[which]
+
+        def launch(grid, block, args, shared_mem=0):
+            emu.launch(name, grid, block, shared_mem, list(args))
+        return launch
+
+    monkeypatch.setattr(_build, "portable_kernel", portable_kernel)
+    return host_gpu
 
 
 def _raw(x):
@@ -139,3 +163,61 @@ def test_terms_pullback_kernels_at_the_plans_edges(host_gpu, nbh, q_size, k_size
     if nbh == 70:
         na, nb, kl, _, _ = backward._side("h", q_size, k_size)
         assert backward._terms_split(na, 1, nbh * nb, kl, D) > 1
+
+
+def _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout):
+    """The attention core's output and pullback in float64: out, and dq
+    without the terms' part, dk, dv and the terms' gradients (rel_h / rel_w
+    None: no terms)."""
+    q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+    B, H, Sq, _ = q.shape
+    logits = scale * q @ k.swapaxes(-1, -2)
+    if rel_h is not None:
+        kh, kw = k_size
+        rel_h, rel_w = np.asarray(rel_h, np.float64), np.asarray(rel_w, np.float64)
+        logits = logits + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, Sq, kh * kw)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = dout @ v.swapaxes(-1, -2)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+    terms = (None, None)
+    if rel_h is not None:
+        d4 = ds.reshape(B, H, Sq, *k_size)
+        terms = (d4.sum(-1), d4.sum(-2))
+    return p @ v, (scale * ds @ k, scale * ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ dout) + terms
+
+
+@pytest.mark.parametrize("q_size, k_size, D, terms", [((5, 6), (4, 7), 16, True), ((3, 4), (2, 5), 40, True),
+                                                      ((2, 64), (2, 64), 32, True),   # key rows of 64
+                                                      ((4, 5), (6, 3), 24, False)])
+def test_float32_fused_backward_kernels(host_portable, q_size, k_size, D, terms):
+    """``cuda/bwd32.cu`` (the float32 backward on the SIMT cores): the row
+    log-sum-exp (``backward.row_lse``) and the core's gradients
+    (``backward.fused_core_backward``) as the backward launches them, in each
+    bias mode, against the float64 core."""
+    import relattn
+
+    rng = np.random.default_rng(sum(q_size) + D)
+    B, H, scale = 1, 2, D ** -0.5
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    q = rng.standard_normal((B, H, Sq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, H, Sk, D)).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal((B, H, Sq, D)).astype(np.float32)
+    rel_h = rel_w = None
+    if terms:
+        th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
+        tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
+        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q, th, tw, q_size, k_size))
+    out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout)
+    host = host_portable
+    dev = [None if a is None else np.ascontiguousarray(a).view(host) for a in (q, k, v, rel_h, rel_w)]
+    assert backward._bias(rel_h, k_size, Sk) == (backward.Bias.NONE if not terms else backward.Bias.KEY_ROWS
+                                                  if k_size[1] == 64 else backward.Bias.GENERIC)
+    lse = backward.row_lse(*dev[:2], *dev[3:], k_size, scale)
+    got = backward.fused_core_backward(*dev, k_size, scale, out.astype(np.float32).view(host), dout.view(host),
+                                       lse=lse)
+    for name, g, w in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert _rel(np.asarray(g).reshape(w.shape), w) <= 2e-5, name
