@@ -1,8 +1,10 @@
 """SIMT kernels of the GPU backward run on the host by :mod:`simt_emu` (each
 CUDA thread a host thread, block and warp barriers real): the terms'
 pullback (``cuda/bwd_terms.cu``: the gather, side, grid and scatter kernels)
-against a float64 model built from the oracle's gather index, and the
-float32 fused backward (``cuda/bwd32.cu``) against the float64 core.
+against a float64 model built from the oracle's gather index, the float32
+fused backward (``cuda/bwd32.cu``) against the float64 core, and the SIMT
+forward (``cuda/simt.cu``, float32 and float64, its exact path for
+non-finite rows included) against the oracle's attention.
 
 These check the kernels' indexing and arithmetic on any machine with a C++
 compiler, launched by the GPU backward's own Python
@@ -221,3 +223,48 @@ def test_float32_fused_backward_kernels(host_portable, q_size, k_size, D, terms)
             assert g is None, name
             continue
         assert _rel(np.asarray(g).reshape(w.shape), w) <= 2e-5, name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("q_size, k_size, D, terms, nonfinite", [
+    ((5, 6), (4, 7), 16, True, False), ((3, 4), (9, 9), 40, True, True), ((4, 5), (6, 3), 24, False, False)])
+def test_simt_forward_kernel(host_portable, dtype, q_size, k_size, D, terms, nonfinite):
+    """``cuda/simt.cu`` (float32 ``"fma"`` and float64 attention on the SIMT
+    cores), planned by ``families.simt`` on strided q / k / v: against the
+    oracle's float64 attention; rows with a non-finite value take the exact
+    path (warp shuffles and ballots) and match the oracle's NaN / inf
+    pattern."""
+    import relattn
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.families import simt
+    from relattn.backends.gpu.problem import Problem
+
+    rng = np.random.default_rng(D + nonfinite)
+    B, H, scale = 1, 2, D ** -0.5
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    dt = np.dtype(dtype)
+    # q, k, v as views of (B, S, H, D) buffers, as a layer's projections give them
+    q, k, v = (rng.standard_normal((B, n, H, D)).astype(dt).transpose(0, 2, 1, 3) for n in (Sq, Sk, Sk))
+    if nonfinite:
+        v[0, 1, 3, 2] = np.inf   # every row of head 1 meets inf * weight
+    rel_h = rel_w = None
+    if terms:
+        th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(dt)
+        tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(dt)
+        rel_h, rel_w = (t.astype(dt) for t in relattn.decomposed_rel_pos(q, th, tw, q_size, k_size))
+    host = host_portable
+    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
+    p = Problem.from_arrays(dev[0], dev[1], rel_h, rel_w, q_size if terms else None, k_size, scale, terms=True)
+    device = _device.current()
+    assert simt.not_supported_reasons(p, device, False) == []
+    run, _ = simt.build(p, device, simt.config(p, device, False, {}), *dev[:3])
+    got = np.asarray(run(*dev))
+    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
+                            q_size if terms else None, k_size if terms else None, scale=scale)
+    want = np.asarray(want, np.float64)
+    assert got.dtype == dt and got.shape == want.shape
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert finite.any() and finite.all() != nonfinite
+    tol = 2e-6 if dtype == "float32" else 1e-13
+    assert np.abs(got[finite] - want[finite]).max() <= tol * np.abs(want[finite]).max()
