@@ -57,12 +57,12 @@ the signature's first call.
 from __future__ import annotations
 
 import functools
-import threading
 
 import numpy as np
 
 from relattn import backends
 from relattn._arrays import array_module, astype, compute_dtype, dtype_name
+from relattn._cache import BoundedCache
 from relattn.backends import reference
 from relattn.functional import BackendError, _call_key, _prepare, _row_chunk
 from relattn.relpos import (
@@ -426,19 +426,6 @@ def _pullback_numba(q, k, v, th, tw, stored, q_size, k_size, resize_dtype, out, 
 
 
 # ------------------------------------------------------------------ GPU (cupy)
-_vjps_lock = threading.Lock()
-_VJPS_MAX = 64
-
-
-def _kept(store, key, value):
-    """``store[key]``, set to ``value`` unless another thread planning the same
-    signature set it first; the oldest entry goes when ``store`` is full."""
-    with _vjps_lock:
-        if len(store) >= _VJPS_MAX:
-            store.pop(next(iter(store)), None)
-        return store.setdefault(key, value)
-
-
 def _lse_plan(q, k, v, th, tw, q_size, k_size, scale):
     """The cupy backend's plan of this forward (tables ``th``, ``tw`` as it
     gets them) when its kernel keeps each row's log-sum-exp, else None."""
@@ -516,7 +503,7 @@ class _GpuVjp:
 
 # The _GpuVjp of each call signature (functional._call_key), as the call plans
 # of rel_pos_attention are kept.
-_gpu_vjps: dict = {}
+_gpu_vjps = BoundedCache(64)
 
 
 def _core_backward_gpu(q, k, v, rel_h, rel_w, k_size, scale, out, dout, stats):
@@ -678,7 +665,7 @@ def rel_pos_attention_vjp(
     if xp is not np:
         vjp = _GpuVjp(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
         if key is not None:
-            vjp = _kept(_gpu_vjps, key, vjp)
+            vjp = _gpu_vjps.keep(key, vjp)
         return vjp(q, k, v, rel_pos_h, rel_pos_w)
     stored = (rel_pos_h, rel_pos_w)
     prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
 import warnings
 
 import numpy as np
 
 from relattn import backends
+from relattn._cache import BoundedCache
 from relattn._interop import accepts_dlpack
 from relattn._arrays import (
     array_module,
@@ -329,15 +329,14 @@ def rel_pos_attention(
             try:
                 return run(q, k, v, rel_pos_h, rel_pos_w)
             except backends.BackendFailure:  # its backend just broke: plan again
-                with _plans_lock:
-                    _plans.clear()
+                _plans.clear()
     q, k, v, rel_pos_h, rel_pos_w, scale, q_size, k_size = _prepare(
         q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, resize_dtype)
     prep = resize_ahead(resize_dtype, rel_pos_h, rel_pos_w, q_size, k_size)
     tables = (rel_pos_h, rel_pos_w) if prep is None else prep(rel_pos_h, rel_pos_w)
     _, arrays, run, out, _, _ = _planned_run(backend, q, k, v, *tables, q_size, k_size, scale)
     if key is not None and arrays[0] is q:  # not moved to another array library
-        _remember(key, _resizing(run, prep))
+        _plans.keep(key, _resizing(run, prep))
     return to_module(out, array_module(q))  # back to the caller's array type if it moved
 
 
@@ -346,9 +345,7 @@ def rel_pos_attention(
 # device, same sizes, scale and backend) skips validation and dispatch: its
 # first run left its plan here (terms and core). Keys hold no arrays, only
 # their signatures.
-_plans: dict = {}
-_PLANS_MAX = 256
-_plans_lock = threading.Lock()
+_plans = BoundedCache(256)
 
 
 def _array_key(a):
@@ -401,13 +398,6 @@ def planned(q, k, v, rel_pos_h, rel_pos_w, q_size, k_size, scale, backend):
 
 def _gpu_key():
     return backends.get("cupy").plan_key()
-
-
-def _remember(key, run):
-    with _plans_lock:
-        if len(_plans) >= _PLANS_MAX:
-            del _plans[next(iter(_plans))]  # the oldest
-        _plans[key] = run
 
 
 def explain(q, k, v, rel_pos_h=None, rel_pos_w=None, q_size=None, k_size=None, *, scale=None, backend="auto",

@@ -225,9 +225,6 @@ template <int DT> inline void ra_st(u16* p, float x) {
         const _Float16 h = (_Float16)x; std::memcpy(p, &h, 2);
     }
 }
-template <int DT> inline u32 ra_pack(float lo, float hi) {
-    u16 a, b; ra_st<DT>(&a, lo); ra_st<DT>(&b, hi); return (u32)a | ((u32)b << 16);
-}
 inline float ra_ieee_fma(float a, float b, float c) { return std::fma(a, b, c); }
 inline float ra_ieee_add(float a, float b) { volatile float r = a + b; return r; }
 inline float ra_ieee_sub(float a, float b) { volatile float r = a - b; return r; }

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import oracle
 import simt_emu
+from relattn._cache import BoundedCache
 from relattn.backends.gpu import _build, backward
 
 pytestmark = pytest.mark.skipif(simt_emu.compiler() is None, reason="no C++ compiler for the host emulation")
@@ -53,7 +54,7 @@ def host_gpu(emu, monkeypatch):
     monkeypatch.setattr(_build, "_libcuda", lambda: driver)
     monkeypatch.setattr(backward, "_terms_kernel", lambda kind, dt, variant=(), smem=0: driver.function(
         backward._terms_names()[(kind, dt if kind != "scatter" else 0, variant)]))
-    monkeypatch.setattr(backward, "_launches", {})
+    monkeypatch.setattr(backward, "_launches", BoundedCache(256))
     monkeypatch.setattr(relpos, "_device_cache", {})
     # device 0 as an sm_80 part (the portable kernels; no wgmma)
     monkeypatch.setattr(_device, "_devices", {0: _device.Device(0, 80, 108, 163 * 1024, "host emulation")})

@@ -55,11 +55,11 @@ from __future__ import annotations
 
 import enum
 import functools
-import threading
 
 import numpy as np
 
 from relattn._arrays import astype, compute_dtype
+from relattn._cache import BoundedCache
 
 from . import tuning
 
@@ -763,26 +763,16 @@ def _gather_launch(dt, q_len, k_len, D):
 
 
 # The planned launches of the fused pullback, the terms' pullback and the
-# gathers, per signature key and device (the oldest go past 256).
-_launches: dict = {}
-_launches_lock = threading.Lock()
+# gathers, per signature key and device.
+_launches = BoundedCache(256)
 
 
 def _planned(key, make):
     """What ``make()`` builds (a launch, or launches) for ``key`` on the
-    current device, built on the key's first call; a thread that built the
-    same key at the same time gets the one kept."""
+    current device, built on the key's first call."""
     import cupy
 
-    full = (*key, cupy.cuda.runtime.getDevice())
-    found = _launches.get(full)
-    if found is None:
-        made = make()
-        with _launches_lock:
-            if len(_launches) >= 256:
-                _launches.pop(next(iter(_launches)), None)
-            found = _launches.setdefault(full, made)
-    return found
+    return _launches.get_or_make((*key, cupy.cuda.runtime.getDevice()), make)
 
 
 def _column_groups(D: int) -> int:

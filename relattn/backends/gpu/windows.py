@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 
+from relattn._cache import BoundedCache
+
 # (bytes, C++ word type), largest first
 _WORDS = ((16, "ra_w16"), (8, "unsigned long long"), (4, "unsigned int"), (2, "unsigned short"),
           (1, "unsigned char"))
@@ -141,19 +143,7 @@ def unpartition_plan(windows, ws: int, hp: int, wp: int, H: int, W: int):
 # The plans of the one-shot calls below, per signature of their source (a
 # plan builds its launch's argument block once: the repeated calls of a
 # training loop only allocate and launch).
-_PLANS_MAX = 64
-_plans: dict = {}
-
-
-def _cached(key, make):
-    plan = _plans.get(key)
-    if plan is None:
-        plan = make()
-        with _lock:
-            if len(_plans) >= _PLANS_MAX:
-                _plans.clear()
-            _plans[key] = plan
-    return plan
+_plans = BoundedCache(64)
 
 
 def _signature(a):
@@ -165,13 +155,13 @@ def _signature(a):
 def partition(x, ws: int, hp: int, wp: int):
     """Windows of x (B, H, W, C), zero-padded to (hp, wp)."""
     key = ("partition", _signature(x), ws, hp, wp)
-    return _cached(key, lambda: partition_plan(x, ws, hp, wp))(x)
+    return _plans.get_or_make(key, lambda: partition_plan(x, ws, hp, wp))(x)
 
 
 def unpartition(windows, ws: int, hp: int, wp: int, H: int, W: int):
     """(B, H, W, C) from the windows of a (B, hp, wp, C) map, the padding cropped."""
     key = ("unpartition", _signature(windows), ws, hp, wp, H, W)
-    return _cached(key, lambda: unpartition_plan(windows, ws, hp, wp, H, W))(windows)
+    return _plans.get_or_make(key, lambda: unpartition_plan(windows, ws, hp, wp, H, W))(windows)
 
 
 def copy_rows(src, dst=None):
@@ -192,7 +182,7 @@ def copy_rows(src, dst=None):
     if src.size == 0:
         return dst
     key = ("copy_rows", _signature(src), _signature(dst))
-    _cached(key, lambda: _rows_plan(src, dst))(src, dst)
+    _plans.get_or_make(key, lambda: _rows_plan(src, dst))(src, dst)
     return dst
 
 
