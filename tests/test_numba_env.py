@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import relattn
+from relattn._cache import BoundedCache
 from relattn.backends import numba_cpu
 
 pytestmark = pytest.mark.skipif(numba_cpu.unavailable_reason() is not None,
@@ -124,7 +125,7 @@ def test_kernel_failure_falls_back_once(monkeypatch):
     monkeypatch.setattr(numba_cpu, "_broken", None)
     monkeypatch.setattr(numba_cpu, "_checked", True)
     monkeypatch.setattr(functional, "_warned", set())
-    monkeypatch.setattr(functional, "_plans", {})
+    monkeypatch.setattr(functional, "_plans", BoundedCache(256))
 
     def fail(*args, **kwargs):
         raise TypingError("cannot compile here")

@@ -167,7 +167,7 @@ def test_dlpack_inputs():
 
 
 def test_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(functional, "_PLANS_MAX", 4)
+    monkeypatch.setattr(functional._plans, "limit", 4)
     functional._plans.clear()
     rng = np.random.default_rng(6)
     q, k, v, th, tw = _inputs(np, rng)
