@@ -1,4 +1,5 @@
-"""Run SIMT CUDA kernels of ``relattn/backends/cuda`` on the host, for tests.
+"""Run CUDA kernels of ``relattn/backends/cuda`` on the host, for tests: the
+SIMT kernels and the ``mma.sync`` tensor-core ones.
 
 The kernel source is compiled by the host's C++ compiler under a prelude that
 defines what such kernels use of CUDA: ``threadIdx`` / ``blockIdx`` /
@@ -6,19 +7,23 @@ defines what such kernels use of CUDA: ``threadIdx`` / ``blockIdx`` /
 memory, vector types, bit casts and a few atomics. A launch runs the blocks one
 after another; a block's threads are real threads (one per CUDA thread), so a
 barrier is a real barrier and a missing one can show as a wrong answer.
-Dynamic shared memory is filled with NaN bytes before each block, so a read
-of what no thread wrote shows; static shared memory keeps its bytes from one
-block to the next (zeros at first). Host pointers stand for
-device pointers: numpy arrays are passed as they are.
+Warp-level operations are warp collectives: shuffles and ballots, and
+``ldmatrix`` / ``mma.sync`` m16n8k16 (float16 / bfloat16 with float32
+accumulation, PTX's fragment layouts; the products' sum in float64, rounded
+once). Shared-memory addresses are 32-bit as in PTX (a base index and an
+offset); ``cp.async`` is an immediate copy, zero-filled past its source
+bytes. Dynamic shared memory is filled with NaN bytes before each block, so a
+read of what no thread wrote shows; static shared memory keeps its bytes from
+one block to the next (zeros at first). Host pointers stand for device
+pointers: numpy arrays are passed as they are.
 
-What it cannot run: warp-level primitives (shuffles, votes), tensor-core
-instructions and inline PTX. Paths guarded by ``__CUDA_ARCH__`` take their
-pre-sm_80 form (``cp.async`` copies as plain loads and stores). Memory-model
-questions (visibility without a barrier between blocks, atomics' ordering) are
-not what it checks; it checks the kernels' arithmetic and indexing.
-
-The helpers of ``common.cuh`` a kernel needs come from :data:`HOST_COMMON`
-(float16 / bfloat16 loads and stores rounding as the GPU does).
+What it cannot run: ``wgmma``, TMA, ``mbarrier`` and the other sm_90
+instructions, and inline PTX other than the helpers :data:`HOST_COMMON`
+replaces (a top-level definition holding ``asm`` is removed from the source).
+Paths guarded by ``__CUDA_ARCH__`` take their pre-sm_80 form.
+Memory-model questions (visibility without a barrier between blocks,
+atomics' ordering) are not what it checks; it checks the kernels' arithmetic,
+indexing and fragment layouts.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ PRELUDE = r"""
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -69,6 +75,7 @@ inline std::barrier<>* block_barrier = nullptr;
 struct Warp {   // a warp's barrier and the slots its lanes exchange values through
     std::unique_ptr<std::barrier<>> bar;
     unsigned long long slot[32];
+    unsigned frag[32][6];   // the operands of a warp-wide matrix instruction (mma.sync, ldmatrix)
 };
 inline Warp* warps = nullptr;
 inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
@@ -84,6 +91,24 @@ template <class T> T exchange(T v, unsigned src) {
     T r;
     std::memcpy(&r, &bits, sizeof(T));
     return r;
+}
+// Shared-memory addresses as PTX's 32-bit ones: base index << 24 | offset,
+// the bases (a block's dynamic buffer, static arrays) registered on first use.
+inline std::mutex smem_mu;
+inline std::vector<unsigned char*> smem_bases;
+inline unsigned smem_encode(const void* p) {
+    auto* c = (unsigned char*)p;
+    std::lock_guard<std::mutex> g(smem_mu);
+    for (std::size_t i = 0; i < smem_bases.size(); ++i)
+        if (c >= smem_bases[i] && c - smem_bases[i] < (1 << 23)) return (unsigned)((i << 24) | (c - smem_bases[i]));
+    if (smem_bases.size() >= 255) std::abort();
+    smem_bases.push_back(c);
+    return (unsigned)((smem_bases.size() - 1) << 24);
+}
+inline unsigned char* smem_decode(unsigned a) {
+    std::lock_guard<std::mutex> g(smem_mu);
+    if ((a >> 24) >= smem_bases.size()) std::abort();
+    return smem_bases[a >> 24] + (a & 0xffffffu);
 }
 }
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
@@ -163,6 +188,7 @@ template <typename... A>
 int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args) {
     const unsigned n = block.x * block.y * block.z;
     gridDim = grid; blockDim = block;
+    { std::lock_guard<std::mutex> g(smem_mu); smem_bases.clear(); }
     std::vector<unsigned char> dyn(smem + 16);
     std::barrier<> start(n + 1), end(n + 1);
     bool done = false;
@@ -230,6 +256,85 @@ inline float ra_ieee_add(float a, float b) { volatile float r = a + b; return r;
 inline float ra_ieee_sub(float a, float b) { volatile float r = a - b; return r; }
 inline float ra_ieee_div(float a, float b) { volatile float r = a / b; return r; }
 inline float ra_ieee_exp(float x) { return (float)std::exp((double)x); }
+template <int DT> inline float ra_from16(u16 u) { return ra_ld<DT>(&u); }
+template <int DT> inline u16 ra_to16(float x) { u16 r; ra_st<DT>(&r, x); return r; }
+template <int DT> inline float ra_load_f32(const void* p, long long i) {
+    if (DT == 2) return reinterpret_cast<const float*>(p)[i];
+    return ra_ld<DT>(reinterpret_cast<const u16*>(p) + i);
+}
+inline float ra_f16_lo(u32 h) { return ra_from16<0>((u16)h); }
+template <int DT> inline u32 ra_pack(float lo, float hi) { return (u32)ra_to16<DT>(lo) | (u32)ra_to16<DT>(hi) << 16; }
+
+// shared memory: addresses, and cp.async as an immediate copy (its wait and
+// commit nothing), zero-filled past src_bytes
+inline u32 ra_smem_addr(const void* p) { return emu::smem_encode(p); }
+inline void ra_cp_async_n(u32 dst, const void* src, int src_bytes, int n) {
+    unsigned char* d = emu::smem_decode(dst);
+    const int m = std::min(std::max(src_bytes, 0), n);
+    if (m) std::memcpy(d, src, m);
+    std::memset(d + m, 0, n - m);
+}
+inline void ra_cp_async16(u32 dst, const void* src, int src_bytes) { ra_cp_async_n(dst, src, src_bytes, 16); }
+inline void rb_cp_async4(u32 dst, const void* src, int src_bytes) { ra_cp_async_n(dst, src, src_bytes, 4); }
+inline void ra_cp_commit() {}
+template <int N> inline void ra_cp_wait() {}
+template <bool ASYNC> inline void rb_fence_async() {}
+
+// mma.sync and ldmatrix as warp collectives: each lane posts its operands
+// (emu::Warp::frag), the warp meets, each lane reads the others' and computes
+// its own part of the result, the warp meets again.
+inline emu::Warp& ra_warp_post(const u32* v, int n) {
+    emu::Warp& w = emu::warps[emu::linear_tid() / 32];
+    std::memcpy(w.frag[emu::linear_tid() % 32], v, 4 * n);
+    w.bar->arrive_and_wait();
+    return w;
+}
+// x4: lanes 8 i .. 8 i + 7 give matrix i's row addresses; lane l gets, of each
+// matrix, row l / 4's columns 2 (l % 4), + 1 (trans: column l / 4 of rows 2 (l % 4), + 1)
+inline void ra_ldsm_any(u32 (&r)[4], u32 addr, bool trans) {
+    emu::Warp& w = ra_warp_post(&addr, 1);
+    const unsigned l = emu::linear_tid() % 32;
+    for (int i = 0; i < 4; ++i) {
+        u16 e[2];
+        for (int h = 0; h < 2; ++h) {
+            const unsigned row = trans ? 2 * (l % 4) + h : l / 4, col = trans ? l / 4 : 2 * (l % 4) + h;
+            std::memcpy(&e[h], emu::smem_decode(w.frag[8 * i + row][0]) + 2 * col, 2);
+        }
+        r[i] = (u32)e[0] | (u32)e[1] << 16;
+    }
+    w.bar->arrive_and_wait();
+}
+inline void ra_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    u32 r[4]; ra_ldsm_any(r, addr, false); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+inline void ra_ldsm_x4_t(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
+    u32 r[4]; ra_ldsm_any(r, addr, true); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
+}
+// m16n8k16, A row-major (a[0..3]: rows g, g + 8 x columns 2 t, 2 t + 8), B
+// column-major (b0, b1: rows 2 t, 2 t + 8 of column g), C: rows g, g + 8 x
+// columns 2 t, 2 t + 1 (g = lane / 4, t = lane % 4); products exact, their sum
+// in double, rounded once to float32 (the tensor cores' sums are not IEEE's)
+template <int DT> inline void ra_mma(float* c, const u32* a, u32 b0, u32 b1) {
+    const u32 mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    emu::Warp& w = ra_warp_post(mine, 6);
+    const unsigned l = emu::linear_tid() % 32, g = l / 4, t = l % 4;
+    auto half = [&](unsigned lane, int reg, int k) {
+        return ra_from16<DT>((u16)(w.frag[lane][reg] >> (16 * (k % 2))));
+    };
+    float out[4];
+    for (int e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        double sum = 0.0;
+        for (int k = 0; k < 16; ++k) {
+            const double x = half((row % 8) * 4 + (k % 8) / 2, (row >= 8) + 2 * (k >= 8), k);
+            const double y = half(col * 4 + (k % 8) / 2, 4 + (k >= 8), k);
+            sum += x * y;
+        }
+        out[e] = (float)(sum + (double)c[e]);
+    }
+    w.bar->arrive_and_wait();
+    for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
 """
 
 _DYNAMIC = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;")
@@ -394,15 +499,31 @@ def host_cupy():
 
 class HostDriver:
     """Stands for the CUDA driver of ``_build.RawLaunch``: ``cuLaunchKernel``
-    of a function whose pointer is ``1 + i`` runs ``emu.names[i]`` on the host."""
+    of a function that :meth:`function` handed out runs that kernel on the host."""
 
-    def __init__(self, emu: Emulator):
+    def __init__(self, emu: Emulator | None = None):
         self.emu = emu
+        self._kernels = []
 
-    def function(self, name):
-        """What ``RawLaunch`` takes for kernel ``name``."""
-        return types.SimpleNamespace(ptr=1 + self.emu.names.index(name))
+    def function(self, name, emu: Emulator | None = None):
+        """What ``RawLaunch`` takes for kernel ``name`` of ``emu`` (default: the driver's)."""
+        self._kernels.append((emu or self.emu, name))
+        return types.SimpleNamespace(ptr=len(self._kernels))
 
     def cuLaunchKernel(self, func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
-        self.emu.launch_raw(self.emu.names[func.value - 1], (gx, gy, gz), (bx, by, bz), smem, params)
+        emu, name = self._kernels[func.value - 1]
+        emu.launch_raw(name, (gx, gy, gz), (bx, by, bz), smem, params)
         return 0
+
+
+class HostKernel:
+    """Kernel ``name`` of ``emu`` as CuPy's loaded functions are used: called
+    as a RawKernel (``fn(grid, block, args, shared_mem=)``), and with a
+    ``ptr`` that ``driver`` launches through ``RawLaunch``."""
+
+    def __init__(self, emu: Emulator, name: str, driver: HostDriver):
+        self.emu, self.name = emu, name
+        self.ptr = driver.function(name, emu).ptr
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.emu.launch(self.name, grid, block, shared_mem, list(args))

@@ -1,16 +1,21 @@
-"""SIMT kernels of the GPU backward run on the host by :mod:`simt_emu` (each
-CUDA thread a host thread, block and warp barriers real): the terms'
-pullback (``cuda/bwd_terms.cu``: the gather, side, grid and scatter kernels)
-against a float64 model built from the oracle's gather index, the float32
-fused backward (``cuda/bwd32.cu``) against the float64 core, and the SIMT
-forward (``cuda/simt.cu``, float32 and float64, its exact path for
-non-finite rows included) against the oracle's attention.
+"""CUDA kernels run on the host by :mod:`simt_emu` (each CUDA thread a host
+thread, block and warp barriers real, warp instructions as warp collectives):
 
-These check the kernels' indexing and arithmetic on any machine with a C++
-compiler, launched by the GPU backward's own Python
-(``relattn.backends.gpu.backward``: its plans, its CuPy calls made on host
-arrays, its argument blocks handed to a stand-in for the driver); the same
-kernels on a GPU are tested in ``test_vjp_gpu.py``. They skip without a
+- the terms' pullback (``cuda/bwd_terms.cu``: the gather, side, grid and
+  scatter kernels) against a float64 model built from the oracle's gather index;
+- the fused backward, float32 (``cuda/bwd32.cu``) and 16-bit on ``mma.sync``
+  (``cuda/bwd.cu``), against the float64 core;
+- the forward: the SIMT kernel (``cuda/simt.cu``, float32 and float64, its
+  exact path for non-finite rows included) and the ``mma.sync`` families
+  (``cuda/mma.cu``, ``cuda/win.cu``), against the oracle's attention;
+- the terms kernels (``cuda/terms.cu``) against the oracle's terms.
+
+These check the kernels' indexing, fragment layouts and arithmetic on any
+machine with a C++ compiler, launched by the backend's own Python
+(``relattn.backends.gpu``'s ``backward``, ``terms`` and family modules: their
+plans, their CuPy calls made on host arrays, their argument blocks handed to a
+stand-in for the driver), for an sm_80 part; the same kernels on a GPU are
+tested in ``test_vjp_gpu.py`` and ``test_gpu_*.py``. They skip without a
 C++20 compiler.
 """
 
@@ -75,11 +80,7 @@ def host_portable(host_gpu, monkeypatch):
         if key not in emus:
             emus[key] = simt_emu.Emulator(_build.portable_source() if source is None else source,
                                           list(names.values()))
-        emu, name = emus[key], names[which]
-
-        def launch(grid, block, args, shared_mem=0):
-            emu.launch(name, grid, block, shared_mem, list(args))
-        return launch
+        return simt_emu.HostKernel(emus[key], names[which], _build._libcuda())
 
     monkeypatch.setattr(_build, "portable_kernel", portable_kernel)
     return host_gpu
@@ -269,3 +270,148 @@ def test_simt_forward_kernel(host_portable, dtype, q_size, k_size, D, terms, non
     assert finite.any() and finite.all() != nonfinite
     tol = 2e-6 if dtype == "float32" else 1e-13
     assert np.abs(got[finite] - want[finite]).max() <= tol * np.abs(want[finite]).max()
+
+
+@pytest.mark.parametrize("dt, q_size, k_size, D, terms, forward_lse", [
+    (1, (5, 6), (4, 7), 16, True, False),
+    (0, (5, 6), (4, 7), 16, True, True),
+    (1, (2, 64), (2, 64), 32, True, True),    # key rows of 64
+    (1, (9, 9), (9, 9), 64, True, False),     # several query and key tiles
+    (0, (4, 5), (6, 3), 24, False, False),
+])
+def test_16bit_fused_backward_kernels(host_portable, dt, q_size, k_size, D, terms, forward_lse):
+    """``cuda/bwd.cu`` (the 16-bit backward on ``mma.sync``, its ``ldmatrix``
+    loads and ``cp.async`` pipeline emulated warp by warp): the row pass
+    (log-sum-exp and the exact delta) or, with the forward's log-sum-exp,
+    the delta kernel, then dq and dk / dv, as ``backward.fused_core_backward``
+    plans them for an sm_80 part, in each bias mode, against the float64 core
+    of the same 16-bit inputs."""
+    import relattn
+
+    rng = np.random.default_rng(sum(q_size) + D + dt)
+    B, H, scale = 1, 2, D ** -0.5
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    cast = DTYPES[dt]
+    q = rng.standard_normal((B, H, Sq, D)).astype(cast)
+    k, v = (rng.standard_normal((B, H, Sk, D)).astype(cast) for _ in range(2))
+    dout = rng.standard_normal((B, H, Sq, D)).astype(cast)
+    rel_h = rel_w = None
+    if terms:
+        th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
+        tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
+        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q.astype(np.float32), th, tw,
+                                                                                  q_size, k_size))
+    out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout)
+    host = host_portable
+    dev = [None if a is None else np.ascontiguousarray(a).view(host) for a in (q, k, v, rel_h, rel_w)]
+    assert backward.kernel_forms(*dev[:3], rel_h, k_size) == {"dq": "mma", "dkv": "mma"}
+    assert backward._bias(rel_h, k_size, Sk) == (backward.Bias.NONE if not terms else backward.Bias.KEY_ROWS
+                                                  if k_size[1] == 64 else backward.Bias.GENERIC)
+    lse = None
+    if forward_lse:
+        logits = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
+        if terms:
+            logits = logits + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, Sq, Sk)
+        m = logits.max(-1, keepdims=True)
+        lse = ((np.log(np.exp(logits - m).sum(-1)) + m[..., 0]) / np.log(2)).astype(np.float32).view(host)
+    got = backward.fused_core_backward(*dev, k_size, scale, out.astype(cast).view(host), dout.view(host), lse=lse)
+    tol = 1e-2 if dt == 1 else 2e-3
+    for name, g, w in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        assert _rel(np.asarray(g).reshape(w.shape), w) <= tol, name
+
+
+def _forward_problem(rng, dt, q_size, k_size, D, B=1, H=2):
+    """16-bit (or ``dt`` 2: float32) q, k, v as views of (B, S, H, D)
+    buffers, as a layer's projections give them, and float32 tables."""
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    q, k, v = (rng.standard_normal((B, n, H, D)).astype(DTYPES[dt]).transpose(0, 2, 1, 3) for n in (Sq, Sk, Sk))
+    th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
+    tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
+    return q, k, v, th, tw
+
+
+@pytest.mark.parametrize("family, options, dt, q_size, k_size, D, terms", [
+    ("mma", {}, 1, (5, 6), (4, 7), 16, True),               # GENERIC
+    ("mma", {"mw": 2}, 0, (9, 9), (9, 9), 40, True),        # 128-row blocks
+    ("mma", {}, 1, (3, 64), (2, 64), 24, True),             # KEY_ROWS
+    ("mma", {"mw": 2}, 1, (2, 64), (2, 64), 64, True),      # KEY_ROWS, rel_w staged for two tiles
+    ("mma", {}, 0, (4, 5), (6, 3), 72, False),              # NONE, head_dim not a multiple of 16
+    ("win", {}, 1, (14, 14), (14, 14), 64, True),           # SAM's windows
+    ("win", {"spb": 2}, 0, (7, 9), (5, 20), 16, True),      # 32-slot key rows, several blocks
+    ("win", {"fuse": 1}, 1, (14, 14), (14, 14), 32, True),  # the terms computed in the kernel
+])
+def test_16bit_forward_kernels(host_portable, family, options, dt, q_size, k_size, D, terms):
+    """The forward's ``mma.sync`` families (``cuda/mma.cu``: any grid;
+    ``cuda/win.cu``: small key grids resident in shared memory, the terms
+    given or computed from the tables), planned by their family modules on
+    strided 16-bit q / k / v: against the oracle's float64 attention of the
+    same 16-bit inputs."""
+    import importlib
+
+    import relattn
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.problem import Problem
+
+    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
+    rng = np.random.default_rng(D + dt + q_size[1])
+    q, k, v, th, tw = _forward_problem(rng, dt, q_size, k_size, D)
+    fuse = options.get("fuse", 0)
+    if fuse:
+        th, tw = th.astype(DTYPES[dt]), tw.astype(DTYPES[dt])
+    rel_h = rel_w = None
+    if terms:
+        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(
+            q.astype(np.float32), th.astype(np.float32), tw.astype(np.float32), q_size, k_size))
+    host, scale = host_portable, D ** -0.5
+    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
+    p = Problem.from_arrays(dev[0], dev[1], th.view(host) if fuse else rel_h,
+                            tw.view(host) if fuse else rel_w, q_size if terms else None, k_size, scale,
+                            terms=not fuse)
+    device = _device.current()
+    assert fam.not_supported_reasons(p, device, bool(fuse)) == []
+    c = fam.config(p, device, bool(fuse), options)
+    assert fam.config_reasons(p, c) == []
+    if family == "mma":
+        assert c.bias == (fam.Bias.NONE if not terms else fam.Bias.KEY_ROWS if k_size[1] == 64
+                          else fam.Bias.GENERIC)
+    if fuse:
+        run, _ = fam.build(p, device, c, *dev[:3], th.view(host), tw.view(host))
+        got = run(*dev[:3], th.view(host), tw.view(host))
+    else:
+        run, _ = fam.build(p, device, c, *dev[:3])
+        got = run(*dev)
+    got = np.asarray(got).astype(np.float64)
+    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
+                            q_size if terms else None, k_size if terms else None, scale=scale)
+    assert got.shape == want.shape
+    assert _rel(got, want) <= (1e-2 if dt == 1 else 2e-3)
+
+
+@pytest.mark.parametrize("dt, tdt, q_size, k_size, D, stored", [
+    (1, 1, (5, 6), (4, 7), 64, None),        # bfloat16 q and tables: the tensor-core kernel
+    (0, 2, (14, 14), (14, 14), 40, None),    # float16 q, float32 tables
+    (1, 1, (9, 3), (9, 3), 112, (7, 9)),     # the widest head_dim on the tensor cores; resized tables
+    (2, 2, (6, 20), (6, 20), 24, None),      # float32: the FMA kernel, 32-column tiles
+    (2, 2, (3, 70), (3, 70), 8, None),       # 64-column tiles
+])
+def test_terms_kernels(host_portable, dt, tdt, q_size, k_size, D, stored):
+    """``cuda/terms.cu`` (``relattn_relterms_mma`` on ``mma.sync`` for 16-bit
+    q, ``relattn_relterms`` on the FMA units for float32) through
+    ``gpu.terms.rel_terms_from_tables``: the terms from strided q and the
+    stored tables (gathered through SAM's index, resized where their length
+    is not SAM's) against the oracle's float64 terms."""
+    from relattn.backends.gpu import terms as gpu_terms
+
+    rng = np.random.default_rng(D + dt)
+    q = _forward_problem(rng, dt, q_size, k_size, D)[0]
+    lh, lw = stored or (2 * max(q_size[0], k_size[0]) - 1, 2 * max(q_size[1], k_size[1]) - 1)
+    th = (0.3 * rng.standard_normal((lh, D))).astype(DTYPES[tdt])
+    tw = (0.3 * rng.standard_normal((lw, D))).astype(DTYPES[tdt])
+    host = host_portable
+    rel_h, rel_w = gpu_terms.rel_terms_from_tables(q.view(host), th.view(host), tw.view(host), q_size, k_size)
+    want_h, want_w = oracle.decomposed_rel_pos(q, th, tw, q_size, k_size)
+    tol = 1e-5 if stored is None else 2 ** -8 + 1e-5   # resized 16-bit tables are rounded to their type
+    assert _rel(rel_h, want_h) <= tol and _rel(rel_w, want_w) <= tol

@@ -137,10 +137,7 @@ relattn_bwd_delta(const u16* __restrict__ dout, const u16* __restrict__ out, flo
     const u32* a = reinterpret_cast<const u32*>(dout + r * D);
     const u32* b = reinterpret_cast<const u32*>(out + r * D);
     auto f32 = [](u32 h) -> float {   // the 16-bit value in h's low half
-        if (DT == 1) return __uint_as_float(h << 16);
-        float f;
-        asm("{ .reg .b16 ra_h; cvt.u16.u32 ra_h, %1; cvt.f32.f16 %0, ra_h; }" : "=f"(f) : "r"(h));
-        return f;
+        return DT == 1 ? __uint_as_float(h << 16) : ra_f16_lo(h);
     };
     float sum = 0.f;
     for (int c = lane; c < D / 2; c += 32) {

@@ -183,6 +183,12 @@ __device__ __forceinline__ void rb_dq_generic_terms(const float (&s)[8][4], floa
 // The key-major kernels' staged rel_w rows: stride RB_SW_K in the key-rows mode, else kw.
 __host__ __device__ constexpr int rb_sw_k(int rel, int kw) { return rel == bwd_bias::KEY_ROWS ? RB_SW_K : kw; }
 
+// Makes the block's shared-memory writes visible to the async proxy (wgmma).
+template <bool ASYNC>
+__device__ __forceinline__ void rb_fence_async() {
+    if constexpr (ASYNC) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // Tile n of ntiles in a two-stage cp.async pipeline: load(n + 1, its
 // stage) issues and commits the next tile's copies; waits for tile n and
 // makes it visible to the block (ASYNC: to its wgmma products too, the async
@@ -196,7 +202,7 @@ __device__ __forceinline__ int rb_next(int n, int ntiles, Load&& load) {
     } else {
         ra_cp_wait<0>();
     }
-    if constexpr (ASYNC) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    rb_fence_async<ASYNC>();
     __syncthreads();
     return n & 1;
 }

@@ -191,6 +191,12 @@ template <int DT> __device__ __forceinline__ float ra_ld(const u16* p) {
     asm("{ .reg .b16 ra_h; mov.b16 ra_h, %1; cvt.f32.f16 %0, ra_h; }" : "=f"(f) : "h"(x));
     return f;
 }
+// the float16 value in h's low half, as float32
+__device__ __forceinline__ float ra_f16_lo(u32 h) {
+    float f;
+    asm("{ .reg .b16 ra_h; cvt.u16.u32 ra_h, %1; cvt.f32.f16 %0, ra_h; }" : "=f"(f) : "r"(h));
+    return f;
+}
 template <int DT> __device__ __forceinline__ float ra_ld(const float* p) { return *p; }
 template <int DT> __device__ __forceinline__ double ra_ld(const double* p) { return *p; }
 template <int DT> __device__ __forceinline__ void ra_st(u16* p, float x) {
