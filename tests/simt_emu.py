@@ -129,6 +129,15 @@ inline unsigned __ballot_sync(unsigned, int pred) {
     return b; }
 inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0u; }
 inline int __all_sync(unsigned m, int pred) { return __ballot_sync(m, !pred) == 0u; }
+inline unsigned __vcmpeq4(unsigned a, unsigned b) {
+    unsigned r = 0;
+    for (int i = 0; i < 32; i += 8) r |= (((a >> i) & 0xffu) == ((b >> i) & 0xffu) ? 0xffu : 0u) << i;
+    return r; }
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long b = (unsigned long long)y << 32 | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned)((b >> (8 * ((s >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+    return r; }
 inline int __ffs(unsigned x) { return x ? __builtin_ctz(x) + 1 : 0; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <class T> inline T __ldg(const T* p) { return *p; }
