@@ -554,7 +554,6 @@ def main(argv=None):
             torch = None
     import numpy as np
 
-    import relattn
     from relattn import backends
 
     if args.device == "cpu":

@@ -14,7 +14,6 @@ import os
 import sys
 
 import cupy
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gpu_dev import graph_time_cupy  # noqa: E402

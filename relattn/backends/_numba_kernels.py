@@ -22,7 +22,6 @@ element-wise loops over the contiguous query axis: these vectorise without
 
 from __future__ import annotations
 
-import math
 import types as types_module
 
 import numpy as np
