@@ -197,8 +197,12 @@ template <typename... A>
 int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args) {
     const unsigned n = block.x * block.y * block.z;
     gridDim = grid; blockDim = block;
-    { std::lock_guard<std::mutex> g(smem_mu); smem_bases.clear(); }
-    std::vector<unsigned char> dyn(smem + 16);
+    std::vector<unsigned char> dyn(smem + 1024);
+    unsigned char* const dyn_base = dyn.data() + (1024 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 1024) % 1024;
+    {   // dynamic shared memory is base 0: its addresses are offsets, as wgmma's descriptors hold them
+        std::lock_guard<std::mutex> g(smem_mu);
+        smem_bases.assign(1, dyn_base);
+    }
     std::barrier<> start(n + 1), end(n + 1);
     bool done = false;
     std::vector<std::thread> threads;
@@ -218,7 +222,7 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 std::memset(dyn.data(), 0xff, dyn.size());   // NaN bytes: reads of unwritten memory show
-                dynamic_smem = dyn.data() + (16 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 16) % 16;
+                dynamic_smem = dyn_base;   // 1024-byte aligned, as the swizzled layouts need
                 auto bar = std::make_unique<std::barrier<>>(n);
                 block_barrier = bar.get();
                 std::vector<Warp> ws((n + 31) / 32);
@@ -313,6 +317,80 @@ inline void ra_ldsm_any(u32 (&r)[4], u32 addr, bool trans) {
     }
     w.bar->arrive_and_wait();
 }
+// ---- wgmma (sm_90a) as a warpgroup's product, issued and completed at once
+// (fence, commit and wait nothing). Operands in shared memory by descriptor:
+// start, leading and stride byte offsets, no swizzle or the 128-byte one (the
+// address's bits 4-6 XOR its bits 7-9, on offsets of the 1024-byte aligned
+// dynamic shared memory); K-major (transpose 0) or MN-major (transpose 1)
+// canonical layouts of eb-byte elements. The accumulator of a thread: d[4 j +
+// 2 h + e] is row 16 w + g + 8 h, column 8 j + 2 t + e of the 64 x N result
+// (w: the warp in the warpgroup).
+inline const unsigned char* ra_wg_elem(u64 desc, int mn, int k, bool kmajor, int eb) {
+    const u32 start = (u32)(desc & 0x3fffu) << 4, lbo = (u32)((desc >> 16) & 0x3fffu) << 4;
+    const u32 sbo = (u32)((desc >> 32) & 0x3fffu) << 4;
+    const int sw = (int)(desc >> 62), T = 16 / eb;
+    u32 a;
+    if (sw == 0) {
+        a = kmajor ? start + (mn % 8) * 16 + (mn / 8) * sbo + (k % T) * eb + (k / T) * lbo
+                   : start + (mn % T) * eb + (mn / T) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+    } else if (sw == 1) {
+        const int W = 128 / eb;
+        a = kmajor ? start + (mn % 8) * 128 + (mn / 8) * sbo + k * eb
+                   : start + (mn % W) * eb + (mn / W) * lbo + (k % 8) * 128 + (k / 8) * sbo;
+        a ^= ((a >> 7) & 7u) << 4;
+    } else {
+        std::abort();   // the 64- and 32-byte swizzles: not used by these kernels
+    }
+    return emu::smem_decode(a);
+}
+// DT 0 float16, 1 bfloat16, 2 TF32 (float32 with its low 13 bits dropped)
+template <int DT> inline double ra_wg_value(const unsigned char* p) {
+    if (DT == 2) { u32 u; std::memcpy(&u, p, 4); return (double)__uint_as_float(u & 0xffffe000u); }
+    u16 h; std::memcpy(&h, p, 2); return (double)ra_from16<DT>(h);
+}
+template <int DT> inline double ra_wg_reg(u32 r, int half) {
+    if (DT == 2) return (double)__uint_as_float(r & 0xffffe000u);
+    return (double)ra_from16<DT>((u16)(r >> (16 * half)));
+}
+// d = (acc ? d : 0) + A B^T, K = 16 (16-bit) or 8 (TF32); A from shared
+// memory (a null) or from the warp's fragments a (mma.sync's A layout)
+template <int DT, int N>
+inline void ra_wg_product(float* d, const u32* a, u64 da, u64 db, bool b_kmajor, int acc) {
+    constexpr int K = DT == 2 ? 8 : 16, EB = DT == 2 ? 4 : 2;
+    const unsigned tid = emu::linear_tid(), l = tid % 32, g = l / 4, t = l % 4, w = (tid / 32) % 4;
+    emu::Warp* warp = nullptr;
+    if (a) warp = &ra_warp_post(a, 4);
+    float out[N / 2];
+    for (int i = 0; i < N / 2; ++i) {
+        const int h = (i % 4) / 2, rloc = g + 8 * h, row = 16 * w + rloc, col = 8 * (i / 4) + 2 * t + i % 2;
+        double sum = 0.0;
+        for (int k = 0; k < K; ++k) {
+            double x;
+            if (a) {
+                const int kq = DT == 2 ? k % 4 : (k % 8) / 2, hi = DT == 2 ? k >= 4 : k >= 8;
+                x = ra_wg_reg<DT>(warp->frag[(rloc % 8) * 4 + kq][h + 2 * hi], k % 2);
+            } else {
+                x = ra_wg_value<DT>(ra_wg_elem(da, row, k, true, EB));
+            }
+            sum += x * ra_wg_value<DT>(ra_wg_elem(db, col, k, b_kmajor, EB));
+        }
+        out[i] = (float)(sum + (acc ? (double)d[i] : 0.0));
+    }
+    if (a) warp->bar->arrive_and_wait();
+    for (int i = 0; i < N / 2; ++i) d[i] = out[i];
+}
+template <int DT, int N> struct RaWg {
+    static void ss(float* d, u64 da, u64 db, int acc) { ra_wg_product<DT, N>(d, nullptr, da, db, true, acc); }
+    static void rs(float* d, const u32* a, u64 db, int acc) { ra_wg_product<DT, N>(d, a, 0, db, false, acc); }
+};
+template <int N> struct RaWt {
+    static void rs(float* d, const u32* a, u64 db, int acc) { ra_wg_product<2, N>(d, a, 0, db, true, acc); }
+};
+inline void ra_wg_fence() {}
+inline void ra_wg_commit() {}
+template <int N> inline void ra_wg_wait() {}
+inline void ra_fence_proxy_async() {}
+
 inline void ra_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
     u32 r[4]; ra_ldsm_any(r, addr, false); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];
 }

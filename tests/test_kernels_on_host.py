@@ -86,6 +86,26 @@ def host_portable(host_gpu, monkeypatch):
     return host_gpu
 
 
+_sm90_emus = {}
+
+
+@pytest.fixture
+def host_sm90(host_portable, monkeypatch):
+    """:func:`host_portable` on an sm_90a part: ``_build.sm90_kernel`` stands for
+    each instantiation with a host emulation of its family's source (the
+    ``wgmma`` products emulated; built on first use, kept for the session)."""
+    from relattn.backends.gpu import _build, _device
+
+    def sm90_kernel(name):
+        if name not in _sm90_emus:
+            _sm90_emus[name] = simt_emu.Emulator(_build.family_source(_build.family_of(name)), [name])
+        return simt_emu.HostKernel(_sm90_emus[name], name, _build._libcuda())
+
+    monkeypatch.setattr(_build, "sm90_kernel", sm90_kernel)
+    monkeypatch.setattr(_device, "_devices", {0: _device.Device(0, 90, 132, 227 * 1024, None)})
+    return host_portable
+
+
 def _raw(x):
     """What the kernels take: 16-bit data as its bits."""
     return x.view(np.uint16) if x.dtype.itemsize == 2 else x
@@ -415,3 +435,51 @@ def test_terms_kernels(host_portable, dt, tdt, q_size, k_size, D, stored):
     want_h, want_w = oracle.decomposed_rel_pos(q, th, tw, q_size, k_size)
     tol = 1e-5 if stored is None else 2 ** -8 + 1e-5   # resized 16-bit tables are rounded to their type
     assert _rel(rel_h, want_h) <= tol and _rel(rel_w, want_w) <= tol
+
+
+@pytest.mark.parametrize("dt, q_size, k_size, D, terms, warpgroups", [
+    (1, (9, 9), (9, 9), 64, True, 1),        # GENERIC
+    (0, (5, 13), (8, 9), 80, True, 2),       # head_dim 80: the swizzled tile and its tail
+    (1, (2, 64), (3, 64), 64, True, 2),      # KEY_ROWS
+    (1, (4, 30), (5, 29), 56, False, 1),     # NONE, head_dim padded to 64
+])
+def test_wgmma_backward_kernels(host_sm90, dt, q_size, k_size, D, terms, warpgroups):
+    """``cuda/bwd_wg.cu`` (the 16-bit dq and dk / dv kernels on ``wgmma``,
+    emulated as warpgroup products over the swizzled shared-memory layouts)
+    as ``backward.fused_core_backward`` plans them with ``kernels="wg"``:
+    against the float64 core, and bit for bit ``bwd.cu``'s ``mma.sync``
+    kernels on the same inputs (they compute the same products in the same
+    order)."""
+    import relattn
+
+    rng = np.random.default_rng(sum(q_size) + D + dt)
+    B, H, scale = 1, 2, D ** -0.5
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    cast = DTYPES[dt]
+    q = rng.standard_normal((B, H, Sq, D)).astype(cast)
+    k, v = (rng.standard_normal((B, H, Sk, D)).astype(cast) for _ in range(2))
+    dout = rng.standard_normal((B, H, Sq, D)).astype(cast)
+    rel_h = rel_w = None
+    if terms:
+        th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
+        tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
+        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q.astype(np.float32), th, tw,
+                                                                                  q_size, k_size))
+    out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout)
+    host = host_sm90
+    dev = [None if a is None else np.ascontiguousarray(a).view(host) for a in (q, k, v, rel_h, rel_w)]
+    assert backward.wg_reasons(*dev[:3], rel_h, k_size) == []
+    assert backward.kernel_forms(*dev[:3], rel_h, k_size, "wg") == {"dq": "wg", "dkv": "wg"}
+    got = {}
+    for form in ("wg", "mma"):
+        got[form] = [None if g is None else np.asarray(g) for g in backward.fused_core_backward(
+            *dev, k_size, scale, out.astype(cast).view(host), dout.view(host), kernels=form,
+            warpgroups=warpgroups if form == "wg" else None)]
+    tol = 1e-2 if dt == 1 else 2e-3
+    for i, (name, w) in enumerate(zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), want)):
+        a, b = got["wg"][i], got["mma"][i]
+        if w is None:
+            assert a is None and b is None, name
+            continue
+        assert _rel(a.reshape(w.shape), w) <= tol, name
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
