@@ -48,6 +48,7 @@ PRELUDE = r"""
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <condition_variable>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -78,6 +79,15 @@ struct Warp {   // a warp's barrier and the slots its lanes exchange values thro
     unsigned frag[32][6];   // the operands of a warp-wide matrix instruction (mma.sync, ldmatrix)
 };
 inline Warp* warps = nullptr;
+struct Named {   // a block's named barriers (bar.sync / bar.arrive with a thread count)
+    std::mutex mu;
+    std::condition_variable cv;
+    int arrived[16] = {};
+    unsigned gen[16] = {};
+};
+inline Named* named = nullptr;
+inline std::atomic<int> block_or[2];   // __syncthreads_or's two alternating slots
+inline thread_local int block_or_turn = 0;
 inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 template <class T> T exchange(T v, unsigned src) {
     static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes");
@@ -112,6 +122,16 @@ inline unsigned char* smem_decode(unsigned a) {
 }
 }
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+inline int __syncthreads_or(int pred) {
+    const int turn = emu::block_or_turn;
+    emu::block_or_turn ^= 1;
+    if (pred) emu::block_or[turn].fetch_or(1);
+    __syncthreads();
+    const int r = emu::block_or[turn].load();
+    __syncthreads();
+    if (emu::linear_tid() == 0) emu::block_or[turn].store(0);   // reused two calls on, after a barrier
+    return r;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warps[emu::linear_tid() / 32].bar->arrive_and_wait(); }
 template <class T> T __shfl_sync(unsigned, T v, int src, int = 32) { return emu::exchange(v, (unsigned)src); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int m, int = 32) {
@@ -212,6 +232,7 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
             for (;;) {
                 start.arrive_and_wait();
                 if (done) return;
+                block_or_turn = 0;
                 call(k, args, std::index_sequence_for<A...>{});
                 block_barrier->arrive_and_drop();   // an exited thread no longer holds barriers up
                 warps[t / 32].bar->arrive_and_drop();
@@ -229,6 +250,10 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
                 for (unsigned w = 0; w < ws.size(); ++w)
                     ws[w].bar = std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w));
                 warps = ws.data();
+                auto nb = std::make_unique<Named>();
+                named = nb.get();
+                block_or[0] = 0;
+                block_or[1] = 0;
                 blockIdx = dim3{x, y, z};
                 start.arrive_and_wait();
                 end.arrive_and_wait();
@@ -386,6 +411,95 @@ template <int DT, int N> struct RaWg {
 template <int N> struct RaWt {
     static void rs(float* d, const u32* a, u64 db, int acc) { ra_wg_product<2, N>(d, a, 0, db, true, acc); }
 };
+// mbarriers: the state in the barrier's 8 bytes of shared memory (bits 0-11
+// the arrival count, 12-23 the arrivals pending, 24 the phase; then the
+// transaction bytes pending), changed under one lock; a phase completes when
+// no arrival and no byte is pending
+namespace emu { inline std::mutex mbar_mu; }
+inline void ra_mbar_update(u32 bar, int arrivals, int tx) {
+    std::lock_guard<std::mutex> g(emu::mbar_mu);
+    unsigned char* p = emu::smem_decode(bar);
+    u32 st; int pend_tx;
+    std::memcpy(&st, p, 4); std::memcpy(&pend_tx, p + 4, 4);
+    int pending = (int)((st >> 12) & 0xfffu) - arrivals;
+    pend_tx += tx;
+    if (pending < 0) std::abort();   // more arrivals than the count
+    if (pending == 0 && pend_tx == 0) st = ((st & 0x1000000u) ^ 0x1000000u) | ((st & 0xfffu) << 12) | (st & 0xfffu);
+    else st = (st & 0x1000fffu) | ((u32)pending << 12);
+    std::memcpy(p, &st, 4); std::memcpy(p + 4, &pend_tx, 4);
+}
+inline void ra_mbar_init(u32 bar, u32 count) {
+    std::lock_guard<std::mutex> g(emu::mbar_mu);
+    const u32 st = (count & 0xfffu) | (count & 0xfffu) << 12;
+    const int zero = 0;
+    unsigned char* p = emu::smem_decode(bar);
+    std::memcpy(p, &st, 4); std::memcpy(p + 4, &zero, 4);
+}
+inline void ra_mbar_expect(u32 bar, u32 bytes) { ra_mbar_update(bar, 1, (int)bytes); }
+inline void ra_mbar_arrive(u32 bar) { ra_mbar_update(bar, 1, 0); }
+inline void ra_mbar_wait(u32 bar, u32 parity) {   // until the phase of that parity completed
+    for (;;) {
+        u32 st;
+        {
+            std::lock_guard<std::mutex> g(emu::mbar_mu);
+            std::memcpy(&st, emu::smem_decode(bar), 4);
+        }
+        if (((st >> 24) & 1u) != (parity & 1u)) return;
+        std::this_thread::yield();
+    }
+}
+// TMA: the tensor map as host_tensor_map_encoder writes it (w[0] the
+// address, w[1..4] the dims, w[5..7] the byte strides of dims 1-3, w[8..11]
+// the box, w[12] 1 for the 128-byte swizzle); 16-bit elements; a box
+// row of box[0] elements at dst + 2 box[0] r, swizzled on the address's bits;
+// out-of-range elements zero; the bytes completed on bar at once
+template <class M>
+inline void ra_tma_load(u32 dst, const M* map, u32 bar, int c0, int c1, int c2, int c3) {
+    const u64* w = reinterpret_cast<const u64*>(map);
+    const unsigned char* g = reinterpret_cast<const unsigned char*>(w[0]);
+    const long long c[4] = {c0, c1, c2, c3};
+    int bytes = 0;
+    for (u64 i3 = 0; i3 < w[11]; ++i3)
+        for (u64 i2 = 0; i2 < w[10]; ++i2)
+            for (u64 r = 0; r < w[9]; ++r)
+                for (u64 e = 0; e < w[8]; ++e) {
+                    const long long x[4] = {c[0] + (long long)e, c[1] + (long long)r, c[2] + (long long)i2,
+                                            c[3] + (long long)i3};
+                    bool in = true;
+                    for (int d = 0; d < 4; ++d) in = in && x[d] >= 0 && x[d] < (long long)w[1 + d];
+                    u16 v = 0;
+                    if (in) std::memcpy(&v, g + 2 * x[0] + x[1] * w[5] + x[2] * w[6] + x[3] * w[7], 2);
+                    u32 a = dst + (u32)(2 * (e + w[8] * (r + w[9] * (i2 + w[10] * i3))));
+                    if (w[12]) a ^= ((a >> 7) & 7u) << 4;
+                    std::memcpy(emu::smem_decode(a), &v, 2);
+                    bytes += 2;
+                }
+    ra_mbar_update(bar, 0, -bytes);
+}
+inline void ra_bar_sync(int id, int n) {
+    std::unique_lock<std::mutex> lk(emu::named->mu);
+    if (++emu::named->arrived[id] == n) {
+        emu::named->arrived[id] = 0;
+        ++emu::named->gen[id];
+        emu::named->cv.notify_all();
+        return;
+    }
+    const unsigned gen = emu::named->gen[id];
+    emu::named->cv.wait(lk, [&] { return emu::named->gen[id] != gen; });
+}
+inline void ra_bar_arrive(int id, int n) {
+    std::lock_guard<std::mutex> lk(emu::named->mu);
+    if (++emu::named->arrived[id] == n) {
+        emu::named->arrived[id] = 0;
+        ++emu::named->gen[id];
+        emu::named->cv.notify_all();
+    }
+}
+inline void ra_st_shared_zero16(u32 a) { std::memset(emu::smem_decode(a), 0, 16); }
+inline void ra_fence_mbar_init() {}
+inline int ra_opaque(int x) { return x; }
+template <int R> inline void ra_regs_dec() {}
+template <int R> inline void ra_regs_inc() {}
 inline void ra_wg_fence() {}
 inline void ra_wg_commit() {}
 template <int N> inline void ra_wg_wait() {}
@@ -475,7 +589,7 @@ def _without_asm(text: str) -> str:
         seg = text[a:b]
         if re.search(r"\basm\b", seg):
             out.append(text[last:a])
-            out.append("".join(line for line in seg.splitlines(True) if line.lstrip().startswith("#")) + "\n")
+            out.append("\n" + "".join(line for line in seg.splitlines(True) if line.lstrip().startswith("#")) + "\n")
             last = b
     out.append(text[last:])
     return "".join(out)
@@ -582,6 +696,25 @@ def host_cupy():
         get_current_stream=lambda: stream, runtime=types.SimpleNamespace(getDevice=lambda: 0),
         Device=lambda *a: types.SimpleNamespace(id=0))
     return mod
+
+
+def host_tensor_map_encoder():
+    """``(fn, ctypes)`` standing for ``families.ws._tmap_encoder``: ``fn`` takes
+    ``cuTensorMapEncodeTiled``'s arguments and writes the map as the host's
+    ``ra_tma_load`` reads it (16-bit elements, rank 4), returning 0."""
+    def encode(buf, dtype, rank, ptr, dims, strides, box, elem_strides, interleave, swizzle, l2, oob):
+        if rank != 4 or swizzle not in (0, 3) or list(elem_strides) != [1, 1, 1, 1]:
+            raise ValueError("host tensor maps: rank 4, unit element strides, no or 128-byte swizzle")
+        w = np.ctypeslib.as_array((ctypes.c_uint64 * 16).from_address(buf))
+        w[:] = 0
+        w[0] = ptr.value if isinstance(ptr, ctypes.c_void_p) else int(ptr)
+        w[1:5] = list(dims)
+        w[5:8] = list(strides)
+        w[8:12] = list(box)
+        w[12] = 1 if swizzle == 3 else 0
+        return 0
+
+    return encode, ctypes
 
 
 class HostDriver:

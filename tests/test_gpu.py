@@ -374,6 +374,22 @@ def test_sm90_whole_key_row_tiles(shape, dtype):
     run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="wg")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sm90_head_dim_80_key_rows_of_48(dtype):
+    """k_w 48 at head_dim 80 with relattn_wg forced: a whole-row tile of 48
+    keys (7,680 bytes) would put the next tile off the 1024 bytes the
+    128-byte swizzle needs, so the family runs 64-key GENERIC tiles; a
+    forced bn of 48 is refused, naming the alignment."""
+    hopper()
+    B, H, qg, kg, D = 1, 2, (4, 20), (5, 48), 80
+    rng = np.random.default_rng(zlib.crc32(repr((qg, kg, dtype, "48")).encode()))
+    dev, host = make_case(rng, B, H, qg, kg, D, dtype)
+    assert core_plan(dev, kg, D ** -0.5, "wg").config == wg.Config(1, 64, wg.Bias.GENERIC, 2)
+    run_and_check(dev, host, kg, D ** -0.5, dtype, kernel="wg")
+    with pytest.raises(NoKernel, match="1024-byte alignment"):
+        core_plan(dev, kg, D ** -0.5, "wg", bn=48)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, (64, 64), (64, 64), 80), (2, 1, (9, 64), (5, 64), 72),
                                    (1, 3, (3, 64), (4, 64), 80), (1, 1, (1, 64), (1, 64), 80),
                                    (1, 2, (5, 64), (7, 64), 66)])

@@ -483,3 +483,120 @@ def test_wgmma_backward_kernels(host_sm90, dt, q_size, k_size, D, terms, warpgro
             continue
         assert _rel(a.reshape(w.shape), w) <= tol, name
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+
+
+@pytest.mark.parametrize("family, options, dt, q_size, k_size, D, terms, fuse", [
+    ("wg", {}, 1, (3, 64), (2, 64), 64, True, False),           # KEY_ROWS
+    ("wg", {}, 0, (4, 20), (5, 48), 64, True, False),           # WHOLE_ROW
+    ("wg", {}, 1, (4, 20), (5, 48), 80, True, False),           # head_dim 80, k_w 48: GENERIC (48-key tiles
+                                                                #   would break the swizzle's alignment)
+    ("wg", {}, 0, (3, 64), (2, 64), 80, True, False),           # KEY_ROWS, head_dim 80, two warpgroups
+    ("wg", {"bn": 32}, 0, (4, 20), (5, 48), 80, False, False),  # NONE, head_dim 80 (its tail), 32-key tiles
+    ("wg", {}, 1, (7, 9), (6, 11), 64, True, False),            # GENERIC
+    ("wg", {"nwg": 2}, 1, (5, 30), (4, 40), 32, False, False),  # NONE, no swizzle, two warpgroups
+    ("ws", {}, 1, (3, 64), (2, 64), 64, True, False),           # KEY_ROWS: SAM's global grids
+    ("ws", {}, 0, (9, 9), (9, 9), 64, True, False),             # WINDOW
+    ("ws", {}, 1, (14, 14), (14, 14), 64, True, True),          # FUSED_WINDOW: SAM's windows
+    ("ws", {}, 1, (2, 64), (3, 64), 64, True, True),            # FUSED
+    ("ws", {}, 0, (2, 64), (2, 64), 80, True, False),           # head_dim 80: a second tensor map per operand
+    ("ws", {}, 1, (4, 40), (5, 30), 64, False, False),          # NONE
+])
+def test_hopper_forward_kernels(host_sm90, family, options, dt, q_size, k_size, D, terms, fuse):
+    """The Hopper forward kernels on the host: ``cuda/wg.cu`` (``wgmma``,
+    tiles by ``cp.async``) and ``cuda/ws.cu`` (the warp-specialised kernel:
+    a producer warp's TMA copies and mbarriers, consumer warpgroups on
+    ``wgmma`` with named barriers; its fused-terms modes compute the terms
+    from the tables), planned by their family modules on strided q / k / v,
+    against the oracle's float64 attention; ``ws`` also keeps each row's
+    log-sum-exp (log2 domain), against the float64 logits'."""
+    import importlib
+
+    import relattn
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.families import ws
+    from relattn.backends.gpu.problem import Problem
+
+    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
+    rng = np.random.default_rng(D + dt + q_size[1] + fuse)
+    q, k, v, th, tw = _forward_problem(rng, dt, q_size, k_size, D)
+    if fuse:
+        th, tw = th.astype(DTYPES[dt]), tw.astype(DTYPES[dt])
+    rel_h = rel_w = None
+    if terms:
+        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(
+            q.astype(np.float32), th.astype(np.float32), tw.astype(np.float32), q_size, k_size))
+    host, scale = host_sm90, D ** -0.5
+    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
+    x, y = (th.view(host), tw.view(host)) if fuse else (dev[3], dev[4])
+    p = Problem.from_arrays(dev[0], dev[1], x, y, q_size if terms else None, k_size, scale, terms=not fuse)
+    device = _device.current()
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(ws, "_tmap_encoder", simt_emu.host_tensor_map_encoder)
+    try:
+        assert fam.not_supported_reasons(p, device, fuse) == []
+        c = fam.config(p, device, fuse, options)
+        assert fam.config_reasons(p, c) == []
+        if family == "wg" and k_size[1] == 48:
+            assert c.bias == (fam.Bias.WHOLE_ROW if D == 64 else fam.Bias.GENERIC if terms else fam.Bias.NONE)
+        run, why = fam.build(p, device, c, *dev[:3], *((x, y) if fuse else ()))
+        assert why is None
+        lse = None
+        if family == "ws":
+            lse = np.full((q.shape[0], q.shape[1], q.shape[2]), np.nan, np.float32).view(host)
+            got = run(*dev[:3], x, y, lse=lse)
+        else:
+            got = run(*dev[:3], x, y)
+    finally:
+        monkeypatch.undo()
+    got = np.asarray(got).astype(np.float64)
+    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
+                            q_size if terms else None, k_size if terms else None, scale=scale)
+    assert got.shape == want.shape
+    assert _rel(got, want) <= (1e-2 if dt == 1 else 2e-3), c.describe()
+    if lse is not None:
+        logits = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
+        if terms:
+            wh, ww = oracle.decomposed_rel_pos(q, th, tw, q_size, k_size)
+            logits = logits + (wh[..., :, None] + ww[..., None, :]).reshape(logits.shape)
+        m = logits.max(-1)
+        want_lse = (np.log(np.exp(logits - m[..., None]).sum(-1)) + m) / np.log(2)
+        assert np.abs(np.asarray(lse) - want_lse).max() <= 2e-2, c.describe()
+
+
+def test_wg_refuses_tiles_that_break_the_swizzle():
+    """``relattn_wg`` reads head_dim 64 and 80 through the 128-byte swizzle,
+    whose atoms must start on 1024 bytes: at head_dim 80 a tile of bn keys is
+    bn * 160 bytes, so bn 48, 80 or 112 would put the next tile off that
+    alignment and the products would read the wrong elements (the emulation
+    shows it). The family's configuration never picks them and refuses them
+    when forced; WHOLE_ROW (a tile is one key row, bn == k_w) falls back to
+    GENERIC there."""
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.families import wg
+    from relattn.backends.gpu.problem import Problem
+
+    dev = _device.Device(0, 90, 132, 227 * 1024, None)
+
+    def problem(D, k_size, terms=True):
+        q = np.zeros((1, 2, 80, D), np.float16)
+        k = np.zeros((1, 2, k_size[0] * k_size[1], D), np.float16)
+        t = np.zeros((1, 2, 80, k_size[0]), np.float32), np.zeros((1, 2, 80, k_size[1]), np.float32)
+        return Problem.from_arrays(q, k, *(t if terms else (None, None)), (4, 20) if terms else None, k_size,
+                                   D ** -0.5, terms=True)
+
+    for kw in (48, 80, 112):
+        p = problem(80, (2, kw))
+        c = wg.config(p, dev, False, {})
+        assert (c.bias, c.bn) == (wg.Bias.GENERIC, 64) and wg.config_reasons(p, c) == []
+        forced = wg.config(p, dev, False, {"bn": kw, "bias": wg.Bias.WHOLE_ROW})
+        assert any("1024-byte alignment" in r for r in wg.config_reasons(p, forced))
+        p64 = problem(64, (2, kw))
+        c64 = wg.config(p64, dev, False, {})
+        assert (c64.bias, c64.bn) == (wg.Bias.WHOLE_ROW, kw) and wg.config_reasons(p64, c64) == []
+    p = problem(80, (2, 64), terms=False)
+    for bn, ok in ((32, True), (48, False), (64, True), (96, True), (40, False)):
+        assert (wg.config_reasons(p, wg.config(p, dev, False, {"bn": bn})) == []) == ok, bn
+    p = problem(64, (2, 48))
+    assert any("bn == k_w" in r for r in wg.config_reasons(p, wg.Config(1, 64, wg.Bias.WHOLE_ROW)))
+    assert any("KEY_ROWS" in r for r in wg.config_reasons(p, wg.Config(1, 64, wg.Bias.KEY_ROWS)))
+    assert wg.config_reasons(problem(64, (2, 64)), wg.Config(1, 128, wg.Bias.KEY_ROWS)) == []

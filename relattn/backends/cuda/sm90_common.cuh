@@ -136,6 +136,18 @@ __device__ __forceinline__ void ra_tma_load(u32 dst, const RaTmap* map, u32 bar,
         "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
         :: "r"(dst), "l"(reinterpret_cast<u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
 }
+// 16 zero bytes at shared address a
+__device__ __forceinline__ void ra_st_shared_zero16(u32 a) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(a), "r"(0u) : "memory");
+}
+// makes the mbarriers' initialisation visible before their first use
+__device__ __forceinline__ void ra_fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// x, which the compiler cannot see through (it keeps it in a register instead of re-deriving it)
+__device__ __forceinline__ int ra_opaque(int x) {
+    int r;
+    asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
 __device__ __forceinline__ void ra_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void ra_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(n) : "memory"); }
 template <int R> __device__ __forceinline__ void ra_regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(R)); }

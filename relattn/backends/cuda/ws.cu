@@ -236,7 +236,7 @@ __device__ __forceinline__ void ra_ws_consumer_setup(u32 sKV, u32 sT, const u16*
             const u32 base = sKV + (u32)(i / (CPR * pad * NU)) * TBYTES;   // K / V of a stage
             const u32 slot = (u32)(u * KP + r);
             const u32 a = ch < 8 ? base + slot * 128u + (u32)ch * 16u : base + BN * 128u + (u32)(ch - 8) * BN * 16u + slot * 16u;
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" :: "r"(a), "r"(0u) : "memory");
+            ra_st_shared_zero16(a);
         }
     }
     if (C::FT) {   // the two tables, once per block
@@ -311,7 +311,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         }
         ra_mbar_init(bq, 1);
         ra_mbar_init(bqe, NC * 4);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        ra_fence_mbar_init();
     }
     __syncthreads();
 
@@ -437,8 +437,7 @@ relattn_ws(const __grid_constant__ RaTmap tq, const __grid_constant__ RaTmap tk,
         __syncwarp();
         if (lane == 0) ra_mbar_arrive(bar);
     };
-    int turn_bar;   // 1 + c, held in a register (ptxas would re-derive it from %tid in the key loop)
-    asm volatile("mov.b32 %0, %1;" : "=r"(turn_bar) : "r"(1 + c));
+    const int turn_bar = ra_opaque(1 + c);   // held in a register (ptxas would re-derive it from %tid in the key loop)
     auto turn_wait = [&]() { if (PP) ra_bar_sync(turn_bar, 128 * 2); };
     auto turn_pass = [&](bool final_turn) {
         if (PP && !(final_turn && c == NC - 1)) ra_bar_arrive(1 + (c + 1) % NC, 128 * 2);

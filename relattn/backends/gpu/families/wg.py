@@ -83,7 +83,11 @@ def config(p, dev, fused: bool, options: dict) -> Config:
     b = _bias(p)
     kind = "whole_row" if b == Bias.WHOLE_ROW else "rows"
     nwg, bn = tuning.WG.get((hd, kind), (1, 64))
-    c = Config(nwg, p.k_size[1] if bn is None else bn, b)
+    if b == Bias.WHOLE_ROW:
+        bn = p.k_size[1]   # the kernel's WHOLE_ROW takes k_w == bn
+        if _misaligned(hd, bn):
+            b, bn = Bias.GENERIC, 64
+    c = Config(nwg, bn, b)
     if options:
         c = dataclasses.replace(c, **options)
         if "bias" not in options:   # a forced tile that is not a key row: the generic bias
@@ -92,12 +96,30 @@ def config(p, dev, fused: bool, options: dict) -> Config:
     return c
 
 
+def _misaligned(hd: int, bn: int) -> bool:
+    """A K / V tile of bn keys that does not keep the next tile on the 1024
+    bytes the 128-byte swizzle's atoms need (head_dim 64 and 80 are swizzled;
+    at 80 a tile is bn * 160 bytes)."""
+    return hd in (64, 80) and (bn * hd * 2) % 1024 != 0
+
+
 def config_reasons(p, c: Config) -> list[str]:
     hd = pad16((p.D + 7) // 8 * 8)
-    need = smem_bytes(hd, c, *p.k_size)
+    kh, kw = p.k_size
+    reasons = []
+    if c.bn % 16 or not 16 <= c.bn <= 128:
+        reasons.append(f"bn {c.bn} (takes multiples of 16 up to 128)")
+    elif _misaligned(hd, c.bn):
+        reasons.append(f"bn {c.bn} at head_dim {p.D}: tiles of {c.bn * hd * 2} bytes break the swizzled layout's "
+                       "1024-byte alignment (head_dim 80 takes bn a multiple of 32)")
+    if c.bias == Bias.WHOLE_ROW and c.bn != kw:
+        reasons.append(f"bias WHOLE_ROW takes bn == k_w ({kw}), got bn {c.bn}")
+    if c.bias == Bias.KEY_ROWS and (kw != 64 or c.bn % 64):
+        reasons.append(f"bias KEY_ROWS takes k_w == 64 and bn a multiple of 64, got k_w {kw}, bn {c.bn}")
+    need = smem_bytes(hd, c, kh, kw)
     if need > _build.MAX_SMEM_SM90:
-        return [f"{need} bytes of shared memory (at most {_build.MAX_SMEM_SM90})"]
-    return []
+        reasons.append(f"{need} bytes of shared memory (at most {_build.MAX_SMEM_SM90})")
+    return reasons
 
 
 def kernel_name(dt: int, hd: int, c: Config) -> str:
