@@ -1,5 +1,6 @@
-"""Run CUDA kernels of ``relattn/backends/cuda`` on the host, for tests: the
-SIMT kernels and the ``mma.sync`` tensor-core ones.
+"""Run the CUDA kernels of ``relattn/backends/cuda`` on the host, for tests:
+the SIMT kernels, the ``mma.sync`` ones and the Hopper ones (``wgmma``, TMA,
+mbarriers).
 
 The kernel source is compiled by the host's C++ compiler under a prelude that
 defines what such kernels use of CUDA: ``threadIdx`` / ``blockIdx`` /
@@ -7,23 +8,28 @@ defines what such kernels use of CUDA: ``threadIdx`` / ``blockIdx`` /
 memory, vector types, bit casts and a few atomics. A launch runs the blocks one
 after another; a block's threads are real threads (one per CUDA thread), so a
 barrier is a real barrier and a missing one can show as a wrong answer.
-Warp-level operations are warp collectives: shuffles and ballots, and
-``ldmatrix`` / ``mma.sync`` m16n8k16 (float16 / bfloat16 with float32
-accumulation, PTX's fragment layouts; the products' sum in float64, rounded
-once). Shared-memory addresses are 32-bit as in PTX (a base index and an
-offset); ``cp.async`` is an immediate copy, zero-filled past its source
-bytes. Dynamic shared memory is filled with NaN bytes before each block, so a
-read of what no thread wrote shows; static shared memory keeps its bytes from
-one block to the next (zeros at first). Host pointers stand for device
-pointers: numpy arrays are passed as they are.
+Warp-level operations are warp collectives: shuffles and ballots, ``ldmatrix``
+and ``mma.sync`` (m16n8k16 float16 / bfloat16, m16n8k8 TF32), in PTX's
+fragment layouts; ``wgmma`` is a warpgroup's product with its shared-memory
+operands read through their descriptors (no swizzle or the 128-byte one,
+K- or MN-major) and its accumulators in PTX's layout; the products' sums are
+float64, rounded once. Shared-memory addresses are 32-bit as in PTX (a base
+index and an offset; dynamic shared memory is base 0, 1024-byte aligned, so
+that descriptors hold its offsets); ``cp.async`` and TMA copies are immediate
+(TMA completes its mbarrier's transaction bytes at once); mbarriers keep
+arrival counts, transaction bytes and phases; named barriers count threads.
+Dynamic shared memory is filled with NaN bytes before each block, so a read
+of what no thread wrote shows; static shared memory keeps its bytes from one
+block to the next (zeros at first). Host pointers stand for device pointers:
+numpy arrays are passed as they are.
 
-What it cannot run: ``wgmma``, TMA, ``mbarrier`` and the other sm_90
-instructions, and inline PTX other than the helpers :data:`HOST_COMMON`
-replaces (a top-level definition holding ``asm`` is removed from the source).
+What it cannot run: inline PTX other than the helpers :data:`HOST_COMMON`
+replaces (a top-level definition holding ``asm`` is removed from the source,
+so kernels keep their PTX in such helpers), and the 64- and 32-byte swizzles.
 Paths guarded by ``__CUDA_ARCH__`` take their pre-sm_80 form.
-Memory-model questions (visibility without a barrier between blocks,
-atomics' ordering) are not what it checks; it checks the kernels' arithmetic,
-indexing and fragment layouts.
+Memory-model questions (visibility without a barrier, the asynchronous
+engines' timing, atomics' ordering) are not what it checks; it checks the
+kernels' arithmetic, indexing and layouts.
 """
 
 from __future__ import annotations
@@ -504,6 +510,25 @@ inline void ra_wg_fence() {}
 inline void ra_wg_commit() {}
 template <int N> inline void ra_wg_wait() {}
 inline void ra_fence_proxy_async() {}
+
+// mma.sync m16n8k8 TF32 (the values' low 13 bits dropped): a0 .. a3 rows g,
+// g + 8 x columns t, t + 4; b0, b1 rows t, t + 4 of column g; C as m16n8k16's
+inline void ra_mma_tf32(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    const u32 mine[6] = {a0, a1, a2, a3, b0, b1};
+    emu::Warp& w = ra_warp_post(mine, 6);
+    const unsigned l = emu::linear_tid() % 32, g = l / 4, t = l % 4;
+    float out[4];
+    for (int e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        double sum = 0.0;
+        for (int k = 0; k < 8; ++k)
+            sum += ra_wg_reg<2>(w.frag[(row % 8) * 4 + k % 4][(row >= 8) + 2 * (k >= 4)], 0)
+                   * ra_wg_reg<2>(w.frag[col * 4 + k % 4][4 + (k >= 4)], 0);
+        out[e] = (float)(sum + (double)c[e]);
+    }
+    w.bar->arrive_and_wait();
+    for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
 
 inline void ra_ldsm_x4(u32& r0, u32& r1, u32& r2, u32& r3, u32 addr) {
     u32 r[4]; ra_ldsm_any(r, addr, false); r0 = r[0]; r1 = r[1]; r2 = r[2]; r3 = r[3];

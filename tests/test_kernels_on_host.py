@@ -1,22 +1,26 @@
 """CUDA kernels run on the host by :mod:`simt_emu` (each CUDA thread a host
-thread, block and warp barriers real, warp instructions as warp collectives):
+thread, block, warp and named barriers real, warp and warpgroup instructions
+as collectives):
 
 - the terms' pullback (``cuda/bwd_terms.cu``: the gather, side, grid and
   scatter kernels) against a float64 model built from the oracle's gather index;
-- the fused backward, float32 (``cuda/bwd32.cu``) and 16-bit on ``mma.sync``
-  (``cuda/bwd.cu``), against the float64 core;
+- the fused backward, float32 (``cuda/bwd32.cu``), 16-bit on ``mma.sync``
+  (``cuda/bwd.cu``) and on ``wgmma`` (``cuda/bwd_wg.cu``, also bit for bit
+  against ``bwd.cu``), against the float64 core;
 - the forward: the SIMT kernel (``cuda/simt.cu``, float32 and float64, its
-  exact path for non-finite rows included) and the ``mma.sync`` families
-  (``cuda/mma.cu``, ``cuda/win.cu``), against the oracle's attention;
+  exact path for non-finite rows included), the ``mma.sync`` families
+  (``cuda/mma.cu``, ``cuda/win.cu``, ``cuda/tf32.cu``) and the Hopper ones
+  (``cuda/wg.cu``, ``cuda/ws.cu`` with its TMA producer and mbarriers,
+  ``cuda/wgt.cu``), against the oracle's attention;
 - the terms kernels (``cuda/terms.cu``) against the oracle's terms.
 
-These check the kernels' indexing, fragment layouts and arithmetic on any
-machine with a C++ compiler, launched by the backend's own Python
-(``relattn.backends.gpu``'s ``backward``, ``terms`` and family modules: their
-plans, their CuPy calls made on host arrays, their argument blocks handed to a
-stand-in for the driver), for an sm_80 part; the same kernels on a GPU are
-tested in ``test_vjp_gpu.py`` and ``test_gpu_*.py``. They skip without a
-C++20 compiler.
+These check the kernels' indexing, fragment and shared-memory layouts and
+arithmetic on any machine with a C++ compiler, launched by the backend's own
+Python (``relattn.backends.gpu``'s ``backward``, ``terms`` and family
+modules: their plans, their CuPy calls made on host arrays, their argument
+blocks handed to a stand-in for the driver), for an sm_80 part or an sm_90a
+one; the same kernels on a GPU are tested in ``test_vjp_gpu.py`` and
+``test_gpu_*.py``. They skip without a C++20 compiler.
 """
 
 from __future__ import annotations
@@ -600,3 +604,47 @@ def test_wg_refuses_tiles_that_break_the_swizzle():
     assert any("bn == k_w" in r for r in wg.config_reasons(p, wg.Config(1, 64, wg.Bias.WHOLE_ROW)))
     assert any("KEY_ROWS" in r for r in wg.config_reasons(p, wg.Config(1, 64, wg.Bias.KEY_ROWS)))
     assert wg.config_reasons(problem(64, (2, 64)), wg.Config(1, 128, wg.Bias.KEY_ROWS)) == []
+
+
+@pytest.mark.parametrize("family, mode, options, q_size, k_size, D, terms", [
+    ("tf32", "3xtf32", {}, (5, 6), (4, 7), 24, True),             # GENERIC
+    ("tf32", "3xtf32", {"sh": 1}, (3, 64), (2, 64), 64, True),    # KEY_ROWS, the shared-split variant
+    ("tf32", "tf32", {}, (4, 5), (6, 3), 40, False),              # one TF32 product, no terms
+    ("wgt", "3xtf32", {}, (3, 64), (2, 64), 64, True),            # KEY_ROWS on wgmma
+    ("wgt", "3xtf32", {}, (9, 9), (9, 9), 80, True),              # WINDOW, head_dim 80
+])
+def test_tf32_forward_kernels(host_sm90, family, mode, options, q_size, k_size, D, terms):
+    """float32 attention on the tensor cores: ``cuda/tf32.cu`` (``mma.sync``
+    m16n8k8 TF32, three products per pair of splits or one) and ``cuda/wgt.cu``
+    (TF32 ``wgmma``), with their exact second pass, planned by their family
+    modules on strided q / k / v, against the oracle's float64 attention."""
+    import importlib
+
+    import relattn
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.problem import Problem
+
+    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
+    rng = np.random.default_rng(D + q_size[1])
+    q, k, v, th, tw = _forward_problem(rng, 2, q_size, k_size, D)
+    rel_h = rel_w = None
+    if terms:
+        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q, th, tw, q_size, k_size))
+    host, scale = host_sm90, D ** -0.5
+    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
+    p = Problem.from_arrays(dev[0], dev[1], dev[3], dev[4], q_size if terms else None, k_size, scale, terms=True)
+    device = _device.current()
+    before = relattn.get_gpu_float32_mode()
+    relattn.set_gpu_float32_mode(mode)
+    try:
+        assert fam.not_supported_reasons(p, device, False) == []
+        c = fam.config(p, device, False, options)
+        assert fam.config_reasons(p, c) == []
+        run, why = fam.build(p, device, c, *dev[:3])
+        assert why is None
+        got = np.asarray(run(*dev)).astype(np.float64)
+    finally:
+        relattn.set_gpu_float32_mode(before)
+    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
+                            q_size if terms else None, k_size if terms else None, scale=scale)
+    assert _rel(got, want) <= (2e-5 if mode == "3xtf32" else 4e-3), c.describe()
