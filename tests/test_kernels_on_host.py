@@ -105,7 +105,10 @@ def host_sm90(host_portable, monkeypatch):
             _sm90_emus[name] = simt_emu.Emulator(_build.family_source(_build.family_of(name)), [name])
         return simt_emu.HostKernel(_sm90_emus[name], name, _build._libcuda())
 
+    from relattn.backends.gpu.families import ws
+
     monkeypatch.setattr(_build, "sm90_kernel", sm90_kernel)
+    monkeypatch.setattr(ws, "_tmap_encoder", simt_emu.host_tensor_map_encoder)
     monkeypatch.setattr(_device, "_devices", {0: _device.Device(0, 90, 132, 227 * 1024, None)})
     return host_portable
 
@@ -357,6 +360,40 @@ def _forward_problem(rng, dt, q_size, k_size, D, B=1, H=2):
     return q, k, v, th, tw
 
 
+def _run_family(host, family, options, q, k, v, th, tw, q_size, k_size, terms=True, fuse=False, scale=None,
+                lse=None):
+    """Family ``family`` of ``relattn.backends.gpu.families`` on the host
+    arrays (``host``: the fixture's array type) as the planner would run it
+    when forced (``options``: its kernel_options): the terms given as float32
+    (from q and the tables) or, with ``fuse``, computed by the kernel from the
+    tables; ``lse``: an array for the row log-sum-exps (``ws``). Returns the
+    output and the configuration."""
+    import importlib
+
+    import relattn
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.problem import Problem
+
+    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rel_h = rel_w = None
+    if terms and not fuse:
+        rel_h, rel_w = (np.asarray(t, np.float64 if q.dtype == np.float64 else np.float32)
+                        for t in relattn.decomposed_rel_pos(q.astype(np.float64), th.astype(np.float64),
+                                                            tw.astype(np.float64), q_size, k_size))
+    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
+    x, y = (th.view(host), tw.view(host)) if fuse else (dev[3], dev[4])
+    p = Problem.from_arrays(dev[0], dev[1], x, y, q_size if terms else None, k_size, scale, terms=not fuse)
+    device = _device.current()
+    assert fam.not_supported_reasons(p, device, fuse) == []
+    c = fam.config(p, device, fuse, options)
+    assert fam.config_reasons(p, c) == []
+    run, why = fam.build(p, device, c, *dev[:3], *((x, y) if fuse else ()))
+    assert why is None
+    out = run(*dev[:3], x, y) if lse is None else run(*dev[:3], x, y, lse=lse)
+    return np.asarray(out), c
+
+
 @pytest.mark.parametrize("family, options, dt, q_size, k_size, D, terms", [
     ("mma", {}, 1, (5, 6), (4, 7), 16, True),               # GENERIC
     ("mma", {"mw": 2}, 0, (9, 9), (9, 9), 40, True),        # 128-row blocks
@@ -373,45 +410,20 @@ def test_16bit_forward_kernels(host_portable, family, options, dt, q_size, k_siz
     given or computed from the tables), planned by their family modules on
     strided 16-bit q / k / v: against the oracle's float64 attention of the
     same 16-bit inputs."""
-    import importlib
+    from relattn.backends.gpu.families import mma
 
-    import relattn
-    from relattn.backends.gpu import _device
-    from relattn.backends.gpu.problem import Problem
-
-    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
-    rng = np.random.default_rng(D + dt + q_size[1])
-    q, k, v, th, tw = _forward_problem(rng, dt, q_size, k_size, D)
-    fuse = options.get("fuse", 0)
+    q, k, v, th, tw = _forward_problem(np.random.default_rng(D + dt + q_size[1]), dt, q_size, k_size, D)
+    fuse = bool(options.get("fuse", 0))
     if fuse:
         th, tw = th.astype(DTYPES[dt]), tw.astype(DTYPES[dt])
-    rel_h = rel_w = None
-    if terms:
-        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(
-            q.astype(np.float32), th.astype(np.float32), tw.astype(np.float32), q_size, k_size))
-    host, scale = host_portable, D ** -0.5
-    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
-    p = Problem.from_arrays(dev[0], dev[1], th.view(host) if fuse else rel_h,
-                            tw.view(host) if fuse else rel_w, q_size if terms else None, k_size, scale,
-                            terms=not fuse)
-    device = _device.current()
-    assert fam.not_supported_reasons(p, device, bool(fuse)) == []
-    c = fam.config(p, device, bool(fuse), options)
-    assert fam.config_reasons(p, c) == []
+    got, c = _run_family(host_portable, family, options, q, k, v, th, tw, q_size, k_size, terms, fuse)
     if family == "mma":
-        assert c.bias == (fam.Bias.NONE if not terms else fam.Bias.KEY_ROWS if k_size[1] == 64
-                          else fam.Bias.GENERIC)
-    if fuse:
-        run, _ = fam.build(p, device, c, *dev[:3], th.view(host), tw.view(host))
-        got = run(*dev[:3], th.view(host), tw.view(host))
-    else:
-        run, _ = fam.build(p, device, c, *dev[:3])
-        got = run(*dev)
-    got = np.asarray(got).astype(np.float64)
+        assert c.bias == (mma.Bias.NONE if not terms else mma.Bias.KEY_ROWS if k_size[1] == 64
+                          else mma.Bias.GENERIC)
     want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
-                            q_size if terms else None, k_size if terms else None, scale=scale)
+                            q_size if terms else None, k_size if terms else None, scale=D ** -0.5)
     assert got.shape == want.shape
-    assert _rel(got, want) <= (1e-2 if dt == 1 else 2e-3)
+    assert _rel(got.astype(np.float64), want) <= (1e-2 if dt == 1 else 2e-3)
 
 
 @pytest.mark.parametrize("dt, tdt, q_size, k_size, D, stored", [
@@ -513,50 +525,20 @@ def test_hopper_forward_kernels(host_sm90, family, options, dt, q_size, k_size, 
     from the tables), planned by their family modules on strided q / k / v,
     against the oracle's float64 attention; ``ws`` also keeps each row's
     log-sum-exp (log2 domain), against the float64 logits'."""
-    import importlib
+    from relattn.backends.gpu.families import wg
 
-    import relattn
-    from relattn.backends.gpu import _device
-    from relattn.backends.gpu.families import ws
-    from relattn.backends.gpu.problem import Problem
-
-    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
-    rng = np.random.default_rng(D + dt + q_size[1] + fuse)
-    q, k, v, th, tw = _forward_problem(rng, dt, q_size, k_size, D)
+    q, k, v, th, tw = _forward_problem(np.random.default_rng(D + dt + q_size[1] + fuse), dt, q_size, k_size, D)
     if fuse:
         th, tw = th.astype(DTYPES[dt]), tw.astype(DTYPES[dt])
-    rel_h = rel_w = None
-    if terms:
-        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(
-            q.astype(np.float32), th.astype(np.float32), tw.astype(np.float32), q_size, k_size))
-    host, scale = host_sm90, D ** -0.5
-    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
-    x, y = (th.view(host), tw.view(host)) if fuse else (dev[3], dev[4])
-    p = Problem.from_arrays(dev[0], dev[1], x, y, q_size if terms else None, k_size, scale, terms=not fuse)
-    device = _device.current()
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(ws, "_tmap_encoder", simt_emu.host_tensor_map_encoder)
-    try:
-        assert fam.not_supported_reasons(p, device, fuse) == []
-        c = fam.config(p, device, fuse, options)
-        assert fam.config_reasons(p, c) == []
-        if family == "wg" and k_size[1] == 48:
-            assert c.bias == (fam.Bias.WHOLE_ROW if D == 64 else fam.Bias.GENERIC if terms else fam.Bias.NONE)
-        run, why = fam.build(p, device, c, *dev[:3], *((x, y) if fuse else ()))
-        assert why is None
-        lse = None
-        if family == "ws":
-            lse = np.full((q.shape[0], q.shape[1], q.shape[2]), np.nan, np.float32).view(host)
-            got = run(*dev[:3], x, y, lse=lse)
-        else:
-            got = run(*dev[:3], x, y)
-    finally:
-        monkeypatch.undo()
-    got = np.asarray(got).astype(np.float64)
+    lse = np.full(q.shape[:3], np.nan, np.float32).view(host_sm90) if family == "ws" else None
+    got, c = _run_family(host_sm90, family, options, q, k, v, th, tw, q_size, k_size, terms, fuse, lse=lse)
+    if family == "wg" and k_size[1] == 48:
+        assert c.bias == (wg.Bias.WHOLE_ROW if D == 64 else wg.Bias.GENERIC if terms else wg.Bias.NONE)
+    scale = D ** -0.5
     want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
                             q_size if terms else None, k_size if terms else None, scale=scale)
     assert got.shape == want.shape
-    assert _rel(got, want) <= (1e-2 if dt == 1 else 2e-3), c.describe()
+    assert _rel(got.astype(np.float64), want) <= (1e-2 if dt == 1 else 2e-3), c.describe()
     if lse is not None:
         logits = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
         if terms:
@@ -618,33 +600,71 @@ def test_tf32_forward_kernels(host_sm90, family, mode, options, q_size, k_size, 
     m16n8k8 TF32, three products per pair of splits or one) and ``cuda/wgt.cu``
     (TF32 ``wgmma``), with their exact second pass, planned by their family
     modules on strided q / k / v, against the oracle's float64 attention."""
-    import importlib
+    import relattn
+
+    q, k, v, th, tw = _forward_problem(np.random.default_rng(D + q_size[1]), 2, q_size, k_size, D)
+    with relattn.gpu_float32_mode(mode):
+        got, c = _run_family(host_sm90, family, options, q, k, v, th, tw, q_size, k_size, terms)
+    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
+                            q_size if terms else None, k_size if terms else None, scale=D ** -0.5)
+    assert _rel(got.astype(np.float64), want) <= (2e-5 if mode == "3xtf32" else 4e-3), c.describe()
+
+
+# (family, dtype, grid (q and k), tables in q's dtype: the fused-terms modes, float32 mode, kernel_options)
+NON_FINITE_CASES = [
+    ("ws", "bfloat16", (2, 64), True, None, {}), ("ws", "float16", (2, 64), False, None, {}),
+    ("ws", "bfloat16", (7, 7), True, None, {}), ("ws", "float16", (7, 7), False, None, {}),
+    ("wg", "bfloat16", (2, 64), False, None, {}), ("wg", "float16", (5, 9), False, None, {}),
+    ("mma", "bfloat16", (6, 6), False, None, {}), ("mma", "float16", (5, 7), False, None, {}),
+    ("win", "bfloat16", (7, 7), True, None, {}), ("win", "float16", (7, 7), False, None, {}),
+    ("wgt", "float32", (7, 7), False, "3xtf32", {}), ("tf32", "float32", (6, 6), False, "3xtf32", {}),
+    ("tf32", "float32", (5, 5), False, "tf32", {}), ("simt", "float32", (5, 5), False, "fma", {}),
+    ("simt", "float64", (4, 5), False, None, {}),
+]
+
+
+@pytest.mark.parametrize("case", NON_FINITE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2][0]}x{c[2][1]}"
+                         + ("-fused" if c[3] else "") + (f"-{c[4]}" if c[4] else "")
+                         + "".join(f"-{k}{v}" for k, v in c[5].items()))
+def test_non_finite_rows_on_the_host(host_sm90, case):
+    """Each kernel family's exact path for rows the fast path leaves
+    non-finite (``test_masked.py``'s GPU case, on small grids): values +-inf
+    and NaN under a weight that underflows the fast path (logit about -90
+    below the row's maximum: a float32 subnormal, zero in the kernels'
+    flushed 16-bit or TF32 weights) give the formula's infinities, not
+    0 x inf = NaN; the rows recomputed keep their finite columns within
+    tolerance, the other rows are untouched, and a second call gives the same
+    bits."""
+    import warnings
 
     import relattn
-    from relattn.backends.gpu import _device
-    from relattn.backends.gpu.problem import Problem
+    from test_masked import assert_same_ieee
 
-    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
-    rng = np.random.default_rng(D + q_size[1])
-    q, k, v, th, tw = _forward_problem(rng, 2, q_size, k_size, D)
-    rel_h = rel_w = None
-    if terms:
-        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q, th, tw, q_size, k_size))
-    host, scale = host_sm90, D ** -0.5
-    dev = [None if a is None else a.view(host) for a in (q, k, v, rel_h, rel_w)]
-    p = Problem.from_arrays(dev[0], dev[1], dev[3], dev[4], q_size if terms else None, k_size, scale, terms=True)
-    device = _device.current()
-    before = relattn.get_gpu_float32_mode()
-    relattn.set_gpu_float32_mode(mode)
-    try:
-        assert fam.not_supported_reasons(p, device, False) == []
-        c = fam.config(p, device, False, options)
-        assert fam.config_reasons(p, c) == []
-        run, why = fam.build(p, device, c, *dev[:3])
-        assert why is None
-        got = np.asarray(run(*dev)).astype(np.float64)
-    finally:
-        relattn.set_gpu_float32_mode(before)
-    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
-                            q_size if terms else None, k_size if terms else None, scale=scale)
-    assert _rel(got, want) <= (2e-5 if mode == "3xtf32" else 4e-3), c.describe()
+    family, name, (qh, qw), fused, mode, options = case
+    dtype = DTYPES[1] if name == "bfloat16" else np.dtype(name)
+    D, S = 64, qh * qw
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 2, S, D)) * 0.3
+    k = rng.standard_normal((1, 2, S, D)) * 0.3
+    v = rng.standard_normal((1, 2, S, D))
+    q[..., 0] = 1.0
+    scale = D ** -0.5
+    hot = [3, S // 2 + 5, S - 1]
+    k[..., hot, 0] = -90.0 / scale          # logit about -90 at these keys for every query
+    v[0, 0, hot[0], 1], v[0, 0, hot[1], 2], v[0, 1, hot[2], 3] = np.inf, -np.inf, np.nan
+    v[0, 1, hot[0], 4] = np.inf
+    v[0, 1, hot[1], 4] = -np.inf             # inf + -inf: NaN in the formula too
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    th, tw = ((rng.standard_normal((2 * n - 1, D)) * 0.2).astype(dtype if fused else np.float32) for n in (qh, qw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = relattn.rel_pos_attention(q, k, v, th, tw, (qh, qw), scale=scale, backend="numpy")
+        with relattn.gpu_float32_mode(mode or "3xtf32"):
+            got, c = _run_family(host_sm90, family, options, q, k, v, th, tw, (qh, qw), (qh, qw), True, fused, scale)
+            again, _ = _run_family(host_sm90, family, options, q, k, v, th, tw, (qh, qw), (qh, qw), True, fused,
+                                   scale)
+    assert all(getattr(c, key) == value for key, value in options.items()), c.describe()
+    w64 = want.astype(np.float64)
+    assert np.isinf(w64).any() and np.isnan(w64).any()
+    assert_same_ieee(got, want, dtype, f"{family} {c.describe()}, {name}")
+    assert np.array_equal(got.view(np.uint8), again.view(np.uint8))
