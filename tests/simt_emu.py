@@ -700,10 +700,12 @@ class HostArray(np.ndarray):
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
 
-def host_cupy():
+def host_cupy(driver=None):
     """A module that stands for CuPy where the GPU backend's Python plans
     launches (``cupy.empty``, ``ascontiguousarray``, ``asarray``, streams and
-    devices) with :class:`HostArray` s: new arrays are filled with NaN bytes."""
+    devices) with :class:`HostArray` s: new arrays are filled with NaN bytes.
+    With ``driver`` (a :class:`HostDriver`), ``RawModule`` and ``RawKernel``
+    build their kernels as host emulations (:class:`HostKernel` s)."""
     def empty(shape, dtype=np.float32):
         out = np.empty(shape, dtype=dtype)
         out.view(np.uint8)[...] = 0xff
@@ -716,6 +718,16 @@ def host_cupy():
     mod.asarray = lambda a, dtype=None: np.array(a, dtype=dtype).view(HostArray)
     for name in ("uint8", "uint16", "uint32", "uint64", "int32", "int64", "float16", "float32", "float64"):
         setattr(mod, name, getattr(np, name))
+    if driver is not None:
+        class RawModule:
+            def __init__(self, code, options=(), name_expressions=()):
+                self._emu = Emulator(code, list(name_expressions))
+
+            def get_function(self, name):
+                return HostKernel(self._emu, name, driver)
+
+        mod.RawModule = RawModule
+        mod.RawKernel = lambda code, name, **kw: HostKernel(Emulator(code, [name]), name, driver)
     stream = types.SimpleNamespace(ptr=0)
     mod.cuda = types.SimpleNamespace(
         get_current_stream=lambda: stream, runtime=types.SimpleNamespace(getDevice=lambda: 0),

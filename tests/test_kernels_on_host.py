@@ -59,7 +59,7 @@ def host_gpu(emu, monkeypatch):
     from relattn.backends.gpu import _build, _device
 
     driver = simt_emu.HostDriver(emu)
-    monkeypatch.setitem(sys.modules, "cupy", simt_emu.host_cupy())
+    monkeypatch.setitem(sys.modules, "cupy", simt_emu.host_cupy(driver))
     monkeypatch.setattr(_build, "_libcuda", lambda: driver)
     monkeypatch.setattr(backward, "_terms_kernel", lambda kind, dt, variant=(), smem=0: driver.function(
         backward._terms_names()[(kind, dt if kind != "scatter" else 0, variant)]))
@@ -668,3 +668,50 @@ def test_non_finite_rows_on_the_host(host_sm90, case):
     assert np.isinf(w64).any() and np.isnan(w64).any()
     assert_same_ieee(got, want, dtype, f"{family} {c.describe()}, {name}")
     assert np.array_equal(got.view(np.uint8), again.view(np.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64", "uint8"])
+def test_window_copy_kernels(host_gpu, monkeypatch, dtype):
+    """``cuda/relattn_window.cu`` through ``gpu/windows.py``: the layer's
+    window partition (zero padding; the tail [1, 0, ..., 0] of its 16-bit
+    projections), unpartition (the padding cropped), the heads' merge and
+    strided row copies, in words of 16 down to 1 bytes (sources offset off
+    16-byte alignment and of odd token widths), against numpy; a second call
+    of a signature runs its cached plan."""
+    from relattn.backends.gpu import windows
+
+    monkeypatch.setattr(windows, "_functions", {})
+    monkeypatch.setattr(windows, "_plans", BoundedCache(64))
+    dt = DTYPES[1] if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(5)
+    host = host_gpu
+
+    def arr(shape, offset=0):
+        # a view offset by `offset` elements into a larger buffer: its base off 16-byte alignment
+        flat = (rng.standard_normal(int(np.prod(shape)) + offset) * 50).astype(dt)
+        return flat[offset:].reshape(shape).view(host)
+
+    for (B, H, W, C), ws, offset in (((2, 9, 11, 6), 4, 0), ((1, 14, 14, 8), 7, 1), ((1, 5, 3, 3), 2, 3)):
+        hp, wp = -(-H // ws) * ws, -(-W // ws) * ws
+        x = arr((B, H, W, C), offset)
+        pad = np.zeros((B, hp, wp, C), dt)
+        pad[:, :H, :W] = x
+        want = pad.reshape(B, hp // ws, ws, wp // ws, ws, C).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)
+        for _ in range(2):   # the second call: the cached plan
+            got = np.asarray(windows.partition(x, ws, hp, wp))
+            assert got.dtype == dt and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+        back = np.asarray(windows.unpartition(want.copy().view(host), ws, hp, wp, H, W))
+        assert np.array_equal(back.view(np.uint8), np.ascontiguousarray(x).view(np.uint8))
+        if dtype == "bfloat16":
+            tail = np.zeros(want.shape[:-1] + (windows.TAIL,), dt)
+            tail[..., 0] = 1
+            got = np.asarray(windows.partition_plan(x, ws, hp, wp, tail=True)(x))
+            assert np.array_equal(got.view(np.uint8), np.concatenate([want, tail], -1).view(np.uint8))
+    a = arr((2, 3, 5, 4), 1)
+    merged = np.asarray(windows.merge_heads_plan(a)(a))
+    assert np.array_equal(merged.view(np.uint8), np.ascontiguousarray(
+        np.asarray(a).transpose(0, 2, 1, 3).reshape(2, 5, 12)).view(np.uint8))
+    src = arr((3, 4, 10), 0)[:, ::2, 2:8]
+    dst = np.zeros((3, 2, 6), dt).view(host)
+    assert windows.copy_rows(src, dst) is dst
+    assert np.array_equal(np.asarray(dst).view(np.uint8), np.ascontiguousarray(src).view(np.uint8))
