@@ -12,7 +12,11 @@ as collectives):
   (``cuda/mma.cu``, ``cuda/win.cu``, ``cuda/tf32.cu``) and the Hopper ones
   (``cuda/wg.cu``, ``cuda/ws.cu`` with its TMA producer and mbarriers,
   ``cuda/wgt.cu``), against the oracle's attention;
-- the terms kernels (``cuda/terms.cu``) against the oracle's terms.
+- the terms kernels (``cuda/terms.cu``) against the oracle's terms;
+- the window copies (``cuda/relattn_window.cu``) against numpy;
+- drawn problems for every forward family and the fused backward (hypothesis),
+  and the planner end to end (``gpu.make_plan``: its choice of family, the
+  terms, the run).
 
 These check the kernels' indexing, fragment and shared-memory layouts and
 arithmetic on any machine with a C++ compiler, launched by the backend's own
@@ -196,6 +200,40 @@ def test_terms_pullback_kernels_at_the_plans_edges(host_gpu, nbh, q_size, k_size
         assert backward._terms_split(na, 1, nbh * nb, kl, D) > 1
 
 
+def _backward_problem(rng, dtype, q_size, k_size, D, terms, B=1, H=2):
+    """q, k, v, dout (B, H, S, D) of ``dtype`` and, with ``terms``, rel_h and
+    rel_w (float32, from q and drawn tables), else None."""
+    import relattn
+
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    q = rng.standard_normal((B, H, Sq, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, Sk, D)).astype(dtype) for _ in range(2))
+    dout = rng.standard_normal((B, H, Sq, D)).astype(dtype)
+    if not terms:
+        return q, k, v, dout, None, None
+    th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
+    tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
+    rel_h, rel_w = relattn.decomposed_rel_pos(q.astype(np.float32), th, tw, q_size, k_size)
+    return q, k, v, dout, np.asarray(rel_h, np.float32), np.asarray(rel_w, np.float32)
+
+
+def _logits(q, k, rel_h, rel_w, k_size, scale):
+    """The float64 logits less each row's maximum."""
+    x = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
+    if rel_h is not None:
+        x = x + (rel_h.astype(np.float64)[..., :, None] + rel_w.astype(np.float64)[..., None, :]).reshape(x.shape)
+    return x - x.max(-1, keepdims=True)
+
+
+def _lse2(q, k, rel_h, rel_w, k_size, scale):
+    """Each row's log-sum-exp in the log2 domain (the forward's), float32."""
+    x = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
+    if rel_h is not None:
+        x = x + (rel_h.astype(np.float64)[..., :, None] + rel_w.astype(np.float64)[..., None, :]).reshape(x.shape)
+    m = x.max(-1)
+    return ((np.log(np.exp(x - m[..., None]).sum(-1)) + m) / np.log(2)).astype(np.float32)
+
+
 def _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout):
     """The attention core's output and pullback in float64: out, and dq
     without the terms' part, dk, dv and the terms' gradients (rel_h / rel_w
@@ -313,21 +351,10 @@ def test_16bit_fused_backward_kernels(host_portable, dt, q_size, k_size, D, term
     the delta kernel, then dq and dk / dv, as ``backward.fused_core_backward``
     plans them for an sm_80 part, in each bias mode, against the float64 core
     of the same 16-bit inputs."""
-    import relattn
-
     rng = np.random.default_rng(sum(q_size) + D + dt)
-    B, H, scale = 1, 2, D ** -0.5
-    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    scale, Sk = D ** -0.5, k_size[0] * k_size[1]
     cast = DTYPES[dt]
-    q = rng.standard_normal((B, H, Sq, D)).astype(cast)
-    k, v = (rng.standard_normal((B, H, Sk, D)).astype(cast) for _ in range(2))
-    dout = rng.standard_normal((B, H, Sq, D)).astype(cast)
-    rel_h = rel_w = None
-    if terms:
-        th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
-        tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
-        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q.astype(np.float32), th, tw,
-                                                                                  q_size, k_size))
+    q, k, v, dout, rel_h, rel_w = _backward_problem(rng, cast, q_size, k_size, D, terms)
     out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout)
     host = host_portable
     dev = [None if a is None else np.ascontiguousarray(a).view(host) for a in (q, k, v, rel_h, rel_w)]
@@ -336,11 +363,7 @@ def test_16bit_fused_backward_kernels(host_portable, dt, q_size, k_size, D, term
                                                   if k_size[1] == 64 else backward.Bias.GENERIC)
     lse = None
     if forward_lse:
-        logits = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
-        if terms:
-            logits = logits + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, Sq, Sk)
-        m = logits.max(-1, keepdims=True)
-        lse = ((np.log(np.exp(logits - m).sum(-1)) + m[..., 0]) / np.log(2)).astype(np.float32).view(host)
+        lse = _lse2(q, k, rel_h, rel_w, k_size, scale).view(host)
     got = backward.fused_core_backward(*dev, k_size, scale, out.astype(cast).view(host), dout.view(host), lse=lse)
     tol = 1e-2 if dt == 1 else 2e-3
     for name, g, w in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), got, want):
@@ -466,21 +489,10 @@ def test_wgmma_backward_kernels(host_sm90, dt, q_size, k_size, D, terms, warpgro
     against the float64 core, and bit for bit ``bwd.cu``'s ``mma.sync``
     kernels on the same inputs (they compute the same products in the same
     order)."""
-    import relattn
-
     rng = np.random.default_rng(sum(q_size) + D + dt)
-    B, H, scale = 1, 2, D ** -0.5
-    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    scale = D ** -0.5
     cast = DTYPES[dt]
-    q = rng.standard_normal((B, H, Sq, D)).astype(cast)
-    k, v = (rng.standard_normal((B, H, Sk, D)).astype(cast) for _ in range(2))
-    dout = rng.standard_normal((B, H, Sq, D)).astype(cast)
-    rel_h = rel_w = None
-    if terms:
-        th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(np.float32)
-        tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(np.float32)
-        rel_h, rel_w = (t.astype(np.float32) for t in relattn.decomposed_rel_pos(q.astype(np.float32), th, tw,
-                                                                                  q_size, k_size))
+    q, k, v, dout, rel_h, rel_w = _backward_problem(rng, cast, q_size, k_size, D, terms)
     out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout)
     host = host_sm90
     dev = [None if a is None else np.ascontiguousarray(a).view(host) for a in (q, k, v, rel_h, rel_w)]
@@ -540,13 +552,8 @@ def test_hopper_forward_kernels(host_sm90, family, options, dt, q_size, k_size, 
     assert got.shape == want.shape
     assert _rel(got.astype(np.float64), want) <= (1e-2 if dt == 1 else 2e-3), c.describe()
     if lse is not None:
-        logits = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
-        if terms:
-            wh, ww = oracle.decomposed_rel_pos(q, th, tw, q_size, k_size)
-            logits = logits + (wh[..., :, None] + ww[..., None, :]).reshape(logits.shape)
-        m = logits.max(-1)
-        want_lse = (np.log(np.exp(logits - m[..., None]).sum(-1)) + m) / np.log(2)
-        assert np.abs(np.asarray(lse) - want_lse).max() <= 2e-2, c.describe()
+        wh, ww = oracle.decomposed_rel_pos(q, th, tw, q_size, k_size) if terms else (None, None)
+        assert np.abs(np.asarray(lse) - _lse2(q, k, wh, ww, k_size, scale)).max() <= 2e-2, c.describe()
 
 
 def test_wg_refuses_tiles_that_break_the_swizzle():
@@ -715,3 +722,171 @@ def test_window_copy_kernels(host_gpu, monkeypatch, dtype):
     dst = np.zeros((3, 2, 6), dt).view(host)
     assert windows.copy_rows(src, dst) is dst
     assert np.array_equal(np.asarray(dst).view(np.uint8), np.ascontiguousarray(src).view(np.uint8))
+
+
+FORWARD_FAMILIES = {"ws": (0, 1), "wg": (0, 1), "mma": (0, 1), "win": (0, 1), "wgt": (2,), "tf32": (2,), "simt": (2, 3)}
+
+
+@st.composite
+def forward_problems(draw):
+    family = draw(st.sampled_from(sorted(FORWARD_FAMILIES)))
+    dt = draw(st.sampled_from(FORWARD_FAMILIES[family]))
+    small = st.tuples(st.integers(1, 12), st.integers(1, 12))
+    if draw(st.booleans()):
+        k_size = draw(st.sampled_from([(1, 64), (2, 64), (2, 48), (1, 80), (2, 32)]))
+        q_size = draw(st.sampled_from([k_size, (k_size[0] + 1, k_size[1]), (3, 20)]))
+    else:
+        k_size = draw(small)
+        q_size = k_size if draw(st.booleans()) else draw(small)
+    D = draw(st.sampled_from([8, 16, 24, 40, 56, 64, 72, 80, 96, 128]))
+    terms = draw(st.booleans())
+    fuse = terms and family in ("ws", "win") and draw(st.booleans())
+    options = {}
+    if family == "wg" and draw(st.booleans()):
+        options = {"nwg": draw(st.sampled_from([1, 2])), "bn": draw(st.sampled_from([32, 64, 128]))}
+    elif family == "mma":
+        options = {"mw": draw(st.sampled_from([1, 2]))}
+    elif family == "win" and draw(st.booleans()):
+        options = {"spb": draw(st.integers(1, 4))}
+    return family, dt, q_size, k_size, D, terms, fuse, options, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(problem=forward_problems())
+def test_forward_families_on_drawn_problems(host_sm90, problem):
+    """Every forward family, forced, on drawn problems that it accepts (q grid
+    != k grid, head dims 8 to 128, terms given, computed by the kernel or
+    absent, forced configurations): against the oracle's float64 attention of
+    the same inputs."""
+    import importlib
+
+    import relattn
+    from hypothesis import assume
+
+    from relattn.backends.gpu import _device
+    from relattn.backends.gpu.problem import Problem
+
+    family, dt, q_size, k_size, D, terms, fuse, options, seed = problem
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if dt == 3 else DTYPES[dt]
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    q, k, v = (rng.standard_normal((1, n, 2, D)).astype(dtype).transpose(0, 2, 1, 3) for n in (Sq, Sk, Sk))
+    th = (0.3 * rng.standard_normal((2 * max(q_size[0], k_size[0]) - 1, D))).astype(dtype if fuse else np.float32)
+    tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(dtype if fuse else np.float32)
+    fam = importlib.import_module(f"relattn.backends.gpu.families.{family}")
+    host = host_sm90
+    with relattn.gpu_float32_mode("fma" if family == "simt" else "3xtf32"):
+        # what the planner asks before a forced family runs
+        x = y = None
+        if terms:
+            x, y = (th, tw) if fuse else (np.zeros((1, 2, Sq, n), np.float32).view(host) for n in k_size)
+        p = Problem.from_arrays(q.view(host), k.view(host), x, y, q_size if terms else None, k_size, D ** -0.5,
+                                terms=not fuse)
+        dev = _device.current()
+        assume(fam.not_supported_reasons(p, dev, fuse) == [])
+        assume(fam.config_reasons(p, fam.config(p, dev, fuse, options)) == [])
+        got, c = _run_family(host, family, options, q, k, v, th, tw, q_size, k_size, terms, fuse)
+    want = oracle.attention(q, k, v, th if terms else None, tw if terms else None,
+                            q_size if terms else None, k_size if terms else None, scale=D ** -0.5)
+    tol = {0: 2e-3, 1: 1e-2, 2: 2e-5, 3: 1e-12}[dt]
+    assert _rel(got.astype(np.float64), want) <= tol, (family, c.describe())
+
+
+@st.composite
+def backward_problems(draw):
+    dt = draw(st.sampled_from([0, 1, 2]))
+    small = st.tuples(st.integers(1, 12), st.integers(1, 12))
+    if draw(st.booleans()):
+        k_size = draw(st.sampled_from([(1, 64), (2, 64), (2, 20)]))
+        q_size = draw(st.sampled_from([k_size, (3, 20)]))
+    else:
+        k_size = draw(small)
+        q_size = k_size if draw(st.booleans()) else draw(small)
+    D = draw(st.sampled_from([8, 16, 24, 40, 56, 64, 72, 80, 96, 128] + ([3, 13] if dt == 2 else [])))
+    kernels = draw(st.sampled_from(["auto", "mma", "wg"])) if dt < 2 else "auto"
+    return dt, q_size, k_size, D, draw(st.booleans()), draw(st.booleans()), kernels, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(problem=backward_problems())
+def test_fused_backward_on_drawn_problems(host_sm90, problem):
+    """The fused backward (``bwd.cu``, ``bwd_wg.cu``, ``bwd32.cu``) as
+    ``backward.fused_core_backward`` runs it on an sm_90a part, on drawn
+    problems it accepts (q grid != k grid, head dims 3 to 128, terms or none,
+    the forward's log-sum-exp or the row pass, each kernel form): against
+    the float64 core of the same inputs."""
+    from hypothesis import assume
+
+    dt, q_size, k_size, D, terms, forward_lse, kernels, seed = problem
+    rng = np.random.default_rng(seed)
+    cast = DTYPES[dt]
+    Sq = q_size[0] * q_size[1]
+    q, k, v, dout, rel_h, rel_w = _backward_problem(rng, cast, q_size, k_size, D, terms)
+    host, scale = host_sm90, D ** -0.5
+    dev = [None if a is None else np.ascontiguousarray(a).view(host) for a in (q, k, v, rel_h, rel_w)]
+    assume(backward.fused_reasons(*dev[:3], rel_h, k_size) == [])
+    assume(kernels != "wg" or backward.wg_reasons(*dev[:3], rel_h, k_size) == [])
+    out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout)
+    lse = None
+    if forward_lse or dt == 2:
+        lse = _lse2(q, k, rel_h, rel_w, k_size, scale).view(host)
+    got = backward.fused_core_backward(*dev, k_size, scale, out.astype(cast).view(host), dout.view(host), lse=lse,
+                                       kernels=kernels)
+    # 16-bit: the training contract's 1e-2 (with the forward's log-sum-exp, delta = dO . O carries O's
+    # rounding into the terms' gradients, sums of dS over part of a row: a few 1e-3 in float16 too)
+    tol = 2e-5 if dt == 2 else 1e-2
+    # each gradient's error against the size of what it sums: dS = P (dP - delta) cancels where the
+    # weights concentrate (one key: dS = 0; k_h == 1: d_rel_h, a whole row's sum of dS, is 0), so its
+    # summands' size is P (|dP| + |delta|)
+    q64, k64, v64, do64 = (np.abs(a.astype(np.float64)) for a in (q, k, v, dout))
+    prob = np.exp(_logits(q, k, rel_h, rel_w, k_size, scale))
+    prob /= prob.sum(-1, keepdims=True)
+    dp = np.abs(dout.astype(np.float64) @ v.astype(np.float64).swapaxes(-1, -2))
+    dsz = prob * (dp + (prob * dp).sum(-1, keepdims=True))
+    d4 = dsz.reshape(1, 2, Sq, *k_size)
+    sizes = {"dq": scale * (dsz @ k64).max(), "dk": scale * (dsz.swapaxes(-1, -2) @ q64).max(),
+             "dv": (prob.swapaxes(-1, -2) @ do64).max(), "d_rel_h": d4.sum(-1).max(), "d_rel_w": d4.sum(-2).max()}
+    for name, g, w in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), got, want):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            err = np.abs(np.asarray(g, np.float64).reshape(w.shape) - w).max()
+            assert err <= tol * max(np.abs(w).max(), sizes[name]), \
+                (name, backward.kernel_forms(*dev[:3], rel_h, k_size, kernels))
+
+
+@pytest.mark.parametrize("arch, dtype, tdtype, q_size, k_size, D, family", [
+    (90, "bfloat16", "bfloat16", (14, 14), (14, 14), 64, "ws"),    # SAM-B's windows: terms fused
+    (90, "float16", "float32", (2, 64), (2, 64), 64, "ws"),       # a slice of SAM's global grid
+    (90, "bfloat16", "bfloat16", (3, 48), (2, 48), 64, "wg"),     # whole key rows of 48
+    (90, "bfloat16", "bfloat16", (5, 7), (6, 9), 96, "win"),      # head_dim 96, a small key grid
+    (90, "float16", "float16", (3, 30), (2, 40), 96, "mma"),      # head_dim 96: mma.sync
+    (90, "float32", "float32", (7, 7), (7, 7), 64, "wgt"),
+    (80, "bfloat16", "bfloat16", (14, 14), (14, 14), 64, "win"),  # an A100's windows
+    (80, "float32", "float32", (2, 64), (2, 64), 40, "tf32"),
+    (80, "float64", "float64", (3, 4), (5, 2), 8, "simt"),
+])
+def test_planner_on_the_host(host_sm90, monkeypatch, arch, dtype, tdtype, q_size, k_size, D, family):
+    """``gpu.make_plan`` end to end on the host: the family the planner picks
+    for the device (sm_90a or sm_80), the terms computed by the terms kernel
+    or inside the attention kernel (tables resized where their length is not
+    SAM's), and the run, against the oracle's float64 attention."""
+    from relattn.backends import gpu
+    from relattn.backends.gpu import _device
+
+    if arch == 80:
+        monkeypatch.setattr(_device, "_devices", {0: _device.Device(0, 80, 108, 163 * 1024, "not sm_90a")})
+    dt = {"bfloat16": DTYPES[1], "float16": np.float16, "float32": np.float32, "float64": np.float64}
+    rng = np.random.default_rng(D + arch)
+    Sq, Sk = q_size[0] * q_size[1], k_size[0] * k_size[1]
+    q, k, v = (rng.standard_normal((1, n, 2, D)).astype(dt[dtype]).transpose(0, 2, 1, 3) for n in (Sq, Sk, Sk))
+    lh = 2 * max(q_size[0], k_size[0]) - 1
+    th = (0.3 * rng.standard_normal((lh + 4, D))).astype(dt[tdtype])   # resized to lh rows
+    tw = (0.3 * rng.standard_normal((2 * max(q_size[1], k_size[1]) - 1, D))).astype(dt[tdtype])
+    host = host_sm90
+    plan = gpu.make_plan(q.view(host), k.view(host), v.view(host), th.view(host), tw.view(host), q_size, k_size,
+                         D ** -0.5)
+    assert plan.family == family, plan.describe()
+    got = np.asarray(plan.run(q.view(host), k.view(host), v.view(host), th.view(host), tw.view(host)))
+    want = oracle.attention(q, k, v, th, tw, q_size, k_size, scale=D ** -0.5)
+    tol = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 2e-5, "float64": 1e-12}[dtype]
+    assert got.dtype == q.dtype and _rel(got.astype(np.float64), want) <= tol, plan.describe()
