@@ -49,6 +49,8 @@ PRELUDE = r"""
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -267,6 +269,34 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
     done = true;
     start.arrive_and_wait();
     for (auto& th : threads) th.join();
+    return 0;
+}
+
+// launch() under a watchdog: a kernel that does not finish in `seconds` (a
+// barrier some thread never reaches, an mbarrier phase that never completes)
+// ends the process with a message instead of hanging the test run
+template <typename... A>
+int launch_watched(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args, const char* name,
+                   unsigned seconds) {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool finished = false;
+    std::thread dog([&] {
+        std::unique_lock<std::mutex> lk(mu);
+        if (!cv.wait_for(lk, std::chrono::seconds(seconds), [&] { return finished; })) {
+            std::fprintf(stderr, "simt_emu: %s did not finish in %u s (a barrier that not every thread "
+                                 "reaches?)\n", name, seconds);
+            std::fflush(stderr);
+            std::abort();
+        }
+    });
+    launch(k, grid, block, smem, args);
+    {
+        std::lock_guard<std::mutex> lk(mu);
+        finished = true;
+    }
+    cv.notify_all();
+    dog.join();
     return 0;
 }
 }  // namespace emu
@@ -635,17 +665,19 @@ def host_source(cuda_text: str, cxx: str | None = None) -> str:
 
 class Emulator:
     """The kernels ``names`` (instantiations, as NVRTC would be asked for them)
-    of ``cuda_text``, compiled for the host; :meth:`launch` runs one."""
+    of ``cuda_text``, compiled for the host; :meth:`launch` runs one. A launch
+    that runs longer than ``timeout`` seconds (a deadlock) ends the process
+    with a message naming the kernel."""
 
-    def __init__(self, cuda_text: str, names, *, opt="-O1"):
+    def __init__(self, cuda_text: str, names, *, opt="-O1", timeout=300):
         cxx = compiler()
         if cxx is None:
             raise RuntimeError("no C++ compiler (g++ or clang++) found")
         self.names = list(names)
         wrappers = "\n".join(
             f'extern "C" int relattn_emu_{i}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
-            f"unsigned bz, unsigned long smem, void** args) {{ return emu::launch(&{n}, dim3{{gx, gy, gz}}, "
-            f"dim3{{bx, by, bz}}, smem, args); }}" for i, n in enumerate(self.names))
+            f"unsigned bz, unsigned long smem, void** args) {{ return emu::launch_watched(&{n}, dim3{{gx, gy, gz}}, "
+            f"dim3{{bx, by, bz}}, smem, args, \"{n}\", {int(timeout)}u); }}" for i, n in enumerate(self.names))
         text = PRELUDE + HOST_COMMON + host_source(cuda_text, cxx) + "\n" + wrappers + "\n"
         digest = hashlib.sha256((cxx + opt + text).encode()).hexdigest()[:20]
         root = os.path.join(tempfile.gettempdir(), "relattn-simt-emu")

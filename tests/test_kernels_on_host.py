@@ -117,6 +117,28 @@ def host_sm90(host_portable, monkeypatch):
     return host_portable
 
 
+def test_a_deadlocked_kernel_ends_the_run_with_its_name(tmp_path):
+    """The harness itself: a kernel whose threads wait at a barrier that
+    counts more threads than the block has ends the process within the
+    emulator's timeout, naming the kernel, instead of hanging the test run."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {repr(str(__import__('pathlib').Path(__file__).parent))})\n"
+        "import simt_emu\n"
+        "src = '__global__ void relattn_hang() { ra_bar_sync(1, 64); }'\n"
+        "emu = simt_emu.Emulator('typedef unsigned short u16; typedef unsigned u32;' + src, ['relattn_hang'],"
+        " timeout=2)\n"
+        "emu.launch('relattn_hang', 1, 32, 0, [])\n"
+        "print('returned')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "returned" not in run.stdout
+    assert "relattn_hang did not finish in 2 s" in run.stderr
+
+
 def _raw(x):
     """What the kernels take: 16-bit data as its bits."""
     return x.view(np.uint16) if x.dtype.itemsize == 2 else x
