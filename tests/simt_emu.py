@@ -15,9 +15,11 @@ operands read through their descriptors (no swizzle or the 128-byte one,
 K- or MN-major) and its accumulators in PTX's layout; the products' sums are
 float64, rounded once. Shared-memory addresses are 32-bit as in PTX (a base
 index and an offset; dynamic shared memory is base 0, 1024-byte aligned, so
-that descriptors hold its offsets); ``cp.async`` and TMA copies are immediate
-(TMA completes its mbarrier's transaction bytes at once); mbarriers keep
-arrival counts, transaction bytes and phases; named barriers count threads.
+that descriptors hold its offsets); a thread's ``cp.async`` copies land when
+it waits for their commit group (so a tile read before its wait shows the
+bytes that were there before), TMA copies at once (completing their
+mbarrier's transaction bytes); mbarriers keep arrival counts, transaction
+bytes and phases; named barriers count threads.
 Dynamic shared memory is filled with NaN bytes before each block, so a read
 of what no thread wrote shows; static shared memory keeps its bytes from one
 block to the next (zeros at first). Host pointers stand for device pointers:
@@ -87,6 +89,21 @@ struct Warp {   // a warp's barrier and the slots its lanes exchange values thro
     unsigned frag[32][6];   // the operands of a warp-wide matrix instruction (mma.sync, ldmatrix)
 };
 inline Warp* warps = nullptr;
+struct AsyncCopy { unsigned char* dst; const unsigned char* src; int bytes, size; };
+inline thread_local std::vector<AsyncCopy> cp_open;                // cp.async issued, not yet committed
+inline thread_local std::vector<std::vector<AsyncCopy>> cp_groups;  // committed groups, oldest first
+inline void cp_land(const std::vector<AsyncCopy>& group) {
+    for (const AsyncCopy& c : group) {
+        if (c.bytes) std::memcpy(c.dst, c.src, c.bytes);
+        std::memset(c.dst + c.bytes, 0, c.size - c.bytes);
+    }
+}
+inline void cp_finish() {   // a thread's end: what it never waited for lands
+    for (const auto& g : cp_groups) cp_land(g);
+    cp_land(cp_open);
+    cp_groups.clear();
+    cp_open.clear();
+}
 struct Named {   // a block's named barriers (bar.sync / bar.arrive with a thread count)
     std::mutex mu;
     std::condition_variable cv;
@@ -242,6 +259,7 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
                 if (done) return;
                 block_or_turn = 0;
                 call(k, args, std::index_sequence_for<A...>{});
+                cp_finish();
                 block_barrier->arrive_and_drop();   // an exited thread no longer holds barriers up
                 warps[t / 32].bar->arrive_and_drop();
                 end.arrive_and_wait();
@@ -339,19 +357,28 @@ template <int DT> inline float ra_load_f32(const void* p, long long i) {
 inline float ra_f16_lo(u32 h) { return ra_from16<0>((u16)h); }
 template <int DT> inline u32 ra_pack(float lo, float hi) { return (u32)ra_to16<DT>(lo) | (u32)ra_to16<DT>(hi) << 16; }
 
-// shared memory: addresses, and cp.async as an immediate copy (its wait and
-// commit nothing), zero-filled past src_bytes
+// shared memory: addresses, and cp.async: a thread's copies (zero-filled past
+// src_bytes) land when it waits for their group (wait_group N lands every
+// committed group but the newest N; copies not committed wait for the
+// thread's end), not at issue, so a tile read before its wait, or a wait that
+// counts its groups wrong, shows the bytes that were there before
 inline u32 ra_smem_addr(const void* p) { return emu::smem_encode(p); }
 inline void ra_cp_async_n(u32 dst, const void* src, int src_bytes, int n) {
-    unsigned char* d = emu::smem_decode(dst);
-    const int m = std::min(std::max(src_bytes, 0), n);
-    if (m) std::memcpy(d, src, m);
-    std::memset(d + m, 0, n - m);
+    emu::cp_open.push_back({emu::smem_decode(dst), static_cast<const unsigned char*>(src),
+                            std::min(std::max(src_bytes, 0), n), n});
 }
 inline void ra_cp_async16(u32 dst, const void* src, int src_bytes) { ra_cp_async_n(dst, src, src_bytes, 16); }
 inline void rb_cp_async4(u32 dst, const void* src, int src_bytes) { ra_cp_async_n(dst, src, src_bytes, 4); }
-inline void ra_cp_commit() {}
-template <int N> inline void ra_cp_wait() {}
+inline void ra_cp_commit() {
+    emu::cp_groups.push_back(std::move(emu::cp_open));
+    emu::cp_open.clear();
+}
+template <int N> inline void ra_cp_wait() {
+    while (emu::cp_groups.size() > (std::size_t)N) {
+        emu::cp_land(emu::cp_groups.front());
+        emu::cp_groups.erase(emu::cp_groups.begin());
+    }
+}
 template <bool ASYNC> inline void rb_fence_async() {}
 
 // mma.sync and ldmatrix as warp collectives: each lane posts its operands
