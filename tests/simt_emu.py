@@ -29,9 +29,12 @@ What it cannot run: inline PTX other than the helpers :data:`HOST_COMMON`
 replaces (a top-level definition holding ``asm`` is removed from the source,
 so kernels keep their PTX in such helpers), and the 64- and 32-byte swizzles.
 Paths guarded by ``__CUDA_ARCH__`` take their pre-sm_80 form.
-Memory-model questions (visibility without a barrier, the asynchronous
-engines' timing, atomics' ordering) are not what it checks; it checks the
-kernels' arithmetic, indexing and layouts.
+With ``SIMT_EMU_JITTER`` set (a seed, read when the library loads) the
+copies land at issue instead, the earliest the GPU may land them, and threads
+pause up to a millisecond at random before barriers and shared-memory reads:
+schedules where a missing barrier shows come up. Other memory-model questions
+(visibility without a barrier between blocks, atomics' ordering) are not what
+it checks; it checks the kernels' arithmetic, indexing and layouts.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ PRELUDE = r"""
 #include <barrier>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -146,7 +150,20 @@ inline unsigned char* smem_decode(unsigned a) {
     return smem_bases[a >> 24] + (a & 0xffffffu);
 }
 }
-inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+namespace emu {
+// SIMT_EMU_JITTER (a seed): threads pause up to a millisecond now and then before barriers and
+// shared-memory reads, and cp.async copies land at issue (the earliest they may), so that
+// schedules that expose a missing barrier come up more often
+inline const unsigned jitter = [] { const char* e = std::getenv("SIMT_EMU_JITTER"); return e ? (unsigned)std::atoi(e) : 0u; }();
+inline thread_local unsigned long long jitter_state = 0;
+inline void jitter_pause() {
+    if (!jitter) return;
+    if (!jitter_state) jitter_state = 0x9e3779b97f4a7c15ull * (linear_tid() + 1) + jitter;
+    jitter_state ^= jitter_state << 13; jitter_state ^= jitter_state >> 7; jitter_state ^= jitter_state << 17;
+    if ((jitter_state & 15u) == 0) std::this_thread::sleep_for(std::chrono::microseconds(jitter_state >> 54));
+}
+}
+inline void __syncthreads() { emu::jitter_pause(); emu::block_barrier->arrive_and_wait(); }
 inline int __syncthreads_or(int pred) {
     const int turn = emu::block_or_turn;
     emu::block_or_turn ^= 1;
@@ -364,8 +381,10 @@ template <int DT> inline u32 ra_pack(float lo, float hi) { return (u32)ra_to16<D
 // counts its groups wrong, shows the bytes that were there before
 inline u32 ra_smem_addr(const void* p) { return emu::smem_encode(p); }
 inline void ra_cp_async_n(u32 dst, const void* src, int src_bytes, int n) {
-    emu::cp_open.push_back({emu::smem_decode(dst), static_cast<const unsigned char*>(src),
-                            std::min(std::max(src_bytes, 0), n), n});
+    const emu::AsyncCopy c{emu::smem_decode(dst), static_cast<const unsigned char*>(src),
+                           std::min(std::max(src_bytes, 0), n), n};
+    if (emu::jitter) emu::cp_land({c});   // the earliest a copy may land: a reader not done with the stage shows
+    else emu::cp_open.push_back(c);
 }
 inline void ra_cp_async16(u32 dst, const void* src, int src_bytes) { ra_cp_async_n(dst, src, src_bytes, 16); }
 inline void rb_cp_async4(u32 dst, const void* src, int src_bytes) { ra_cp_async_n(dst, src, src_bytes, 4); }
@@ -393,6 +412,7 @@ inline emu::Warp& ra_warp_post(const u32* v, int n) {
 // x4: lanes 8 i .. 8 i + 7 give matrix i's row addresses; lane l gets, of each
 // matrix, row l / 4's columns 2 (l % 4), + 1 (trans: column l / 4 of rows 2 (l % 4), + 1)
 inline void ra_ldsm_any(u32 (&r)[4], u32 addr, bool trans) {
+    emu::jitter_pause();
     emu::Warp& w = ra_warp_post(&addr, 1);
     const unsigned l = emu::linear_tid() % 32;
     for (int i = 0; i < 4; ++i) {
@@ -447,6 +467,7 @@ inline void ra_wg_product(float* d, const u32* a, u64 da, u64 db, bool b_kmajor,
     constexpr int K = DT == 2 ? 8 : 16, EB = DT == 2 ? 4 : 2;
     const unsigned tid = emu::linear_tid(), l = tid % 32, g = l / 4, t = l % 4, w = (tid / 32) % 4;
     emu::Warp* warp = nullptr;
+    emu::jitter_pause();
     if (a) warp = &ra_warp_post(a, 4);
     float out[N / 2];
     for (int i = 0; i < N / 2; ++i) {

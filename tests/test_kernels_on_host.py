@@ -365,6 +365,7 @@ def test_simt_forward_kernel(host_portable, dtype, q_size, k_size, D, terms, non
     (1, (2, 64), (2, 64), 32, True, True),    # key rows of 64
     (1, (9, 9), (9, 9), 64, True, False),     # several query and key tiles
     (0, (4, 5), (6, 3), 24, False, False),
+    (1, (5, 6), (14, 14), 32, True, True),    # four key tiles: stages refilled while the pipeline runs
 ])
 def test_16bit_fused_backward_kernels(host_portable, dt, q_size, k_size, D, terms, forward_lse):
     """``cuda/bwd.cu`` (the 16-bit backward on ``mma.sync``, its ``ldmatrix``
@@ -912,3 +913,47 @@ def test_planner_on_the_host(host_sm90, monkeypatch, arch, dtype, tdtype, q_size
     want = oracle.attention(q, k, v, th, tw, q_size, k_size, scale=D ** -0.5)
     tol = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 2e-5, "float64": 1e-12}[dtype]
     assert got.dtype == q.dtype and _rel(got.astype(np.float64), want) <= tol, plan.describe()
+
+
+@pytest.mark.parametrize("kind", ["mma", "wg", "bwd", "bwd_wg"])
+def test_pipelined_stages(host_sm90, kind):
+    """Kernels whose tiles pass through two shared-memory stages, on three
+    tiles or more, so that a stage is refilled while the pipeline runs
+    (the forward's ``mma.cu`` and ``wg.cu``, the backward's ``bwd.cu`` and
+    ``bwd_wg.cu``): against float64. ``test_pipelined_stages_under_jitter``
+    runs these again with the copies landing at issue and threads pausing at
+    random, where a missing barrier before a stage's refill shows."""
+    rng = np.random.default_rng(11)
+    q_size, k_size, D = (3, 64), (4, 64), 64   # three query tiles (dk / dv's loop), four key tiles
+    if kind in ("mma", "wg"):
+        q, k, v, th, tw = _forward_problem(rng, 1, q_size, k_size, D)
+        got, _ = _run_family(host_sm90, kind, {}, q, k, v, th, tw, q_size, k_size)
+        want = oracle.attention(q, k, v, th, tw, q_size, k_size, scale=D ** -0.5)
+        assert _rel(got.astype(np.float64), want) <= 1e-2
+        return
+    q, k, v, dout, rel_h, rel_w = _backward_problem(rng, DTYPES[1], q_size, k_size, D, True)
+    out, want = _core_gradients(q, k, v, rel_h, rel_w, k_size, D ** -0.5, dout)
+    dev = [np.ascontiguousarray(a).view(host_sm90) for a in (q, k, v, rel_h, rel_w)]
+    got = backward.fused_core_backward(*dev, k_size, D ** -0.5, out.astype(DTYPES[1]).view(host_sm90),
+                                       dout.view(host_sm90), kernels="mma" if kind == "bwd" else "wg")
+    for name, g, w in zip(("dq", "dk", "dv", "d_rel_h", "d_rel_w"), got, want):
+        assert _rel(np.asarray(g).reshape(w.shape), w) <= 1e-2, name
+
+
+def test_pipelined_stages_under_jitter():
+    """:func:`test_pipelined_stages` in a process where the emulation's
+    ``cp.async`` copies land at issue (the earliest the GPU may land them) and
+    threads pause up to a millisecond at random before barriers and
+    shared-memory reads (``SIMT_EMU_JITTER``): a kernel without the barrier
+    that keeps a stage from being refilled while other warps still read it
+    fails here (``bwd.cu``'s dq kernel without it did, with each of three
+    seeds)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SIMT_EMU_JITTER="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "test_pipelined_stages and not jitter"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0 and "4 passed" in run.stdout, run.stdout[-3000:]
