@@ -21,8 +21,9 @@ bytes that were there before), TMA copies at once (completing their
 mbarrier's transaction bytes); mbarriers keep arrival counts, transaction
 bytes and phases; named barriers count threads.
 Dynamic shared memory is filled with NaN bytes before each block, so a read
-of what no thread wrote shows; static shared memory keeps its bytes from one
-block to the next (zeros at first). Host pointers stand for device pointers:
+of what no thread wrote shows (``SIMT_EMU_FILL`` sets another byte: a finite
+one shows such reads in kernels that recompute rows left non-finite); static
+shared memory keeps its bytes from one block to the next (zeros at first). Host pointers stand for device pointers:
 numpy arrays are passed as they are.
 
 What it cannot run: inline PTX other than the helpers :data:`HOST_COMMON`
@@ -57,6 +58,8 @@ PRELUDE = r"""
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <map>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -131,6 +134,19 @@ template <class T> T exchange(T v, unsigned src) {
     std::memcpy(&r, &bits, sizeof(T));
     return r;
 }
+// mbarriers' lock, and the TMA copies in flight by the mbarrier that counts
+// their bytes: (shared destination, global source or null for a zero) per
+// 16-bit element
+inline std::mutex mbar_mu;
+inline std::map<unsigned char*, std::vector<std::pair<unsigned char*, const unsigned char*>>> tma_flight;
+// A fault (an address or a use the GPU would not take) is recorded, the launch
+// goes on, and the launch's caller gets the first fault's message.
+inline std::mutex fault_mu;
+inline std::string fault_text;
+inline void fault(const std::string& what) {
+    std::lock_guard<std::mutex> g(fault_mu);
+    if (fault_text.empty()) fault_text = what;
+}
 // Shared-memory addresses as PTX's 32-bit ones: base index << 24 | offset,
 // the bases (a block's dynamic buffer, static arrays) registered on first use.
 inline std::mutex smem_mu;
@@ -140,13 +156,16 @@ inline unsigned smem_encode(const void* p) {
     std::lock_guard<std::mutex> g(smem_mu);
     for (std::size_t i = 0; i < smem_bases.size(); ++i)
         if (c >= smem_bases[i] && c - smem_bases[i] < (1 << 23)) return (unsigned)((i << 24) | (c - smem_bases[i]));
-    if (smem_bases.size() >= 255) std::abort();
+    if (smem_bases.size() >= 255) { fault("more than 255 shared-memory bases"); return 0; }
     smem_bases.push_back(c);
     return (unsigned)((smem_bases.size() - 1) << 24);
 }
 inline unsigned char* smem_decode(unsigned a) {
     std::lock_guard<std::mutex> g(smem_mu);
-    if ((a >> 24) >= smem_bases.size()) std::abort();
+    if ((a >> 24) >= smem_bases.size()) {
+        fault("a shared-memory address that no pointer gave");
+        return smem_bases[0];
+    }
     return smem_bases[a >> 24] + (a & 0xffffffu);
 }
 }
@@ -155,6 +174,10 @@ namespace emu {
 // shared-memory reads, and cp.async copies land at issue (the earliest they may), so that
 // schedules that expose a missing barrier come up more often
 inline const unsigned jitter = [] { const char* e = std::getenv("SIMT_EMU_JITTER"); return e ? (unsigned)std::atoi(e) : 0u; }();
+// SIMT_EMU_FILL: the byte dynamic shared memory holds before each block (default 0xff: NaN
+// in every float type, so that a read of what no thread wrote shows; a finite one such as
+// 0x41 shows such reads in kernels that recompute a row left non-finite)
+inline const int fill = [] { const char* e = std::getenv("SIMT_EMU_FILL"); return e ? (int)std::strtol(e, nullptr, 0) : 0xff; }();
 inline thread_local unsigned long long jitter_state = 0;
 inline void jitter_pause() {
     if (!jitter) return;
@@ -265,6 +288,10 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
         std::lock_guard<std::mutex> g(smem_mu);
         smem_bases.assign(1, dyn_base);
     }
+    {
+        std::lock_guard<std::mutex> g(mbar_mu);
+        tma_flight.clear();
+    }
     std::barrier<> start(n + 1), end(n + 1);
     bool done = false;
     std::vector<std::thread> threads;
@@ -285,7 +312,7 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
-                std::memset(dyn.data(), 0xff, dyn.size());   // NaN bytes: reads of unwritten memory show
+                std::memset(dyn.data(), fill, dyn.size());
                 dynamic_smem = dyn_base;   // 1024-byte aligned, as the swizzled layouts need
                 auto bar = std::make_unique<std::barrier<>>(n);
                 block_barrier = bar.get();
@@ -304,7 +331,8 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
     done = true;
     start.arrive_and_wait();
     for (auto& th : threads) th.join();
-    return 0;
+    std::lock_guard<std::mutex> g(fault_mu);
+    return fault_text.empty() ? 0 : 1;
 }
 
 // launch() under a watchdog: a kernel that does not finish in `seconds` (a
@@ -325,15 +353,22 @@ int launch_watched(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, voi
             std::abort();
         }
     });
-    launch(k, grid, block, smem, args);
+    {
+        std::lock_guard<std::mutex> g(fault_mu);
+        fault_text.clear();
+    }
+    const int status = launch(k, grid, block, smem, args);
     {
         std::lock_guard<std::mutex> lk(mu);
         finished = true;
     }
     cv.notify_all();
     dog.join();
-    return 0;
+    return status;
 }
+}  // namespace emu
+extern "C" const char* relattn_emu_fault() { return emu::fault_text.c_str(); }
+namespace emu {
 }  // namespace emu
 """
 
@@ -447,7 +482,8 @@ inline const unsigned char* ra_wg_elem(u64 desc, int mn, int k, bool kmajor, int
                    : start + (mn % W) * eb + (mn / W) * lbo + (k % 8) * 128 + (k / 8) * sbo;
         a ^= ((a >> 7) & 7u) << 4;
     } else {
-        std::abort();   // the 64- and 32-byte swizzles: not used by these kernels
+        emu::fault("a wgmma descriptor with the 64- or 32-byte swizzle (not emulated)");
+        a = start;
     }
     return emu::smem_decode(a);
 }
@@ -499,7 +535,6 @@ template <int N> struct RaWt {
 // the arrival count, 12-23 the arrivals pending, 24 the phase; then the
 // transaction bytes pending), changed under one lock; a phase completes when
 // no arrival and no byte is pending
-namespace emu { inline std::mutex mbar_mu; }
 inline void ra_mbar_update(u32 bar, int arrivals, int tx) {
     std::lock_guard<std::mutex> g(emu::mbar_mu);
     unsigned char* p = emu::smem_decode(bar);
@@ -507,7 +542,10 @@ inline void ra_mbar_update(u32 bar, int arrivals, int tx) {
     std::memcpy(&st, p, 4); std::memcpy(&pend_tx, p + 4, 4);
     int pending = (int)((st >> 12) & 0xfffu) - arrivals;
     pend_tx += tx;
-    if (pending < 0) std::abort();   // more arrivals than the count
+    if (pending < 0) {
+        emu::fault("an mbarrier arrived on more times than its count in one phase");
+        pending = 0;
+    }
     if (pending == 0 && pend_tx == 0) st = ((st & 0x1000000u) ^ 0x1000000u) | ((st & 0xfffu) << 12) | (st & 0xfffu);
     else st = (st & 0x1000fffu) | ((u32)pending << 12);
     std::memcpy(p, &st, 4); std::memcpy(p + 4, &pend_tx, 4);
@@ -522,13 +560,26 @@ inline void ra_mbar_init(u32 bar, u32 count) {
 inline void ra_mbar_expect(u32 bar, u32 bytes) { ra_mbar_update(bar, 1, (int)bytes); }
 inline void ra_mbar_arrive(u32 bar) { ra_mbar_update(bar, 1, 0); }
 inline void ra_mbar_wait(u32 bar, u32 parity) {   // until the phase of that parity completed
+    emu::jitter_pause();
     for (;;) {
-        u32 st;
         {
             std::lock_guard<std::mutex> g(emu::mbar_mu);
-            std::memcpy(&st, emu::smem_decode(bar), 4);
+            unsigned char* p = emu::smem_decode(bar);
+            u32 st;
+            std::memcpy(&st, p, 4);
+            if (((st >> 24) & 1u) != (parity & 1u)) {
+                // the phase's TMA copies land when a waiter sees it complete (the latest they may)
+                auto it = emu::tma_flight.find(p);
+                if (it != emu::tma_flight.end()) {
+                    for (auto& [dst, src] : it->second) {
+                        if (src) std::memcpy(dst, src, 2);
+                        else std::memset(dst, 0, 2);
+                    }
+                    emu::tma_flight.erase(it);
+                }
+                return;
+            }
         }
-        if (((st >> 24) & 1u) != (parity & 1u)) return;
         std::this_thread::yield();
     }
 }
@@ -536,13 +587,17 @@ inline void ra_mbar_wait(u32 bar, u32 parity) {   // until the phase of that par
 // address, w[1..4] the dims, w[5..7] the byte strides of dims 1-3, w[8..11]
 // the box, w[12] 1 for the 128-byte swizzle); 16-bit elements; a box
 // row of box[0] elements at dst + 2 box[0] r, swizzled on the address's bits;
-// out-of-range elements zero; the bytes completed on bar at once
+// out-of-range elements zero. The bytes complete on bar at once; the copies
+// land when a thread's wait on bar sees its phase complete (the latest they
+// may), or under jitter at issue (the earliest)
 template <class M>
 inline void ra_tma_load(u32 dst, const M* map, u32 bar, int c0, int c1, int c2, int c3) {
     const u64* w = reinterpret_cast<const u64*>(map);
     const unsigned char* g = reinterpret_cast<const unsigned char*>(w[0]);
     const long long c[4] = {c0, c1, c2, c3};
     int bytes = 0;
+    emu::jitter_pause();
+    std::vector<std::pair<unsigned char*, const unsigned char*>> copies;
     for (u64 i3 = 0; i3 < w[11]; ++i3)
         for (u64 i2 = 0; i2 < w[10]; ++i2)
             for (u64 r = 0; r < w[9]; ++r)
@@ -551,13 +606,22 @@ inline void ra_tma_load(u32 dst, const M* map, u32 bar, int c0, int c1, int c2, 
                                             c[3] + (long long)i3};
                     bool in = true;
                     for (int d = 0; d < 4; ++d) in = in && x[d] >= 0 && x[d] < (long long)w[1 + d];
-                    u16 v = 0;
-                    if (in) std::memcpy(&v, g + 2 * x[0] + x[1] * w[5] + x[2] * w[6] + x[3] * w[7], 2);
+                    const unsigned char* src = in ? g + 2 * x[0] + x[1] * w[5] + x[2] * w[6] + x[3] * w[7] : nullptr;
                     u32 a = dst + (u32)(2 * (e + w[8] * (r + w[9] * (i2 + w[10] * i3))));
                     if (w[12]) a ^= ((a >> 7) & 7u) << 4;
-                    std::memcpy(emu::smem_decode(a), &v, 2);
+                    copies.emplace_back(emu::smem_decode(a), src);
                     bytes += 2;
                 }
+    if (emu::jitter) {   // the earliest the copies may land: at issue
+        for (auto& [d, src] : copies) {
+            if (src) std::memcpy(d, src, 2);
+            else std::memset(d, 0, 2);
+        }
+    } else {
+        std::lock_guard<std::mutex> g(emu::mbar_mu);
+        auto& flight = emu::tma_flight[emu::smem_decode(bar)];
+        flight.insert(flight.end(), copies.begin(), copies.end());
+    }
     ra_mbar_update(bar, 0, -bytes);
 }
 inline void ra_bar_sync(int id, int n) {
@@ -769,7 +833,10 @@ class Emulator:
         b = (tuple(block) if isinstance(block, (tuple, list)) else (block,)) + (1, 1)
         fn = getattr(self._lib, f"relattn_emu_{self.names.index(name)}")
         fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulong, ctypes.c_void_p]
-        fn(*(int(x) for x in g[:3]), *(int(x) for x in b[:3]), int(smem), argv)
+        if fn(*(int(x) for x in g[:3]), *(int(x) for x in b[:3]), int(smem), argv):
+            get = self._lib.relattn_emu_fault
+            get.restype = ctypes.c_char_p
+            raise RuntimeError(f"simt_emu: {get().decode()}, in {name}")
 
 
 class HostArray(np.ndarray):

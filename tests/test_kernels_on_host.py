@@ -915,19 +915,22 @@ def test_planner_on_the_host(host_sm90, monkeypatch, arch, dtype, tdtype, q_size
     assert got.dtype == q.dtype and _rel(got.astype(np.float64), want) <= tol, plan.describe()
 
 
-@pytest.mark.parametrize("kind", ["mma", "wg", "bwd", "bwd_wg"])
+@pytest.mark.parametrize("kind", ["mma", "wg", "ws", "bwd", "bwd_wg"])
 def test_pipelined_stages(host_sm90, kind):
     """Kernels whose tiles pass through two shared-memory stages, on three
     tiles or more, so that a stage is refilled while the pipeline runs
     (the forward's ``mma.cu`` and ``wg.cu``, the backward's ``bwd.cu`` and
-    ``bwd_wg.cu``): against float64. ``test_pipelined_stages_under_jitter``
+    ``bwd_wg.cu``): against float64. ``test_pipelined_stages_under_stress``
     runs these again with the copies landing at issue and threads pausing at
-    random, where a missing barrier before a stage's refill shows."""
+    random, where a missing barrier before a stage's refill shows (for
+    ``ws.cu``: its producer's and consumers' waits on the stages' mbarriers)."""
     rng = np.random.default_rng(11)
     q_size, k_size, D = (3, 64), (4, 64), 64   # three query tiles (dk / dv's loop), four key tiles
-    if kind in ("mma", "wg"):
+    if kind == "ws":   # four stages of K / V: six key tiles, and two row tiles of one consumer warpgroup
+        q_size, k_size = (2, 64), (6, 64)
+    if kind in ("mma", "wg", "ws"):
         q, k, v, th, tw = _forward_problem(rng, 1, q_size, k_size, D)
-        got, _ = _run_family(host_sm90, kind, {}, q, k, v, th, tw, q_size, k_size)
+        got, _ = _run_family(host_sm90, kind, {"nc": 1} if kind == "ws" else {}, q, k, v, th, tw, q_size, k_size)
         want = oracle.attention(q, k, v, th, tw, q_size, k_size, scale=D ** -0.5)
         assert _rel(got.astype(np.float64), want) <= 1e-2
         return
@@ -940,20 +943,24 @@ def test_pipelined_stages(host_sm90, kind):
         assert _rel(np.asarray(g).reshape(w.shape), w) <= 1e-2, name
 
 
-def test_pipelined_stages_under_jitter():
-    """:func:`test_pipelined_stages` in a process where the emulation's
-    ``cp.async`` copies land at issue (the earliest the GPU may land them) and
-    threads pause up to a millisecond at random before barriers and
-    shared-memory reads (``SIMT_EMU_JITTER``): a kernel without the barrier
-    that keeps a stage from being refilled while other warps still read it
-    fails here (``bwd.cu``'s dq kernel without it did, with each of three
-    seeds)."""
+@pytest.mark.parametrize("env", [{"SIMT_EMU_JITTER": "1", "SIMT_EMU_FILL": "0x41"}, {"SIMT_EMU_FILL": "0x41"}],
+                         ids=["jitter", "finite-fill"])
+def test_pipelined_stages_under_stress(env):
+    """:func:`test_pipelined_stages` in processes where the emulation looks
+    for races and missing waits: with ``SIMT_EMU_JITTER`` the copies land at
+    issue (the earliest the GPU may land them) and threads pause up to a
+    millisecond at random before barriers and shared-memory reads, so a
+    kernel without the barrier that keeps a stage from being refilled while
+    other warps still read it fails (``bwd.cu``'s dq kernel without it did,
+    with each of three seeds); copies otherwise land at the latest (at the
+    wait), and a finite fill of shared memory (``SIMT_EMU_FILL``) keeps
+    ``ws.cu``'s recompute of non-finite rows from hiding a tile read before
+    its mbarrier wait."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SIMT_EMU_JITTER="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "test_pipelined_stages and not jitter"], capture_output=True, text=True, env=env,
-                         timeout=900)
-    assert run.returncode == 0 and "4 passed" in run.stdout, run.stdout[-3000:]
+                          "-k", "test_pipelined_stages and not stress"], capture_output=True, text=True,
+                         env=dict(os.environ, **env), timeout=900)
+    assert run.returncode == 0 and "5 passed" in run.stdout, run.stdout[-3000:]
