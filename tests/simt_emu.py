@@ -148,21 +148,25 @@ inline void fault(const std::string& what) {
     if (fault_text.empty()) fault_text = what;
 }
 // Shared-memory addresses as PTX's 32-bit ones: base index << 24 | offset,
-// the bases (a block's dynamic buffer, static arrays) registered on first use.
+// the bases (a block's dynamic buffer, static arrays) registered on first use
+// (under a lock) and read without one (a slot is written before the count
+// that publishes it).
 inline std::mutex smem_mu;
-inline std::vector<unsigned char*> smem_bases;
+inline unsigned char* smem_bases[256];
+inline std::atomic<unsigned> smem_count{0};
 inline unsigned smem_encode(const void* p) {
     auto* c = (unsigned char*)p;
     std::lock_guard<std::mutex> g(smem_mu);
-    for (std::size_t i = 0; i < smem_bases.size(); ++i)
-        if (c >= smem_bases[i] && c - smem_bases[i] < (1 << 23)) return (unsigned)((i << 24) | (c - smem_bases[i]));
-    if (smem_bases.size() >= 255) { fault("more than 255 shared-memory bases"); return 0; }
-    smem_bases.push_back(c);
-    return (unsigned)((smem_bases.size() - 1) << 24);
+    const unsigned n = smem_count.load();
+    for (unsigned i = 0; i < n; ++i)
+        if (c >= smem_bases[i] && c - smem_bases[i] < (1 << 23)) return (i << 24) | (unsigned)(c - smem_bases[i]);
+    if (n >= 255) { fault("more than 255 shared-memory bases"); return 0; }
+    smem_bases[n] = c;
+    smem_count.store(n + 1);
+    return n << 24;
 }
 inline unsigned char* smem_decode(unsigned a) {
-    std::lock_guard<std::mutex> g(smem_mu);
-    if ((a >> 24) >= smem_bases.size()) {
+    if ((a >> 24) >= smem_count.load()) {
         fault("a shared-memory address that no pointer gave");
         return smem_bases[0];
     }
@@ -286,7 +290,8 @@ int launch(void (*k)(A...), dim3 grid, dim3 block, std::size_t smem, void** args
     unsigned char* const dyn_base = dyn.data() + (1024 - reinterpret_cast<std::uintptr_t>(dyn.data()) % 1024) % 1024;
     {   // dynamic shared memory is base 0: its addresses are offsets, as wgmma's descriptors hold them
         std::lock_guard<std::mutex> g(smem_mu);
-        smem_bases.assign(1, dyn_base);
+        smem_bases[0] = dyn_base;
+        smem_count.store(1);
     }
     {
         std::lock_guard<std::mutex> g(mbar_mu);
@@ -624,25 +629,21 @@ inline void ra_tma_load(u32 dst, const M* map, u32 bar, int c0, int c1, int c2, 
     }
     ra_mbar_update(bar, 0, -bytes);
 }
-inline void ra_bar_sync(int id, int n) {
-    std::unique_lock<std::mutex> lk(emu::named->mu);
-    if (++emu::named->arrived[id] == n) {
-        emu::named->arrived[id] = 0;
-        ++emu::named->gen[id];
-        emu::named->cv.notify_all();
-        return;
-    }
-    const unsigned gen = emu::named->gen[id];
-    emu::named->cv.wait(lk, [&] { return emu::named->gen[id] != gen; });
-}
-inline void ra_bar_arrive(int id, int n) {
-    std::lock_guard<std::mutex> lk(emu::named->mu);
-    if (++emu::named->arrived[id] == n) {
-        emu::named->arrived[id] = 0;
-        ++emu::named->gen[id];
-        emu::named->cv.notify_all();
+// named barrier id of n threads: the n-th arrival releases it; bar.sync waits for that
+inline void ra_named_barrier(int id, int n, bool wait) {
+    emu::Named& b = *emu::named;
+    std::unique_lock<std::mutex> lk(b.mu);
+    const unsigned gen = b.gen[id];
+    if (++b.arrived[id] == n) {
+        b.arrived[id] = 0;
+        ++b.gen[id];
+        b.cv.notify_all();
+    } else if (wait) {
+        b.cv.wait(lk, [&] { return b.gen[id] != gen; });
     }
 }
+inline void ra_bar_sync(int id, int n) { ra_named_barrier(id, n, true); }
+inline void ra_bar_arrive(int id, int n) { ra_named_barrier(id, n, false); }
 inline void ra_st_shared_zero16(u32 a) { std::memset(emu::smem_decode(a), 0, 16); }
 inline void ra_fence_mbar_init() {}
 inline int ra_opaque(int x) { return x; }
@@ -806,6 +807,12 @@ class Emulator:
                 raise RuntimeError(f"host compile failed:\n{res.stderr[-6000:]}")
             os.replace(tmp, lib)
         self._lib = ctypes.CDLL(lib)
+        self._fns = {}
+        for i, n in enumerate(self.names):
+            fn = getattr(self._lib, f"relattn_emu_{i}")
+            fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulong, ctypes.c_void_p]
+            self._fns[n] = fn
+        self._lib.relattn_emu_fault.restype = ctypes.c_char_p
 
     def launch(self, name, grid, block, smem, args):
         """Run kernel ``name`` on ``grid`` blocks (an int or up to three) of
@@ -831,12 +838,8 @@ class Emulator:
         array of pointers to each parameter's value (``argv``)."""
         g = (tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)) + (1, 1)
         b = (tuple(block) if isinstance(block, (tuple, list)) else (block,)) + (1, 1)
-        fn = getattr(self._lib, f"relattn_emu_{self.names.index(name)}")
-        fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulong, ctypes.c_void_p]
-        if fn(*(int(x) for x in g[:3]), *(int(x) for x in b[:3]), int(smem), argv):
-            get = self._lib.relattn_emu_fault
-            get.restype = ctypes.c_char_p
-            raise RuntimeError(f"simt_emu: {get().decode()}, in {name}")
+        if self._fns[name](*(int(x) for x in g[:3]), *(int(x) for x in b[:3]), int(smem), argv):
+            raise RuntimeError(f"simt_emu: {self._lib.relattn_emu_fault().decode()}, in {name}")
 
 
 class HostArray(np.ndarray):

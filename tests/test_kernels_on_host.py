@@ -101,7 +101,7 @@ _sm90_emus = {}
 def host_sm90(host_portable, monkeypatch):
     """:func:`host_portable` on an sm_90a part: ``_build.sm90_kernel`` stands for
     each instantiation with a host emulation of its family's source (the
-    ``wgmma`` products emulated; built on first use, kept for the session)."""
+    ``wgmma`` products emulated; built on first use, kept for the test run)."""
     from relattn.backends.gpu import _build, _device
 
     def sm90_kernel(name):
@@ -239,19 +239,18 @@ def _backward_problem(rng, dtype, q_size, k_size, D, terms, B=1, H=2):
     return q, k, v, dout, np.asarray(rel_h, np.float32), np.asarray(rel_w, np.float32)
 
 
-def _logits(q, k, rel_h, rel_w, k_size, scale):
-    """The float64 logits less each row's maximum."""
+def _logits(q, k, rel_h, rel_w, scale):
+    """The float64 logits: scale q k^T plus rel_h and rel_w spread over the
+    key grid (rel_h None: no terms)."""
     x = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
     if rel_h is not None:
         x = x + (rel_h.astype(np.float64)[..., :, None] + rel_w.astype(np.float64)[..., None, :]).reshape(x.shape)
-    return x - x.max(-1, keepdims=True)
+    return x
 
 
 def _lse2(q, k, rel_h, rel_w, k_size, scale):
     """Each row's log-sum-exp in the log2 domain (the forward's), float32."""
-    x = scale * q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)
-    if rel_h is not None:
-        x = x + (rel_h.astype(np.float64)[..., :, None] + rel_w.astype(np.float64)[..., None, :]).reshape(x.shape)
+    x = _logits(q, k, rel_h, rel_w, scale)
     m = x.max(-1)
     return ((np.log(np.exp(x - m[..., None]).sum(-1)) + m) / np.log(2)).astype(np.float32)
 
@@ -262,11 +261,7 @@ def _core_gradients(q, k, v, rel_h, rel_w, k_size, scale, dout):
     None: no terms)."""
     q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
     B, H, Sq, _ = q.shape
-    logits = scale * q @ k.swapaxes(-1, -2)
-    if rel_h is not None:
-        kh, kw = k_size
-        rel_h, rel_w = np.asarray(rel_h, np.float64), np.asarray(rel_w, np.float64)
-        logits = logits + (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, Sq, kh * kw)
+    logits = _logits(q, k, rel_h, rel_w, scale)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     dp = dout @ v.swapaxes(-1, -2)
@@ -668,24 +663,11 @@ def test_non_finite_rows_on_the_host(host_sm90, case):
     import warnings
 
     import relattn
-    from test_masked import assert_same_ieee
+    from test_masked import assert_same_ieee, underflow_problem
 
     family, name, (qh, qw), fused, mode, options = case
     dtype = DTYPES[1] if name == "bfloat16" else np.dtype(name)
-    D, S = 64, qh * qw
-    rng = np.random.default_rng(7)
-    q = rng.standard_normal((1, 2, S, D)) * 0.3
-    k = rng.standard_normal((1, 2, S, D)) * 0.3
-    v = rng.standard_normal((1, 2, S, D))
-    q[..., 0] = 1.0
-    scale = D ** -0.5
-    hot = [3, S // 2 + 5, S - 1]
-    k[..., hot, 0] = -90.0 / scale          # logit about -90 at these keys for every query
-    v[0, 0, hot[0], 1], v[0, 0, hot[1], 2], v[0, 1, hot[2], 3] = np.inf, -np.inf, np.nan
-    v[0, 1, hot[0], 4] = np.inf
-    v[0, 1, hot[1], 4] = -np.inf             # inf + -inf: NaN in the formula too
-    q, k, v = (a.astype(dtype) for a in (q, k, v))
-    th, tw = ((rng.standard_normal((2 * n - 1, D)) * 0.2).astype(dtype if fused else np.float32) for n in (qh, qw))
+    q, k, v, th, tw, scale = underflow_problem(qh, qw, dtype, dtype if fused else np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         want = relattn.rel_pos_attention(q, k, v, th, tw, (qh, qw), scale=scale, backend="numpy")
@@ -862,7 +844,8 @@ def test_fused_backward_on_drawn_problems(host_sm90, problem):
     # weights concentrate (one key: dS = 0; k_h == 1: d_rel_h, a whole row's sum of dS, is 0), so its
     # summands' size is P (|dP| + |delta|)
     q64, k64, v64, do64 = (np.abs(a.astype(np.float64)) for a in (q, k, v, dout))
-    prob = np.exp(_logits(q, k, rel_h, rel_w, k_size, scale))
+    logits = _logits(q, k, rel_h, rel_w, scale)
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
     prob /= prob.sum(-1, keepdims=True)
     dp = np.abs(dout.astype(np.float64) @ v.astype(np.float64).swapaxes(-1, -2))
     dsz = prob * (dp + (prob * dp).sum(-1, keepdims=True))

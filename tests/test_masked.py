@@ -221,6 +221,28 @@ def test_infinite_table_entries(backend, dtype, table_dtype):
     assert_same_ieee(_run(backend, problem), want, dtype, f"{backend}: {dtype.name}, tables {tdt.name}")
 
 
+def underflow_problem(qh, qw, dtype, table_dtype, D=64):
+    """q, k, v (1, 2, qh * qw, D) of ``dtype``, tables of ``table_dtype`` and
+    the scale, where three keys get a logit about -90 below every row's
+    maximum (a float32 subnormal weight, zero in 16-bit or TF32 weights) and
+    hold +-inf and NaN in v: the fast paths' 0 x inf = NaN against the
+    formula's infinities."""
+    S = qh * qw
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 2, S, D)) * 0.3
+    k = rng.standard_normal((1, 2, S, D)) * 0.3
+    v = rng.standard_normal((1, 2, S, D))
+    q[..., 0] = 1.0
+    scale = D ** -0.5
+    hot = [3, S // 2 + 5, S - 1]
+    k[..., hot, 0] = -90.0 / scale          # logit about -90 at these keys for every query
+    v[0, 0, hot[0], 1], v[0, 0, hot[1], 2], v[0, 1, hot[2], 3] = np.inf, -np.inf, np.nan
+    v[0, 1, hot[0], 4] = np.inf
+    v[0, 1, hot[1], 4] = -np.inf             # inf + -inf: NaN in the formula too
+    th, tw = (rng.standard_normal((2 * n - 1, D)) * 0.2 for n in (qh, qw))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), th.astype(table_dtype), tw.astype(table_dtype), scale
+
+
 # (kernel family, dtype, q grid, tables in q's dtype (the fused-terms modes), float32 mode)
 FAMILY_CASES = [
     ("ws", "bfloat16", (64, 64), True, None), ("ws", "float16", (64, 64), False, None),
@@ -254,22 +276,8 @@ def test_gpu_families_recompute_non_finite_rows(case):
     dtype = BFLOAT16 if name == "bfloat16" else np.dtype(name)
     if dtype is None:
         pytest.skip("ml_dtypes is not installed")
-    D, Sk = 64, qh * qw
-    rng = np.random.default_rng(7)
-    q = rng.standard_normal((1, 2, Sk, D)) * 0.3
-    k = rng.standard_normal((1, 2, Sk, D)) * 0.3
-    v = rng.standard_normal((1, 2, Sk, D))
-    q[..., 0] = 1.0
-    scale = D ** -0.5
-    hot = [3, Sk // 2 + 5, Sk - 1]
-    k[..., hot, 0] = -90.0 / scale          # logit about -90 at these keys for every query
-    v[0, 0, hot[0], 1], v[0, 0, hot[1], 2], v[0, 1, hot[2], 3] = np.inf, -np.inf, np.nan
-    v[0, 1, hot[0], 4] = np.inf
-    v[0, 1, hot[1], 4] = -np.inf             # inf + -inf: NaN in the formula too
-    table_h = rng.standard_normal((2 * qh - 1, D)) * 0.2
-    table_w = rng.standard_normal((2 * qw - 1, D)) * 0.2
-    host = [a.astype(dtype) for a in (q, k, v)]
-    tables = [t.astype(dtype if fused_tables else np.float32) for t in (table_h, table_w)]
+    *host, table_h, table_w, scale = underflow_problem(qh, qw, dtype, dtype if fused_tables else np.float32)
+    tables = [table_h, table_w]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         want = relattn.rel_pos_attention(*host, *tables, (qh, qw), scale=scale, backend="numpy")
